@@ -1,0 +1,315 @@
+//! Keys, age envelopes and Ed25519 signatures (DESIGN "Identity and keys").
+//!
+//! - A device has an Ed25519 signing key (its libp2p PeerId; signs bundles and operations) and an
+//!   age X25519 identity (receives document keys). Both are made from caller-supplied seeds.
+//! - A document key of one epoch is an age X25519 identity; bundles are age-encrypted to it.
+//! - At rest, a device's secrets are age-encrypted with its passphrase (age scrypt recipient).
+//!
+//! Every signature is over a domain-separation tag followed by the signed bytes, so a signature
+//! made for one purpose never verifies for another.
+
+use std::io::{Read, Write};
+use std::iter;
+
+use age::secrecy::SecretString;
+use bech32::{Bech32, Hrp};
+use libp2p_identity::{Keypair, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::DeviceId;
+
+/// The scrypt work factor (log2 N) used for passphrase-wrapped keys unless told otherwise.
+pub const PASSPHRASE_LOG_N_DEFAULT: u8 = 18;
+/// The smallest scrypt work factor accepted when wrapping.
+pub const PASSPHRASE_LOG_N_MIN: u8 = 10;
+/// The largest scrypt work factor accepted when unwrapping (bounds the time an attacker-chosen file costs).
+pub const PASSPHRASE_LOG_N_MAX: u8 = 22;
+
+/// Errors of key handling, sealing and signature checks.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The ciphertext is not for any of the given keys, or was altered.
+    #[error("cannot decrypt: not encrypted to this key, or the data was altered")]
+    Decrypt,
+    /// The passphrase did not unwrap the key file.
+    #[error("wrong passphrase, or the key file is damaged")]
+    Passphrase,
+    /// Encryption failed (for example: no recipients given).
+    #[error("cannot encrypt: {0}")]
+    Encrypt(String),
+    /// A signature did not verify against the claimed signer.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// Key bytes or key text could not be decoded.
+    #[error("malformed key: {0}")]
+    MalformedKey(&'static str),
+    /// A work factor outside [`PASSPHRASE_LOG_N_MIN`]..=[`PASSPHRASE_LOG_N_MAX`].
+    #[error("scrypt work factor {0} is outside {PASSPHRASE_LOG_N_MIN}..={PASSPHRASE_LOG_N_MAX}")]
+    WorkFactor(u8),
+}
+
+/// Domain-separation tags for signatures.
+pub mod domain {
+    /// Bundle envelopes.
+    pub const BUNDLE: &[u8] = b"musubi/bundle/v1\0";
+    /// Document operations (create, membership, epochs).
+    pub const DOC_OP: &[u8] = b"musubi/doc-op/v1\0";
+    /// Key grants.
+    pub const KEY_GRANT: &[u8] = b"musubi/key-grant/v1\0";
+    /// The relay's directory.
+    pub const DIRECTORY: &[u8] = b"musubi/directory/v1\0";
+}
+
+fn age_identity_from_seed(seed: [u8; 32]) -> age::x25519::Identity {
+    let hrp = Hrp::parse("age-secret-key-").expect("constant hrp is valid");
+    let text = bech32::encode::<Bech32>(hrp, &seed).expect("32 bytes fit a bech32 string");
+    text.to_uppercase().parse().expect("a bech32 AGE-SECRET-KEY of 32 bytes always parses")
+}
+
+/// Parses an age X25519 recipient (`age1...`).
+pub fn parse_recipient(text: &str) -> Result<age::x25519::Recipient, CryptoError> {
+    text.parse().map_err(|_| CryptoError::MalformedKey("age recipient"))
+}
+
+/// Encrypts `plaintext` with age to every recipient in `recipients` (one age file, one stanza each).
+///
+/// Errors: [`CryptoError::Encrypt`] when `recipients` is empty.
+pub fn seal_to(recipients: &[age::x25519::Recipient], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+        .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+    let mut out = Vec::with_capacity(plaintext.len() + 200 + 50 * recipients.len());
+    let mut writer = encryptor.wrap_output(&mut out).map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+    writer.write_all(plaintext).map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+    writer.finish().map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+    Ok(out)
+}
+
+/// Decrypts an age file with `identity`, refusing plaintexts longer than `max_bytes`.
+pub fn open_with(identity: &dyn age::Identity, ciphertext: &[u8], max_bytes: usize) -> Result<Vec<u8>, CryptoError> {
+    let decryptor = age::Decryptor::new_buffered(ciphertext).map_err(|_| CryptoError::Decrypt)?;
+    let reader = decryptor.decrypt(iter::once(identity)).map_err(|_| CryptoError::Decrypt)?;
+    let mut out = Vec::new();
+    reader.take(max_bytes as u64 + 1).read_to_end(&mut out).map_err(|_| CryptoError::Decrypt)?;
+    if out.len() > max_bytes {
+        return Err(CryptoError::Decrypt);
+    }
+    Ok(out)
+}
+
+/// Verifies `signature` by `device` over `domain || message`.
+///
+/// The Ed25519 public key is recovered from the device id (an identity-multihash PeerId).
+pub fn verify(device: &DeviceId, domain: &[u8], message: &[u8], signature: &[u8]) -> Result<(), CryptoError> {
+    let key = public_key_of(device)?;
+    let mut buf = Vec::with_capacity(domain.len() + message.len());
+    buf.extend_from_slice(domain);
+    buf.extend_from_slice(message);
+    if key.verify(&buf, signature) { Ok(()) } else { Err(CryptoError::BadSignature) }
+}
+
+/// The Ed25519 public key inside an identity-multihash device id.
+pub fn public_key_of(device: &DeviceId) -> Result<PublicKey, CryptoError> {
+    // An identity multihash: code 0x00, then the digest length (one varint byte for keys under 128 bytes).
+    let bytes = device.0.to_bytes();
+    let digest = match bytes.as_slice() {
+        [0x00, len, digest @ ..] if usize::from(*len) == digest.len() && *len < 0x80 => digest,
+        _ => return Err(CryptoError::MalformedKey("device id does not embed its public key")),
+    };
+    PublicKey::try_decode_protobuf(digest).map_err(|_| CryptoError::MalformedKey("device public key"))
+}
+
+/// A device's secrets: the Ed25519 signing key and the age X25519 identity.
+pub struct DeviceSecrets {
+    keypair: Keypair,
+    signing_seed: [u8; 32],
+    age: age::x25519::Identity,
+    age_seed: [u8; 32],
+}
+
+/// A device's public keys, as the directory records them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePublic {
+    /// The device id (PeerId of the Ed25519 key; embeds the key).
+    pub device: DeviceId,
+    /// The age X25519 recipient (`age1...`) that document keys are wrapped to.
+    pub age_recipient: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSecrets {
+    v: u8,
+    #[serde(with = "serde_bytes")]
+    signing_seed: [u8; 32],
+    #[serde(with = "serde_bytes")]
+    age_seed: [u8; 32],
+}
+
+impl DeviceSecrets {
+    /// Makes device secrets from two independent 32-byte random seeds.
+    pub fn from_seeds(signing_seed: [u8; 32], age_seed: [u8; 32]) -> Self {
+        let mut s = signing_seed;
+        let keypair = Keypair::ed25519_from_bytes(&mut s).expect("any 32 bytes are an Ed25519 secret key");
+        Self { keypair, signing_seed, age: age_identity_from_seed(age_seed), age_seed }
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId::from_public_key(&self.keypair.public())
+    }
+
+    /// The libp2p keypair (the transport authenticates the device with it).
+    pub fn keypair(&self) -> &Keypair {
+        &self.keypair
+    }
+
+    /// The public half, as enrolment sends it to the relay.
+    pub fn public(&self) -> DevicePublic {
+        DevicePublic { device: self.device_id(), age_recipient: self.age.to_public().to_string() }
+    }
+
+    /// The age identity (to open key grants and local snapshots).
+    pub fn age_identity(&self) -> &age::x25519::Identity {
+        &self.age
+    }
+
+    /// Signs `domain || message` with the device's Ed25519 key (64-byte signature).
+    pub fn sign(&self, domain: &[u8], message: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(domain.len() + message.len());
+        buf.extend_from_slice(domain);
+        buf.extend_from_slice(message);
+        self.keypair.sign(&buf).expect("Ed25519 signing cannot fail")
+    }
+
+    /// Wraps the secrets with a passphrase (age scrypt, work factor `log_n`).
+    ///
+    /// Errors: [`CryptoError::WorkFactor`] outside the accepted range.
+    pub fn wrap(&self, passphrase: &str, log_n: u8) -> Result<Vec<u8>, CryptoError> {
+        if !(PASSPHRASE_LOG_N_MIN..=PASSPHRASE_LOG_N_MAX).contains(&log_n) {
+            return Err(CryptoError::WorkFactor(log_n));
+        }
+        let mut recipient = age::scrypt::Recipient::new(SecretString::from(passphrase.to_owned()));
+        recipient.set_work_factor(log_n);
+        let mut plain = Vec::new();
+        ciborium::into_writer(
+            &StoredSecrets { v: 1, signing_seed: self.signing_seed, age_seed: self.age_seed },
+            &mut plain,
+        )
+        .expect("writing to a Vec cannot fail");
+        let out = age::encrypt(&recipient, &plain).map_err(|e| CryptoError::Encrypt(e.to_string()));
+        plain.fill(0);
+        out
+    }
+
+    /// Unwraps secrets written by [`DeviceSecrets::wrap`].
+    ///
+    /// Errors: [`CryptoError::Passphrase`] for a wrong passphrase or a damaged file.
+    pub fn unwrap(wrapped: &[u8], passphrase: &str) -> Result<Self, CryptoError> {
+        let mut identity = age::scrypt::Identity::new(SecretString::from(passphrase.to_owned()));
+        identity.set_max_work_factor(PASSPHRASE_LOG_N_MAX);
+        let mut plain = age::decrypt(&identity, wrapped).map_err(|_| CryptoError::Passphrase)?;
+        let stored: Result<StoredSecrets, _> = ciborium::from_reader(plain.as_slice());
+        plain.fill(0);
+        let stored = stored.map_err(|_| CryptoError::Passphrase)?;
+        Ok(Self::from_seeds(stored.signing_seed, stored.age_seed))
+    }
+}
+
+/// The key of one epoch of one document: an age X25519 identity.
+#[derive(Clone)]
+pub struct DocumentKey {
+    identity: age::x25519::Identity,
+    seed: [u8; 32],
+}
+
+impl DocumentKey {
+    /// Makes a document key from a 32-byte random seed.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self { identity: age_identity_from_seed(seed), seed }
+    }
+
+    /// The 32 secret bytes (only ever sealed to devices, never stored or sent in the clear).
+    pub fn seed(&self) -> [u8; 32] {
+        self.seed
+    }
+
+    /// Encrypts `plaintext` to this key.
+    pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        seal_to(&[self.identity.to_public()], plaintext)
+    }
+
+    /// Decrypts an age file sealed to this key, up to `max_bytes` of plaintext.
+    pub fn open(&self, ciphertext: &[u8], max_bytes: usize) -> Result<Vec<u8>, CryptoError> {
+        open_with(&self.identity, ciphertext, max_bytes)
+    }
+}
+
+impl std::fmt::Debug for DocumentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DocumentKey(..)")
+    }
+}
+
+impl std::fmt::Debug for DeviceSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceSecrets({})", self.device_id())
+    }
+}
+
+/// A pseudonymous identifier: HMAC-SHA256 of `input` under the deployment's secret (DESIGN invariant 7).
+pub fn pseudonym(deployment_secret: &[u8; 32], domain: &str, input: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(deployment_secret).expect("HMAC takes any key length");
+    mac.update(domain.as_bytes());
+    mac.update(&[0]);
+    mac.update(input);
+    mac.finalize().into_bytes().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_only_for_their_domain_and_signer() {
+        let a = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let b = DeviceSecrets::from_seeds([3; 32], [4; 32]);
+        let sig = a.sign(domain::BUNDLE, b"hello");
+        assert!(verify(&a.device_id(), domain::BUNDLE, b"hello", &sig).is_ok());
+        assert!(verify(&a.device_id(), domain::DOC_OP, b"hello", &sig).is_err());
+        assert!(verify(&b.device_id(), domain::BUNDLE, b"hello", &sig).is_err());
+        assert!(verify(&a.device_id(), domain::BUNDLE, b"hellO", &sig).is_err());
+    }
+
+    #[test]
+    fn document_key_seals_only_for_itself() {
+        let k = DocumentKey::from_seed([9; 32]);
+        let other = DocumentKey::from_seed([8; 32]);
+        let ct = k.seal("紹介状".as_bytes()).expect("seal");
+        assert!(!ct.windows(9).any(|w| w == "紹介状".as_bytes()));
+        assert_eq!(k.open(&ct, 1024).expect("open"), "紹介状".as_bytes());
+        assert!(other.open(&ct, 1024).is_err());
+        assert!(k.open(&ct, 3).is_err(), "plaintext over the limit is refused");
+    }
+
+    #[test]
+    fn passphrase_wrap_round_trips_and_refuses_wrong_passphrase() {
+        let a = DeviceSecrets::from_seeds([5; 32], [6; 32]);
+        let wrapped = a.wrap("correct horse", PASSPHRASE_LOG_N_MIN).expect("wrap");
+        let b = DeviceSecrets::unwrap(&wrapped, "correct horse").expect("unwrap");
+        assert_eq!(a.public(), b.public());
+        assert!(matches!(DeviceSecrets::unwrap(&wrapped, "wrong"), Err(CryptoError::Passphrase)));
+        assert!(matches!(a.wrap("x", 5), Err(CryptoError::WorkFactor(5))));
+    }
+
+    #[test]
+    fn sealing_to_several_devices_lets_each_open() {
+        let a = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let b = DeviceSecrets::from_seeds([3; 32], [4; 32]);
+        let c = DeviceSecrets::from_seeds([5; 32], [6; 32]);
+        let rs = [a.public(), b.public()].map(|p| parse_recipient(&p.age_recipient).expect("recipient"));
+        let ct = seal_to(&rs, b"key").expect("seal");
+        assert_eq!(open_with(a.age_identity(), &ct, 16).expect("a"), b"key");
+        assert_eq!(open_with(b.age_identity(), &ct, 16).expect("b"), b"key");
+        assert!(open_with(c.age_identity(), &ct, 16).is_err());
+    }
+}

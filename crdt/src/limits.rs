@@ -1,0 +1,50 @@
+//! Named maxima (DESIGN invariant 8). Units are the last word of each name.
+//!
+//! Exceeding any of these is a clear error at the place that checks it, never a crash.
+
+/// Largest plaintext of one attachment (添付) carried in its own bundle, in bytes (8 MiB).
+pub const ATTACHMENT_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Largest encoded bundle envelope (ciphertext plus header and signature), in bytes.
+///
+/// Leaves room for an attachment of [`ATTACHMENT_BYTES_MAX`] plus age and CBOR overhead.
+pub const BUNDLE_BYTES_MAX: usize = ATTACHMENT_BYTES_MAX + 64 * 1024;
+
+/// Largest plaintext of the changes in one bundle, in bytes (4 MiB); larger edits are split.
+pub const BUNDLE_CHANGES_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Largest `/musubi/sync/1` frame (one request or one response), in bytes.
+pub const FRAME_BYTES_MAX: usize = BUNDLE_BYTES_MAX + 1024 * 1024;
+
+/// Most items in one push request.
+pub const PUSH_ITEMS_MAX: usize = 256;
+
+/// Target size of a pull response, in bytes; a single larger bundle is still sent alone.
+pub const PULL_RESPONSE_BYTES_TARGET: usize = 2 * 1024 * 1024;
+
+/// Most bundles in one pull response.
+pub const PULL_BUNDLES_MAX: usize = 1024;
+
+/// Most members of one document.
+pub const DOCUMENT_MEMBERS_MAX: usize = 256;
+
+/// Most devices named in one key grant.
+pub const GRANT_RECIPIENTS_MAX: usize = 1024;
+
+/// Longest facility name, in bytes (UTF-8).
+pub const FACILITY_NAME_BYTES_MAX: usize = 200;
+
+/// Most facilities in a deployment's directory.
+pub const DIRECTORY_FACILITIES_MAX: usize = 10_000;
+
+/// Most documents listed in one `Documents` response.
+pub const DOCUMENT_LIST_MAX: usize = 100_000;
+
+/// Longest error message carried in a response, in bytes.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// Most requests a sync session keeps in flight at once.
+pub const SESSION_REQUESTS_IN_FLIGHT_MAX: usize = 8;
+
+/// Most documents a session pulls concurrently.
+pub const SESSION_PULLS_IN_FLIGHT_MAX: usize = 4;

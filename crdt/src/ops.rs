@@ -1,0 +1,248 @@
+//! Signed document operations (create, membership, new epoch) and key grants.
+//!
+//! The relay applies operations to its membership table after checking the signature and that the
+//! author's facility is an owner; it stores key grants (a document key of one epoch, age-encrypted to a
+//! list of member devices) without being able to open them (invariant 1).
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, CryptoError, DeviceSecrets, DocumentKey};
+use crate::ids::{DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, Role};
+use crate::limits::{DOCUMENT_MEMBERS_MAX, GRANT_RECIPIENTS_MAX};
+
+/// One member of a document: a facility and its role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Member {
+    /// The member facility.
+    pub facility: FacilityId,
+    /// What its devices may do.
+    pub role: Role,
+}
+
+/// What a document operation does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum DocOpBody {
+    /// Creates the document; the author's facility is its owner; `members` are the others.
+    Create {
+        /// Schema of the document.
+        kind: DocumentKind,
+        /// Further members (at most [`DOCUMENT_MEMBERS_MAX`]).
+        members: Vec<Member>,
+    },
+    /// Adds a member, changes its role, or (with `role: None`) removes it.
+    SetMember {
+        /// The facility concerned.
+        facility: FacilityId,
+        /// Its new role, or `None` to remove it.
+        role: Option<Role>,
+    },
+    /// Starts a new key epoch (after a removal or a revocation); must be the current epoch plus one.
+    NewEpoch {
+        /// The new epoch.
+        epoch: Epoch,
+    },
+}
+
+/// A signed operation on a document's membership or keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocOp {
+    /// The document.
+    pub doc: DocumentId,
+    /// The facility of the author device.
+    pub facility: FacilityId,
+    /// The device that signed.
+    pub author: DeviceId,
+    /// When the author made it, milliseconds since the Unix epoch (informational).
+    pub at_ms: u64,
+    /// The operation.
+    pub body: DocOpBody,
+    /// Ed25519 signature over [`DocOp::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Errors of operations and key grants.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// More members or recipients than allowed.
+    #[error("{what}: {n} is over the limit of {max}")]
+    TooMany {
+        /// "members" or "recipients".
+        what: &'static str,
+        /// How many were given.
+        n: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Signature or decryption failure.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// A grant's plaintext is not a key.
+    #[error("malformed key grant")]
+    Malformed,
+}
+
+fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+impl DocOp {
+    /// Makes and signs an operation.
+    pub fn sign(
+        author: &DeviceSecrets,
+        facility: FacilityId,
+        doc: DocumentId,
+        at_ms: u64,
+        body: DocOpBody,
+    ) -> Result<Self, OpError> {
+        if let DocOpBody::Create { members, .. } = &body
+            && members.len() > DOCUMENT_MEMBERS_MAX
+        {
+            return Err(OpError::TooMany { what: "members", n: members.len(), max: DOCUMENT_MEMBERS_MAX });
+        }
+        let mut op = DocOp { doc, facility, author: author.device_id(), at_ms, body, signature: vec![] };
+        op.signature = author.sign(crypto::domain::DOC_OP, &op.signed_bytes());
+        Ok(op)
+    }
+
+    /// The bytes the signature covers (everything but the signature).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        cbor(&(&self.doc, &self.facility, &self.author, self.at_ms, &self.body))
+    }
+
+    /// Checks the signature.
+    pub fn verify(&self) -> Result<(), OpError> {
+        crypto::verify(&self.author, crypto::domain::DOC_OP, &self.signed_bytes(), &self.signature)?;
+        Ok(())
+    }
+
+    /// BLAKE3 of the encoded operation (the relay's idempotency key).
+    pub fn hash(&self) -> [u8; 32] {
+        *blake3::hash(&cbor(self)).as_bytes()
+    }
+}
+
+/// A document key of one epoch, age-encrypted to a list of member devices, signed by the granting device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyGrant {
+    /// The document.
+    pub doc: DocumentId,
+    /// The epoch of the key.
+    pub epoch: Epoch,
+    /// The granting device's facility.
+    pub facility: FacilityId,
+    /// The granting device.
+    pub author: DeviceId,
+    /// The devices the key is sealed to (at most [`GRANT_RECIPIENTS_MAX`]).
+    pub recipients: Vec<DeviceId>,
+    /// age ciphertext of the key's 32-byte seed, one stanza per recipient.
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+    /// Ed25519 signature over [`KeyGrant::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl KeyGrant {
+    /// Seals `key` to the given devices' age recipients and signs the grant.
+    ///
+    /// `recipients` pairs each device id with its age recipient (`age1...`) from the directory.
+    pub fn seal(
+        author: &DeviceSecrets,
+        facility: FacilityId,
+        doc: DocumentId,
+        epoch: Epoch,
+        key: &DocumentKey,
+        recipients: &[(DeviceId, String)],
+    ) -> Result<Self, OpError> {
+        if recipients.len() > GRANT_RECIPIENTS_MAX {
+            return Err(OpError::TooMany { what: "recipients", n: recipients.len(), max: GRANT_RECIPIENTS_MAX });
+        }
+        let parsed = recipients
+            .iter()
+            .map(|(_, r)| crypto::parse_recipient(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sealed = crypto::seal_to(&parsed, &key.seed())?;
+        let mut g = KeyGrant {
+            doc,
+            epoch,
+            facility,
+            author: author.device_id(),
+            recipients: recipients.iter().map(|(d, _)| *d).collect(),
+            sealed,
+            signature: vec![],
+        };
+        g.signature = author.sign(crypto::domain::KEY_GRANT, &g.signed_bytes());
+        Ok(g)
+    }
+
+    /// The bytes the signature covers.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        cbor(&(&self.doc, self.epoch, &self.facility, &self.author, &self.recipients, blake3::hash(&self.sealed).as_bytes()))
+    }
+
+    /// Checks the signature and the recipient limit.
+    pub fn verify(&self) -> Result<(), OpError> {
+        if self.recipients.len() > GRANT_RECIPIENTS_MAX {
+            return Err(OpError::TooMany { what: "recipients", n: self.recipients.len(), max: GRANT_RECIPIENTS_MAX });
+        }
+        crypto::verify(&self.author, crypto::domain::KEY_GRANT, &self.signed_bytes(), &self.signature)?;
+        Ok(())
+    }
+
+    /// Opens the grant with this device's age identity.
+    pub fn open(&self, device: &DeviceSecrets) -> Result<DocumentKey, OpError> {
+        let seed = crypto::open_with(device.age_identity(), &self.sealed, 32)?;
+        let seed: [u8; 32] = seed.try_into().map_err(|_| OpError::Malformed)?;
+        Ok(DocumentKey::from_seed(seed))
+    }
+
+    /// BLAKE3 of the encoded grant (the relay's idempotency key).
+    pub fn hash(&self) -> [u8; 32] {
+        *blake3::hash(&cbor(self)).as_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_opens_only_for_named_devices() {
+        let owner = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let b1 = DeviceSecrets::from_seeds([3; 32], [4; 32]);
+        let c = DeviceSecrets::from_seeds([5; 32], [6; 32]);
+        let key = DocumentKey::from_seed([7; 32]);
+        let f = FacilityId::from_random_bytes([1; 16]);
+        let d = DocumentId::from_random_bytes([2; 16]);
+        let rs: Vec<_> =
+            [&owner, &b1].iter().map(|s| (s.device_id(), s.public().age_recipient)).collect();
+        let g = KeyGrant::seal(&owner, f, d, Epoch(0), &key, &rs).expect("seal");
+        g.verify().expect("verify");
+        assert_eq!(g.open(&b1).expect("b1 opens").seed(), key.seed());
+        assert!(g.open(&c).is_err());
+        let mut forged = g.clone();
+        forged.recipients.push(c.device_id());
+        assert!(forged.verify().is_err());
+    }
+
+    #[test]
+    fn doc_op_signature_covers_its_body() {
+        let owner = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let op = DocOp::sign(
+            &owner,
+            FacilityId::from_random_bytes([1; 16]),
+            DocumentId::from_random_bytes([2; 16]),
+            5,
+            DocOpBody::SetMember { facility: FacilityId::from_random_bytes([3; 16]), role: Some(Role::Reader) },
+        )
+        .expect("sign");
+        op.verify().expect("verify");
+        let mut t = op.clone();
+        t.body = DocOpBody::SetMember { facility: FacilityId::from_random_bytes([3; 16]), role: Some(Role::Owner) };
+        assert!(t.verify().is_err());
+    }
+}

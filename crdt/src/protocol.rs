@@ -1,0 +1,385 @@
+//! The `/musubi/sync/1` wire messages and their versioned CBOR codec (RFC 8949).
+//!
+//! Every frame is `{ "v": WIRE_VERSION, "body": Request | Response }`, at most [`FRAME_BYTES_MAX`] bytes.
+//! Requests flow both ways: facilities ask the relay; the relay sends [`Request::Notify`] to connected
+//! member devices when a document gains a bundle. Errors are answers ([`Response::Error`]), so a
+//! malformed or hostile request gets a clear reply and the connection stays usable.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::Envelope;
+use crate::crypto::DevicePublic;
+use crate::directory::SignedDirectory;
+use crate::ids::{DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Seq};
+use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_BYTES_MAX};
+use crate::ops::{DocOp, KeyGrant, Member};
+
+/// The libp2p protocol name.
+pub const PROTOCOL_NAME: &str = "/musubi/sync/1";
+
+/// The frame version this build speaks.
+pub const WIRE_VERSION: u16 = 1;
+
+/// A request (facility → relay, or relay → facility for [`Request::Notify`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case")]
+pub enum Request {
+    /// Enrol this (not yet enrolled) device with a single-use invite secret.
+    Join {
+        /// The invite's 32-byte secret.
+        #[serde(with = "serde_bytes")]
+        secret: Vec<u8>,
+        /// The device's public keys (its id must equal the connection's peer id).
+        device: DevicePublic,
+    },
+    /// The directory, unless the caller already has `known_version`.
+    GetDirectory {
+        /// The version the caller holds (0 for none).
+        known_version: u64,
+    },
+    /// The documents the caller's facility is a member of.
+    ListDocuments,
+    /// Operations, key grants and bundles, applied in order.
+    Push {
+        /// At most [`crate::limits::PUSH_ITEMS_MAX`] items.
+        items: Vec<PushItem>,
+    },
+    /// Bundles of `doc` with sequence numbers after `after`.
+    Pull {
+        /// The document.
+        doc: DocumentId,
+        /// The last sequence number the caller holds.
+        after: Seq,
+    },
+    /// Every key grant of `doc`.
+    GetKeyGrants {
+        /// The document.
+        doc: DocumentId,
+    },
+    /// Relay → facility: `doc` now has bundles up to `head`, in key epoch `epoch`.
+    Notify {
+        /// The document.
+        doc: DocumentId,
+        /// Its newest sequence number.
+        head: Seq,
+        /// Its current epoch.
+        epoch: Epoch,
+    },
+}
+
+/// One item of a push.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case")]
+pub enum PushItem {
+    /// A membership or epoch operation.
+    Op {
+        /// The signed operation.
+        op: DocOp,
+    },
+    /// A key grant.
+    Grant {
+        /// The signed grant.
+        grant: KeyGrant,
+    },
+    /// A bundle.
+    Bundle {
+        /// The signed envelope.
+        envelope: Envelope,
+    },
+}
+
+impl PushItem {
+    /// Approximate encoded size in bytes (for batching).
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            PushItem::Op { .. } => 512,
+            PushItem::Grant { grant } => 512 + grant.sealed.len(),
+            PushItem::Bundle { envelope } => 256 + envelope.ciphertext.len(),
+        }
+    }
+
+    /// The document the item belongs to.
+    pub fn doc(&self) -> DocumentId {
+        match self {
+            PushItem::Op { op } => op.doc,
+            PushItem::Grant { grant } => grant.doc,
+            PushItem::Bundle { envelope } => envelope.doc,
+        }
+    }
+}
+
+/// What the relay did with one pushed item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case")]
+pub enum PushResult {
+    /// Stored durably; bundles get their sequence number.
+    Accepted {
+        /// The bundle's sequence number (bundles only).
+        seq: Option<Seq>,
+    },
+    /// Already stored before (idempotent push).
+    Duplicate {
+        /// The bundle's sequence number (bundles only).
+        seq: Option<Seq>,
+    },
+    /// Refused for good; pushing it again will be refused again.
+    Rejected {
+        /// Why.
+        code: ErrorCode,
+        /// A sentence for people.
+        message: String,
+    },
+}
+
+/// A document as the relay knows it: id, kind, owner, members, epoch and newest sequence number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentInfo {
+    /// Document id.
+    pub id: DocumentId,
+    /// Schema.
+    pub kind: DocumentKind,
+    /// Members with roles (the owner included).
+    pub members: Vec<Member>,
+    /// Current key epoch.
+    pub epoch: Epoch,
+    /// Newest sequence number (0: no bundles yet).
+    pub head: Seq,
+}
+
+/// A bundle with the sequence number the relay gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pulled {
+    /// The relay's per-document sequence number.
+    pub seq: Seq,
+    /// The envelope as pushed.
+    pub envelope: Envelope,
+}
+
+/// An answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case")]
+pub enum Response {
+    /// Enrolment succeeded.
+    Joined {
+        /// The deployment.
+        deployment: DeploymentId,
+        /// The facility the device now belongs to.
+        facility: FacilityId,
+        /// Its name.
+        facility_name: String,
+        /// Its role.
+        role: FacilityRole,
+        /// The directory including the new device.
+        directory: SignedDirectory,
+    },
+    /// The directory, or `None` when the caller's version is current.
+    Directory {
+        /// The signed directory.
+        directory: Option<SignedDirectory>,
+    },
+    /// The caller's documents.
+    Documents {
+        /// Documents the caller's facility is a member of.
+        docs: Vec<DocumentInfo>,
+    },
+    /// One result per pushed item, in order.
+    Pushed {
+        /// Results.
+        results: Vec<PushResult>,
+    },
+    /// Bundles after the requested sequence number, in order.
+    Bundles {
+        /// The document.
+        doc: DocumentId,
+        /// Bundles in sequence order.
+        items: Vec<Pulled>,
+        /// The document's newest sequence number (more remain when it exceeds the last item's).
+        head: Seq,
+    },
+    /// Key grants of a document.
+    KeyGrants {
+        /// The document.
+        doc: DocumentId,
+        /// All grants, oldest first.
+        grants: Vec<KeyGrant>,
+    },
+    /// Acknowledges a [`Request::Notify`].
+    Ack,
+    /// The request was refused.
+    Error {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// A sentence for people (at most [`ERROR_MESSAGE_BYTES_MAX`] bytes).
+        message: String,
+    },
+}
+
+impl Response {
+    /// An error response, its message cut to [`ERROR_MESSAGE_BYTES_MAX`] bytes on a character boundary.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > ERROR_MESSAGE_BYTES_MAX {
+            let mut cut = ERROR_MESSAGE_BYTES_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Response::Error { code, message }
+    }
+}
+
+/// Why a request or item was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The frame is not CBOR of a known message.
+    Malformed,
+    /// Over a named limit.
+    TooLarge,
+    /// The frame version is not spoken here.
+    UnsupportedVersion,
+    /// The peer is not an enrolled device.
+    NotEnrolled,
+    /// The device or its facility has been revoked.
+    Revoked,
+    /// The invite is unknown, used or expired.
+    InviteInvalid,
+    /// The caller's facility is not a member of the document.
+    NotMember,
+    /// The caller's role does not allow this (e.g. a reader writing, a non-owner sharing).
+    Forbidden,
+    /// A signature does not verify, or the author is not the connected device.
+    BadSignature,
+    /// The document is not known to the relay.
+    UnknownDocument,
+    /// The operation contradicts the document's state (e.g. an epoch that is not current + 1).
+    Conflict,
+    /// The relay failed to store; retry later.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether retrying the same request later can succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, ErrorCode::Internal)
+    }
+}
+
+/// Errors decoding a frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// Over [`FRAME_BYTES_MAX`].
+    #[error("frame of {0} bytes is over the limit of {FRAME_BYTES_MAX}")]
+    TooLarge(usize),
+    /// A version other than [`WIRE_VERSION`].
+    #[error("unsupported protocol version {0} (this build speaks {WIRE_VERSION})")]
+    UnsupportedVersion(u16),
+    /// Not CBOR of a known message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl CodecError {
+    /// The error code to answer with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CodecError::TooLarge(_) => ErrorCode::TooLarge,
+            CodecError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            CodecError::Malformed(_) => ErrorCode::Malformed,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct FrameOut<'a, T> {
+    v: u16,
+    body: &'a T,
+}
+
+#[derive(Deserialize)]
+struct FrameVersion {
+    v: u16,
+}
+
+#[derive(Deserialize)]
+struct FrameIn<T> {
+    #[allow(dead_code)]
+    v: u16,
+    body: T,
+}
+
+fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(&FrameOut { v: WIRE_VERSION, body }, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() > FRAME_BYTES_MAX {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    let version: FrameVersion =
+        ciborium::from_reader(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if version.v != WIRE_VERSION {
+        return Err(CodecError::UnsupportedVersion(version.v));
+    }
+    let frame: FrameIn<T> = ciborium::from_reader(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    Ok(frame.body)
+}
+
+/// Encodes a request frame.
+pub fn encode_request(r: &Request) -> Vec<u8> {
+    encode(r)
+}
+
+/// Decodes a request frame. Errors: [`CodecError`].
+pub fn decode_request(bytes: &[u8]) -> Result<Request, CodecError> {
+    decode(bytes)
+}
+
+/// Encodes a response frame.
+pub fn encode_response(r: &Response) -> Vec<u8> {
+    encode(r)
+}
+
+/// Decodes a response frame. Errors: [`CodecError`].
+pub fn decode_response(bytes: &[u8]) -> Result<Response, CodecError> {
+    decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let r = Request::Pull { doc: DocumentId::from_random_bytes([1; 16]), after: Seq(7) };
+        assert_eq!(decode_request(&encode_request(&r)), Ok(r));
+        let e = Response::error(ErrorCode::NotMember, "x".repeat(5000));
+        match decode_response(&encode_response(&e)) {
+            Ok(Response::Error { code: ErrorCode::NotMember, message }) => {
+                assert_eq!(message.len(), ERROR_MESSAGE_BYTES_MAX)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_clear_errors() {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&FrameOut { v: 2, body: &Request::ListDocuments }, &mut bytes).expect("cbor");
+        assert_eq!(decode_request(&bytes), Err(CodecError::UnsupportedVersion(2)));
+        assert!(matches!(decode_request(b"\xa1\x61v"), Err(CodecError::Malformed(_))));
+        assert!(matches!(decode_request(&vec![0u8; FRAME_BYTES_MAX + 1]), Err(CodecError::TooLarge(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+    }
+}

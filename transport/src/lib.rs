@@ -1,0 +1,154 @@
+//! musubi-transport: the libp2p side of `/musubi/sync/1`, shared by the relay and the facilities.
+//!
+//! Transports are QUIC (rustls inside) and TCP + Noise + Yamux; behaviours are identify, ping,
+//! optional mDNS (LAN discovery at facilities), and request-response carrying opaque frames.
+//! Frames are encoded and decoded by `musubi_crdt::protocol`; this crate only moves bounded bytes,
+//! so a malformed frame reaches the protocol layer, which answers it with a clear error.
+
+use std::io;
+use std::time::Duration;
+
+use futures::prelude::*;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{StreamProtocol, Swarm, identify, identity::Keypair, mdns, noise, ping, request_response, tcp, yamux};
+use musubi_crdt::limits::FRAME_BYTES_MAX;
+use musubi_crdt::protocol::PROTOCOL_NAME;
+
+pub use libp2p;
+
+/// How long a request may wait for its response on the wire, in seconds.
+pub const REQUEST_TIMEOUT_SECS: u64 = 60;
+/// How long an idle connection is kept open, in seconds (notifications need it open).
+pub const IDLE_CONNECTION_TIMEOUT_SECS: u64 = 24 * 3600;
+
+/// Moves one frame per stream direction: the whole stream's bytes, at most [`FRAME_BYTES_MAX`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FrameCodec;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    io.take(FRAME_BYTES_MAX as u64 + 1).read_to_end(&mut buf).await?;
+    if buf.len() > FRAME_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame over the limit of {FRAME_BYTES_MAX} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: Vec<u8>) -> io::Result<()> {
+    if frame.len() > FRAME_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("frame of {} bytes over the limit of {FRAME_BYTES_MAX}", frame.len()),
+        ));
+    }
+    io.write_all(&frame).await?;
+    io.close().await
+}
+
+impl request_response::Codec for FrameCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> impl Future<Output = io::Result<Vec<u8>>> + Send
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io)
+    }
+
+    fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> impl Future<Output = io::Result<Vec<u8>>> + Send
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io)
+    }
+
+    fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> impl Future<Output = io::Result<()>> + Send
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, req)
+    }
+
+    fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> impl Future<Output = io::Result<()>> + Send
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, res)
+    }
+}
+
+pub use behaviour::{Behaviour, BehaviourEvent};
+
+mod behaviour {
+    #![allow(missing_docs)] // the derive macro generates an undocumented event enum
+    use super::*;
+
+    /// The network behaviour of a Musubi node (relay or facility).
+    #[derive(NetworkBehaviour)]
+    pub struct Behaviour {
+        /// `/musubi/sync/1` request-response.
+        pub sync: request_response::Behaviour<FrameCodec>,
+        /// Identify (`/musubi/id/1`): lets peers learn each other's listen addresses.
+        pub identify: identify::Behaviour,
+        /// Ping: keeps connections alive and measures round trips.
+        pub ping: ping::Behaviour,
+        /// mDNS discovery on the LAN (facilities only).
+        pub mdns: Toggle<mdns::tokio::Behaviour>,
+    }
+}
+
+/// Errors building the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The TCP/Noise/Yamux stack could not be set up.
+    #[error("cannot set up the transport: {0}")]
+    Setup(String),
+}
+
+/// Builds a tokio swarm with QUIC and TCP+Noise+Yamux, authenticated as `keypair`.
+///
+/// `lan_discovery` turns mDNS on (facilities on a shelter LAN find each other with it).
+pub fn build_swarm(keypair: Keypair, lan_discovery: bool) -> Result<Swarm<Behaviour>, TransportError> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| TransportError::Setup(e.to_string()))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let sync = request_response::Behaviour::with_codec(
+                FrameCodec,
+                [(StreamProtocol::new(PROTOCOL_NAME), request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS))
+                    .with_max_concurrent_streams(256),
+            );
+            let identify = identify::Behaviour::new(identify::Config::new("/musubi/id/1".into(), key.public()));
+            let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
+            let mdns = if lan_discovery {
+                mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id()).ok()
+            } else {
+                None
+            };
+            Behaviour { sync, identify, ping, mdns: Toggle::from(mdns) }
+        })
+        .map_err(|e| TransportError::Setup(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(IDLE_CONNECTION_TIMEOUT_SECS)))
+        .build();
+    Ok(swarm)
+}
