@@ -95,10 +95,10 @@ pub enum DirectoryError {
     /// Signed by another relay than the one this facility enrolled at.
     #[error("directory signed by {got}, expected the relay {expected}")]
     WrongRelay {
-        /// Who this facility trusts.
-        expected: DeviceId,
-        /// Who signed.
-        got: DeviceId,
+        /// Who this facility trusts (device id text).
+        expected: String,
+        /// Who signed (device id text).
+        got: String,
     },
     /// The signature does not verify.
     #[error(transparent)]
@@ -120,7 +120,7 @@ impl SignedDirectory {
     /// Verifies the signature against the relay this facility trusts, and decodes.
     pub fn verify(&self, expected_relay: &DeviceId) -> Result<Directory, DirectoryError> {
         if &self.relay != expected_relay {
-            return Err(DirectoryError::WrongRelay { expected: *expected_relay, got: self.relay });
+            return Err(DirectoryError::WrongRelay { expected: expected_relay.to_string(), got: self.relay.to_string() });
         }
         crypto::verify(&self.relay, crypto::domain::DIRECTORY, &self.body, &self.signature)?;
         ciborium::from_reader(self.body.as_slice()).map_err(|e| DirectoryError::Malformed(e.to_string()))

@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod directory;
 pub mod documents;
 pub mod ids;
+pub mod invite;
 pub mod limits;
 pub mod ops;
 pub mod protocol;

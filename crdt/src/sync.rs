@@ -210,12 +210,12 @@ impl Session {
         let Some((what, _)) = self.in_flight.remove(&id) else {
             return; // an answer after its timeout; the request was already requeued
         };
-        if let Response::Error { code, message } = &response {
-            if matches!(code, ErrorCode::NotEnrolled | ErrorCode::Revoked | ErrorCode::UnsupportedVersion) {
-                self.refused = true;
-                self.events.push_back(Event::Refused { code: *code, message: message.clone() });
-                return;
-            }
+        if let Response::Error { code, message } = &response
+            && matches!(code, ErrorCode::NotEnrolled | ErrorCode::Revoked | ErrorCode::UnsupportedVersion)
+        {
+            self.refused = true;
+            self.events.push_back(Event::Refused { code: *code, message: message.clone() });
+            return;
         }
         match (what, response) {
             (InFlight::Directory, Response::Directory { directory }) => {

@@ -39,7 +39,9 @@ pub enum DocumentError {
         expected: &'static str,
     },
     /// The document was written by a newer schema than this build understands.
-    #[error("document schema version {found} is not supported (this build reads up to {supported})")]
+    #[error(
+        "document schema version {found} is not supported (this build reads up to {supported})"
+    )]
     UnsupportedSchema {
         /// The schema version found at the root (0 when absent).
         found: u64,
@@ -94,4 +96,17 @@ pub enum DocumentError {
         /// The limit, in the same unit.
         max: u64,
     },
+}
+
+/// Reads a file of the real data set (`../shared/data` next to the repository), for tests.
+///
+/// Panics with the path it looked at when the file is missing: tests never skip silently.
+#[cfg(test)]
+pub(crate) fn shared_data(relative: &str) -> String {
+    let path = format!(
+        "{}/../../shared/data/{relative}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("real test data missing: could not read {path}: {e} (the tests need ../shared/data next to the repository)"))
 }

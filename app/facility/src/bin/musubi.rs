@@ -1,0 +1,561 @@
+//! `musubi`: the facility CLI (see `musubi --help`). A thin layer over `musubi_facility`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use musubi_crdt::crypto::PASSPHRASE_LOG_N_DEFAULT;
+use musubi_crdt::ids::Role;
+use musubi_facility::engine::{Engine, EngineError};
+use musubi_facility::net::{self, Mode};
+use musubi_facility::services::referral;
+
+/// Musubi facility device: encrypted documents that sync through the relay when a network exists.
+#[derive(Parser)]
+#[command(name = "musubi", version, about)]
+struct Cli {
+    /// Read the passphrase from this file (else from the MUSUBI_PASSPHRASE environment variable).
+    #[arg(long, global = true, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Data {
+    /// The facility device's data directory.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+}
+
+#[derive(Args)]
+struct Json {
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a facility device: new keys, wrapped by the passphrase.
+    Init {
+        #[command(flatten)]
+        data: Data,
+        /// The facility's name (as the operator enrols it).
+        #[arg(long)]
+        name: String,
+        /// scrypt work factor (log2 N) for the passphrase; higher is slower to unlock and to attack.
+        #[arg(long, default_value_t = PASSPHRASE_LOG_N_DEFAULT, value_parser = clap::value_parser!(u8).range(10..=22))]
+        scrypt_log_n: u8,
+    },
+    /// Join a deployment with an invite code from the relay operator.
+    Join {
+        #[command(flatten)]
+        data: Data,
+        /// The code printed by `musubi-node invite`.
+        code: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// The facilities of the deployment, as last synced.
+    Facilities {
+        #[command(flatten)]
+        data: Data,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Sync with the relay.
+    Sync {
+        #[command(flatten)]
+        data: Data,
+        /// Push what is pending, pull what is new, then exit (0 only when everything is done).
+        #[arg(long, conflicts_with = "watch", required_unless_present = "watch")]
+        once: bool,
+        /// Stay connected, reconnecting with backoff; apply changes as they arrive.
+        #[arg(long)]
+        watch: bool,
+        /// With --once: give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Add a member facility to a document, or (--remove) take one away. Owner only.
+    Share {
+        #[command(flatten)]
+        data: Data,
+        /// The document id.
+        #[arg(long)]
+        doc: String,
+        /// The facility (id or exact name).
+        #[arg(long = "with")]
+        with: String,
+        /// Its role.
+        #[arg(long, value_parser = ["reader", "writer"], required_unless_present = "remove")]
+        role: Option<String>,
+        /// Remove the facility (the document key is rotated so it reads nothing new).
+        #[arg(long, conflicts_with = "role")]
+        remove: bool,
+    },
+    /// This device: enrolment, pending items, documents.
+    Status {
+        #[command(flatten)]
+        data: Data,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Bundles in the local store.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// 診療情報提供書 (referral letters).
+    #[command(subcommand)]
+    Referral(ReferralCommand),
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Every bundle with its relay sequence number (null: not yet acknowledged).
+    List {
+        #[command(flatten)]
+        data: Data,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReferralCommand {
+    /// Create a letter from a JP eReferral FHIR Bundle and send it to a facility.
+    ImportFhir {
+        #[command(flatten)]
+        data: Data,
+        /// The receiving facility (id or exact name).
+        #[arg(long)]
+        to: String,
+        /// Do not try to send it now (it is sent at the next sync).
+        #[arg(long)]
+        no_send: bool,
+        /// The Bundle JSON file.
+        file: PathBuf,
+    },
+    /// Letters this facility can read.
+    List {
+        #[command(flatten)]
+        data: Data,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// One letter.
+    Show {
+        #[command(flatten)]
+        data: Data,
+        /// The letter id.
+        id: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Replace a field's text (keys: to_facility, to_doctor, from_facility, from_doctor, diagnosis,
+    /// purpose, history, progress, treatment, prescription, remarks, reply, patient.name, ...).
+    Edit {
+        #[command(flatten)]
+        data: Data,
+        /// The letter id.
+        id: String,
+        /// The field key.
+        #[arg(long)]
+        field: String,
+        /// The new text.
+        #[arg(long)]
+        text: String,
+    },
+    /// Write the 返書 (reply).
+    Reply {
+        #[command(flatten)]
+        data: Data,
+        /// The letter id.
+        id: String,
+        /// The reply text.
+        #[arg(long)]
+        text: String,
+    },
+    /// Attach a file (添付) to a letter.
+    Attach {
+        #[command(flatten)]
+        data: Data,
+        /// The letter id.
+        id: String,
+        /// The file.
+        file: PathBuf,
+        /// Its media type.
+        #[arg(long, default_value = "application/octet-stream")]
+        media_type: String,
+    },
+    /// The letter as a FHIR JP eReferral document Bundle (JSON on stdout).
+    ExportFhir {
+        #[command(flatten)]
+        data: Data,
+        /// The letter id.
+        id: String,
+    },
+}
+
+fn passphrase(cli_file: &Option<PathBuf>) -> Result<String> {
+    if let Some(f) = cli_file {
+        let s = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the passphrase file {}", f.display()))?;
+        return Ok(s.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    match std::env::var("MUSUBI_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => Ok(p),
+        _ => bail!("no passphrase: set MUSUBI_PASSPHRASE or pass --passphrase-file FILE"),
+    }
+}
+
+fn open(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
+    Ok(Engine::open(dir, &passphrase(cli)?)?)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let pf = &cli.passphrase_file;
+    match cli.command {
+        Command::Init {
+            data,
+            name,
+            scrypt_log_n,
+        } => {
+            let e = Engine::init(&data.data, &name, &passphrase(pf)?, scrypt_log_n)?;
+            println!("{}", e.device_id());
+        }
+        Command::Join {
+            data,
+            code,
+            timeout,
+        } => {
+            let mut e = open(pf, &data.data)?;
+            let enrolment =
+                runtime()?.block_on(net::join(&mut e, &code, Duration::from_secs(timeout)))?;
+            let local = e.local_name()?;
+            if !local.is_empty() && local != enrolment.facility_name {
+                eprintln!(
+                    "note: the relay enrolled this device as {:?} (init named it {local:?})",
+                    enrolment.facility_name
+                );
+            }
+            println!("{}", enrolment.facility);
+        }
+        Command::Facilities { data, json } => {
+            let e = open(pf, &data.data)?;
+            let dir = e.directory()?;
+            if json.json {
+                let v: Vec<_> = dir
+                    .facilities
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "id": f.id.to_string(), "name": f.name, "role": f.role.to_string(), "revoked": f.revoked,
+                            "devices": f.devices.iter().map(|d| serde_json::json!({"device": d.device.to_string(), "revoked": d.revoked})).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                print_json(&v)?;
+            } else {
+                for f in &dir.facilities {
+                    let current = f.current_devices().count();
+                    println!(
+                        "{}  {}  {}  {} device(s){}",
+                        f.id,
+                        f.name,
+                        f.role,
+                        current,
+                        if f.revoked { "  REVOKED" } else { "" }
+                    );
+                }
+            }
+        }
+        Command::Sync {
+            data,
+            once,
+            watch: _,
+            timeout,
+            json,
+        } => {
+            let mut e = open(pf, &data.data)?;
+            let mode = if once {
+                Mode::Once {
+                    timeout: Duration::from_secs(timeout),
+                }
+            } else {
+                Mode::Watch
+            };
+            let report = runtime()?.block_on(net::sync(&mut e, mode, |r| {
+                tracing::info!(pushed = r.pushed, pulled = r.pulled, "sync progress");
+            }))?;
+            if json.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "synced: {} item(s) sent, {} bundle(s) received",
+                    report.pushed, report.pulled
+                );
+            }
+        }
+        Command::Share {
+            data,
+            doc,
+            with,
+            role,
+            remove,
+        } => {
+            let mut e = open(pf, &data.data)?;
+            let doc = e.document_info(&doc)?.id;
+            let role = if remove {
+                None
+            } else {
+                role.as_deref().map(str::parse::<Role>).transpose()?
+            };
+            e.share(doc, &with, role)?;
+            println!(
+                "{}",
+                if remove {
+                    "removed; the document key will be rotated at the next sync"
+                } else {
+                    "shared; it reaches the facility at the next sync"
+                }
+            );
+        }
+        Command::Status { data, json } => {
+            let e = open(pf, &data.data)?;
+            let enrolment = e.enrolment().ok();
+            let docs: Vec<_> = e
+                .store()
+                .documents(None)?
+                .into_iter()
+                .map(|d| serde_json::json!({"id": d.info.id.to_string(), "kind": d.info.kind.to_string(), "epoch": d.info.epoch.0, "head": d.info.head.0}))
+                .collect();
+            let rejected: Vec<_> = e
+                .store()
+                .rejected()?
+                .into_iter()
+                .map(|(id, doc, err)| serde_json::json!({"item": id, "doc": doc, "error": err}))
+                .collect();
+            let v = serde_json::json!({
+                "device": e.device_id().to_string(),
+                "facility": enrolment.as_ref().map(|x| serde_json::json!({"id": x.facility.to_string(), "name": x.facility_name, "role": x.role.to_string()})),
+                "relay": enrolment.as_ref().map(|x| x.relay_addrs.clone()),
+                "pending": e.store().pending_count()?,
+                "rejected": rejected,
+                "documents": docs,
+            });
+            if json.json {
+                print_json(&v)?;
+            } else {
+                match &enrolment {
+                    Some(x) => {
+                        println!("facility {} ({}, {})", x.facility_name, x.facility, x.role)
+                    }
+                    None => println!("not enrolled yet (run `musubi join`)"),
+                }
+                println!("device   {}", e.device_id());
+                println!(
+                    "pending  {} item(s) waiting for the relay",
+                    e.store().pending_count()?
+                );
+                println!(
+                    "documents {}",
+                    v["documents"].as_array().map_or(0, Vec::len)
+                );
+            }
+        }
+        Command::Bundle(BundleCommand::List { data, json }) => {
+            let e = open(pf, &data.data)?;
+            let rows = e.store().all_bundles()?;
+            if json.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|b| serde_json::json!({"id": b.id.to_string(), "doc": b.doc.to_string(), "seq": b.seq.map(|s| s.0), "epoch": b.envelope.epoch.0, "author": b.envelope.author.to_string(), "bytes": b.envelope.ciphertext.len()}))
+                    .collect();
+                print_json(&v)?;
+            } else {
+                for b in rows {
+                    println!(
+                        "{}  {}  {}",
+                        b.id,
+                        b.doc,
+                        b.seq.map_or("pending".into(), |s| s.to_string())
+                    );
+                }
+            }
+        }
+        Command::Referral(cmd) => referral_command(pf, cmd)?,
+    }
+    Ok(())
+}
+
+fn referral_command(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
+    match cmd {
+        ReferralCommand::ImportFhir {
+            data,
+            to,
+            no_send,
+            file,
+        } => {
+            let mut e = open(pf, &data.data)?;
+            let json = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            if matches!(e.find_facility(&to), Err(EngineError::UnknownFacility(_)))
+                && e.enrolment().is_ok()
+            {
+                // The directory may predate the recipient's enrolment: refresh it once.
+                if let Err(err) = runtime()?.block_on(net::sync(
+                    &mut e,
+                    Mode::Once {
+                        timeout: Duration::from_secs(10),
+                    },
+                    |_| {},
+                )) {
+                    eprintln!("note: could not refresh the directory ({err})");
+                }
+            }
+            let id = referral::import_fhir(&mut e, &to, &json)?;
+            println!("{id}");
+            if !no_send {
+                match runtime()?.block_on(net::sync(
+                    &mut e,
+                    Mode::Once {
+                        timeout: Duration::from_secs(5),
+                    },
+                    |_| {},
+                )) {
+                    Ok(_) => eprintln!("sent to {to}"),
+                    Err(err) => eprintln!("queued (not sent yet: {err})"),
+                }
+            }
+        }
+        ReferralCommand::List { data, json } => {
+            let e = open(pf, &data.data)?;
+            let letters = referral::list(&e)?;
+            if json.json {
+                print_json(&letters)?;
+            } else {
+                for l in letters {
+                    println!(
+                        "{}  {:<8}  {} → {}  患者: {}",
+                        l.id,
+                        format!("{:?}", l.letter.status).to_lowercase(),
+                        l.letter.from_facility,
+                        l.letter.to_facility,
+                        l.letter.patient.name
+                    );
+                }
+            }
+        }
+        ReferralCommand::Show { data, id, json } => {
+            let e = open(pf, &data.data)?;
+            let v = referral::show(&e, &id)?;
+            if json.json {
+                print_json(&v)?;
+            } else {
+                print_letter(&v);
+            }
+        }
+        ReferralCommand::Edit {
+            data,
+            id,
+            field,
+            text,
+        } => {
+            let mut e = open(pf, &data.data)?;
+            referral::edit(&mut e, &id, &field, &text)?;
+        }
+        ReferralCommand::Reply { data, id, text } => {
+            let mut e = open(pf, &data.data)?;
+            referral::reply(&mut e, &id, &text)?;
+        }
+        ReferralCommand::Attach {
+            data,
+            id,
+            file,
+            media_type,
+        } => {
+            let mut e = open(pf, &data.data)?;
+            let att = referral::attach(&mut e, &id, &file, &media_type)?;
+            println!("{}", att.id);
+        }
+        ReferralCommand::ExportFhir { data, id } => {
+            let e = open(pf, &data.data)?;
+            print_json(&referral::export_fhir(&e, &id)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_letter(v: &referral::LetterView) {
+    let l = &v.letter;
+    println!(
+        "診療情報提供書  {}  [{}]",
+        v.id,
+        format!("{:?}", l.status).to_lowercase()
+    );
+    println!("紹介先: {} {}", l.to_facility, l.to_doctor);
+    println!("紹介元: {} {}", l.from_facility, l.from_doctor);
+    let p = &l.patient;
+    println!(
+        "患者: {} ({}) {} {} {}",
+        p.name, p.kana, p.sex, p.birth_date, p.address
+    );
+    for (label, text) in [
+        ("傷病名", &l.diagnosis),
+        ("紹介目的", &l.purpose),
+        ("既往歴及び家族歴", &l.history),
+        ("症状経過及び検査結果", &l.progress),
+        ("治療経過", &l.treatment),
+        ("現在の処方", &l.prescription),
+        ("備考", &l.remarks),
+        ("返書", &l.reply),
+    ] {
+        if !text.is_empty() {
+            println!("【{label}】\n{text}");
+        }
+    }
+    for a in &l.attachments {
+        println!("添付: {} ({}, {} bytes)", a.name, a.media_type, a.bytes);
+    }
+    if v.unreadable_bundles > 0 {
+        println!(
+            "({} change(s) cannot be read yet: run `musubi sync --once`)",
+            v.unreadable_bundles
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! The sync driver: runs `musubi_crdt::sync::Session` over libp2p against the relay.
+//!
+//! One task owns the swarm, the session and the engine; it feeds transport events and timers into
+//! the session and applies the session's events to the store, each in one transaction, before the
+//! next input. `Once` ends when the session is caught up; `Watch` reconnects with backoff forever
+//! and picks up edits other processes make in the same store.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use musubi_crdt::ids::Seq;
+use musubi_crdt::invite::InviteCode;
+use musubi_crdt::protocol::{self, ErrorCode, PushResult, Request, Response};
+use musubi_crdt::sync::{Event, OutboxId, RequestId, Session, SessionConfig};
+use musubi_transport::libp2p::request_response::{self, OutboundRequestId};
+use musubi_transport::libp2p::swarm::SwarmEvent;
+use musubi_transport::libp2p::swarm::dial_opts::DialOpts;
+use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm};
+use musubi_transport::{Behaviour, BehaviourEvent, build_swarm};
+
+use crate::engine::{Engine, EngineError, Enrolment, now_ms};
+use crate::services;
+
+/// How a sync run ends.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Until caught up, or fail after the timeout.
+    Once {
+        /// Give up after this long.
+        timeout: Duration,
+    },
+    /// Forever, reconnecting with backoff.
+    Watch,
+}
+
+/// What a sync run did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncReport {
+    /// Items the relay acknowledged.
+    pub pushed: u64,
+    /// Bundles received.
+    pub pulled: u64,
+    /// Items the relay refused for good: (document, reason).
+    pub rejected: Vec<(String, String)>,
+}
+
+/// Errors of a sync run.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The relay could not be reached in time.
+    #[error(
+        "could not reach the relay at {addrs} within {secs} s ({last}); the edits stay queued and will be sent at the next sync"
+    )]
+    Unreachable {
+        /// The addresses tried.
+        addrs: String,
+        /// The timeout in seconds.
+        secs: u64,
+        /// The last transport error.
+        last: String,
+    },
+    /// The relay refused this device.
+    #[error("{}", refused_message(*.code, .message))]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The relay's sentence.
+        message: String,
+    },
+    /// The invite was refused.
+    #[error("the relay refused the invite: {0}")]
+    InviteRefused(String),
+    /// Some items were refused by the relay.
+    #[error("the relay refused {} item(s): {}", .0.len(), .0.iter().map(|(d, r)| format!("{d}: {r}")).collect::<Vec<_>>().join("; "))]
+    Rejected(Vec<(String, String)>),
+    /// Engine failure.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Transport setup failure.
+    #[error("network setup failed: {0}")]
+    Transport(String),
+    /// A bad invite code.
+    #[error(transparent)]
+    Invite(#[from] musubi_crdt::invite::InviteError),
+}
+
+fn refused_message(code: ErrorCode, message: &str) -> String {
+    match code {
+        ErrorCode::Revoked => format!(
+            "the relay operator has revoked this device or its facility; ask the operator for a new invite ({message})"
+        ),
+        ErrorCode::NotEnrolled => {
+            format!("the relay does not know this device; join again with a new invite ({message})")
+        }
+        _ => format!("the relay refused this device: {message}"),
+    }
+}
+
+fn relay_target(enrolment: &Enrolment) -> (PeerId, Vec<Multiaddr>) {
+    let addrs = enrolment
+        .relay_addrs
+        .iter()
+        .filter_map(|a| a.parse::<Multiaddr>().ok())
+        .map(|a| {
+            if matches!(
+                a.iter().last(),
+                Some(musubi_transport::libp2p::multiaddr::Protocol::P2p(_))
+            ) {
+                a
+            } else {
+                a.with(musubi_transport::libp2p::multiaddr::Protocol::P2p(
+                    enrolment.relay.0,
+                ))
+            }
+        })
+        .collect();
+    (enrolment.relay.0, addrs)
+}
+
+fn dial(swarm: &mut Swarm<Behaviour>, peer: PeerId, addrs: &[Multiaddr]) {
+    let opts = DialOpts::peer_id(peer).addresses(addrs.to_vec()).build();
+    if let Err(e) = swarm.dial(opts) {
+        tracing::debug!("dial: {e}");
+    }
+}
+
+/// Enrols this device with an invite code: dials the relay, sends `Join`, records the answer.
+pub async fn join(
+    engine: &mut Engine,
+    code: &str,
+    timeout: Duration,
+) -> Result<Enrolment, SyncError> {
+    if let Ok(e) = engine.enrolment() {
+        return Err(EngineError::AlreadyEnrolled(e.facility_name).into());
+    }
+    let invite = InviteCode::decode(code)?;
+    let target = Enrolment {
+        deployment: invite.deployment,
+        facility: musubi_crdt::ids::FacilityId::from_random_bytes([0; 16]),
+        facility_name: String::new(),
+        role: musubi_crdt::ids::FacilityRole::Clinic,
+        relay: invite.relay,
+        relay_addrs: invite.addrs.clone(),
+    };
+    let (peer, addrs) = relay_target(&target);
+    let mut swarm = build_swarm(engine.secrets().keypair().clone(), false)
+        .map_err(|e| SyncError::Transport(e.to_string()))?;
+    dial(&mut swarm, peer, &addrs);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("no answer");
+    let mut sent: Option<OutboundRequestId> = None;
+    loop {
+        tokio::select! {
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == peer && sent.is_none() => {
+                    let req = Request::Join { secret: invite.secret.clone(), device: engine.secrets().public() };
+                    sent = Some(swarm.behaviour_mut().sync.send_request(&peer, protocol::encode_request(&req)));
+                }
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    last = error.to_string();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    dial(&mut swarm, peer, &addrs);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message { message: request_response::Message::Response { request_id, response }, .. })) if Some(request_id) == sent => {
+                    return match protocol::decode_response(&response) {
+                        Ok(Response::Joined { deployment, facility, facility_name, role, directory }) => {
+                            directory.verify(&invite.relay).map_err(|e| SyncError::InviteRefused(format!("the relay's directory does not verify: {e}")))?;
+                            let enrolment = Enrolment { deployment, facility, facility_name, role, relay: invite.relay, relay_addrs: invite.addrs.clone() };
+                            engine.record_enrolment(&enrolment, &directory)?;
+                            Ok(enrolment)
+                        }
+                        Ok(Response::Error { message, .. }) => Err(SyncError::InviteRefused(message)),
+                        Ok(other) => Err(SyncError::InviteRefused(format!("unexpected answer {other:?}"))),
+                        Err(e) => Err(SyncError::InviteRefused(e.to_string())),
+                    };
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure { error, .. })) => {
+                    last = error.to_string();
+                    sent = None;
+                    dial(&mut swarm, peer, &addrs);
+                }
+                _ => {}
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(SyncError::Unreachable { addrs: invite.addrs.join(", "), secs: timeout.as_secs(), last });
+            }
+        }
+    }
+}
+
+/// Runs a sync session with the relay.
+pub async fn sync(
+    engine: &mut Engine,
+    mode: Mode,
+    mut on_progress: impl FnMut(&SyncReport),
+) -> Result<SyncReport, SyncError> {
+    let enrolment = engine.enrolment()?;
+    let (relay, addrs) = relay_target(&enrolment);
+    let mut swarm = build_swarm(engine.secrets().keypair().clone(), false)
+        .map_err(|e| SyncError::Transport(e.to_string()))?;
+    let dir_version = engine.directory().map(|d| d.version).unwrap_or(0);
+    let cursors: HashMap<_, _> = engine.store().cursors()?.into_iter().collect();
+    let epochs: HashMap<_, _> = engine.store().grant_epochs()?.into_iter().collect();
+    let mut session = Session::new(SessionConfig::default(), dir_version, cursors, epochs);
+    engine.maintain()?;
+    let mut last_outbox = 0u64;
+    for row in engine.store().pending(0)? {
+        last_outbox = row.id;
+        session.push(OutboxId(row.id), row.item);
+    }
+    let mut requests: HashMap<OutboundRequestId, RequestId> = HashMap::new();
+    let mut report = SyncReport::default();
+    let mut connected = false;
+    let mut redial_backoff = Duration::from_millis(250);
+    let mut redial_at: Option<tokio::time::Instant> = None;
+    let mut last_error = String::from("no answer");
+    let deadline = match mode {
+        Mode::Once { timeout } => Some(tokio::time::Instant::now() + timeout),
+        Mode::Watch => None,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    dial(&mut swarm, relay, &addrs);
+
+    loop {
+        let now = Instant::now();
+        while let Some(t) = session.poll_transmit(now) {
+            let rid = swarm
+                .behaviour_mut()
+                .sync
+                .send_request(&relay, protocol::encode_request(&t.request));
+            requests.insert(rid, t.id);
+        }
+        let mut changed = false;
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                Event::Directory(d) => {
+                    if engine.update_directory(&d)? {
+                        changed = true;
+                        for row in engine.store().documents(None)? {
+                            session.want_grants(row.info.id);
+                        }
+                    }
+                }
+                Event::Documents(docs) => {
+                    engine.update_documents(&docs)?;
+                    changed = true;
+                }
+                Event::KeyGrants { doc, grants } => {
+                    for g in grants.iter().filter(|g| g.verify().is_ok()) {
+                        engine.store().put_grant(g)?;
+                    }
+                    changed = true;
+                    services::after_sync(engine, doc)?;
+                }
+                Event::Pulled { doc, items } => {
+                    let dir = engine.directory()?;
+                    let good: Vec<(Seq, _)> = items
+                        .into_iter()
+                        .filter(|p| {
+                            let ok = p.envelope.doc == doc && p.envelope.verify_signature().is_ok() && dir.device(&p.envelope.author).is_some();
+                            if !ok {
+                                tracing::warn!(%doc, seq = %p.seq, "dropping a bundle whose signature or author does not verify");
+                            }
+                            ok
+                        })
+                        .map(|p| (p.seq, p.envelope))
+                        .collect();
+                    report.pulled += good.len() as u64;
+                    engine.store_mut().store_pulled(doc, &good, now_ms())?;
+                    services::after_sync(engine, doc)?;
+                    on_progress(&report);
+                }
+                Event::Pushed { item, result } => match result {
+                    PushResult::Accepted { seq } | PushResult::Duplicate { seq } => {
+                        engine.store_mut().acknowledge(item.0, seq)?;
+                        report.pushed += 1;
+                        on_progress(&report);
+                    }
+                    PushResult::Rejected { code, message } => {
+                        let row_doc = format!("item {}", item.0);
+                        engine
+                            .store()
+                            .reject(item.0, &format!("{code:?}: {message}"))?;
+                        tracing::warn!("the relay refused {row_doc}: {message}");
+                        report.rejected.push((row_doc, message));
+                    }
+                },
+                Event::Refused { code, message } => {
+                    return Err(SyncError::Refused { code, message });
+                }
+                Event::CaughtUp => {
+                    // Anything queued meanwhile (by this task or another process) goes first.
+                    let fresh = engine.store().pending(last_outbox)?;
+                    if fresh.is_empty() && matches!(mode, Mode::Once { .. }) {
+                        if report.rejected.is_empty() {
+                            return Ok(report);
+                        }
+                        return Err(SyncError::Rejected(report.rejected));
+                    }
+                }
+            }
+        }
+        if changed {
+            engine.maintain()?;
+        }
+        let fresh = engine.store().pending(last_outbox)?;
+        if !fresh.is_empty() {
+            for row in fresh {
+                last_outbox = row.id;
+                session.push(OutboxId(row.id), row.item);
+            }
+            continue;
+        }
+
+        let timer = session.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == relay && !connected => {
+                    connected = true;
+                    redial_backoff = Duration::from_millis(250);
+                    session.handle_connected(Instant::now());
+                    tracing::info!("connected to the relay");
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } if peer_id == relay => {
+                    connected = false;
+                    session.handle_disconnected(Instant::now());
+                    requests.clear();
+                    last_error = cause.map(|c| c.to_string()).unwrap_or_else(|| "connection closed".into());
+                    redial_at = Some(tokio::time::Instant::now() + redial_backoff);
+                }
+                SwarmEvent::OutgoingConnectionError { peer_id: Some(p), error, .. } if p == relay => {
+                    last_error = error.to_string();
+                    if !connected {
+                        redial_at = Some(tokio::time::Instant::now() + redial_backoff);
+                        redial_backoff = (redial_backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => match ev {
+                    request_response::Event::Message { peer, message, .. } => match message {
+                        request_response::Message::Response { request_id, response } => {
+                            if let Some(id) = requests.remove(&request_id) {
+                                match protocol::decode_response(&response) {
+                                    Ok(r) => session.handle_response(id, r, Instant::now()),
+                                    Err(e) => {
+                                        tracing::warn!("undecodable answer from the relay: {e}");
+                                        session.handle_failure(id, Instant::now());
+                                    }
+                                }
+                            }
+                        }
+                        request_response::Message::Request { request, channel, .. } => {
+                            let answer = if peer != relay {
+                                Response::error(ErrorCode::Forbidden, "this facility takes notifications only from its relay")
+                            } else {
+                                match protocol::decode_request(&request) {
+                                    Ok(Request::Notify { doc, head, epoch }) => {
+                                        session.handle_notify(doc, head, epoch, Instant::now());
+                                        Response::Ack
+                                    }
+                                    Ok(_) => Response::error(ErrorCode::Forbidden, "facilities answer only notifications"),
+                                    Err(e) => Response::error(e.code(), e.to_string()),
+                                }
+                            };
+                            let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&answer));
+                        }
+                    },
+                    request_response::Event::OutboundFailure { request_id, error, .. } => {
+                        last_error = error.to_string();
+                        if let Some(id) = requests.remove(&request_id) {
+                            session.handle_failure(id, Instant::now());
+                        }
+                    }
+                    _ => {}
+                },
+                _ => {}
+            },
+            _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                session.handle_timeout(Instant::now());
+            }
+            _ = tick.tick() => {
+                if let Some(t) = redial_at
+                    && tokio::time::Instant::now() >= t
+                    && !connected
+                {
+                    redial_at = None;
+                    dial(&mut swarm, relay, &addrs);
+                }
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                let pending = engine.store().pending_count().unwrap_or(0);
+                if connected {
+                    return Err(SyncError::Unreachable { addrs: enrolment.relay_addrs.join(", "), secs: mode_secs(mode), last: format!("connected but not finished: {pending} item(s) still pending") });
+                }
+                return Err(SyncError::Unreachable { addrs: enrolment.relay_addrs.join(", "), secs: mode_secs(mode), last: last_error });
+            }
+        }
+    }
+}
+
+fn mode_secs(mode: Mode) -> u64 {
+    match mode {
+        Mode::Once { timeout } => timeout.as_secs(),
+        Mode::Watch => 0,
+    }
+}

@@ -1,0 +1,448 @@
+//! The facility's local store: one SQLite database (`DATA/facility.db`, WAL) holding only
+//! ciphertext bundles, signed grants and operations, and public metadata (DESIGN invariant 2).
+//!
+//! Tables: `meta` (enrolment and the signed directory), `documents` (the relay's view of each
+//! document: kind, members, epoch, head), `bundles` (encrypted envelopes by BLAKE3 id with the relay's
+//! sequence number once acknowledged or pulled), `outbox` (items waiting for the relay, in order),
+//! `cursors` (last pulled sequence number per document), `grants` (sealed document keys).
+//! Several processes (the CLI and `sync --watch`) share it; each write is one transaction.
+
+use std::path::Path;
+use std::time::Duration;
+
+use musubi_crdt::bundle::Envelope;
+use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Epoch, Seq};
+use musubi_crdt::ops::KeyGrant;
+use musubi_crdt::protocol::{DocumentInfo, PushItem};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema version written to `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Errors of the local store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed (disk full, locked for longer than the busy timeout, corrupted file).
+    #[error("local database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value did not decode (the file was damaged or written by a newer version).
+    #[error("damaged local data: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer Musubi.
+    #[error(
+        "the local database has schema version {0}, newer than this program understands ({SCHEMA_VERSION}); update Musubi"
+    )]
+    TooNew(i64),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn cbor<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+fn uncbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Where a bundle came from (shown in sync state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Written on this device.
+    Local,
+    /// Pulled from the relay.
+    Relay,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Local => "local",
+            Origin::Relay => "relay",
+        }
+    }
+}
+
+/// One row of the outbox.
+#[derive(Clone, Debug)]
+pub struct OutboxRow {
+    /// Row id (the session's `OutboxId`).
+    pub id: u64,
+    /// The item.
+    pub item: PushItem,
+}
+
+/// A stored bundle.
+#[derive(Clone, Debug)]
+pub struct BundleRow {
+    /// Its id.
+    pub id: BundleId,
+    /// Its document.
+    pub doc: DocumentId,
+    /// The relay's sequence number, once known.
+    pub seq: Option<Seq>,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// A document as stored locally.
+#[derive(Clone, Debug)]
+pub struct DocumentRow {
+    /// What the relay said last (or what this device created).
+    pub info: DocumentInfo,
+}
+
+/// The open store.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let conn = Connection::open(dir.join("facility.db"))?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(version));
+        }
+        if version < 1 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+                 CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, kind TEXT NOT NULL, info BLOB NOT NULL);
+                 CREATE TABLE IF NOT EXISTS bundles (
+                    id BLOB PRIMARY KEY, doc TEXT NOT NULL, seq INTEGER, envelope BLOB NOT NULL,
+                    origin TEXT NOT NULL, stored_at_ms INTEGER NOT NULL);
+                 CREATE INDEX IF NOT EXISTS bundles_doc ON bundles(doc, seq);
+                 CREATE TABLE IF NOT EXISTS outbox (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL, bundle BLOB, item BLOB NOT NULL,
+                    state TEXT NOT NULL DEFAULT 'pending', error TEXT);
+                 CREATE TABLE IF NOT EXISTS cursors (doc TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS grants (hash BLOB PRIMARY KEY, doc TEXT NOT NULL, epoch INTEGER NOT NULL, grant_cbor BLOB NOT NULL);
+                 CREATE INDEX IF NOT EXISTS grants_doc ON grants(doc, epoch);
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        Ok(Self { conn })
+    }
+
+    /// A counter that changes whenever another connection commits (SQLite `PRAGMA data_version`).
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    /// Reads a metadata value.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Reads and decodes a CBOR metadata value.
+    pub fn meta_cbor<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.meta(key)?.map(|b| uncbor(&b)).transpose()
+    }
+
+    /// Writes a metadata value.
+    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Writes a CBOR metadata value.
+    pub fn set_meta_cbor<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        self.set_meta(key, &cbor(value))
+    }
+
+    /// Inserts or replaces a document's info.
+    pub fn put_document(&self, info: &DocumentInfo) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO documents (id, kind, info) VALUES (?1, ?2, ?3)",
+            params![info.id.to_string(), info.kind.to_string(), cbor(info)],
+        )?;
+        Ok(())
+    }
+
+    /// A document's info.
+    pub fn document(&self, id: DocumentId) -> Result<Option<DocumentRow>> {
+        let b: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT info FROM documents WHERE id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        b.map(|b| Ok(DocumentRow { info: uncbor(&b)? })).transpose()
+    }
+
+    /// Every document, optionally of one kind.
+    pub fn documents(&self, kind: Option<DocumentKind>) -> Result<Vec<DocumentRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT info, kind FROM documents ORDER BY rowid")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (b, k) = row?;
+            if kind.is_some_and(|kind| kind.to_string() != k) {
+                continue;
+            }
+            out.push(DocumentRow { info: uncbor(&b)? });
+        }
+        Ok(out)
+    }
+
+    /// Stores a bundle written here and queues it (one transaction). Returns the outbox id.
+    pub fn add_local_bundle(&mut self, env: &Envelope, now_ms: u64) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let id = env.id();
+        tx.execute(
+            "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
+            params![&id.0[..], env.doc.to_string(), env.encode(), Origin::Local.as_str(), now_ms as i64],
+        )?;
+        let item = PushItem::Bundle {
+            envelope: env.clone(),
+        };
+        tx.execute(
+            "INSERT INTO outbox (doc, bundle, item) VALUES (?1, ?2, ?3)",
+            params![env.doc.to_string(), &id.0[..], cbor(&item)],
+        )?;
+        let row = tx.last_insert_rowid() as u64;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    /// Queues a non-bundle item (operation or grant). Returns the outbox id.
+    pub fn queue(&self, item: &PushItem) -> Result<u64> {
+        self.conn.execute(
+            "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
+            params![item.doc().to_string(), cbor(item)],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Pending outbox rows with id greater than `after`, in order.
+    pub fn pending(&self, after: u64) -> Result<Vec<OutboxRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, item FROM outbox WHERE state = 'pending' AND id > ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([after as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, b) = row?;
+            out.push(OutboxRow {
+                id: id as u64,
+                item: uncbor(&b)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of pending outbox items.
+    pub fn pending_count(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'pending'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Rejected outbox items: (id, document, error).
+    pub fn rejected(&self) -> Result<Vec<(u64, String, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, doc, error FROM outbox WHERE state = 'rejected' ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+            ))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// The relay took an outbox item: drop it, and record a bundle's sequence number.
+    pub fn acknowledge(&mut self, outbox_id: u64, seq: Option<Seq>) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let bundle: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                "SELECT bundle FROM outbox WHERE id = ?1",
+                [outbox_id as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let (Some(Some(bundle)), Some(seq)) = (bundle, seq) {
+            tx.execute(
+                "UPDATE bundles SET seq = ?1 WHERE id = ?2",
+                params![seq.0 as i64, bundle],
+            )?;
+        }
+        tx.execute("DELETE FROM outbox WHERE id = ?1", [outbox_id as i64])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The relay refused an outbox item for good.
+    pub fn reject(&self, outbox_id: u64, error: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE outbox SET state = 'rejected', error = ?2 WHERE id = ?1",
+            params![outbox_id as i64, error],
+        )?;
+        Ok(())
+    }
+
+    /// Stores pulled bundles and advances the document's cursor, in one transaction.
+    pub fn store_pulled(
+        &mut self,
+        doc: DocumentId,
+        items: &[(Seq, Envelope)],
+        now_ms: u64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let mut last = Seq(0);
+        for (seq, env) in items {
+            let id = env.id();
+            tx.execute(
+                "INSERT INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(id) DO UPDATE SET seq = excluded.seq",
+                params![&id.0[..], doc.to_string(), seq.0 as i64, env.encode(), Origin::Relay.as_str(), now_ms as i64],
+            )?;
+            last = last.max(*seq);
+        }
+        tx.execute(
+            "INSERT INTO cursors (doc, seq) VALUES (?1, ?2) ON CONFLICT(doc) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+            params![doc.to_string(), last.0 as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Per-document cursors.
+    pub fn cursors(&self) -> Result<Vec<(DocumentId, Seq)>> {
+        let mut stmt = self.conn.prepare("SELECT doc, seq FROM cursors")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, s) = row?;
+            out.push((
+                d.parse().map_err(|e: musubi_crdt::ids::ParseIdError| {
+                    StoreError::Corrupt(e.to_string())
+                })?,
+                Seq(s as u64),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every bundle of a document, in the order stored.
+    pub fn bundles(&self, doc: DocumentId) -> Result<Vec<BundleRow>> {
+        self.bundles_where("WHERE doc = ?1", Some(doc.to_string()))
+    }
+
+    /// Every bundle.
+    pub fn all_bundles(&self) -> Result<Vec<BundleRow>> {
+        self.bundles_where("", None)
+    }
+
+    fn bundles_where(&self, clause: &str, arg: Option<String>) -> Result<Vec<BundleRow>> {
+        let sql = format!("SELECT id, doc, seq, envelope FROM bundles {clause} ORDER BY rowid");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        };
+        let rows: Vec<_> = match arg {
+            Some(a) => stmt
+                .query_map([a], map)?
+                .collect::<std::result::Result<_, _>>()?,
+            None => stmt
+                .query_map([], map)?
+                .collect::<std::result::Result<_, _>>()?,
+        };
+        rows.into_iter()
+            .map(|(id, doc, seq, env)| {
+                let id: [u8; 32] = id
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("bundle id length".into()))?;
+                Ok(BundleRow {
+                    id: BundleId(id),
+                    doc: doc.parse().map_err(|e: musubi_crdt::ids::ParseIdError| {
+                        StoreError::Corrupt(e.to_string())
+                    })?,
+                    seq: seq.map(|s| Seq(s as u64)),
+                    envelope: Envelope::decode(&env)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores a key grant (idempotent).
+    pub fn put_grant(&self, grant: &KeyGrant) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO grants (hash, doc, epoch, grant_cbor) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                &grant.hash()[..],
+                grant.doc.to_string(),
+                grant.epoch.0 as i64,
+                cbor(grant)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every grant of a document.
+    pub fn grants(&self, doc: DocumentId) -> Result<Vec<KeyGrant>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT grant_cbor FROM grants WHERE doc = ?1 ORDER BY epoch, rowid")?;
+        let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(uncbor(&row?)?);
+        }
+        Ok(out)
+    }
+
+    /// The highest epoch this device holds a grant for, per document.
+    pub fn grant_epochs(&self) -> Result<Vec<(DocumentId, Epoch)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT doc, MAX(epoch) FROM grants GROUP BY doc")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, e) = row?;
+            out.push((
+                d.parse().map_err(|e: musubi_crdt::ids::ParseIdError| {
+                    StoreError::Corrupt(e.to_string())
+                })?,
+                Epoch(e as u32),
+            ));
+        }
+        Ok(out)
+    }
+}
