@@ -186,6 +186,12 @@ impl Session {
         self.caught_up_reported = false;
     }
 
+    /// The driver now holds the key of `epoch` for `doc`; notifications of that epoch need no grant fetch.
+    pub fn handle_key(&mut self, doc: DocumentId, epoch: Epoch) {
+        let known = self.epochs.entry(doc).or_insert(epoch);
+        *known = (*known).max(epoch);
+    }
+
     /// Asks for the document list again.
     pub fn want_documents(&mut self) {
         self.want_documents = true;
@@ -213,8 +219,11 @@ impl Session {
         if let Response::Error { code, message } = &response
             && matches!(code, ErrorCode::NotEnrolled | ErrorCode::Revoked | ErrorCode::UnsupportedVersion)
         {
-            self.refused = true;
-            self.events.push_back(Event::Refused { code: *code, message: message.clone() });
+            // Reported once: the answers to the other requests in flight say the same.
+            if !self.refused {
+                self.refused = true;
+                self.events.push_back(Event::Refused { code: *code, message: message.clone() });
+            }
             return;
         }
         match (what, response) {
@@ -234,11 +243,8 @@ impl Session {
                 self.events.push_back(Event::Documents(docs));
             }
             (InFlight::Grants(doc), Response::KeyGrants { grants, .. }) => {
-                let newest = grants.iter().map(|g| g.epoch).max();
-                if let Some(e) = newest {
-                    let known = self.epochs.entry(doc).or_insert(e);
-                    *known = (*known).max(e);
-                }
+                // Which of these grants open for this device only the driver knows: it reports
+                // the epochs it now holds with `handle_key`.
                 self.events.push_back(Event::KeyGrants { doc, grants });
             }
             (InFlight::Pull(doc), Response::Bundles { items, head, .. }) => {
@@ -258,7 +264,6 @@ impl Session {
                 for ((item, _), result) in items.into_iter().zip(results) {
                     self.events.push_back(Event::Pushed { item, result });
                 }
-                self.backoff = self.config.backoff_initial;
             }
             (what, Response::Error { code, message }) if !code.is_transient() => {
                 // A permanent refusal of this request: report pushes item by item; drop the rest.
@@ -284,8 +289,11 @@ impl Session {
                 self.in_flight.insert(id, (what, now));
                 self.requeue(id);
                 self.schedule_retry(now);
+                return;
             }
         }
+        // The relay answered: the next failure starts the backoff over (not only after a push).
+        self.backoff = self.config.backoff_initial;
     }
 
     /// Request `id` failed in the transport (connection lost, stream reset, timeout in the driver).

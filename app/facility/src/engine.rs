@@ -307,6 +307,26 @@ impl Engine {
         Ok(out)
     }
 
+    /// The newest epoch this device holds a key for, per document (documents without a key are absent,
+    /// so a sync session keeps asking for their grants).
+    pub fn key_epochs(&self) -> Result<Vec<(DocumentId, Epoch)>> {
+        let me = self.device_id();
+        let mut out = Vec::new();
+        for row in self.store.documents(None)? {
+            let newest = self
+                .store
+                .grants(row.info.id)?
+                .iter()
+                .filter(|g| g.recipients.contains(&me))
+                .map(|g| g.epoch)
+                .max();
+            if let Some(e) = newest {
+                out.push((row.info.id, e));
+            }
+        }
+        Ok(out)
+    }
+
     /// Resolves a document id given in full.
     pub fn document_info(&self, id: &str) -> Result<DocumentInfo> {
         let doc: DocumentId = id

@@ -204,7 +204,7 @@ pub async fn sync(
         .map_err(|e| SyncError::Transport(e.to_string()))?;
     let dir_version = engine.directory().map(|d| d.version).unwrap_or(0);
     let cursors: HashMap<_, _> = engine.store().cursors()?.into_iter().collect();
-    let epochs: HashMap<_, _> = engine.store().grant_epochs()?.into_iter().collect();
+    let epochs: HashMap<_, _> = engine.key_epochs()?.into_iter().collect();
     let mut session = Session::new(SessionConfig::default(), dir_version, cursors, epochs);
     engine.maintain()?;
     let mut last_outbox = 0u64;
@@ -252,6 +252,9 @@ pub async fn sync(
                 Event::KeyGrants { doc, grants } => {
                     for g in grants.iter().filter(|g| g.verify().is_ok()) {
                         engine.store().put_grant(g)?;
+                    }
+                    if let Some(epoch) = engine.keys(doc)?.keys().next_back() {
+                        session.handle_key(doc, *epoch);
                     }
                     changed = true;
                     services::after_sync(engine, doc)?;

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use musubi_crdt::bundle::Envelope;
-use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Epoch, Seq};
+use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Seq};
 use musubi_crdt::ops::KeyGrant;
 use musubi_crdt::protocol::{DocumentInfo, PushItem};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -423,25 +423,6 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             out.push(uncbor(&row?)?);
-        }
-        Ok(out)
-    }
-
-    /// The highest epoch this device holds a grant for, per document.
-    pub fn grant_epochs(&self) -> Result<Vec<(DocumentId, Epoch)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT doc, MAX(epoch) FROM grants GROUP BY doc")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (d, e) = row?;
-            out.push((
-                d.parse().map_err(|e: musubi_crdt::ids::ParseIdError| {
-                    StoreError::Corrupt(e.to_string())
-                })?,
-                Epoch(e as u32),
-            ));
         }
         Ok(out)
     }
