@@ -218,6 +218,23 @@ fn open(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
     Ok(Engine::open(dir, &passphrase(cli)?)?)
 }
 
+/// The directory may predate a facility's enrolment: when `facility` is not in it, sync once to refresh it.
+fn refresh_directory_for(e: &mut Engine, facility: &str) -> Result<()> {
+    if matches!(
+        e.find_facility(facility),
+        Err(EngineError::UnknownFacility(_))
+    ) && e.enrolment().is_ok()
+    {
+        let once = Mode::Once {
+            timeout: Duration::from_secs(10),
+        };
+        if let Err(err) = runtime()?.block_on(net::sync(e, once, |_| {})) {
+            eprintln!("note: could not refresh the directory ({err})");
+        }
+    }
+    Ok(())
+}
+
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -340,6 +357,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut e = open(pf, &data.data)?;
             let doc = e.document_info(&doc)?.id;
+            refresh_directory_for(&mut e, &with)?;
             let role = if remove {
                 None
             } else {
@@ -434,20 +452,7 @@ fn referral_command(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
             let mut e = open(pf, &data.data)?;
             let json = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            if matches!(e.find_facility(&to), Err(EngineError::UnknownFacility(_)))
-                && e.enrolment().is_ok()
-            {
-                // The directory may predate the recipient's enrolment: refresh it once.
-                if let Err(err) = runtime()?.block_on(net::sync(
-                    &mut e,
-                    Mode::Once {
-                        timeout: Duration::from_secs(10),
-                    },
-                    |_| {},
-                )) {
-                    eprintln!("note: could not refresh the directory ({err})");
-                }
-            }
+            refresh_directory_for(&mut e, &to)?;
             let id = referral::import_fhir(&mut e, &to, &json)?;
             println!("{id}");
             if !no_send {
