@@ -1,4 +1,8 @@
 //! `musubi`: the facility CLI (see `musubi --help`). A thin layer over `musubi_facility`.
+//!
+//! One module per domain (`referral`, ...), each with its subcommand enum and handler.
+
+mod referral;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,7 +14,6 @@ use musubi_crdt::crypto::PASSPHRASE_LOG_N_DEFAULT;
 use musubi_crdt::ids::Role;
 use musubi_facility::engine::{Engine, EngineError};
 use musubi_facility::net::{self, Mode};
-use musubi_facility::services::referral;
 
 /// Musubi facility device: encrypted documents that sync through the relay when a network exists.
 #[derive(Parser)]
@@ -24,17 +27,17 @@ struct Cli {
 }
 
 #[derive(Args)]
-struct Data {
+pub(crate) struct Data {
     /// The facility device's data directory.
     #[arg(long, value_name = "DIR")]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
 }
 
 #[derive(Args)]
-struct Json {
+pub(crate) struct Json {
     /// Print machine-readable JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Subcommand)]
@@ -112,7 +115,7 @@ enum Command {
     Bundle(BundleCommand),
     /// 診療情報提供書 (referral letters).
     #[command(subcommand)]
-    Referral(ReferralCommand),
+    Referral(referral::ReferralCommand),
 }
 
 #[derive(Subcommand)]
@@ -126,83 +129,7 @@ enum BundleCommand {
     },
 }
 
-#[derive(Subcommand)]
-enum ReferralCommand {
-    /// Create a letter from a JP eReferral FHIR Bundle and send it to a facility.
-    ImportFhir {
-        #[command(flatten)]
-        data: Data,
-        /// The receiving facility (id or exact name).
-        #[arg(long)]
-        to: String,
-        /// Do not try to send it now (it is sent at the next sync).
-        #[arg(long)]
-        no_send: bool,
-        /// The Bundle JSON file.
-        file: PathBuf,
-    },
-    /// Letters this facility can read.
-    List {
-        #[command(flatten)]
-        data: Data,
-        #[command(flatten)]
-        json: Json,
-    },
-    /// One letter.
-    Show {
-        #[command(flatten)]
-        data: Data,
-        /// The letter id.
-        id: String,
-        #[command(flatten)]
-        json: Json,
-    },
-    /// Replace a field's text (keys: to_facility, to_doctor, from_facility, from_doctor, diagnosis,
-    /// purpose, history, progress, treatment, prescription, remarks, reply, patient.name, ...).
-    Edit {
-        #[command(flatten)]
-        data: Data,
-        /// The letter id.
-        id: String,
-        /// The field key.
-        #[arg(long)]
-        field: String,
-        /// The new text.
-        #[arg(long)]
-        text: String,
-    },
-    /// Write the 返書 (reply).
-    Reply {
-        #[command(flatten)]
-        data: Data,
-        /// The letter id.
-        id: String,
-        /// The reply text.
-        #[arg(long)]
-        text: String,
-    },
-    /// Attach a file (添付) to a letter.
-    Attach {
-        #[command(flatten)]
-        data: Data,
-        /// The letter id.
-        id: String,
-        /// The file.
-        file: PathBuf,
-        /// Its media type.
-        #[arg(long, default_value = "application/octet-stream")]
-        media_type: String,
-    },
-    /// The letter as a FHIR JP eReferral document Bundle (JSON on stdout).
-    ExportFhir {
-        #[command(flatten)]
-        data: Data,
-        /// The letter id.
-        id: String,
-    },
-}
-
-fn passphrase(cli_file: &Option<PathBuf>) -> Result<String> {
+pub(crate) fn passphrase(cli_file: &Option<PathBuf>) -> Result<String> {
     if let Some(f) = cli_file {
         let s = std::fs::read_to_string(f)
             .with_context(|| format!("reading the passphrase file {}", f.display()))?;
@@ -214,12 +141,12 @@ fn passphrase(cli_file: &Option<PathBuf>) -> Result<String> {
     }
 }
 
-fn open(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
+pub(crate) fn open(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
     Ok(Engine::open(dir, &passphrase(cli)?)?)
 }
 
 /// The directory may predate a facility's enrolment: when `facility` is not in it, sync once to refresh it.
-fn refresh_directory_for(e: &mut Engine, facility: &str) -> Result<()> {
+pub(crate) fn refresh_directory_for(e: &mut Engine, facility: &str) -> Result<()> {
     if matches!(
         e.find_facility(facility),
         Err(EngineError::UnknownFacility(_))
@@ -235,12 +162,12 @@ fn refresh_directory_for(e: &mut Engine, facility: &str) -> Result<()> {
     Ok(())
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
@@ -436,131 +363,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Referral(cmd) => referral_command(pf, cmd)?,
+        Command::Referral(cmd) => referral::run(pf, cmd)?,
     }
     Ok(())
-}
-
-fn referral_command(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
-    match cmd {
-        ReferralCommand::ImportFhir {
-            data,
-            to,
-            no_send,
-            file,
-        } => {
-            let mut e = open(pf, &data.data)?;
-            let json = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            refresh_directory_for(&mut e, &to)?;
-            let id = referral::import_fhir(&mut e, &to, &json)?;
-            println!("{id}");
-            if !no_send {
-                match runtime()?.block_on(net::sync(
-                    &mut e,
-                    Mode::Once {
-                        timeout: Duration::from_secs(5),
-                    },
-                    |_| {},
-                )) {
-                    Ok(_) => eprintln!("sent to {to}"),
-                    Err(err) => eprintln!("queued (not sent yet: {err})"),
-                }
-            }
-        }
-        ReferralCommand::List { data, json } => {
-            let e = open(pf, &data.data)?;
-            let letters = referral::list(&e)?;
-            if json.json {
-                print_json(&letters)?;
-            } else {
-                for l in letters {
-                    println!(
-                        "{}  {:<8}  {} → {}  患者: {}",
-                        l.id,
-                        format!("{:?}", l.letter.status).to_lowercase(),
-                        l.letter.from_facility,
-                        l.letter.to_facility,
-                        l.letter.patient.name
-                    );
-                }
-            }
-        }
-        ReferralCommand::Show { data, id, json } => {
-            let e = open(pf, &data.data)?;
-            let v = referral::show(&e, &id)?;
-            if json.json {
-                print_json(&v)?;
-            } else {
-                print_letter(&v);
-            }
-        }
-        ReferralCommand::Edit {
-            data,
-            id,
-            field,
-            text,
-        } => {
-            let mut e = open(pf, &data.data)?;
-            referral::edit(&mut e, &id, &field, &text)?;
-        }
-        ReferralCommand::Reply { data, id, text } => {
-            let mut e = open(pf, &data.data)?;
-            referral::reply(&mut e, &id, &text)?;
-        }
-        ReferralCommand::Attach {
-            data,
-            id,
-            file,
-            media_type,
-        } => {
-            let mut e = open(pf, &data.data)?;
-            let att = referral::attach(&mut e, &id, &file, &media_type)?;
-            println!("{}", att.id);
-        }
-        ReferralCommand::ExportFhir { data, id } => {
-            let e = open(pf, &data.data)?;
-            print_json(&referral::export_fhir(&e, &id)?)?;
-        }
-    }
-    Ok(())
-}
-
-fn print_letter(v: &referral::LetterView) {
-    let l = &v.letter;
-    println!(
-        "診療情報提供書  {}  [{}]",
-        v.id,
-        format!("{:?}", l.status).to_lowercase()
-    );
-    println!("紹介先: {} {}", l.to_facility, l.to_doctor);
-    println!("紹介元: {} {}", l.from_facility, l.from_doctor);
-    let p = &l.patient;
-    println!(
-        "患者: {} ({}) {} {} {}",
-        p.name, p.kana, p.sex, p.birth_date, p.address
-    );
-    for (label, text) in [
-        ("傷病名", &l.diagnosis),
-        ("紹介目的", &l.purpose),
-        ("既往歴及び家族歴", &l.history),
-        ("症状経過及び検査結果", &l.progress),
-        ("治療経過", &l.treatment),
-        ("現在の処方", &l.prescription),
-        ("備考", &l.remarks),
-        ("返書", &l.reply),
-    ] {
-        if !text.is_empty() {
-            println!("【{label}】\n{text}");
-        }
-    }
-    for a in &l.attachments {
-        println!("添付: {} ({}, {} bytes)", a.name, a.media_type, a.bytes);
-    }
-    if v.unreadable_bundles > 0 {
-        println!(
-            "({} change(s) cannot be read yet: run `musubi sync --once`)",
-            v.unreadable_bundles
-        );
-    }
 }
