@@ -133,6 +133,12 @@ impl Store {
         Ok(Self { conn })
     }
 
+    /// The SQLite connection, for domain modules that keep tables of their own (they create them
+    /// with `CREATE TABLE IF NOT EXISTS` and must store only ciphertext or public metadata).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// A counter that changes whenever another connection commits (SQLite `PRAGMA data_version`).
     pub fn data_version(&self) -> Result<i64> {
         Ok(self
