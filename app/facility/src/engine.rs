@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use musubi_crdt::bundle::{BundleError, Envelope, Payload};
-use musubi_crdt::crypto::{CryptoError, DeviceSecrets, DocumentKey};
+use musubi_crdt::crypto::{self, CryptoError, DeviceSecrets, DocumentKey};
 use musubi_crdt::directory::{Directory, SignedDirectory};
 use musubi_crdt::ids::{
     DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role,
@@ -23,6 +23,11 @@ use musubi_crdt::protocol::{DocumentInfo, PushItem};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Store, StoreError};
+
+/// Bundles applied at load beyond which a fresh local snapshot is sealed and stored.
+pub const SNAPSHOT_AFTER_BUNDLES: usize = 64;
+/// Largest local snapshot accepted when opening one, in bytes (256 MiB).
+pub const SNAPSHOT_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// The file holding the device's passphrase-wrapped secrets (age scrypt).
 pub const KEY_FILE: &str = "device.age";
@@ -339,7 +344,10 @@ impl Engine {
             .info)
     }
 
-    /// Decrypts and loads a document.
+    /// Decrypts and loads a document: its sealed local snapshot (if any), then every bundle stored since.
+    ///
+    /// When more than [`SNAPSHOT_AFTER_BUNDLES`] bundles had to be applied, a new snapshot is sealed to
+    /// this device's age recipient and stored, so the next load is quick.
     pub fn load(&self, doc: DocumentId) -> Result<Loaded> {
         let info = self
             .store
@@ -350,15 +358,43 @@ impl Engine {
         if keys.is_empty() {
             return Err(EngineError::NoKey(doc));
         }
-        let mut am = AutoCommit::new().with_actor(ActorId::from(random::<16>().to_vec()));
+        let actor = ActorId::from(random::<16>().to_vec());
+        let (mut am, upto) = match self.store.snapshot(doc)? {
+            Some((upto, sealed)) => {
+                match crypto::open_with(self.secrets.age_identity(), &sealed, SNAPSHOT_BYTES_MAX)
+                    .ok()
+                    .and_then(|plain| AutoCommit::load(&plain).ok())
+                {
+                    Some(am) => (am.with_actor(actor), upto),
+                    None => {
+                        tracing::warn!(%doc, "ignoring an unreadable local snapshot; rebuilding from bundles");
+                        (AutoCommit::new().with_actor(actor), 0)
+                    }
+                }
+            }
+            None => (AutoCommit::new().with_actor(actor), 0),
+        };
         let mut unreadable = 0;
-        for row in self.store.bundles(doc)? {
+        let mut applied = 0usize;
+        let mut last = upto;
+        for (rowid, row) in self.store.bundles_after(doc, upto)? {
             match open_any(&keys, &row.envelope) {
                 Some(Payload::Changes { data }) => {
                     am.load_incremental(&data)?;
+                    applied += 1;
                 }
                 Some(Payload::Attachment { .. }) => {}
                 None => unreadable += 1,
+            }
+            last = rowid;
+        }
+        // A snapshot must cover exactly the rows up to `last`: skip it while some row is unreadable
+        // (its key may arrive later and the row must then still be applied).
+        if applied > SNAPSHOT_AFTER_BUNDLES && unreadable == 0 {
+            let recipient = self.secrets.age_identity().to_public();
+            match crypto::seal_to(&[recipient], &am.save()) {
+                Ok(sealed) => self.store.put_snapshot(doc, last, &sealed)?,
+                Err(e) => tracing::warn!(%doc, "could not seal a local snapshot: {e}"),
             }
         }
         let heads = am.get_heads();

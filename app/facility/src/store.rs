@@ -17,7 +17,7 @@ use musubi_crdt::protocol::{DocumentInfo, PushItem};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Errors of the local store.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +127,14 @@ impl Store {
                  CREATE TABLE IF NOT EXISTS grants (hash BLOB PRIMARY KEY, doc TEXT NOT NULL, epoch INTEGER NOT NULL, grant_cbor BLOB NOT NULL);
                  CREATE INDEX IF NOT EXISTS grants_doc ON grants(doc, epoch);
                  PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        if version < 2 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS snapshots (doc TEXT PRIMARY KEY, upto_rowid INTEGER NOT NULL, sealed BLOB NOT NULL);
+                 PRAGMA user_version = 2;
                  COMMIT;",
             )?;
         }
@@ -361,7 +369,65 @@ impl Store {
 
     /// Every bundle of a document, in the order stored.
     pub fn bundles(&self, doc: DocumentId) -> Result<Vec<BundleRow>> {
-        self.bundles_where("WHERE doc = ?1", Some(doc.to_string()))
+        Ok(self
+            .bundles_after(doc, 0)?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect())
+    }
+
+    /// Bundles of a document stored after row `rowid`, with their row ids, in the order stored.
+    pub fn bundles_after(&self, doc: DocumentId, rowid: i64) -> Result<Vec<(i64, BundleRow)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT rowid, id, seq, envelope FROM bundles WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid")?;
+        let rows = stmt.query_map(params![doc.to_string(), rowid], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (rowid, id, seq, env) = row?;
+            let id: [u8; 32] = id
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("bundle id length".into()))?;
+            out.push((
+                rowid,
+                BundleRow {
+                    id: BundleId(id),
+                    doc,
+                    seq: seq.map(|s| Seq(s as u64)),
+                    envelope: Envelope::decode(&env)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The sealed snapshot of a document and the last bundle row it covers.
+    pub fn snapshot(&self, doc: DocumentId) -> Result<Option<(i64, Vec<u8>)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT upto_rowid, sealed FROM snapshots WHERE doc = ?1",
+                [doc.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Replaces the sealed snapshot of a document.
+    pub fn put_snapshot(&self, doc: DocumentId, upto_rowid: i64, sealed: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO snapshots (doc, upto_rowid, sealed) VALUES (?1, ?2, ?3)",
+            params![doc.to_string(), upto_rowid, sealed],
+        )?;
+        Ok(())
     }
 
     /// Every bundle.
