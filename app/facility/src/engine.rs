@@ -254,6 +254,27 @@ impl Engine {
         Ok(())
     }
 
+    /// The deployment's secret for pseudonymous ids (HMAC-SHA256 key of card identities, DESIGN
+    /// invariant 7), received at enrolment. Errors: [`EngineError::NotEnrolled`].
+    pub fn pseudonym_secret(&self) -> Result<[u8; 32]> {
+        let bytes = self
+            .store
+            .meta("pseudonym_secret")?
+            .ok_or(EngineError::NotEnrolled)?;
+        bytes
+            .try_into()
+            .map_err(|_| EngineError::Store(StoreError::Corrupt("pseudonym secret length".into())))
+    }
+
+    /// The pseudonymous id of a card identity (`domain` separates card kinds), as 64 hex digits.
+    pub fn pseudonym(&self, domain: &str, identity: &[u8]) -> Result<String> {
+        Ok(hex::encode(crypto::pseudonym(
+            &self.pseudonym_secret()?,
+            domain,
+            identity,
+        )))
+    }
+
     /// The directory as last synced (verified against the enrolled relay).
     pub fn directory(&self) -> Result<Directory> {
         let enrolment = self.enrolment()?;
