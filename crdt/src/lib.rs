@@ -21,3 +21,4 @@ pub mod limits;
 pub mod ops;
 pub mod protocol;
 pub mod sync;
+pub mod transfer;

@@ -48,3 +48,9 @@ pub const SESSION_REQUESTS_IN_FLIGHT_MAX: usize = 8;
 
 /// Most documents a session pulls concurrently.
 pub const SESSION_PULLS_IN_FLIGHT_MAX: usize = 4;
+
+/// Most bundle ids in one LAN offer (a document with more is offered in its newest this-many).
+pub const OFFER_IDS_MAX: usize = 200_000;
+
+/// Largest offline-transfer file record, in bytes (one item; the file itself is bounded only by disk).
+pub const TRANSFER_RECORD_BYTES_MAX: usize = FRAME_BYTES_MAX;

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::Envelope;
 use crate::crypto::DevicePublic;
 use crate::directory::SignedDirectory;
-use crate::ids::{DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Seq};
+use crate::ids::{
+    BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Seq,
+};
 use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_BYTES_MAX};
 use crate::ops::{DocOp, KeyGrant, Member};
 
@@ -56,6 +58,24 @@ pub enum Request {
         /// The document.
         doc: DocumentId,
     },
+    /// LAN peer → LAN peer: what the caller holds of a document both are members of (anti-entropy).
+    Offer {
+        /// The document.
+        doc: DocumentId,
+        /// Ids of every bundle the caller holds of it (at most [`crate::limits::OFFER_IDS_MAX`]).
+        have: Vec<BundleId>,
+        /// The document's operations the caller holds (so a peer that never saw it learns its members).
+        ops: Vec<DocOp>,
+        /// The document's key grants the caller holds (sealed to devices; useless to others).
+        grants: Vec<KeyGrant>,
+    },
+    /// LAN peer → LAN peer: bundles the other side asked for in its [`Response::Exchange`].
+    Deliver {
+        /// The document.
+        doc: DocumentId,
+        /// The bundles.
+        items: Vec<Envelope>,
+    },
     /// Relay → facility: `doc` now has bundles up to `head`, in key epoch `epoch`.
     Notify {
         /// The document.
@@ -65,6 +85,23 @@ pub enum Request {
         /// Its current epoch.
         epoch: Epoch,
     },
+}
+
+impl Request {
+    /// A short name of the request's kind, for logs and messages (`"push"`, `"pull"`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Join { .. } => "join",
+            Request::GetDirectory { .. } => "get-directory",
+            Request::ListDocuments => "list-documents",
+            Request::Push { .. } => "push",
+            Request::Pull { .. } => "pull",
+            Request::GetKeyGrants { .. } => "get-key-grants",
+            Request::Notify { .. } => "notify",
+            Request::Offer { .. } => "offer",
+            Request::Deliver { .. } => "deliver",
+        }
+    }
 }
 
 /// One item of a push.
@@ -203,6 +240,21 @@ pub enum Response {
         /// All grants, oldest first.
         grants: Vec<KeyGrant>,
     },
+    /// Answer to [`Request::Offer`]: bundles the caller lacks, and ids the answerer wants.
+    Exchange {
+        /// The document.
+        doc: DocumentId,
+        /// Bundles the offerer did not list (up to about [`crate::limits::PULL_RESPONSE_BYTES_TARGET`] bytes).
+        items: Vec<Envelope>,
+        /// Whether more remain (offer again to get them).
+        more: bool,
+        /// Ids the answerer lacks: send them with [`Request::Deliver`].
+        want: Vec<BundleId>,
+        /// Operations and grants of the document the offerer did not have.
+        ops: Vec<DocOp>,
+        /// Key grants of the document the offerer did not have.
+        grants: Vec<KeyGrant>,
+    },
     /// Acknowledges a [`Request::Notify`].
     Ack,
     /// The request was refused.
@@ -311,7 +363,14 @@ struct FrameIn<T> {
 
 fn encode<T: Serialize>(body: &T) -> Vec<u8> {
     let mut out = Vec::new();
-    ciborium::into_writer(&FrameOut { v: WIRE_VERSION, body }, &mut out).expect("writing to a Vec cannot fail");
+    ciborium::into_writer(
+        &FrameOut {
+            v: WIRE_VERSION,
+            body,
+        },
+        &mut out,
+    )
+    .expect("writing to a Vec cannot fail");
     out
 }
 
@@ -324,7 +383,8 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, CodecError> {
     if version.v != WIRE_VERSION {
         return Err(CodecError::UnsupportedVersion(version.v));
     }
-    let frame: FrameIn<T> = ciborium::from_reader(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let frame: FrameIn<T> =
+        ciborium::from_reader(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
     Ok(frame.body)
 }
 
@@ -355,11 +415,17 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let r = Request::Pull { doc: DocumentId::from_random_bytes([1; 16]), after: Seq(7) };
+        let r = Request::Pull {
+            doc: DocumentId::from_random_bytes([1; 16]),
+            after: Seq(7),
+        };
         assert_eq!(decode_request(&encode_request(&r)), Ok(r));
         let e = Response::error(ErrorCode::NotMember, "x".repeat(5000));
         match decode_response(&encode_response(&e)) {
-            Ok(Response::Error { code: ErrorCode::NotMember, message }) => {
+            Ok(Response::Error {
+                code: ErrorCode::NotMember,
+                message,
+            }) => {
                 assert_eq!(message.len(), ERROR_MESSAGE_BYTES_MAX)
             }
             other => panic!("unexpected {other:?}"),
@@ -369,10 +435,26 @@ mod tests {
     #[test]
     fn other_versions_and_garbage_are_clear_errors() {
         let mut bytes = Vec::new();
-        ciborium::into_writer(&FrameOut { v: 2, body: &Request::ListDocuments }, &mut bytes).expect("cbor");
-        assert_eq!(decode_request(&bytes), Err(CodecError::UnsupportedVersion(2)));
-        assert!(matches!(decode_request(b"\xa1\x61v"), Err(CodecError::Malformed(_))));
-        assert!(matches!(decode_request(&vec![0u8; FRAME_BYTES_MAX + 1]), Err(CodecError::TooLarge(_))));
+        ciborium::into_writer(
+            &FrameOut {
+                v: 2,
+                body: &Request::ListDocuments,
+            },
+            &mut bytes,
+        )
+        .expect("cbor");
+        assert_eq!(
+            decode_request(&bytes),
+            Err(CodecError::UnsupportedVersion(2))
+        );
+        assert!(matches!(
+            decode_request(b"\xa1\x61v"),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_request(&vec![0u8; FRAME_BYTES_MAX + 1]),
+            Err(CodecError::TooLarge(_))
+        ));
     }
 
     proptest! {

@@ -22,7 +22,7 @@ use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member, OpError};
 use musubi_crdt::protocol::{DocumentInfo, PushItem};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Origin, Store, StoreError};
 
 /// Bundles applied at load beyond which a fresh local snapshot is sealed and stored.
 pub const SNAPSHOT_AFTER_BUNDLES: usize = 64;
@@ -570,6 +570,7 @@ impl Engine {
         )?;
         self.store.put_document(&info)?;
         self.store.put_grant(&grant)?;
+        self.store.put_op(&op)?;
         self.store.queue(&PushItem::Op { op })?;
         self.store.queue(&PushItem::Grant { grant })?;
         let mut loaded = Loaded {
@@ -628,6 +629,7 @@ impl Engine {
             });
         }
         self.store.put_document(&info)?;
+        self.store.put_op(&op)?;
         self.store.queue(&PushItem::Op { op })?;
         self.maintain()?;
         Ok(())
@@ -718,6 +720,7 @@ impl Engine {
                         &should,
                     )?;
                     self.store.put_grant(&grant)?;
+                    self.store.put_op(&op)?;
                     self.store.queue(&PushItem::Op { op })?;
                     self.store.queue(&PushItem::Grant { grant })?;
                     info.epoch = epoch;
@@ -757,6 +760,207 @@ impl Engine {
         }
         Ok(queued)
     }
+}
+
+/// What taking foreign items (from a LAN peer or a file) did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    /// Operations, grants and bundles that were new here.
+    pub new: u64,
+    /// Items already held.
+    pub known: u64,
+    /// Items refused, with the reason.
+    pub refused: Vec<String>,
+}
+
+impl Engine {
+    /// Takes signed items that did not come from the relay: verifies each (signature, author in the
+    /// directory, the author's facility allowed by the document's operations), stores what is new,
+    /// and (with `queue_for_relay`) queues it so whichever device reaches the relay first uploads it.
+    ///
+    /// Operations come before grants and bundles so a document this device never saw is known first.
+    pub fn import_items(
+        &mut self,
+        items: Vec<PushItem>,
+        origin: Origin,
+        queue_for_relay: bool,
+    ) -> Result<ImportReport> {
+        let dir = self.directory()?;
+        let mut report = ImportReport::default();
+        let device_ok = |author: &DeviceId, facility: FacilityId| {
+            dir.device(author)
+                .is_some_and(|(f, d)| f.id == facility && !f.revoked && !d.revoked)
+        };
+        let (mut ops, mut rest): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|i| matches!(i, PushItem::Op { .. }));
+        rest.sort_by_key(|i| matches!(i, PushItem::Bundle { .. }));
+        let mut touched = BTreeSet::new();
+        for item in ops.drain(..) {
+            let PushItem::Op { op } = item else { continue };
+            if op.verify().is_err() || !device_ok(&op.author, op.facility) {
+                report.refused.push(format!(
+                    "operation on {}: signature or author does not verify",
+                    op.doc
+                ));
+                continue;
+            }
+            if self.store.put_op(&op)? {
+                report.new += 1;
+                touched.insert(op.doc);
+                if queue_for_relay {
+                    self.store.queue(&PushItem::Op { op })?;
+                }
+            } else {
+                report.known += 1;
+            }
+        }
+        for doc in touched {
+            if let Some(info) = derive_info(&self.store.ops(doc)?) {
+                match self.store.document(doc)? {
+                    Some(local) => {
+                        let mut merged = local.info;
+                        merged.epoch = merged.epoch.max(info.epoch);
+                        for m in info.members {
+                            if !merged.members.iter().any(|x| x.facility == m.facility) {
+                                merged.members.push(m);
+                            }
+                        }
+                        self.store.put_document(&merged)?;
+                    }
+                    None => self.store.put_document(&info)?,
+                }
+            }
+        }
+        for item in rest {
+            match item {
+                PushItem::Grant { grant } => {
+                    if grant.verify().is_err() || !device_ok(&grant.author, grant.facility) {
+                        report.refused.push(format!(
+                            "key grant of {}: signature or author does not verify",
+                            grant.doc
+                        ));
+                    } else if self.store.put_grant(&grant)? {
+                        report.new += 1;
+                        if queue_for_relay {
+                            self.store.queue(&PushItem::Grant { grant })?;
+                        }
+                    } else {
+                        report.known += 1;
+                    }
+                }
+                PushItem::Bundle { envelope } => {
+                    let writer = self.store.document(envelope.doc)?.is_some_and(|d| {
+                        d.info
+                            .members
+                            .iter()
+                            .any(|m| m.facility == envelope.facility && m.role.can_write())
+                    });
+                    if envelope.check().is_err()
+                        || envelope.verify_signature().is_err()
+                        || !device_ok(&envelope.author, envelope.facility)
+                        || !writer
+                    {
+                        report.refused.push(format!(
+                            "bundle {} of {}: signature, author or membership does not verify",
+                            envelope.id(),
+                            envelope.doc
+                        ));
+                    } else if self.store.add_foreign_bundle(
+                        &envelope,
+                        origin,
+                        queue_for_relay,
+                        now_ms(),
+                    )? {
+                        report.new += 1;
+                    } else {
+                        report.known += 1;
+                    }
+                }
+                PushItem::Op { .. } => {}
+            }
+        }
+        Ok(report)
+    }
+
+    /// Everything this device holds of a document, as push items (operations, grants, bundles).
+    pub fn export_items(&self, doc: DocumentId) -> Result<Vec<PushItem>> {
+        let mut out: Vec<PushItem> = self
+            .store
+            .ops(doc)?
+            .into_iter()
+            .map(|op| PushItem::Op { op })
+            .collect();
+        out.extend(
+            self.store
+                .grants(doc)?
+                .into_iter()
+                .map(|grant| PushItem::Grant { grant }),
+        );
+        out.extend(
+            self.store
+                .bundles(doc)?
+                .into_iter()
+                .map(|b| PushItem::Bundle {
+                    envelope: b.envelope,
+                }),
+        );
+        Ok(out)
+    }
+}
+
+/// A document's kind, members and epoch as its signed operations say (the relay applies the same rules).
+///
+/// `None` when no valid `Create` is among them. Operations by non-owners are ignored.
+pub fn derive_info(ops: &[DocOp]) -> Option<DocumentInfo> {
+    let create = ops
+        .iter()
+        .find(|o| matches!(o.body, DocOpBody::Create { .. }))?;
+    let DocOpBody::Create { kind, members } = &create.body else {
+        return None;
+    };
+    let mut info = DocumentInfo {
+        id: create.doc,
+        kind: *kind,
+        members: std::iter::once(Member {
+            facility: create.facility,
+            role: Role::Owner,
+        })
+        .chain(
+            members
+                .iter()
+                .copied()
+                .filter(|m| m.facility != create.facility),
+        )
+        .collect(),
+        epoch: Epoch(0),
+        head: Default::default(),
+    };
+    let mut rest: Vec<&DocOp> = ops.iter().filter(|o| !std::ptr::eq(*o, create)).collect();
+    rest.sort_by_key(|o| o.at_ms);
+    for op in rest {
+        let owner = info
+            .members
+            .iter()
+            .any(|m| m.facility == op.facility && m.role == Role::Owner);
+        if !owner {
+            continue;
+        }
+        match &op.body {
+            DocOpBody::SetMember { facility, role } => {
+                info.members.retain(|m| m.facility != *facility);
+                if let Some(role) = role {
+                    info.members.push(Member {
+                        facility: *facility,
+                        role: *role,
+                    });
+                }
+            }
+            DocOpBody::NewEpoch { epoch } => info.epoch = info.epoch.max(*epoch),
+            DocOpBody::Create { .. } => {}
+        }
+    }
+    Some(info)
 }
 
 fn open_any(keys: &BTreeMap<Epoch, Vec<DocumentKey>>, env: &Envelope) -> Option<Payload> {

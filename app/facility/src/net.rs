@@ -16,10 +16,11 @@ use musubi_crdt::sync::{Event, OutboxId, RequestId, Session, SessionConfig};
 use musubi_transport::libp2p::request_response::{self, OutboundRequestId};
 use musubi_transport::libp2p::swarm::SwarmEvent;
 use musubi_transport::libp2p::swarm::dial_opts::DialOpts;
-use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm};
+use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm, mdns};
 use musubi_transport::{Behaviour, BehaviourEvent, build_swarm};
 
 use crate::engine::{Engine, EngineError, Enrolment, now_ms};
+use crate::lan::Lan;
 use crate::services;
 
 /// How a sync run ends.
@@ -192,24 +193,64 @@ pub async fn join(
     }
 }
 
+/// Options of a sync run beyond its mode.
+#[derive(Clone, Debug, Default)]
+pub struct SyncOptions {
+    /// Also find facility devices on the LAN by mDNS and exchange bundles with them (watch mode).
+    pub lan: bool,
+    /// Addresses to listen on for LAN peers (default `/ip4/0.0.0.0/tcp/0` when `lan`).
+    pub listen: Vec<Multiaddr>,
+}
+
 /// Runs a sync session with the relay.
 pub async fn sync(
     engine: &mut Engine,
     mode: Mode,
+    on_progress: impl FnMut(&SyncReport),
+) -> Result<SyncReport, SyncError> {
+    sync_with(engine, mode, SyncOptions::default(), on_progress).await
+}
+
+/// Runs a sync session with the relay and, with `options.lan`, with LAN peers.
+pub async fn sync_with(
+    engine: &mut Engine,
+    mode: Mode,
+    options: SyncOptions,
     mut on_progress: impl FnMut(&SyncReport),
 ) -> Result<SyncReport, SyncError> {
     let enrolment = engine.enrolment()?;
     let (relay, addrs) = relay_target(&enrolment);
-    let mut swarm = build_swarm(engine.secrets().keypair().clone(), false)
+    let mut swarm = build_swarm(engine.secrets().keypair().clone(), options.lan)
         .map_err(|e| SyncError::Transport(e.to_string()))?;
+    let mut lan = Lan::default();
+    if options.lan {
+        let listen = if options.listen.is_empty() {
+            vec!["/ip4/0.0.0.0/tcp/0".parse().expect("constant multiaddr")]
+        } else {
+            options.listen.clone()
+        };
+        for a in listen {
+            swarm
+                .listen_on(a.clone())
+                .map_err(|e| SyncError::Transport(format!("cannot listen on {a}: {e}")))?;
+        }
+    }
     let dir_version = engine.directory().map(|d| d.version).unwrap_or(0);
     let cursors: HashMap<_, _> = engine.store().cursors()?.into_iter().collect();
     let epochs: HashMap<_, _> = engine.key_epochs()?.into_iter().collect();
     let mut session = Session::new(SessionConfig::default(), dir_version, cursors, epochs);
     engine.maintain()?;
+    // The queue drains in order of urgency: shelter rosters before referrals before care plans;
+    // a stable sort keeps each document's own items in the order they were made.
     let mut last_outbox = 0u64;
-    for row in engine.store().pending(0)? {
-        last_outbox = row.id;
+    let mut initial = engine.store().pending(0)?;
+    let mut urgency: HashMap<musubi_crdt::ids::DocumentId, u8> = HashMap::new();
+    for row in engine.store().documents(None)? {
+        urgency.insert(row.info.id, urgency_of(row.info.kind));
+    }
+    initial.sort_by_key(|r| urgency.get(&r.item.doc()).copied().unwrap_or(u8::MAX));
+    for row in initial {
+        last_outbox = last_outbox.max(row.id);
         session.push(OutboxId(row.id), row.item);
     }
     let mut requests: HashMap<OutboundRequestId, RequestId> = HashMap::new();
@@ -316,12 +357,28 @@ pub async fn sync(
                 last_outbox = row.id;
                 session.push(OutboxId(row.id), row.item);
             }
+            if options.lan {
+                lan.round(engine, &mut swarm, true);
+            }
             continue;
         }
 
         let timer = session.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             ev = swarm.select_next_some() => match ev {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id != relay && options.lan => {
+                    lan.on_connected(engine, &mut swarm, peer_id);
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id != relay => {
+                    lan.on_closed(&peer_id);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    for (peer, addr) in found {
+                        if peer != relay {
+                            lan.on_discovered(engine, &mut swarm, peer, addr);
+                        }
+                    }
+                }
                 SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == relay && !connected => {
                     connected = true;
                     redial_backoff = Duration::from_millis(250);
@@ -344,6 +401,21 @@ pub async fn sync(
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => match ev {
                     request_response::Event::Message { peer, message, .. } => match message {
+                        request_response::Message::Response { request_id, response } if lan.owns(&request_id) => {
+                            for doc in lan.on_response(engine, &mut swarm, request_id, &response)? {
+                                services::after_sync(engine, doc)?;
+                            }
+                        }
+                        request_response::Message::Request { request, channel, .. } if peer != relay && options.lan => {
+                            let (answer, touched) = match protocol::decode_request(&request) {
+                                Ok(req) => Lan::answer(engine, &peer, req)?,
+                                Err(e) => (Response::error(e.code(), e.to_string()), vec![]),
+                            };
+                            let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&answer));
+                            for doc in touched {
+                                services::after_sync(engine, doc)?;
+                            }
+                        }
                         request_response::Message::Response { request_id, response } => {
                             if let Some(id) = requests.remove(&request_id) {
                                 match protocol::decode_response(&response) {
@@ -371,6 +443,9 @@ pub async fn sync(
                             let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&answer));
                         }
                     },
+                    request_response::Event::OutboundFailure { request_id, .. } if lan.owns(&request_id) => {
+                        lan.on_failure(&request_id);
+                    }
                     request_response::Event::OutboundFailure { request_id, error, .. } => {
                         last_error = error.to_string();
                         if let Some(id) = requests.remove(&request_id) {
@@ -385,6 +460,9 @@ pub async fn sync(
                 session.handle_timeout(Instant::now());
             }
             _ = tick.tick() => {
+                if options.lan {
+                    lan.round(engine, &mut swarm, false);
+                }
                 if let Some(t) = redial_at
                     && tokio::time::Instant::now() >= t
                     && !connected
@@ -401,6 +479,16 @@ pub async fn sync(
                 return Err(SyncError::Unreachable { addrs: enrolment.relay_addrs.join(", "), secs: mode_secs(mode), last: last_error });
             }
         }
+    }
+}
+
+/// Lower drains first: rosters and medical notes of shelters, then referrals, then care plans.
+pub fn urgency_of(kind: musubi_crdt::ids::DocumentKind) -> u8 {
+    use musubi_crdt::ids::DocumentKind::*;
+    match kind {
+        Shelter | ShelterMedical => 0,
+        Referral => 1,
+        CarePlan => 2,
     }
 }
 

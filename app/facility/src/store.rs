@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use musubi_crdt::bundle::Envelope;
 use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Seq};
-use musubi_crdt::ops::KeyGrant;
+use musubi_crdt::ops::{DocOp, KeyGrant};
 use musubi_crdt::protocol::{DocumentInfo, PushItem};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Errors of the local store.
 #[derive(Debug, thiserror::Error)]
@@ -47,20 +47,27 @@ fn uncbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// Where a bundle came from (shown in sync state).
+/// Where a bundle came from (shown in sync state as the path a document last synced by).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// Written on this device.
     Local,
     /// Pulled from the relay.
     Relay,
+    /// Received from a facility device on the same LAN.
+    Lan,
+    /// Imported from an offline-transfer file.
+    File,
 }
 
 impl Origin {
-    fn as_str(self) -> &'static str {
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
         match self {
             Origin::Local => "local",
             Origin::Relay => "relay",
+            Origin::Lan => "lan",
+            Origin::File => "file",
         }
     }
 }
@@ -135,6 +142,15 @@ impl Store {
                 "BEGIN;
                  CREATE TABLE IF NOT EXISTS snapshots (doc TEXT PRIMARY KEY, upto_rowid INTEGER NOT NULL, sealed BLOB NOT NULL);
                  PRAGMA user_version = 2;
+                 COMMIT;",
+            )?;
+        }
+        if version < 3 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS ops (hash BLOB PRIMARY KEY, doc TEXT NOT NULL, op_cbor BLOB NOT NULL);
+                 CREATE INDEX IF NOT EXISTS ops_doc ON ops(doc);
+                 PRAGMA user_version = 3;
                  COMMIT;",
             )?;
         }
@@ -240,6 +256,92 @@ impl Store {
         let row = tx.last_insert_rowid() as u64;
         tx.commit()?;
         Ok(row)
+    }
+
+    /// Stores a bundle received from a LAN peer or a file, if new, and (with `queue`) queues it for the
+    /// relay in the same transaction. Returns whether it was new.
+    pub fn add_foreign_bundle(
+        &mut self,
+        env: &Envelope,
+        origin: Origin,
+        queue: bool,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let id = env.id();
+        let new = tx.execute(
+            "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
+            params![&id.0[..], env.doc.to_string(), env.encode(), origin.as_str(), now_ms as i64],
+        )? == 1;
+        if new && queue {
+            let item = PushItem::Bundle {
+                envelope: env.clone(),
+            };
+            tx.execute(
+                "INSERT INTO outbox (doc, bundle, item) VALUES (?1, ?2, ?3)",
+                params![env.doc.to_string(), &id.0[..], cbor(&item)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// Ids of every bundle of a document.
+    pub fn bundle_ids(&self, doc: DocumentId) -> Result<Vec<BundleId>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM bundles WHERE doc = ?1 ORDER BY rowid")?;
+        let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id: [u8; 32] = row?
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("bundle id length".into()))?;
+            out.push(BundleId(id));
+        }
+        Ok(out)
+    }
+
+    /// The path a document's newest received bundle came by (`relay`, `lan`, `file`), if any.
+    pub fn last_path(&self, doc: DocumentId) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT origin FROM bundles WHERE doc = ?1 AND origin != 'local' ORDER BY stored_at_ms DESC, rowid DESC LIMIT 1",
+                [doc.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Pending outbox items of a document.
+    pub fn pending_for(&self, doc: DocumentId) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND doc = ?1",
+            [doc.to_string()],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Stores a document operation (idempotent); returns whether it was new.
+    pub fn put_op(&self, op: &DocOp) -> Result<bool> {
+        Ok(self.conn.execute(
+            "INSERT OR IGNORE INTO ops (hash, doc, op_cbor) VALUES (?1, ?2, ?3)",
+            params![&op.hash()[..], op.doc.to_string(), cbor(op)],
+        )? == 1)
+    }
+
+    /// Every stored operation of a document, in the order stored.
+    pub fn ops(&self, doc: DocumentId) -> Result<Vec<DocOp>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT op_cbor FROM ops WHERE doc = ?1 ORDER BY rowid")?;
+        let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(uncbor(&row?)?);
+        }
+        Ok(out)
     }
 
     /// Queues a non-bundle item (operation or grant). Returns the outbox id.
@@ -472,9 +574,9 @@ impl Store {
             .collect()
     }
 
-    /// Stores a key grant (idempotent).
-    pub fn put_grant(&self, grant: &KeyGrant) -> Result<()> {
-        self.conn.execute(
+    /// Stores a key grant (idempotent); returns whether it was new.
+    pub fn put_grant(&self, grant: &KeyGrant) -> Result<bool> {
+        Ok(self.conn.execute(
             "INSERT OR IGNORE INTO grants (hash, doc, epoch, grant_cbor) VALUES (?1, ?2, ?3, ?4)",
             params![
                 &grant.hash()[..],
@@ -482,8 +584,7 @@ impl Store {
                 grant.epoch.0 as i64,
                 cbor(grant)
             ],
-        )?;
-        Ok(())
+        )? == 1)
     }
 
     /// Every grant of a document.

@@ -1,0 +1,384 @@
+//! LAN sync: facility devices on the same network find each other by mDNS, authenticate each other
+//! against the directory (enrolled, not revoked, same deployment: the directory is the relay's and
+//! only lists this deployment), and exchange the bundles of documents both are members of.
+//!
+//! The exchange is anti-entropy over `/musubi/sync/1`: `Offer` lists the bundle ids one side holds
+//! of a document (with its operations and grants); the answer `Exchange` carries the bundles the
+//! offerer lacks and the ids the answerer wants, which the offerer sends with `Deliver`. Everything
+//! received is verified like a file import and queued for the relay, so whichever device reaches the
+//! relay first uploads what the other made; the relay dedups by bundle id.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use musubi_crdt::ids::{BundleId, DocumentId, FacilityId};
+use musubi_crdt::limits::{OFFER_IDS_MAX, PULL_RESPONSE_BYTES_TARGET};
+use musubi_crdt::protocol::{self, ErrorCode, PushItem, Request, Response};
+use musubi_transport::Behaviour;
+use musubi_transport::libp2p::request_response::OutboundRequestId;
+use musubi_transport::libp2p::swarm::dial_opts::DialOpts;
+use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm};
+
+use crate::engine::{Engine, Result};
+use crate::store::Origin;
+
+/// How often connected LAN peers are offered every shared document.
+pub const LAN_ROUND_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+struct LanPeer {
+    facility: FacilityId,
+    connected: bool,
+}
+
+/// LAN state of a sync run.
+#[derive(Debug, Default)]
+pub struct Lan {
+    peers: HashMap<PeerId, LanPeer>,
+    offers: HashMap<OutboundRequestId, (PeerId, DocumentId)>,
+    delivers: HashMap<OutboundRequestId, PeerId>,
+    last_round: Option<Instant>,
+}
+
+/// The facility of a current (enrolled, not revoked) device, if `peer` is one and is not this device.
+fn peer_facility(engine: &Engine, peer: &PeerId) -> Option<FacilityId> {
+    if *peer == engine.device_id().0 {
+        return None;
+    }
+    let dir = engine.directory().ok()?;
+    let (f, d) = dir.device(&musubi_crdt::ids::DeviceId(*peer))?;
+    (!f.revoked && !d.revoked).then_some(f.id)
+}
+
+fn shared_docs(engine: &Engine, facility: FacilityId) -> Result<Vec<DocumentId>> {
+    let me = engine.enrolment()?.facility;
+    Ok(engine
+        .store()
+        .documents(None)?
+        .into_iter()
+        .filter(|d| {
+            d.info.members.iter().any(|m| m.facility == facility)
+                && d.info.members.iter().any(|m| m.facility == me)
+        })
+        .map(|d| d.info.id)
+        .collect())
+}
+
+fn ops_and_grants(
+    engine: &Engine,
+    doc: DocumentId,
+) -> Result<(
+    Vec<musubi_crdt::ops::DocOp>,
+    Vec<musubi_crdt::ops::KeyGrant>,
+)> {
+    Ok((engine.store().ops(doc)?, engine.store().grants(doc)?))
+}
+
+/// Bundles of `doc` with the given ids (or not in `except`), up to about the pull byte target.
+fn bundles_for(
+    engine: &Engine,
+    doc: DocumentId,
+    pick: impl Fn(&BundleId) -> bool,
+) -> Result<(Vec<musubi_crdt::bundle::Envelope>, bool)> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for b in engine.store().bundles(doc)? {
+        if !pick(&b.id) {
+            continue;
+        }
+        let size = b.envelope.ciphertext.len() + 256;
+        if !out.is_empty() && bytes + size > PULL_RESPONSE_BYTES_TARGET {
+            return Ok((out, true));
+        }
+        bytes += size;
+        out.push(b.envelope);
+    }
+    Ok((out, false))
+}
+
+impl Lan {
+    /// Whether `peer` is a LAN peer of this run.
+    pub fn is_peer(&self, peer: &PeerId) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// mDNS found `peer` at `addr`: dial it if the directory lists it as a current device.
+    pub fn on_discovered(
+        &mut self,
+        engine: &Engine,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        addr: Multiaddr,
+    ) {
+        let Some(facility) = peer_facility(engine, &peer) else {
+            return;
+        };
+        let known = self.peers.entry(peer).or_insert(LanPeer {
+            facility,
+            connected: false,
+        });
+        if !known.connected {
+            let _ = swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+        }
+    }
+
+    /// A connection to `peer` is up; returns whether it is a LAN peer.
+    pub fn on_connected(
+        &mut self,
+        engine: &Engine,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+    ) -> bool {
+        let Some(facility) = peer_facility(engine, &peer) else {
+            return false;
+        };
+        self.peers.insert(
+            peer,
+            LanPeer {
+                facility,
+                connected: true,
+            },
+        );
+        tracing::info!(%peer, "LAN peer connected");
+        self.offer_all(engine, swarm, Some(peer));
+        true
+    }
+
+    /// The last connection to `peer` closed.
+    pub fn on_closed(&mut self, peer: &PeerId) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.connected = false;
+        }
+        self.offers.retain(|_, (p, _)| p != peer);
+        self.delivers.retain(|_, p| p != peer);
+    }
+
+    /// Offers every shared document to connected peers, at most every [`LAN_ROUND_INTERVAL`] unless `force`.
+    pub fn round(&mut self, engine: &Engine, swarm: &mut Swarm<Behaviour>, force: bool) {
+        if !force
+            && self
+                .last_round
+                .is_some_and(|t| t.elapsed() < LAN_ROUND_INTERVAL)
+        {
+            return;
+        }
+        self.last_round = Some(Instant::now());
+        self.offer_all(engine, swarm, None);
+    }
+
+    fn offer_all(&mut self, engine: &Engine, swarm: &mut Swarm<Behaviour>, only: Option<PeerId>) {
+        let peers: Vec<(PeerId, FacilityId)> = self
+            .peers
+            .iter()
+            .filter(|(p, s)| s.connected && only.is_none_or(|o| o == **p))
+            .map(|(p, s)| (*p, s.facility))
+            .collect();
+        for (peer, facility) in peers {
+            let Ok(docs) = shared_docs(engine, facility) else {
+                continue;
+            };
+            for doc in docs {
+                if self.offers.values().any(|(p, d)| *p == peer && *d == doc) {
+                    continue;
+                }
+                match offer(engine, doc) {
+                    Ok(req) => {
+                        let id = swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_request(&peer, protocol::encode_request(&req));
+                        self.offers.insert(id, (peer, doc));
+                    }
+                    Err(e) => tracing::warn!(%doc, "cannot build a LAN offer: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Answers a LAN request (`Offer` or `Deliver`) from `peer`; returns the answer and the documents it changed.
+    pub fn answer(
+        engine: &mut Engine,
+        peer: &PeerId,
+        request: Request,
+    ) -> Result<(Response, Vec<DocumentId>)> {
+        let Some(facility) = peer_facility(engine, peer) else {
+            return Ok((
+                Response::error(
+                    ErrorCode::NotEnrolled,
+                    "this device is not a current device of the deployment's directory",
+                ),
+                vec![],
+            ));
+        };
+        match request {
+            Request::Offer {
+                doc,
+                have,
+                ops,
+                grants,
+            } => {
+                let mut items: Vec<PushItem> =
+                    ops.iter().cloned().map(|op| PushItem::Op { op }).collect();
+                items.extend(
+                    grants
+                        .iter()
+                        .cloned()
+                        .map(|grant| PushItem::Grant { grant }),
+                );
+                engine.import_items(items, Origin::Lan, true)?;
+                let member = engine
+                    .store()
+                    .document(doc)?
+                    .is_some_and(|d| d.info.members.iter().any(|m| m.facility == facility));
+                if !member {
+                    return Ok((
+                        Response::error(
+                            ErrorCode::NotMember,
+                            "your facility is not a member of this document",
+                        ),
+                        vec![],
+                    ));
+                }
+                let have: BTreeSet<BundleId> = have.into_iter().collect();
+                let mine: BTreeSet<BundleId> =
+                    engine.store().bundle_ids(doc)?.into_iter().collect();
+                let (items, more) = bundles_for(engine, doc, |id| !have.contains(id))?;
+                let want: Vec<BundleId> = have.difference(&mine).copied().collect();
+                let their_ops: BTreeSet<[u8; 32]> = ops.iter().map(|o| o.hash()).collect();
+                let their_grants: BTreeSet<[u8; 32]> = grants.iter().map(|g| g.hash()).collect();
+                let (my_ops, my_grants) = ops_and_grants(engine, doc)?;
+                Ok((
+                    Response::Exchange {
+                        doc,
+                        items,
+                        more,
+                        want,
+                        ops: my_ops
+                            .into_iter()
+                            .filter(|o| !their_ops.contains(&o.hash()))
+                            .collect(),
+                        grants: my_grants
+                            .into_iter()
+                            .filter(|g| !their_grants.contains(&g.hash()))
+                            .collect(),
+                    },
+                    vec![doc],
+                ))
+            }
+            Request::Deliver { doc, items } => {
+                let member = engine
+                    .store()
+                    .document(doc)?
+                    .is_some_and(|d| d.info.members.iter().any(|m| m.facility == facility));
+                if !member {
+                    return Ok((
+                        Response::error(
+                            ErrorCode::NotMember,
+                            "your facility is not a member of this document",
+                        ),
+                        vec![],
+                    ));
+                }
+                let items = items
+                    .into_iter()
+                    .filter(|e| e.doc == doc)
+                    .map(|envelope| PushItem::Bundle { envelope })
+                    .collect();
+                engine.import_items(items, Origin::Lan, true)?;
+                Ok((Response::Ack, vec![doc]))
+            }
+            _ => Ok((
+                Response::error(
+                    ErrorCode::Forbidden,
+                    "LAN peers exchange offers and deliveries only",
+                ),
+                vec![],
+            )),
+        }
+    }
+
+    /// Whether `id` is one of this LAN's outbound requests.
+    pub fn owns(&self, id: &OutboundRequestId) -> bool {
+        self.offers.contains_key(id) || self.delivers.contains_key(id)
+    }
+
+    /// A LAN answer arrived; returns the documents it changed.
+    pub fn on_response(
+        &mut self,
+        engine: &mut Engine,
+        swarm: &mut Swarm<Behaviour>,
+        id: OutboundRequestId,
+        bytes: &[u8],
+    ) -> Result<Vec<DocumentId>> {
+        if self.delivers.remove(&id).is_some() {
+            return Ok(vec![]);
+        }
+        let Some((peer, doc)) = self.offers.remove(&id) else {
+            return Ok(vec![]);
+        };
+        match protocol::decode_response(bytes) {
+            Ok(Response::Exchange {
+                doc: d,
+                items,
+                more,
+                want,
+                ops,
+                grants,
+            }) if d == doc => {
+                let mut all: Vec<PushItem> =
+                    ops.into_iter().map(|op| PushItem::Op { op }).collect();
+                all.extend(grants.into_iter().map(|grant| PushItem::Grant { grant }));
+                all.extend(
+                    items
+                        .into_iter()
+                        .filter(|e| e.doc == doc)
+                        .map(|envelope| PushItem::Bundle { envelope }),
+                );
+                let report = engine.import_items(all, Origin::Lan, true)?;
+                for r in &report.refused {
+                    tracing::warn!(%peer, "LAN item refused: {r}");
+                }
+                if !want.is_empty() {
+                    let want: BTreeSet<BundleId> = want.into_iter().collect();
+                    let (items, _) = bundles_for(engine, doc, |id| want.contains(id))?;
+                    if !items.is_empty() {
+                        let rid = swarm.behaviour_mut().sync.send_request(
+                            &peer,
+                            protocol::encode_request(&Request::Deliver { doc, items }),
+                        );
+                        self.delivers.insert(rid, peer);
+                    }
+                }
+                if more {
+                    self.last_round = None;
+                }
+                Ok(vec![doc])
+            }
+            Ok(Response::Error { code, message }) => {
+                tracing::debug!(%peer, %doc, ?code, "LAN offer refused: {message}");
+                Ok(vec![])
+            }
+            _ => Ok(vec![]),
+        }
+    }
+
+    /// A LAN request failed.
+    pub fn on_failure(&mut self, id: &OutboundRequestId) {
+        self.offers.remove(id);
+        self.delivers.remove(id);
+    }
+}
+
+fn offer(engine: &Engine, doc: DocumentId) -> Result<Request> {
+    let mut have = engine.store().bundle_ids(doc)?;
+    if have.len() > OFFER_IDS_MAX {
+        have.drain(..have.len() - OFFER_IDS_MAX);
+    }
+    let (ops, grants) = ops_and_grants(engine, doc)?;
+    Ok(Request::Offer {
+        doc,
+        have,
+        ops,
+        grants,
+    })
+}
