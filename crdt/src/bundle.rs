@@ -64,13 +64,19 @@ pub enum Payload {
 impl Payload {
     fn check_size(&self) -> Result<(), BundleError> {
         match self {
-            Payload::Changes { data } if data.len() > BUNDLE_CHANGES_BYTES_MAX => Err(BundleError::PayloadTooLarge {
-                what: "changes",
-                bytes: data.len(),
-                max: BUNDLE_CHANGES_BYTES_MAX,
-            }),
+            Payload::Changes { data } if data.len() > BUNDLE_CHANGES_BYTES_MAX => {
+                Err(BundleError::PayloadTooLarge {
+                    what: "changes",
+                    bytes: data.len(),
+                    max: BUNDLE_CHANGES_BYTES_MAX,
+                })
+            }
             Payload::Attachment { data, .. } if data.len() > ATTACHMENT_BYTES_MAX => {
-                Err(BundleError::PayloadTooLarge { what: "attachment", bytes: data.len(), max: ATTACHMENT_BYTES_MAX })
+                Err(BundleError::PayloadTooLarge {
+                    what: "attachment",
+                    bytes: data.len(),
+                    max: ATTACHMENT_BYTES_MAX,
+                })
             }
             _ => Ok(()),
         }
@@ -125,8 +131,15 @@ impl Envelope {
         let mut plain = Vec::new();
         ciborium::into_writer(payload, &mut plain).expect("writing to a Vec cannot fail");
         let ciphertext = key.seal(&plain)?;
-        let mut env =
-            Envelope { v: ENVELOPE_VERSION, doc, epoch, facility, author: author.device_id(), ciphertext, signature: vec![] };
+        let mut env = Envelope {
+            v: ENVELOPE_VERSION,
+            doc,
+            epoch,
+            facility,
+            author: author.device_id(),
+            ciphertext,
+            signature: vec![],
+        };
         env.signature = author.sign(crypto::domain::BUNDLE, &env.signed_bytes());
         let bytes = env.encode().len();
         if bytes > BUNDLE_BYTES_MAX {
@@ -152,7 +165,12 @@ impl Envelope {
 
     /// Checks the signature against the author's key (embedded in the device id). No decryption.
     pub fn verify_signature(&self) -> Result<(), BundleError> {
-        crypto::verify(&self.author, crypto::domain::BUNDLE, &self.signed_bytes(), &self.signature)?;
+        crypto::verify(
+            &self.author,
+            crypto::domain::BUNDLE,
+            &self.signed_bytes(),
+            &self.signature,
+        )?;
         Ok(())
     }
 
@@ -168,7 +186,8 @@ impl Envelope {
         if bytes.len() > BUNDLE_BYTES_MAX {
             return Err(BundleError::TooLarge { bytes: bytes.len() });
         }
-        let env: Envelope = ciborium::from_reader(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+        let env: Envelope =
+            ciborium::from_reader(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
         env.check()?;
         Ok(env)
     }
@@ -176,7 +195,10 @@ impl Envelope {
     /// Checks version and size of an envelope that arrived inside another message.
     pub fn check(&self) -> Result<(), BundleError> {
         if self.v != ENVELOPE_VERSION {
-            return Err(BundleError::Malformed(format!("unknown envelope version {}", self.v)));
+            return Err(BundleError::Malformed(format!(
+                "unknown envelope version {}",
+                self.v
+            )));
         }
         let bytes = self.ciphertext.len() + 256;
         if bytes > BUNDLE_BYTES_MAX {
@@ -193,8 +215,8 @@ impl Envelope {
     /// Decrypts the payload with the epoch's key.
     pub fn open(&self, key: &DocumentKey) -> Result<Payload, BundleError> {
         let plain = key.open(&self.ciphertext, BUNDLE_BYTES_MAX)?;
-        let payload: Payload =
-            ciborium::from_reader(plain.as_slice()).map_err(|e| BundleError::Malformed(e.to_string()))?;
+        let payload: Payload = ciborium::from_reader(plain.as_slice())
+            .map_err(|e| BundleError::Malformed(e.to_string()))?;
         payload.check_size()?;
         Ok(payload)
     }
@@ -213,7 +235,9 @@ mod tests {
             DocumentId::from_random_bytes([5; 16]),
             Epoch(0),
             &key,
-            &Payload::Changes { data: "備考: 至急".as_bytes().to_vec() },
+            &Payload::Changes {
+                data: "備考: 至急".as_bytes().to_vec(),
+            },
         )
         .expect("seal");
         (dev, key, env)
@@ -227,7 +251,12 @@ mod tests {
         assert!(!bytes.windows("至急".len()).any(|w| w == "至急".as_bytes()));
         let back = Envelope::decode(&bytes).expect("decode");
         assert_eq!(back.id(), env.id());
-        assert_eq!(back.open(&key).expect("open"), Payload::Changes { data: "備考: 至急".as_bytes().to_vec() });
+        assert_eq!(
+            back.open(&key).expect("open"),
+            Payload::Changes {
+                data: "備考: 至急".as_bytes().to_vec()
+            }
+        );
         assert!(back.open(&DocumentKey::from_seed([6; 32])).is_err());
     }
 
@@ -249,7 +278,11 @@ mod tests {
     fn oversized_and_malformed_input_is_an_error() {
         let dev = DeviceSecrets::from_seeds([1; 32], [2; 32]);
         let key = DocumentKey::from_seed([3; 32]);
-        let big = Payload::Attachment { name: "x".into(), media_type: "a/b".into(), data: vec![0; ATTACHMENT_BYTES_MAX + 1] };
+        let big = Payload::Attachment {
+            name: "x".into(),
+            media_type: "a/b".into(),
+            data: vec![0; ATTACHMENT_BYTES_MAX + 1],
+        };
         let r = Envelope::seal(
             &dev,
             FacilityId::from_random_bytes([0; 16]),
@@ -258,8 +291,20 @@ mod tests {
             &key,
             &big,
         );
-        assert!(matches!(r, Err(BundleError::PayloadTooLarge { what: "attachment", .. })));
-        assert!(matches!(Envelope::decode(&[0xff, 0x00, 0x13]), Err(BundleError::Malformed(_))));
-        assert!(matches!(Envelope::decode(&vec![0; BUNDLE_BYTES_MAX + 1]), Err(BundleError::TooLarge { .. })));
+        assert!(matches!(
+            r,
+            Err(BundleError::PayloadTooLarge {
+                what: "attachment",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Envelope::decode(&[0xff, 0x00, 0x13]),
+            Err(BundleError::Malformed(_))
+        ));
+        assert!(matches!(
+            Envelope::decode(&vec![0; BUNDLE_BYTES_MAX + 1]),
+            Err(BundleError::TooLarge { .. })
+        ));
     }
 }

@@ -63,33 +63,55 @@ pub mod domain {
 fn age_identity_from_seed(seed: [u8; 32]) -> age::x25519::Identity {
     let hrp = Hrp::parse("age-secret-key-").expect("constant hrp is valid");
     let text = bech32::encode::<Bech32>(hrp, &seed).expect("32 bytes fit a bech32 string");
-    text.to_uppercase().parse().expect("a bech32 AGE-SECRET-KEY of 32 bytes always parses")
+    text.to_uppercase()
+        .parse()
+        .expect("a bech32 AGE-SECRET-KEY of 32 bytes always parses")
 }
 
 /// Parses an age X25519 recipient (`age1...`).
 pub fn parse_recipient(text: &str) -> Result<age::x25519::Recipient, CryptoError> {
-    text.parse().map_err(|_| CryptoError::MalformedKey("age recipient"))
+    text.parse()
+        .map_err(|_| CryptoError::MalformedKey("age recipient"))
 }
 
 /// Encrypts `plaintext` with age to every recipient in `recipients` (one age file, one stanza each).
 ///
 /// Errors: [`CryptoError::Encrypt`] when `recipients` is empty.
-pub fn seal_to(recipients: &[age::x25519::Recipient], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
-        .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+pub fn seal_to(
+    recipients: &[age::x25519::Recipient],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
     let mut out = Vec::with_capacity(plaintext.len() + 200 + 50 * recipients.len());
-    let mut writer = encryptor.wrap_output(&mut out).map_err(|e| CryptoError::Encrypt(e.to_string()))?;
-    writer.write_all(plaintext).map_err(|e| CryptoError::Encrypt(e.to_string()))?;
-    writer.finish().map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+    let mut writer = encryptor
+        .wrap_output(&mut out)
+        .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+    writer
+        .write_all(plaintext)
+        .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+    writer
+        .finish()
+        .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
     Ok(out)
 }
 
 /// Decrypts an age file with `identity`, refusing plaintexts longer than `max_bytes`.
-pub fn open_with(identity: &dyn age::Identity, ciphertext: &[u8], max_bytes: usize) -> Result<Vec<u8>, CryptoError> {
+pub fn open_with(
+    identity: &dyn age::Identity,
+    ciphertext: &[u8],
+    max_bytes: usize,
+) -> Result<Vec<u8>, CryptoError> {
     let decryptor = age::Decryptor::new_buffered(ciphertext).map_err(|_| CryptoError::Decrypt)?;
-    let reader = decryptor.decrypt(iter::once(identity)).map_err(|_| CryptoError::Decrypt)?;
+    let reader = decryptor
+        .decrypt(iter::once(identity))
+        .map_err(|_| CryptoError::Decrypt)?;
     let mut out = Vec::new();
-    reader.take(max_bytes as u64 + 1).read_to_end(&mut out).map_err(|_| CryptoError::Decrypt)?;
+    reader
+        .take(max_bytes as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|_| CryptoError::Decrypt)?;
     if out.len() > max_bytes {
         return Err(CryptoError::Decrypt);
     }
@@ -99,12 +121,21 @@ pub fn open_with(identity: &dyn age::Identity, ciphertext: &[u8], max_bytes: usi
 /// Verifies `signature` by `device` over `domain || message`.
 ///
 /// The Ed25519 public key is recovered from the device id (an identity-multihash PeerId).
-pub fn verify(device: &DeviceId, domain: &[u8], message: &[u8], signature: &[u8]) -> Result<(), CryptoError> {
+pub fn verify(
+    device: &DeviceId,
+    domain: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), CryptoError> {
     let key = public_key_of(device)?;
     let mut buf = Vec::with_capacity(domain.len() + message.len());
     buf.extend_from_slice(domain);
     buf.extend_from_slice(message);
-    if key.verify(&buf, signature) { Ok(()) } else { Err(CryptoError::BadSignature) }
+    if key.verify(&buf, signature) {
+        Ok(())
+    } else {
+        Err(CryptoError::BadSignature)
+    }
 }
 
 /// The Ed25519 public key inside an identity-multihash device id.
@@ -113,9 +144,14 @@ pub fn public_key_of(device: &DeviceId) -> Result<PublicKey, CryptoError> {
     let bytes = device.0.to_bytes();
     let digest = match bytes.as_slice() {
         [0x00, len, digest @ ..] if usize::from(*len) == digest.len() && *len < 0x80 => digest,
-        _ => return Err(CryptoError::MalformedKey("device id does not embed its public key")),
+        _ => {
+            return Err(CryptoError::MalformedKey(
+                "device id does not embed its public key",
+            ));
+        }
     };
-    PublicKey::try_decode_protobuf(digest).map_err(|_| CryptoError::MalformedKey("device public key"))
+    PublicKey::try_decode_protobuf(digest)
+        .map_err(|_| CryptoError::MalformedKey("device public key"))
 }
 
 /// A device's secrets: the Ed25519 signing key and the age X25519 identity.
@@ -148,8 +184,14 @@ impl DeviceSecrets {
     /// Makes device secrets from two independent 32-byte random seeds.
     pub fn from_seeds(signing_seed: [u8; 32], age_seed: [u8; 32]) -> Self {
         let mut s = signing_seed;
-        let keypair = Keypair::ed25519_from_bytes(&mut s).expect("any 32 bytes are an Ed25519 secret key");
-        Self { keypair, signing_seed, age: age_identity_from_seed(age_seed), age_seed }
+        let keypair =
+            Keypair::ed25519_from_bytes(&mut s).expect("any 32 bytes are an Ed25519 secret key");
+        Self {
+            keypair,
+            signing_seed,
+            age: age_identity_from_seed(age_seed),
+            age_seed,
+        }
     }
 
     /// This device's id.
@@ -164,7 +206,10 @@ impl DeviceSecrets {
 
     /// The public half, as enrolment sends it to the relay.
     pub fn public(&self) -> DevicePublic {
-        DevicePublic { device: self.device_id(), age_recipient: self.age.to_public().to_string() }
+        DevicePublic {
+            device: self.device_id(),
+            age_recipient: self.age.to_public().to_string(),
+        }
     }
 
     /// The age identity (to open key grants and local snapshots).
@@ -177,7 +222,9 @@ impl DeviceSecrets {
         let mut buf = Vec::with_capacity(domain.len() + message.len());
         buf.extend_from_slice(domain);
         buf.extend_from_slice(message);
-        self.keypair.sign(&buf).expect("Ed25519 signing cannot fail")
+        self.keypair
+            .sign(&buf)
+            .expect("Ed25519 signing cannot fail")
     }
 
     /// Wraps the secrets with a passphrase (age scrypt, work factor `log_n`).
@@ -191,7 +238,11 @@ impl DeviceSecrets {
         recipient.set_work_factor(log_n);
         let mut plain = Vec::new();
         ciborium::into_writer(
-            &StoredSecrets { v: 1, signing_seed: self.signing_seed, age_seed: self.age_seed },
+            &StoredSecrets {
+                v: 1,
+                signing_seed: self.signing_seed,
+                age_seed: self.age_seed,
+            },
             &mut plain,
         )
         .expect("writing to a Vec cannot fail");
@@ -224,7 +275,10 @@ pub struct DocumentKey {
 impl DocumentKey {
     /// Makes a document key from a 32-byte random seed.
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self { identity: age_identity_from_seed(seed), seed }
+        Self {
+            identity: age_identity_from_seed(seed),
+            seed,
+        }
     }
 
     /// The 32 secret bytes (only ever sealed to devices, never stored or sent in the clear).
@@ -258,7 +312,8 @@ impl std::fmt::Debug for DeviceSecrets {
 /// A pseudonymous identifier: HMAC-SHA256 of `input` under the deployment's secret (DESIGN invariant 7).
 pub fn pseudonym(deployment_secret: &[u8; 32], domain: &str, input: &[u8]) -> [u8; 32] {
     use hmac::{Hmac, Mac};
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(deployment_secret).expect("HMAC takes any key length");
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(deployment_secret)
+        .expect("HMAC takes any key length");
     mac.update(domain.as_bytes());
     mac.update(&[0]);
     mac.update(input);
@@ -288,7 +343,10 @@ mod tests {
         assert!(!ct.windows(9).any(|w| w == "紹介状".as_bytes()));
         assert_eq!(k.open(&ct, 1024).expect("open"), "紹介状".as_bytes());
         assert!(other.open(&ct, 1024).is_err());
-        assert!(k.open(&ct, 3).is_err(), "plaintext over the limit is refused");
+        assert!(
+            k.open(&ct, 3).is_err(),
+            "plaintext over the limit is refused"
+        );
     }
 
     #[test]
@@ -297,7 +355,10 @@ mod tests {
         let wrapped = a.wrap("correct horse", PASSPHRASE_LOG_N_MIN).expect("wrap");
         let b = DeviceSecrets::unwrap(&wrapped, "correct horse").expect("unwrap");
         assert_eq!(a.public(), b.public());
-        assert!(matches!(DeviceSecrets::unwrap(&wrapped, "wrong"), Err(CryptoError::Passphrase)));
+        assert!(matches!(
+            DeviceSecrets::unwrap(&wrapped, "wrong"),
+            Err(CryptoError::Passphrase)
+        ));
         assert!(matches!(a.wrap("x", 5), Err(CryptoError::WorkFactor(5))));
     }
 
@@ -306,7 +367,8 @@ mod tests {
         let a = DeviceSecrets::from_seeds([1; 32], [2; 32]);
         let b = DeviceSecrets::from_seeds([3; 32], [4; 32]);
         let c = DeviceSecrets::from_seeds([5; 32], [6; 32]);
-        let rs = [a.public(), b.public()].map(|p| parse_recipient(&p.age_recipient).expect("recipient"));
+        let rs =
+            [a.public(), b.public()].map(|p| parse_recipient(&p.age_recipient).expect("recipient"));
         let ct = seal_to(&rs, b"key").expect("seal");
         assert_eq!(open_with(a.age_identity(), &ct, 16).expect("a"), b"key");
         assert_eq!(open_with(b.age_identity(), &ct, 16).expect("b"), b"key");

@@ -37,7 +37,9 @@ pub struct FacilityEntry {
 impl FacilityEntry {
     /// The devices that may currently read and write: not revoked, of a facility not revoked.
     pub fn current_devices(&self) -> impl Iterator<Item = &DeviceEntry> {
-        self.devices.iter().filter(move |d| !d.revoked && !self.revoked)
+        self.devices
+            .iter()
+            .filter(move |d| !d.revoked && !self.revoked)
     }
 }
 
@@ -72,7 +74,12 @@ impl Directory {
 
     /// The facility a device belongs to, and its entry.
     pub fn device(&self, device: &DeviceId) -> Option<(&FacilityEntry, &DeviceEntry)> {
-        self.facilities.iter().find_map(|f| f.devices.iter().find(|d| &d.device == device).map(|d| (f, d)))
+        self.facilities.iter().find_map(|f| {
+            f.devices
+                .iter()
+                .find(|d| &d.device == device)
+                .map(|d| (f, d))
+        })
     }
 }
 
@@ -114,16 +121,29 @@ impl SignedDirectory {
         let mut body = Vec::new();
         ciborium::into_writer(dir, &mut body).expect("writing to a Vec cannot fail");
         let signature = relay.sign(crypto::domain::DIRECTORY, &body);
-        Self { body, relay: relay.device_id(), signature }
+        Self {
+            body,
+            relay: relay.device_id(),
+            signature,
+        }
     }
 
     /// Verifies the signature against the relay this facility trusts, and decodes.
     pub fn verify(&self, expected_relay: &DeviceId) -> Result<Directory, DirectoryError> {
         if &self.relay != expected_relay {
-            return Err(DirectoryError::WrongRelay { expected: expected_relay.to_string(), got: self.relay.to_string() });
+            return Err(DirectoryError::WrongRelay {
+                expected: expected_relay.to_string(),
+                got: self.relay.to_string(),
+            });
         }
-        crypto::verify(&self.relay, crypto::domain::DIRECTORY, &self.body, &self.signature)?;
-        ciborium::from_reader(self.body.as_slice()).map_err(|e| DirectoryError::Malformed(e.to_string()))
+        crypto::verify(
+            &self.relay,
+            crypto::domain::DIRECTORY,
+            &self.body,
+            &self.signature,
+        )?;
+        ciborium::from_reader(self.body.as_slice())
+            .map_err(|e| DirectoryError::Malformed(e.to_string()))
     }
 }
 
@@ -152,7 +172,10 @@ mod tests {
         let mut forged = signed.clone();
         forged.body[10] ^= 1;
         assert!(forged.verify(&relay.device_id()).is_err());
-        assert_eq!(dir.find("港診療所").map(|f| f.id), Some(dir.facilities[0].id));
+        assert_eq!(
+            dir.find("港診療所").map(|f| f.id),
+            Some(dir.facilities[0].id)
+        );
         assert!(dir.find("港").is_none());
     }
 }

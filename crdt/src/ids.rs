@@ -22,7 +22,10 @@ pub struct ParseIdError {
 
 impl ParseIdError {
     fn new(what: &'static str, input: &str) -> Self {
-        Self { what, input: input.chars().take(80).collect() }
+        Self {
+            what,
+            input: input.chars().take(80).collect(),
+        }
     }
 }
 
@@ -103,7 +106,10 @@ impl fmt::Debug for DeviceId {
 impl FromStr for DeviceId {
     type Err = ParseIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.trim().parse().map(Self).map_err(|_| ParseIdError::new("device id", s))
+        s.trim()
+            .parse()
+            .map(Self)
+            .map_err(|_| ParseIdError::new("device id", s))
     }
 }
 
@@ -155,7 +161,9 @@ impl FromStr for BundleId {
 }
 
 /// A document's key epoch. Epoch 0 is the first key; each rotation adds one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Epoch(pub u32);
 
@@ -166,7 +174,9 @@ impl fmt::Display for Epoch {
 }
 
 /// The relay's per-document sequence number of an accepted bundle; the first bundle is 1, 0 means "none".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -239,7 +249,10 @@ impl FromStr for FacilityRole {
             "care-office" => Ok(Self::CareOffice),
             "shelter" => Ok(Self::Shelter),
             "hq" => Ok(Self::Hq),
-            _ => Err(ParseIdError::new("facility role (clinic, care-office, shelter or hq)", s)),
+            _ => Err(ParseIdError::new(
+                "facility role (clinic, care-office, shelter or hq)",
+                s,
+            )),
         }
     }
 }
@@ -305,7 +318,10 @@ mod tests {
         let b = BundleId::of_bytes(b"x");
         assert_eq!(b.to_string().parse::<BundleId>(), Ok(b));
         assert!("nonsense".parse::<FacilityId>().is_err());
-        assert_eq!("care-office".parse::<FacilityRole>(), Ok(FacilityRole::CareOffice));
+        assert_eq!(
+            "care-office".parse::<FacilityRole>(),
+            Ok(FacilityRole::CareOffice)
+        );
         assert!("admin".parse::<Role>().is_err());
     }
 }

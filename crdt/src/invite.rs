@@ -33,7 +33,9 @@ pub struct InviteCode {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InviteError {
     /// Not a Musubi invite code (wrong prefix, bad base64 or CBOR, wrong secret length, too long).
-    #[error("this is not a Musubi invite code (it should start with {INVITE_PREFIX}); copy the whole line that `musubi-node invite` printed")]
+    #[error(
+        "this is not a Musubi invite code (it should start with {INVITE_PREFIX}); copy the whole line that `musubi-node invite` printed"
+    )]
     NotAnInvite,
 }
 
@@ -51,9 +53,14 @@ impl InviteCode {
         if text.len() > INVITE_CODE_CHARS_MAX {
             return Err(InviteError::NotAnInvite);
         }
-        let body = text.strip_prefix(INVITE_PREFIX).ok_or(InviteError::NotAnInvite)?;
-        let cbor = URL_SAFE_NO_PAD.decode(body).map_err(|_| InviteError::NotAnInvite)?;
-        let code: InviteCode = ciborium::from_reader(cbor.as_slice()).map_err(|_| InviteError::NotAnInvite)?;
+        let body = text
+            .strip_prefix(INVITE_PREFIX)
+            .ok_or(InviteError::NotAnInvite)?;
+        let cbor = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| InviteError::NotAnInvite)?;
+        let code: InviteCode =
+            ciborium::from_reader(cbor.as_slice()).map_err(|_| InviteError::NotAnInvite)?;
         if code.secret.len() != 32 {
             return Err(InviteError::NotAnInvite);
         }
@@ -79,6 +86,9 @@ mod tests {
         assert!(text.starts_with("musubi1"));
         assert_eq!(InviteCode::decode(&format!("  {text}\n")), Ok(code));
         assert_eq!(InviteCode::decode("hello"), Err(InviteError::NotAnInvite));
-        assert_eq!(InviteCode::decode(&text[..text.len() - 4]), Err(InviteError::NotAnInvite));
+        assert_eq!(
+            InviteCode::decode(&text[..text.len() - 4]),
+            Err(InviteError::NotAnInvite)
+        );
     }
 }

@@ -101,21 +101,43 @@ impl DocOp {
         if let DocOpBody::Create { members, .. } = &body
             && members.len() > DOCUMENT_MEMBERS_MAX
         {
-            return Err(OpError::TooMany { what: "members", n: members.len(), max: DOCUMENT_MEMBERS_MAX });
+            return Err(OpError::TooMany {
+                what: "members",
+                n: members.len(),
+                max: DOCUMENT_MEMBERS_MAX,
+            });
         }
-        let mut op = DocOp { doc, facility, author: author.device_id(), at_ms, body, signature: vec![] };
+        let mut op = DocOp {
+            doc,
+            facility,
+            author: author.device_id(),
+            at_ms,
+            body,
+            signature: vec![],
+        };
         op.signature = author.sign(crypto::domain::DOC_OP, &op.signed_bytes());
         Ok(op)
     }
 
     /// The bytes the signature covers (everything but the signature).
     pub fn signed_bytes(&self) -> Vec<u8> {
-        cbor(&(&self.doc, &self.facility, &self.author, self.at_ms, &self.body))
+        cbor(&(
+            &self.doc,
+            &self.facility,
+            &self.author,
+            self.at_ms,
+            &self.body,
+        ))
     }
 
     /// Checks the signature.
     pub fn verify(&self) -> Result<(), OpError> {
-        crypto::verify(&self.author, crypto::domain::DOC_OP, &self.signed_bytes(), &self.signature)?;
+        crypto::verify(
+            &self.author,
+            crypto::domain::DOC_OP,
+            &self.signed_bytes(),
+            &self.signature,
+        )?;
         Ok(())
     }
 
@@ -159,7 +181,11 @@ impl KeyGrant {
         recipients: &[(DeviceId, String)],
     ) -> Result<Self, OpError> {
         if recipients.len() > GRANT_RECIPIENTS_MAX {
-            return Err(OpError::TooMany { what: "recipients", n: recipients.len(), max: GRANT_RECIPIENTS_MAX });
+            return Err(OpError::TooMany {
+                what: "recipients",
+                n: recipients.len(),
+                max: GRANT_RECIPIENTS_MAX,
+            });
         }
         let parsed = recipients
             .iter()
@@ -181,15 +207,31 @@ impl KeyGrant {
 
     /// The bytes the signature covers.
     pub fn signed_bytes(&self) -> Vec<u8> {
-        cbor(&(&self.doc, self.epoch, &self.facility, &self.author, &self.recipients, blake3::hash(&self.sealed).as_bytes()))
+        cbor(&(
+            &self.doc,
+            self.epoch,
+            &self.facility,
+            &self.author,
+            &self.recipients,
+            blake3::hash(&self.sealed).as_bytes(),
+        ))
     }
 
     /// Checks the signature and the recipient limit.
     pub fn verify(&self) -> Result<(), OpError> {
         if self.recipients.len() > GRANT_RECIPIENTS_MAX {
-            return Err(OpError::TooMany { what: "recipients", n: self.recipients.len(), max: GRANT_RECIPIENTS_MAX });
+            return Err(OpError::TooMany {
+                what: "recipients",
+                n: self.recipients.len(),
+                max: GRANT_RECIPIENTS_MAX,
+            });
         }
-        crypto::verify(&self.author, crypto::domain::KEY_GRANT, &self.signed_bytes(), &self.signature)?;
+        crypto::verify(
+            &self.author,
+            crypto::domain::KEY_GRANT,
+            &self.signed_bytes(),
+            &self.signature,
+        )?;
         Ok(())
     }
 
@@ -218,8 +260,10 @@ mod tests {
         let key = DocumentKey::from_seed([7; 32]);
         let f = FacilityId::from_random_bytes([1; 16]);
         let d = DocumentId::from_random_bytes([2; 16]);
-        let rs: Vec<_> =
-            [&owner, &b1].iter().map(|s| (s.device_id(), s.public().age_recipient)).collect();
+        let rs: Vec<_> = [&owner, &b1]
+            .iter()
+            .map(|s| (s.device_id(), s.public().age_recipient))
+            .collect();
         let g = KeyGrant::seal(&owner, f, d, Epoch(0), &key, &rs).expect("seal");
         g.verify().expect("verify");
         assert_eq!(g.open(&b1).expect("b1 opens").seed(), key.seed());
@@ -237,12 +281,18 @@ mod tests {
             FacilityId::from_random_bytes([1; 16]),
             DocumentId::from_random_bytes([2; 16]),
             5,
-            DocOpBody::SetMember { facility: FacilityId::from_random_bytes([3; 16]), role: Some(Role::Reader) },
+            DocOpBody::SetMember {
+                facility: FacilityId::from_random_bytes([3; 16]),
+                role: Some(Role::Reader),
+            },
         )
         .expect("sign");
         op.verify().expect("verify");
         let mut t = op.clone();
-        t.body = DocOpBody::SetMember { facility: FacilityId::from_random_bytes([3; 16]), role: Some(Role::Owner) };
+        t.body = DocOpBody::SetMember {
+            facility: FacilityId::from_random_bytes([3; 16]),
+            role: Some(Role::Owner),
+        };
         assert!(t.verify().is_err());
     }
 }

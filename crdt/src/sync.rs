@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::directory::SignedDirectory;
 use crate::ids::{DocumentId, Epoch, Seq};
-use crate::limits::{FRAME_BYTES_MAX, PUSH_ITEMS_MAX, SESSION_PULLS_IN_FLIGHT_MAX, SESSION_REQUESTS_IN_FLIGHT_MAX};
+use crate::limits::{
+    FRAME_BYTES_MAX, PUSH_ITEMS_MAX, SESSION_PULLS_IN_FLIGHT_MAX, SESSION_REQUESTS_IN_FLIGHT_MAX,
+};
 use crate::ops::KeyGrant;
 use crate::protocol::{DocumentInfo, ErrorCode, Pulled, PushItem, PushResult, Request, Response};
 
@@ -217,12 +219,18 @@ impl Session {
             return; // an answer after its timeout; the request was already requeued
         };
         if let Response::Error { code, message } = &response
-            && matches!(code, ErrorCode::NotEnrolled | ErrorCode::Revoked | ErrorCode::UnsupportedVersion)
+            && matches!(
+                code,
+                ErrorCode::NotEnrolled | ErrorCode::Revoked | ErrorCode::UnsupportedVersion
+            )
         {
             // Reported once: the answers to the other requests in flight say the same.
             if !self.refused {
                 self.refused = true;
-                self.events.push_back(Event::Refused { code: *code, message: message.clone() });
+                self.events.push_back(Event::Refused {
+                    code: *code,
+                    message: message.clone(),
+                });
             }
             return;
         }
@@ -260,7 +268,9 @@ impl Session {
                     self.events.push_back(Event::Pulled { doc, items });
                 }
             }
-            (InFlight::Push(items), Response::Pushed { results }) if results.len() == items.len() => {
+            (InFlight::Push(items), Response::Pushed { results })
+                if results.len() == items.len() =>
+            {
                 for ((item, _), result) in items.into_iter().zip(results) {
                     self.events.push_back(Event::Pushed { item, result });
                 }
@@ -272,7 +282,10 @@ impl Session {
                         for (item, _) in items {
                             self.events.push_back(Event::Pushed {
                                 item,
-                                result: PushResult::Rejected { code, message: message.clone() },
+                                result: PushResult::Rejected {
+                                    code,
+                                    message: message.clone(),
+                                },
                             });
                         }
                     }
@@ -325,7 +338,11 @@ impl Session {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let oldest = self.in_flight.values().map(|(_, at)| *at + self.config.request_timeout).min();
+        let oldest = self
+            .in_flight
+            .values()
+            .map(|(_, at)| *at + self.config.request_timeout)
+            .min();
         match (oldest, self.retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -334,7 +351,8 @@ impl Session {
 
     /// The next request to send, if any.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        if !self.connected || self.refused || self.in_flight.len() >= SESSION_REQUESTS_IN_FLIGHT_MAX {
+        if !self.connected || self.refused || self.in_flight.len() >= SESSION_REQUESTS_IN_FLIGHT_MAX
+        {
             return None;
         }
         if let Some(t) = self.retry_at {
@@ -345,21 +363,37 @@ impl Session {
         }
         let (what, request) = if self.want_directory {
             self.want_directory = false;
-            (InFlight::Directory, Request::GetDirectory { known_version: self.directory_version })
+            (
+                InFlight::Directory,
+                Request::GetDirectory {
+                    known_version: self.directory_version,
+                },
+            )
         } else if self.want_documents {
             self.want_documents = false;
             (InFlight::Documents, Request::ListDocuments)
-        } else if self.in_flight.values().any(|(w, _)| matches!(w, InFlight::Directory | InFlight::Documents)) {
+        } else if self
+            .in_flight
+            .values()
+            .any(|(w, _)| matches!(w, InFlight::Directory | InFlight::Documents))
+        {
             // Wait for the document list before pushing or pulling, so pulls start from fresh heads.
             return None;
         } else if let Some(doc) = self.want_grants.pop_first() {
             (InFlight::Grants(doc), Request::GetKeyGrants { doc })
-        } else if !self.outbox.is_empty() && !self.in_flight.values().any(|(w, _)| matches!(w, InFlight::Push(_))) {
+        } else if !self.outbox.is_empty()
+            && !self
+                .in_flight
+                .values()
+                .any(|(w, _)| matches!(w, InFlight::Push(_)))
+        {
             let mut batch = Vec::new();
             let mut bytes = 0;
             while let Some((_, item)) = self.outbox.front() {
                 let b = item.approx_bytes();
-                if !batch.is_empty() && (batch.len() >= PUSH_ITEMS_MAX || bytes + b > FRAME_BYTES_MAX / 2) {
+                if !batch.is_empty()
+                    && (batch.len() >= PUSH_ITEMS_MAX || bytes + b > FRAME_BYTES_MAX / 2)
+                {
                     break;
                 }
                 bytes += b;
@@ -401,7 +435,10 @@ impl Session {
             && self.outbox.is_empty()
             && self.in_flight.is_empty()
             && self.events.is_empty()
-            && self.heads.iter().all(|(d, h)| self.cursors.get(d).copied().unwrap_or_default() >= *h)
+            && self
+                .heads
+                .iter()
+                .all(|(d, h)| self.cursors.get(d).copied().unwrap_or_default() >= *h)
     }
 
     /// Items queued but not yet answered (queued or in flight).
@@ -410,7 +447,13 @@ impl Session {
             + self
                 .in_flight
                 .values()
-                .map(|(w, _)| if let InFlight::Push(v) = w { v.len() } else { 0 })
+                .map(|(w, _)| {
+                    if let InFlight::Push(v) = w {
+                        v.len()
+                    } else {
+                        0
+                    }
+                })
                 .sum::<usize>()
     }
 
@@ -423,19 +466,29 @@ impl Session {
         let pulling: Vec<DocumentId> = self
             .in_flight
             .values()
-            .filter_map(|(w, _)| if let InFlight::Pull(d) = w { Some(*d) } else { None })
+            .filter_map(|(w, _)| {
+                if let InFlight::Pull(d) = w {
+                    Some(*d)
+                } else {
+                    None
+                }
+            })
             .collect();
         if pulling.len() >= SESSION_PULLS_IN_FLIGHT_MAX {
             return None;
         }
         self.heads
             .iter()
-            .find(|(d, h)| self.cursors.get(d).copied().unwrap_or_default() < **h && !pulling.contains(d))
+            .find(|(d, h)| {
+                self.cursors.get(d).copied().unwrap_or_default() < **h && !pulling.contains(d)
+            })
             .map(|(d, _)| *d)
     }
 
     fn requeue(&mut self, id: RequestId) {
-        let Some((what, _)) = self.in_flight.remove(&id) else { return };
+        let Some((what, _)) = self.in_flight.remove(&id) else {
+            return;
+        };
         match what {
             InFlight::Directory => self.want_directory = true,
             InFlight::Documents => self.want_documents = true,
