@@ -235,24 +235,7 @@ pub async fn sync_with(
                 .map_err(|e| SyncError::Transport(format!("cannot listen on {a}: {e}")))?;
         }
     }
-    let dir_version = engine.directory().map(|d| d.version).unwrap_or(0);
-    let cursors: HashMap<_, _> = engine.store().cursors()?.into_iter().collect();
-    let epochs: HashMap<_, _> = engine.key_epochs()?.into_iter().collect();
-    let mut session = Session::new(SessionConfig::default(), dir_version, cursors, epochs);
-    engine.maintain()?;
-    // The queue drains in order of urgency: shelter rosters before referrals before care plans;
-    // a stable sort keeps each document's own items in the order they were made.
-    let mut last_outbox = 0u64;
-    let mut initial = engine.store().pending(0)?;
-    let mut urgency: HashMap<musubi_crdt::ids::DocumentId, u8> = HashMap::new();
-    for row in engine.store().documents(None)? {
-        urgency.insert(row.info.id, urgency_of(row.info.kind));
-    }
-    initial.sort_by_key(|r| urgency.get(&r.item.doc()).copied().unwrap_or(u8::MAX));
-    for row in initial {
-        last_outbox = last_outbox.max(row.id);
-        session.push(OutboxId(row.id), row.item);
-    }
+    let (mut session, mut last_outbox) = start_session(engine)?;
     let mut requests: HashMap<OutboundRequestId, RequestId> = HashMap::new();
     let mut report = SyncReport::default();
     let mut connected = false;
@@ -275,68 +258,11 @@ pub async fn sync_with(
                 .send_request(&relay, protocol::encode_request(&t.request));
             requests.insert(rid, t.id);
         }
-        let mut changed = false;
         while let Some(ev) = session.poll_event() {
-            match ev {
-                Event::Directory(d) => {
-                    if engine.update_directory(&d)? {
-                        changed = true;
-                        for row in engine.store().documents(None)? {
-                            session.want_grants(row.info.id);
-                        }
-                    }
-                }
-                Event::Documents(docs) => {
-                    engine.update_documents(&docs)?;
-                    changed = true;
-                }
-                Event::KeyGrants { doc, grants } => {
-                    for g in grants.iter().filter(|g| g.verify().is_ok()) {
-                        engine.store().put_grant(g)?;
-                    }
-                    if let Some(epoch) = engine.keys(doc)?.keys().next_back() {
-                        session.handle_key(doc, *epoch);
-                    }
-                    changed = true;
-                    services::after_sync(engine, doc)?;
-                }
-                Event::Pulled { doc, items } => {
-                    let dir = engine.directory()?;
-                    let good: Vec<(Seq, _)> = items
-                        .into_iter()
-                        .filter(|p| {
-                            let ok = p.envelope.doc == doc && p.envelope.verify_signature().is_ok() && dir.device(&p.envelope.author).is_some();
-                            if !ok {
-                                tracing::warn!(%doc, seq = %p.seq, "dropping a bundle whose signature or author does not verify");
-                            }
-                            ok
-                        })
-                        .map(|p| (p.seq, p.envelope))
-                        .collect();
-                    report.pulled += good.len() as u64;
-                    engine.store_mut().store_pulled(doc, &good, now_ms())?;
-                    services::after_sync(engine, doc)?;
-                    on_progress(&report);
-                }
-                Event::Pushed { item, result } => match result {
-                    PushResult::Accepted { seq } | PushResult::Duplicate { seq } => {
-                        engine.store_mut().acknowledge(item.0, seq)?;
-                        report.pushed += 1;
-                        on_progress(&report);
-                    }
-                    PushResult::Rejected { code, message } => {
-                        let row_doc = format!("item {}", item.0);
-                        engine
-                            .store()
-                            .reject(item.0, &format!("{code:?}: {message}"))?;
-                        tracing::warn!("the relay refused {row_doc}: {message}");
-                        report.rejected.push((row_doc, message));
-                    }
-                },
-                Event::Refused { code, message } => {
-                    return Err(SyncError::Refused { code, message });
-                }
-                Event::CaughtUp => {
+            match apply_event(engine, &mut session, ev, &mut report)? {
+                Applied::Continue => {}
+                Applied::Progress => on_progress(&report),
+                Applied::CaughtUp => {
                     // Anything queued meanwhile (by this task or another process) goes first.
                     let fresh = engine.store().pending(last_outbox)?;
                     if fresh.is_empty() && matches!(mode, Mode::Once { .. }) {
@@ -348,15 +274,7 @@ pub async fn sync_with(
                 }
             }
         }
-        if changed {
-            engine.maintain()?;
-        }
-        let fresh = engine.store().pending(last_outbox)?;
-        if !fresh.is_empty() {
-            for row in fresh {
-                last_outbox = row.id;
-                session.push(OutboxId(row.id), row.item);
-            }
+        if feed_outbox(engine, &mut session, &mut last_outbox)? {
             if options.lan {
                 lan.round(engine, &mut swarm, true);
             }
@@ -480,6 +398,138 @@ pub async fn sync_with(
             }
         }
     }
+}
+
+/// A session for this device: its directory version, cursors and key epochs, with every pending
+/// outbox item queued in order of urgency. Returns the session and the last outbox id queued.
+pub fn start_session(engine: &mut Engine) -> Result<(Session, u64), SyncError> {
+    let dir_version = engine.directory().map(|d| d.version).unwrap_or(0);
+    let cursors: HashMap<_, _> = engine.store().cursors()?.into_iter().collect();
+    let epochs: HashMap<_, _> = engine.key_epochs()?.into_iter().collect();
+    let mut session = Session::new(SessionConfig::default(), dir_version, cursors, epochs);
+    engine.maintain()?;
+    // The queue drains in order of urgency: shelter rosters before referrals before care plans;
+    // a stable sort keeps each document's own items in the order they were made.
+    let mut last_outbox = 0u64;
+    let mut initial = engine.store().pending(0)?;
+    let mut urgency: HashMap<musubi_crdt::ids::DocumentId, u8> = HashMap::new();
+    for row in engine.store().documents(None)? {
+        urgency.insert(row.info.id, urgency_of(row.info.kind));
+    }
+    initial.sort_by_key(|r| urgency.get(&r.item.doc()).copied().unwrap_or(u8::MAX));
+    for row in initial {
+        last_outbox = last_outbox.max(row.id);
+        session.push(OutboxId(row.id), row.item);
+    }
+    Ok((session, last_outbox))
+}
+
+/// Queues outbox items written since `last_outbox` (by this process or another); returns whether any were.
+pub fn feed_outbox(
+    engine: &Engine,
+    session: &mut Session,
+    last_outbox: &mut u64,
+) -> Result<bool, SyncError> {
+    let fresh = engine.store().pending(*last_outbox)?;
+    let any = !fresh.is_empty();
+    for row in fresh {
+        *last_outbox = row.id;
+        session.push(OutboxId(row.id), row.item);
+    }
+    Ok(any)
+}
+
+/// What applying a session event means for the run.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing to report.
+    Continue,
+    /// Bundles arrived or items were acknowledged.
+    Progress,
+    /// The session is caught up.
+    CaughtUp,
+}
+
+/// Applies one session event to the engine: stores what arrived (each in one transaction),
+/// acknowledges or rejects outbox items, and runs key upkeep after directory or document changes.
+///
+/// Errors: [`SyncError::Refused`] when the relay refused this device; store failures.
+pub fn apply_event(
+    engine: &mut Engine,
+    session: &mut Session,
+    ev: Event,
+    report: &mut SyncReport,
+) -> Result<Applied, SyncError> {
+    let mut changed = false;
+    let applied = match ev {
+        Event::Directory(d) => {
+            if engine.update_directory(&d)? {
+                changed = true;
+                for row in engine.store().documents(None)? {
+                    session.want_grants(row.info.id);
+                }
+            }
+            Applied::Continue
+        }
+        Event::Documents(docs) => {
+            engine.update_documents(&docs)?;
+            changed = true;
+            Applied::Continue
+        }
+        Event::KeyGrants { doc, grants } => {
+            for g in grants.iter().filter(|g| g.verify().is_ok()) {
+                engine.store().put_grant(g)?;
+            }
+            if let Some(epoch) = engine.keys(doc)?.keys().next_back() {
+                session.handle_key(doc, *epoch);
+            }
+            changed = true;
+            services::after_sync(engine, doc)?;
+            Applied::Continue
+        }
+        Event::Pulled { doc, items } => {
+            let dir = engine.directory()?;
+            let good: Vec<(Seq, _)> = items
+                .into_iter()
+                .filter(|p| {
+                    let ok = p.envelope.doc == doc
+                        && p.envelope.verify_signature().is_ok()
+                        && dir.device(&p.envelope.author).is_some();
+                    if !ok {
+                        tracing::warn!(%doc, seq = %p.seq, "dropping a bundle whose signature or author does not verify");
+                    }
+                    ok
+                })
+                .map(|p| (p.seq, p.envelope))
+                .collect();
+            report.pulled += good.len() as u64;
+            engine.store_mut().store_pulled(doc, &good, now_ms())?;
+            services::after_sync(engine, doc)?;
+            Applied::Progress
+        }
+        Event::Pushed { item, result } => match result {
+            PushResult::Accepted { seq } | PushResult::Duplicate { seq } => {
+                engine.store_mut().acknowledge(item.0, seq)?;
+                report.pushed += 1;
+                Applied::Progress
+            }
+            PushResult::Rejected { code, message } => {
+                let row_doc = format!("item {}", item.0);
+                engine
+                    .store()
+                    .reject(item.0, &format!("{code:?}: {message}"))?;
+                tracing::warn!("the relay refused {row_doc}: {message}");
+                report.rejected.push((row_doc, message));
+                Applied::Continue
+            }
+        },
+        Event::Refused { code, message } => return Err(SyncError::Refused { code, message }),
+        Event::CaughtUp => Applied::CaughtUp,
+    };
+    if changed {
+        engine.maintain()?;
+    }
+    Ok(applied)
 }
 
 /// Lower drains first: rosters and medical notes of shelters, then referrals, then care plans.
