@@ -208,6 +208,9 @@ pub enum Response {
         role: FacilityRole,
         /// The directory including the new device.
         directory: SignedDirectory,
+        /// The deployment's 32-byte secret for pseudonymous card ids (HMAC-SHA256 key).
+        #[serde(with = "serde_bytes")]
+        pseudonym_secret: Vec<u8>,
     },
     /// The directory, or `None` when the caller's version is current.
     Directory {

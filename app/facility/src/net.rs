@@ -168,10 +168,11 @@ pub async fn join(
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message { message: request_response::Message::Response { request_id, response }, .. })) if Some(request_id) == sent => {
                     return match protocol::decode_response(&response) {
-                        Ok(Response::Joined { deployment, facility, facility_name, role, directory }) => {
+                        Ok(Response::Joined { deployment, facility, facility_name, role, directory, pseudonym_secret }) => {
                             directory.verify(&invite.relay).map_err(|e| SyncError::InviteRefused(format!("the relay's directory does not verify: {e}")))?;
                             let enrolment = Enrolment { deployment, facility, facility_name, role, relay: invite.relay, relay_addrs: invite.addrs.clone() };
                             engine.record_enrolment(&enrolment, &directory)?;
+                            engine.store().set_meta("pseudonym_secret", &pseudonym_secret)?;
                             Ok(enrolment)
                         }
                         Ok(Response::Error { message, .. }) => Err(SyncError::InviteRefused(message)),
