@@ -155,7 +155,7 @@ impl TransferDecoder {
 
     /// The next record, `Ok(None)` when more bytes are needed. After the last byte was fed, call
     /// [`TransferDecoder::finish`] to learn whether the file was complete.
-    pub fn next(&mut self) -> Result<Option<Decoded>, TransferError> {
+    pub fn next_record(&mut self) -> Result<Option<Decoded>, TransferError> {
         if self.ended {
             return Ok(None);
         }
@@ -271,7 +271,7 @@ mod tests {
         for c in bytes.chunks(chunk) {
             d.feed(c);
             loop {
-                match d.next() {
+                match d.next_record() {
                     Ok(Some(Decoded::Item(i))) => items.push(*i),
                     Ok(Some(_)) => {}
                     Ok(None) => break,

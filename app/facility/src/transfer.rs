@@ -156,6 +156,7 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
             let r = engine.import_items(std::mem::take(chunk), Origin::File, true)?;
             total.new += r.new;
             total.known += r.known;
+            total.skipped += r.skipped;
             total.refused.extend(r.refused);
             Ok(())
         };
@@ -164,7 +165,7 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
         if n > 0 {
             dec.feed(&buf[..n]);
         }
-        while let Some(d) = dec.next()? {
+        while let Some(d) = dec.next_record()? {
             match d {
                 Decoded::Header(h) if h.deployment != deployment => {
                     return Err(TransferFileError::OtherDeployment(h.deployment.to_string()));
