@@ -1,0 +1,323 @@
+//! The network side: one tokio task runs the libp2p swarm; one thread owns the database.
+//!
+//! The swarm task `select!`s over swarm events, the database thread's finished results, a db-watch
+//! interval and the shutdown signal. Each inbound `/musubi/sync/1` request goes to the database thread
+//! (at most `Config::requests_queued_max` at a time; beyond that the caller gets `Internal`, "busy");
+//! the answer comes back with its notifications, which go to the connected member devices only.
+//! The db watch asks the database thread whether another process committed (`PRAGMA data_version`);
+//! if a device was revoked meanwhile, its connections are closed.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io::Write as _;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use musubi_crdt::ids::DeviceId;
+use musubi_crdt::protocol::{self, ErrorCode, Response};
+use musubi_transport::libp2p::multiaddr::Protocol;
+use musubi_transport::libp2p::request_response::{self, Message, ResponseChannel};
+use musubi_transport::libp2p::swarm::SwarmEvent;
+use musubi_transport::libp2p::{Multiaddr, PeerId};
+use musubi_transport::{BehaviourEvent, build_swarm};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, info_span, warn};
+
+use crate::relay::{Notification, Relay};
+use crate::store::{Store, StoreError};
+
+/// How the relay serves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How often the database is checked for revocations made by other processes.
+    pub db_watch_interval: Duration,
+    /// Most requests waiting for or in the database thread; more get `Internal` ("busy, retry").
+    pub requests_queued_max: usize,
+    /// Print `listening on ADDR/p2p/PEERID` to stdout for each listen address, once it is recorded in the
+    /// database (so `invite` run after reading the line puts it in the code). The CLI contract.
+    pub print_listen_addrs: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            db_watch_interval: Duration::from_millis(250),
+            requests_queued_max: 64,
+            print_listen_addrs: true,
+        }
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store failed at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The libp2p stack could not be built.
+    #[error(transparent)]
+    Transport(#[from] musubi_transport::TransportError),
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// Every listener closed; nobody can reach the relay.
+    #[error("no listen address is open any more: {0}")]
+    NoListeners(String),
+    /// The database thread stopped unexpectedly.
+    #[error("the database thread stopped unexpectedly")]
+    DatabaseThread,
+}
+
+enum Job {
+    Request {
+        id: u64,
+        peer: DeviceId,
+        frame: Vec<u8>,
+        span: tracing::Span,
+    },
+    /// Record these listen addresses; then print `listening on` the second one, if given.
+    ListenAddrs(Vec<String>, Option<String>),
+    Watch,
+}
+
+enum Done {
+    Response {
+        id: u64,
+        peer: PeerId,
+        frame: Vec<u8>,
+        notes: Vec<Notification>,
+    },
+    Revoked(Vec<DeviceId>),
+    Watched,
+}
+
+/// Serves `/musubi/sync/1` on `listen` until an error stops it.
+pub async fn serve(listen: Vec<Multiaddr>, store: Store, config: Config) -> Result<(), ServeError> {
+    serve_until(listen, store, config, std::future::pending()).await
+}
+
+/// Serves until `shutdown` completes (then returns `Ok`), or an error stops it.
+///
+/// Every acknowledged push was committed before its answer was sent, so stopping at any point loses
+/// nothing that was acknowledged.
+pub async fn serve_until(
+    listen: Vec<Multiaddr>,
+    mut store: Store,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    store.set_listen_addrs(&[], SystemTime::now())?;
+    let relay = Relay::new(store)?;
+    let keypair = relay.secrets().keypair().clone();
+    let local = keypair.public().to_peer_id();
+    let mut swarm = build_swarm(keypair, false)?;
+    for addr in listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| ServeError::Listen {
+                addr,
+                reason: e.to_string(),
+            })?;
+    }
+    info!(relay = %local, "relay started");
+
+    let (job_tx, job_rx) = std_mpsc::channel::<Job>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let worker = std::thread::Builder::new()
+        .name("musubi-db".into())
+        .spawn(move || db_thread(relay, job_rx, done_tx))
+        .map_err(|_| ServeError::DatabaseThread)?;
+
+    let mut pending: HashMap<u64, ResponseChannel<Vec<u8>>> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut connected: HashMap<PeerId, u32> = HashMap::new();
+    let mut listen_addrs: Vec<String> = Vec::new();
+    let mut watch_outstanding = false;
+    let mut watch = tokio::time::interval(config.db_watch_interval);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            _ = watch.tick() => {
+                if !watch_outstanding {
+                    watch_outstanding = job_tx.send(Job::Watch).is_ok();
+                }
+            }
+            done = done_rx.recv() => {
+                let Some(done) = done else { break Err(ServeError::DatabaseThread) };
+                match done {
+                    Done::Response { id, peer, frame, notes } => {
+                        if let Some(channel) = pending.remove(&id)
+                            && swarm.behaviour_mut().sync.send_response(channel, frame).is_err()
+                        {
+                            debug!(%peer, "the caller left before its answer was sent");
+                        }
+                        for note in notes {
+                            if note.to.0 != peer && connected.contains_key(&note.to.0) {
+                                let bytes = protocol::encode_request(&note.request);
+                                swarm.behaviour_mut().sync.send_request(&note.to.0, bytes);
+                            }
+                        }
+                    }
+                    Done::Revoked(devices) => {
+                        for d in devices {
+                            if connected.contains_key(&d.0) {
+                                info!(peer = %d, "disconnecting a revoked device");
+                                let _ = swarm.disconnect_peer_id(d.0);
+                            }
+                        }
+                    }
+                    Done::Watched => watch_outstanding = false,
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    let full = address.with(Protocol::P2p(local));
+                    info!(addr = %full, "listening");
+                    listen_addrs.push(full.to_string());
+                    // The database thread prints the line after recording the address, so a script that
+                    // reads "listening on" and then runs `invite` gets a code that carries it.
+                    let announce = config.print_listen_addrs.then(|| full.to_string());
+                    let _ = job_tx.send(Job::ListenAddrs(listen_addrs.clone(), announce));
+                }
+                SwarmEvent::ExpiredListenAddr { address, .. } => {
+                    let full = address.with(Protocol::P2p(local)).to_string();
+                    info!(addr = %full, "no longer listening");
+                    listen_addrs.retain(|a| *a != full);
+                    let _ = job_tx.send(Job::ListenAddrs(listen_addrs.clone(), None));
+                }
+                SwarmEvent::ListenerClosed { reason, .. } => {
+                    warn!(?reason, "a listener closed");
+                    if swarm.listeners().next().is_none() {
+                        break Err(ServeError::NoListeners(format!("{reason:?}")));
+                    }
+                }
+                SwarmEvent::ListenerError { error, .. } => warn!(%error, "listener error"),
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                    connected.insert(peer_id, num_established.get());
+                    let _span = info_span!("conn", peer = %peer_id, conn = %connection_id).entered();
+                    info!(remote = %endpoint.get_remote_address(), "connected");
+                }
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                    if num_established == 0 {
+                        connected.remove(&peer_id);
+                    } else {
+                        connected.insert(peer_id, num_established);
+                    }
+                    let _span = info_span!("conn", peer = %peer_id, conn = %connection_id).entered();
+                    info!(cause = ?cause.map(|c| c.to_string()), "disconnected");
+                }
+                SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
+                    debug!(remote = %send_back_addr, %error, "incoming connection failed");
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => match event {
+                    request_response::Event::Message { peer, connection_id, message } => match message {
+                        Message::Request { request, channel, request_id } => {
+                            let span = info_span!("conn", peer = %peer, conn = %connection_id);
+                            if pending.len() >= config.requests_queued_max {
+                                warn!(parent: &span, %request_id, "busy: refusing a request");
+                                let busy = Response::error(ErrorCode::Internal, "the relay is busy; retry in a moment");
+                                let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&busy));
+                                continue;
+                            }
+                            let id = next_id;
+                            next_id += 1;
+                            pending.insert(id, channel);
+                            if job_tx.send(Job::Request { id, peer: DeviceId(peer), frame: request, span }).is_err() {
+                                break Err(ServeError::DatabaseThread);
+                            }
+                        }
+                        Message::Response { .. } => {} // a facility's Ack to a notification
+                    },
+                    request_response::Event::OutboundFailure { peer, error, .. } => {
+                        debug!(%peer, %error, "notification not delivered");
+                    }
+                    request_response::Event::InboundFailure { peer, error, request_id, .. } => {
+                        debug!(%peer, %request_id, %error, "inbound request failed");
+                    }
+                    request_response::Event::ResponseSent { .. } => {}
+                },
+                _ => {}
+            },
+        }
+    };
+    drop(job_tx);
+    if worker.join().is_err() {
+        error!("the database thread panicked");
+    }
+    info!("relay stopped");
+    result
+}
+
+fn db_thread(mut relay: Relay, jobs: std_mpsc::Receiver<Job>, done: mpsc::UnboundedSender<Done>) {
+    let mut data_version = relay.store().data_version().ok();
+    let mut revoked: HashSet<DeviceId> = relay.store().revoked_devices().unwrap_or_default();
+    while let Ok(job) = jobs.recv() {
+        let out = match job {
+            Job::Request {
+                id,
+                peer,
+                frame,
+                span,
+            } => {
+                let (frame, notes) =
+                    span.in_scope(|| relay.handle(peer, &frame, SystemTime::now()));
+                Some(Done::Response {
+                    id,
+                    peer: peer.0,
+                    frame,
+                    notes,
+                })
+            }
+            Job::ListenAddrs(addrs, announce) => {
+                if let Err(e) = relay
+                    .store_mut()
+                    .set_listen_addrs(&addrs, SystemTime::now())
+                {
+                    error!(error = %e, "cannot record the listen addresses");
+                }
+                if let Some(addr) = announce {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "listening on {addr}");
+                    let _ = out.flush();
+                }
+                None
+            }
+            Job::Watch => {
+                let now = relay.store().data_version();
+                let changed = match (&now, data_version) {
+                    (Ok(v), Some(old)) => *v != old,
+                    _ => true,
+                };
+                data_version = now.ok();
+                if changed {
+                    match relay.store().revoked_devices() {
+                        Ok(set) => {
+                            let new: Vec<DeviceId> = set.difference(&revoked).copied().collect();
+                            revoked = set;
+                            if !new.is_empty() {
+                                info!(devices = new.len(), "revocation noticed");
+                                let _ = done.send(Done::Revoked(new));
+                            }
+                        }
+                        Err(e) => error!(error = %e, "cannot read revocations"),
+                    }
+                }
+                Some(Done::Watched)
+            }
+        };
+        if let Some(out) = out
+            && done.send(out).is_err()
+        {
+            break;
+        }
+    }
+}
