@@ -81,6 +81,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take an offline-transfer file (from `musubi bundle export`): every item that verifies is stored.
+    Import {
+        #[command(flatten)]
+        data: Data,
+        /// The file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List facilities and their devices.
     Facilities {
         #[command(flatten)]
@@ -195,6 +205,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Facilities { data, json } => {
             init_logging(&data.data, "warn")?;
             facilities(&data.data, json)
+        }
+        Command::Import { data, file, json } => {
+            init_logging(&data.data, "warn")?;
+            import(&data.data, &file, json)
         }
         Command::Revoke { data, target, json } => {
             init_logging(&data.data, "warn")?;
@@ -329,6 +343,83 @@ fn invite(
         writeln!(out, "{code}")?;
     }
     out.flush()?;
+    Ok(())
+}
+
+/// Items applied per transaction during an import.
+const IMPORT_CHUNK_ITEMS: usize = 256;
+
+fn import(data: &Path, file: &Path, json: bool) -> Result<()> {
+    use musubi_crdt::protocol::PushResult;
+    use musubi_crdt::transfer::{Decoded, TransferDecoder};
+    use std::io::Read as _;
+
+    let store = open(data)?;
+    let deployment = store.deployment()?;
+    let mut relay = musubi_sync_node::relay::Relay::new(store)?;
+    let mut f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut dec = TransferDecoder::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut chunk = Vec::new();
+    let (mut accepted, mut duplicate, mut refused) = (0u64, 0u64, Vec::new());
+    let mut apply =
+        |relay: &mut musubi_sync_node::relay::Relay, chunk: &mut Vec<_>| -> Result<()> {
+            let (results, _notes) = relay.import(std::mem::take(chunk), SystemTime::now())?;
+            for r in results {
+                match r {
+                    PushResult::Accepted { .. } => accepted += 1,
+                    PushResult::Duplicate { .. } => duplicate += 1,
+                    PushResult::Rejected { message, .. } => refused.push(message),
+                }
+            }
+            Ok(())
+        };
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", file.display()))?;
+        if n > 0 {
+            dec.feed(&buf[..n]);
+        }
+        while let Some(d) = dec.next_record()? {
+            match d {
+                Decoded::Header(h) if h.deployment != deployment => {
+                    bail!(
+                        "{} was written for deployment {}, not this relay's {deployment}",
+                        file.display(),
+                        h.deployment
+                    )
+                }
+                Decoded::Item(item) => {
+                    chunk.push(*item);
+                    if chunk.len() >= IMPORT_CHUNK_ITEMS {
+                        apply(&mut relay, &mut chunk)?;
+                    }
+                }
+                Decoded::Header(_) | Decoded::End { .. } => {}
+            }
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    apply(&mut relay, &mut chunk)?;
+    let complete = dec.finish();
+    if json {
+        println!(
+            "{}",
+            json!({"accepted": accepted, "duplicate": duplicate, "refused": refused, "complete": complete.is_ok()})
+        );
+    } else {
+        println!(
+            "imported {accepted} new item(s); {duplicate} already here; {} refused",
+            refused.len()
+        );
+        for r in &refused {
+            eprintln!("refused: {r}");
+        }
+    }
+    complete.with_context(|| format!("{} is incomplete", file.display()))?;
     Ok(())
 }
 

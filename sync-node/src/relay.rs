@@ -487,6 +487,65 @@ impl Relay {
         answer_with(Response::Pushed { results }, notes)
     }
 
+    /// Takes items from an offline-transfer file (`musubi-node import`), in one transaction.
+    ///
+    /// Each item is checked as if its author had pushed it: the author must be a current device of a
+    /// facility allowed to make it; signatures are verified; nothing is decrypted. Returns one result
+    /// per item and the notifications to send to connected devices.
+    pub fn import(
+        &mut self,
+        items: Vec<PushItem>,
+        now: SystemTime,
+    ) -> Result<(Vec<PushResult>, Vec<Notification>), StoreError> {
+        let tx = self
+            .store
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut touched = BTreeSet::new();
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let author = match &item {
+                PushItem::Op { op } => op.author,
+                PushItem::Grant { grant } => grant.author,
+                PushItem::Bundle { envelope } => envelope.author,
+            };
+            let caller = match lookup(&tx, &author)? {
+                Lookup::Current(c) => c,
+                Lookup::Revoked { .. } => {
+                    results.push(reject(
+                        ErrorCode::Revoked,
+                        format!("{author} has been revoked"),
+                    ));
+                    continue;
+                }
+                Lookup::Unknown => {
+                    results.push(reject(
+                        ErrorCode::NotEnrolled,
+                        format!("{author} is not an enrolled device"),
+                    ));
+                    continue;
+                }
+            };
+            results.push(match item {
+                PushItem::Op { op } => push_op(&tx, &op, now, &mut touched)?,
+                PushItem::Grant { grant } => push_grant(&tx, caller, &grant, now)?,
+                PushItem::Bundle { envelope } => {
+                    push_bundle(&tx, caller, &envelope, now, &mut touched)?
+                }
+            });
+        }
+        tx.commit()?;
+        let mut notes = Vec::new();
+        for doc in touched {
+            notes.extend(notifications(
+                &self.store.conn,
+                doc,
+                self.secrets.device_id(),
+            )?);
+        }
+        Ok((results, notes))
+    }
+
     fn pull(&self, caller: Caller, doc: DocumentId, after: Seq) -> HandlerResult {
         let conn = &self.store.conn;
         if let Some(refusal) = check_member(conn, caller, doc)? {
