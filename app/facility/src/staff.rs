@@ -1,0 +1,553 @@
+//! Staff accounts of this device: who signs in to the app (password, or staff IC card + PIN), so that
+//! every read and write can be attributed to a person (DESIGN "Identity and keys").
+//!
+//! Each account is one row of the `staff` table: a random id (public, meaningless) and the account
+//! sealed to this device's age recipient (login, name, argon2id password hash, the bound card's
+//! pseudonymous id, and for a contactless card the argon2id hash of its staff PIN). Nothing readable
+//! lies on disk (DESIGN invariant 2). Lookups decrypt every row; a device has tens of staff, not thousands.
+//!
+//! Card binding happens once per account: a My Number card must prove possession (its own
+//! user-authentication PIN and a signed challenge, checked by [`crate::card`]); a contactless card has
+//! no PIN of its own, so the staff member sets a Musubi staff PIN, locked after
+//! [`STAFF_PIN_TRIES_MAX`] wrong tries.
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use musubi_crdt::crypto;
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::card::{self, CardError, CardKind, CardRead, PinPrompt, ReadOptions};
+use crate::engine::{Engine, EngineError, now_ms, random};
+use crate::store::StoreError;
+
+/// Shortest password accepted, in characters.
+pub const PASSWORD_CHARS_MIN: usize = 8;
+/// Longest password accepted, in bytes.
+pub const PASSWORD_BYTES_MAX: usize = 1024;
+/// Digits of a staff PIN for a contactless staff card (inclusive range).
+pub const STAFF_PIN_DIGITS: std::ops::RangeInclusive<usize> = 4..=8;
+/// Wrong staff PINs in a row after which a contactless staff card is locked (a password sign-in unlocks it).
+pub const STAFF_PIN_TRIES_MAX: u8 = 5;
+/// Longest login name, in bytes.
+pub const LOGIN_BYTES_MAX: usize = 64;
+/// Largest sealed account record opened, in bytes.
+pub const RECORD_BYTES_MAX: usize = 64 * 1024;
+/// Most staff accounts on one device.
+pub const ACCOUNTS_MAX: usize = 10_000;
+
+/// Errors of staff accounts; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StaffError {
+    /// The login or password is wrong (which one is not told).
+    #[error("wrong login or password")]
+    BadCredentials,
+    /// The login is taken.
+    #[error("a staff account {0:?} already exists")]
+    LoginTaken(String),
+    /// The login is empty, too long or has spaces.
+    #[error("a login is 1 to {LOGIN_BYTES_MAX} bytes without spaces")]
+    BadLogin,
+    /// The password is too short or too long.
+    #[error(
+        "a password has at least {PASSWORD_CHARS_MIN} characters (and at most {PASSWORD_BYTES_MAX} bytes)"
+    )]
+    BadPassword,
+    /// The account already has a card.
+    #[error("this account already has a staff card; unbind it first (`musubi staff unbind-card`)")]
+    AlreadyBound,
+    /// The card is bound to another account.
+    #[error("this card is already bound to another staff account")]
+    CardInUse,
+    /// No account has this card.
+    #[error("this card is not bound to any staff account of this device")]
+    UnknownCard,
+    /// A My Number card was read without proving possession.
+    #[error(
+        "the My Number card did not prove possession (its PIN and signature); read it with verification"
+    )]
+    PossessionNotProven,
+    /// The staff PIN has the wrong form.
+    #[error("a staff PIN is 4 to 8 digits")]
+    StaffPinFormat,
+    /// A staff PIN is needed and none was given.
+    #[error("this card needs the staff PIN")]
+    StaffPinNeeded,
+    /// The staff PIN is wrong.
+    #[error("wrong staff PIN: {tries_left} tries left before the card is locked for sign-in")]
+    WrongStaffPin {
+        /// Tries left.
+        tries_left: u8,
+    },
+    /// Too many wrong staff PINs.
+    #[error(
+        "too many wrong staff PINs: this card is locked for sign-in; sign in with the password to unlock it"
+    )]
+    StaffPinLocked,
+    /// Too many accounts.
+    #[error("this device already has {ACCOUNTS_MAX} staff accounts")]
+    TooMany,
+    /// The card could not be read.
+    #[error(transparent)]
+    Card(Box<CardError>),
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(Box<EngineError>),
+    /// Hashing failed.
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+}
+
+impl From<rusqlite::Error> for StaffError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::from(EngineError::Store(StoreError::Sqlite(e)))
+    }
+}
+
+impl From<EngineError> for StaffError {
+    fn from(e: EngineError) -> Self {
+        Self::Engine(Box::new(e))
+    }
+}
+
+impl From<CardError> for StaffError {
+    fn from(e: CardError) -> Self {
+        Self::Card(Box::new(e))
+    }
+}
+
+type Result<T> = std::result::Result<T, StaffError>;
+
+/// A staff member as the app sees them (no secrets).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staff {
+    /// The account id.
+    pub id: String,
+    /// The login.
+    pub login: String,
+    /// The name shown in the audit log.
+    pub name: String,
+    /// The kind of staff card bound, if any.
+    pub card: Option<CardKind>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct BoundCard {
+    kind: CardKind,
+    pseudonymous_id: String,
+    /// argon2id PHC string of the staff PIN (contactless cards only).
+    pin_hash: Option<String>,
+    bound_ms: u64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    login: String,
+    name: String,
+    password_hash: String,
+    card: Option<BoundCard>,
+    failed_pins: u8,
+    created_ms: u64,
+}
+
+impl Record {
+    fn public(&self) -> Staff {
+        Staff {
+            id: self.id.clone(),
+            login: self.login.clone(),
+            name: self.name.clone(),
+            card: self.card.as_ref().map(|c| c.kind),
+        }
+    }
+}
+
+fn ensure_table(e: &Engine) -> Result<()> {
+    e.store().conn().execute_batch(
+        "CREATE TABLE IF NOT EXISTS staff (id TEXT PRIMARY KEY, sealed BLOB NOT NULL, updated_ms INTEGER NOT NULL);",
+    )?;
+    Ok(())
+}
+
+fn records(e: &Engine) -> Result<Vec<Record>> {
+    ensure_table(e)?;
+    let mut stmt = e
+        .store()
+        .conn()
+        .prepare("SELECT id, sealed FROM staff ORDER BY id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, sealed) = row?;
+        let plain = Zeroizing::new(
+            crypto::open_with(e.secrets().age_identity(), &sealed, RECORD_BYTES_MAX)
+                .map_err(EngineError::from)?,
+        );
+        let rec: Record = ciborium::from_reader(&plain[..]).map_err(|err| {
+            EngineError::Store(StoreError::Corrupt(format!("staff account {id}: {err}")))
+        })?;
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+fn save(e: &Engine, rec: &Record) -> Result<()> {
+    let mut plain = Zeroizing::new(Vec::new());
+    ciborium::into_writer(rec, &mut *plain).expect("writing to a Vec cannot fail");
+    let sealed = crypto::seal_to(&[e.secrets().age_identity().to_public()], &plain)
+        .map_err(EngineError::from)?;
+    e.store().conn().execute(
+        "INSERT INTO staff (id, sealed, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT(id) DO UPDATE SET sealed = excluded.sealed, updated_ms = excluded.updated_ms",
+        params![rec.id, sealed, now_ms() as i64],
+    )?;
+    Ok(())
+}
+
+fn hash(secret: &[u8]) -> Result<String> {
+    let salt =
+        SaltString::encode_b64(&random::<16>()).map_err(|e| StaffError::Hash(e.to_string()))?;
+    Ok(Argon2::default()
+        .hash_password(secret, &salt)
+        .map_err(|e| StaffError::Hash(e.to_string()))?
+        .to_string())
+}
+
+fn matches(secret: &[u8], phc: &str) -> Result<bool> {
+    let parsed = PasswordHash::new(phc).map_err(|e| StaffError::Hash(e.to_string()))?;
+    Ok(Argon2::default().verify_password(secret, &parsed).is_ok())
+}
+
+fn check_password(password: &str) -> Result<()> {
+    if password.chars().count() < PASSWORD_CHARS_MIN || password.len() > PASSWORD_BYTES_MAX {
+        return Err(StaffError::BadPassword);
+    }
+    Ok(())
+}
+
+/// Creates a staff account with a password.
+pub fn create(e: &Engine, login: &str, name: &str, password: &str) -> Result<Staff> {
+    if login.is_empty() || login.len() > LOGIN_BYTES_MAX || login.chars().any(char::is_whitespace) {
+        return Err(StaffError::BadLogin);
+    }
+    check_password(password)?;
+    let all = records(e)?;
+    if all.len() >= ACCOUNTS_MAX {
+        return Err(StaffError::TooMany);
+    }
+    if all.iter().any(|r| r.login == login) {
+        return Err(StaffError::LoginTaken(login.to_owned()));
+    }
+    let rec = Record {
+        id: hex::encode(random::<16>()),
+        login: login.to_owned(),
+        name: name.to_owned(),
+        password_hash: hash(password.as_bytes())?,
+        card: None,
+        failed_pins: 0,
+        created_ms: now_ms(),
+    };
+    save(e, &rec)?;
+    Ok(rec.public())
+}
+
+/// The accounts of this device.
+pub fn list(e: &Engine) -> Result<Vec<Staff>> {
+    Ok(records(e)?.iter().map(Record::public).collect())
+}
+
+fn by_password(e: &Engine, login: &str, password: &str) -> Result<Record> {
+    let rec = records(e)?.into_iter().find(|r| r.login == login);
+    match rec {
+        Some(r) if matches(password.as_bytes(), &r.password_hash)? => Ok(r),
+        Some(_) => Err(StaffError::BadCredentials),
+        None => {
+            // Spend the same time as a wrong password, so a login's existence does not show.
+            let _ = hash(password.as_bytes());
+            Err(StaffError::BadCredentials)
+        }
+    }
+}
+
+/// Signs in with login and password (also unlocks a staff card locked by wrong staff PINs).
+pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff> {
+    let mut rec = by_password(e, login, password)?;
+    if rec.failed_pins > 0 {
+        rec.failed_pins = 0;
+        save(e, &rec)?;
+    }
+    Ok(rec.public())
+}
+
+fn check_staff_pin(pin: &str) -> Result<()> {
+    if !STAFF_PIN_DIGITS.contains(&pin.len()) || !pin.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(StaffError::StaffPinFormat);
+    }
+    Ok(())
+}
+
+/// Binds the card `read` to the account (once). The account's password authorises it. A My Number
+/// card must have proved possession; a contactless card needs `staff_pin` (4 to 8 digits), which
+/// sign-in will ask for.
+pub fn bind_card(
+    e: &Engine,
+    login: &str,
+    password: &str,
+    read: &CardRead,
+    staff_pin: Option<&str>,
+) -> Result<Staff> {
+    let mut rec = by_password(e, login, password)?;
+    if rec.card.is_some() {
+        return Err(StaffError::AlreadyBound);
+    }
+    let id = &read.identity.pseudonymous_id;
+    if records(e)?
+        .iter()
+        .any(|r| r.card.as_ref().is_some_and(|c| &c.pseudonymous_id == id))
+    {
+        return Err(StaffError::CardInUse);
+    }
+    let pin_hash = match read.identity.kind {
+        CardKind::MyNumber => {
+            if !read.possession_verified {
+                return Err(StaffError::PossessionNotProven);
+            }
+            None
+        }
+        CardKind::Contactless => {
+            let pin = staff_pin.ok_or(StaffError::StaffPinNeeded)?;
+            check_staff_pin(pin)?;
+            Some(hash(pin.as_bytes())?)
+        }
+    };
+    rec.card = Some(BoundCard {
+        kind: read.identity.kind,
+        pseudonymous_id: id.clone(),
+        pin_hash,
+        bound_ms: now_ms(),
+    });
+    rec.failed_pins = 0;
+    save(e, &rec)?;
+    Ok(rec.public())
+}
+
+/// Removes the account's card (the password authorises it).
+pub fn unbind_card(e: &Engine, login: &str, password: &str) -> Result<Staff> {
+    let mut rec = by_password(e, login, password)?;
+    rec.card = None;
+    rec.failed_pins = 0;
+    save(e, &rec)?;
+    Ok(rec.public())
+}
+
+/// Signs in with a card already read: a My Number card must have proved possession (its own PIN,
+/// checked by the card); a contactless card needs its staff PIN.
+pub fn sign_in_card(e: &Engine, read: &CardRead, staff_pin: Option<&str>) -> Result<Staff> {
+    let id = &read.identity.pseudonymous_id;
+    let mut rec = records(e)?
+        .into_iter()
+        .find(|r| {
+            r.card
+                .as_ref()
+                .is_some_and(|c| &c.pseudonymous_id == id && c.kind == read.identity.kind)
+        })
+        .ok_or(StaffError::UnknownCard)?;
+    let bound = rec.card.clone().expect("found by its card");
+    match bound.kind {
+        CardKind::MyNumber => {
+            if !read.possession_verified {
+                return Err(StaffError::PossessionNotProven);
+            }
+        }
+        CardKind::Contactless => {
+            if rec.failed_pins >= STAFF_PIN_TRIES_MAX {
+                return Err(StaffError::StaffPinLocked);
+            }
+            let pin = staff_pin.ok_or(StaffError::StaffPinNeeded)?;
+            check_staff_pin(pin)?;
+            let phc = bound
+                .pin_hash
+                .as_deref()
+                .ok_or(StaffError::StaffPinNeeded)?;
+            if !matches(pin.as_bytes(), phc)? {
+                rec.failed_pins += 1;
+                save(e, &rec)?;
+                let left = STAFF_PIN_TRIES_MAX - rec.failed_pins;
+                return Err(if left == 0 {
+                    StaffError::StaffPinLocked
+                } else {
+                    StaffError::WrongStaffPin { tries_left: left }
+                });
+            }
+            if rec.failed_pins > 0 {
+                rec.failed_pins = 0;
+                save(e, &rec)?;
+            }
+        }
+    }
+    Ok(rec.public())
+}
+
+/// Waits for a staff card and signs in with it: a My Number card is read with possession proof
+/// (`prompt` gives its user-authentication PIN); for a contactless card `staff_pin` is asked after the tap.
+pub fn sign_in_with_card(
+    e: &Engine,
+    opts: &ReadOptions,
+    prompt: Box<dyn PinPrompt + Send>,
+    staff_pin: impl FnOnce() -> Option<Zeroizing<String>>,
+) -> Result<Staff> {
+    let opts = ReadOptions {
+        verify: true,
+        attributes: false,
+        ..opts.clone()
+    };
+    let read = card::read(e, &opts, prompt)?;
+    match read.identity.kind {
+        CardKind::MyNumber => sign_in_card(e, &read, None),
+        CardKind::Contactless => {
+            // Check the card is known before asking for a PIN.
+            let known = records(e)?.iter().any(|r| {
+                r.card
+                    .as_ref()
+                    .is_some_and(|c| c.pseudonymous_id == read.identity.pseudonymous_id)
+            });
+            if !known {
+                return Err(StaffError::UnknownCard);
+            }
+            let pin = staff_pin();
+            sign_in_card(e, &read, pin.as_deref().map(String::as_str))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::{CardIdentity, ReadTimings};
+
+    fn engine() -> (tempfile::TempDir, Engine) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let e = Engine::init(dir.path(), "test", "passphrase", 10).expect("init");
+        (dir, e)
+    }
+
+    fn read(kind: CardKind, id: &str, verified: bool) -> CardRead {
+        CardRead {
+            identity: CardIdentity {
+                kind,
+                pseudonymous_id: id.into(),
+                reader: "R".into(),
+                technology: None,
+                expires: None,
+                expired: false,
+            },
+            possession_verified: verified,
+            attributes: None,
+            timings: ReadTimings::default(),
+        }
+    }
+
+    #[test]
+    fn accounts_are_sealed_and_sign_in_works() {
+        let (dir, e) = engine();
+        let s = create(&e, "sato", "佐藤 一郎", "correct horse").expect("create");
+        assert!(matches!(
+            create(&e, "sato", "x", "correct horse"),
+            Err(StaffError::LoginTaken(_))
+        ));
+        assert!(matches!(
+            create(&e, "x", "x", "short"),
+            Err(StaffError::BadPassword)
+        ));
+        assert_eq!(
+            sign_in_password(&e, "sato", "correct horse").expect("sign in"),
+            s
+        );
+        assert!(matches!(
+            sign_in_password(&e, "sato", "wrong horse"),
+            Err(StaffError::BadCredentials)
+        ));
+        assert!(matches!(
+            sign_in_password(&e, "nobody", "correct horse"),
+            Err(StaffError::BadCredentials)
+        ));
+        drop(e);
+        for f in std::fs::read_dir(dir.path()).expect("dir") {
+            let bytes = std::fs::read(f.expect("entry").path()).expect("read");
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                !text.contains("sato") && !text.contains("佐藤") && !text.contains("argon2"),
+                "plaintext on disk"
+            );
+        }
+    }
+
+    #[test]
+    fn cards_bind_once_and_sign_in_with_pins() {
+        let (_dir, e) = engine();
+        create(&e, "sato", "佐藤", "correct horse").expect("create");
+        create(&e, "suzuki", "鈴木", "correct horse").expect("create");
+        let mn = read(CardKind::MyNumber, "aa", false);
+        assert!(matches!(
+            bind_card(&e, "sato", "correct horse", &mn, None),
+            Err(StaffError::PossessionNotProven)
+        ));
+        let mn = read(CardKind::MyNumber, "aa", true);
+        bind_card(&e, "sato", "correct horse", &mn, None).expect("bind");
+        assert!(matches!(
+            bind_card(&e, "sato", "correct horse", &mn, None),
+            Err(StaffError::AlreadyBound)
+        ));
+        assert!(matches!(
+            bind_card(&e, "suzuki", "correct horse", &mn, None),
+            Err(StaffError::CardInUse)
+        ));
+        assert_eq!(sign_in_card(&e, &mn, None).expect("sign in").login, "sato");
+        assert!(matches!(
+            sign_in_card(&e, &read(CardKind::MyNumber, "aa", false), None),
+            Err(StaffError::PossessionNotProven)
+        ));
+
+        let suica = read(CardKind::Contactless, "bb", false);
+        assert!(matches!(
+            bind_card(&e, "suzuki", "correct horse", &suica, None),
+            Err(StaffError::StaffPinNeeded)
+        ));
+        bind_card(&e, "suzuki", "correct horse", &suica, Some("2468")).expect("bind");
+        assert_eq!(
+            sign_in_card(&e, &suica, Some("2468"))
+                .expect("sign in")
+                .login,
+            "suzuki"
+        );
+        for left in (1..STAFF_PIN_TRIES_MAX).rev() {
+            let err = sign_in_card(&e, &suica, Some("0000")).expect_err("wrong");
+            assert!(
+                matches!(err, StaffError::WrongStaffPin { tries_left } if tries_left == left),
+                "{err:?}"
+            );
+        }
+        assert!(matches!(
+            sign_in_card(&e, &suica, Some("0000")),
+            Err(StaffError::StaffPinLocked)
+        ));
+        assert!(matches!(
+            sign_in_card(&e, &suica, Some("2468")),
+            Err(StaffError::StaffPinLocked)
+        ));
+        sign_in_password(&e, "suzuki", "correct horse").expect("unlock");
+        assert_eq!(
+            sign_in_card(&e, &suica, Some("2468"))
+                .expect("sign in")
+                .login,
+            "suzuki"
+        );
+        assert!(matches!(
+            sign_in_card(&e, &read(CardKind::Contactless, "cc", false), Some("2468")),
+            Err(StaffError::UnknownCard)
+        ));
+    }
+}
