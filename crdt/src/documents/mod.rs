@@ -8,11 +8,17 @@
 //!
 //! Nothing here does IO: timestamps and ids are parameters, like everywhere in this crate.
 //!
+//! - [`careplan`]: the care plan (居宅サービス計画書 第1表〜第3表, 第5表 支援経過, monitoring, versions).
+//! - [`careplan_csv`]: its export as the MHLW ケアプランデータ連携 CSV (Shift_JIS).
 //! - [`referral`]: the referral letter (診療情報提供書, 様式11).
 //! - [`referral_fhir`]: its import and export as an HL7 FHIR JP eReferral document Bundle.
+//! - [`shelter`]: the shelter roster (避難所: evacuees, stays, needs, supply requests) and its medical notes.
 
+pub mod careplan;
+pub mod careplan_csv;
 pub mod referral;
 pub mod referral_fhir;
+pub mod shelter;
 
 /// Why reading or editing a typed document failed.
 ///

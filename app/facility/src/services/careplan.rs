@@ -201,8 +201,7 @@ pub fn list(engine: &Engine) -> Result<Vec<PlanSummary>> {
         let view = match show_doc(engine, row.info.id, None) {
             Ok(v) => v,
             Err(EngineError::NoKey(_)) => continue,
-            Err(EngineError::Document(e))
-                if matches!(&*e, musubi_crdt::documents::DocumentError::WrongKind { found, .. } if found.is_empty()) =>
+            Err(EngineError::Document(e)) if matches!(&*e, musubi_crdt::documents::DocumentError::WrongKind { found, .. } if found.is_empty()) =>
             {
                 continue; // the key came before the plan's first bundle
             }

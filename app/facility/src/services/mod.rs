@@ -1,19 +1,32 @@
 //! Domain services: what staff do with documents, as engine calls (the CLI and the desktop app
 //! are thin layers over these).
 //!
+//! - [`careplan`]: 居宅サービス計画書 create, edit 第1表〜第3表, 支援経過, monitoring, comments, versions, CSV/PDF export.
 //! - [`referral`]: 診療情報提供書 (様式11) import from FHIR, list, show, edit, reply, export.
+//! - [`shelter`]: 避難所 reception: open, check-in/out, leave, needs, supply requests, medical notes.
+//! - [`hq`]: 災害対策本部 views: counts per shelter and over time, safety inquiry, CSV/HXL exports.
 
 use musubi_crdt::ids::{DocumentId, DocumentKind};
 
 use crate::engine::{Engine, EngineError, Result};
 
+pub mod careplan;
+pub mod hq;
 pub mod referral;
+pub mod shelter;
 
 /// Runs after a sync step touched `doc`: marks a referral received at the recipient facility.
 pub fn after_sync(engine: &mut Engine, doc: DocumentId) -> Result<()> {
     let Some(row) = engine.store().document(doc)? else {
         return Ok(());
     };
+    if row.info.kind == DocumentKind::Shelter {
+        // An HQ facility that enrolled after the shelter opened becomes a member (owner only).
+        if let Err(e) = shelter::ensure_hq_members(engine, doc) {
+            tracing::warn!(%doc, "could not add HQ facilities to the shelter: {e}");
+        }
+        return Ok(());
+    }
     if row.info.kind != DocumentKind::Referral {
         return Ok(());
     }

@@ -2,7 +2,13 @@
 //!
 //! One module per domain (`referral`, ...), each with its subcommand enum and handler.
 
+mod bundle;
+mod card;
+mod careplan;
+mod hq;
 mod referral;
+mod shelter;
+mod staff;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -83,6 +89,12 @@ enum Command {
         /// With --once: give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// With --watch: also find facility devices on this LAN (mDNS) and sync with them directly.
+        #[arg(long, requires = "watch")]
+        lan: bool,
+        /// With --lan: listen for LAN peers on these multiaddrs (default /ip4/0.0.0.0/tcp/0).
+        #[arg(long, requires = "lan")]
+        listen: Vec<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -110,23 +122,30 @@ enum Command {
         #[command(flatten)]
         json: Json,
     },
-    /// Bundles in the local store.
+    /// Bundles: list them, and carry them on a file when no network exists.
     #[command(subcommand)]
-    Bundle(BundleCommand),
+    Bundle(bundle::BundleCommand),
     /// 診療情報提供書 (referral letters).
     #[command(subcommand)]
     Referral(referral::ReferralCommand),
-}
-
-#[derive(Subcommand)]
-enum BundleCommand {
-    /// Every bundle with its relay sequence number (null: not yet acknowledged).
-    List {
-        #[command(flatten)]
-        data: Data,
-        #[command(flatten)]
-        json: Json,
-    },
+    /// 居宅サービス計画書 (care plans).
+    #[command(subcommand)]
+    Careplan(careplan::CareplanCommand),
+    /// 避難所 (shelter reception).
+    #[command(subcommand)]
+    Shelter(shelter::ShelterCommand),
+    /// 災害対策本部 (disaster HQ views).
+    #[command(subcommand)]
+    Hq(hq::HqCommand),
+    /// Relatives' e-mail notifications (outbox and SMTP delivery).
+    #[command(subcommand)]
+    Mail(shelter::MailCommand),
+    /// ICカード (PC/SC card readers).
+    #[command(subcommand)]
+    Card(card::CardCommand),
+    /// 職員 (staff accounts and sign-in).
+    #[command(subcommand)]
+    Staff(staff::StaffCommand),
 }
 
 pub(crate) fn passphrase(cli_file: &Option<PathBuf>) -> Result<String> {
@@ -253,9 +272,19 @@ fn run(cli: Cli) -> Result<()> {
             once,
             watch: _,
             timeout,
+            lan,
+            listen,
             json,
         } => {
             let mut e = open(pf, &data.data)?;
+            let listen = listen
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .with_context(|| format!("{a:?} is not a multiaddr"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let options = net::SyncOptions { lan, listen };
             let mode = if once {
                 Mode::Once {
                     timeout: Duration::from_secs(timeout),
@@ -263,7 +292,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 Mode::Watch
             };
-            let report = runtime()?.block_on(net::sync(&mut e, mode, |r| {
+            let report = runtime()?.block_on(net::sync_with(&mut e, mode, options, |r| {
                 tracing::info!(pushed = r.pushed, pulled = r.pulled, "sync progress");
             }))?;
             if json.json {
@@ -303,12 +332,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { data, json } => {
             let e = open(pf, &data.data)?;
             let enrolment = e.enrolment().ok();
-            let docs: Vec<_> = e
-                .store()
-                .documents(None)?
-                .into_iter()
-                .map(|d| serde_json::json!({"id": d.info.id.to_string(), "kind": d.info.kind.to_string(), "epoch": d.info.epoch.0, "head": d.info.head.0}))
-                .collect();
+            let mut docs = Vec::new();
+            for d in e.store().documents(None)? {
+                docs.push(serde_json::json!({
+                    "id": d.info.id.to_string(), "kind": d.info.kind.to_string(), "epoch": d.info.epoch.0,
+                    "head": d.info.head.0, "pending": e.store().pending_for(d.info.id)?,
+                    "last_path": e.store().last_path(d.info.id)?,
+                }));
+            }
             let rejected: Vec<_> = e
                 .store()
                 .rejected()?
@@ -343,27 +374,14 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Bundle(BundleCommand::List { data, json }) => {
-            let e = open(pf, &data.data)?;
-            let rows = e.store().all_bundles()?;
-            if json.json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|b| serde_json::json!({"id": b.id.to_string(), "doc": b.doc.to_string(), "seq": b.seq.map(|s| s.0), "epoch": b.envelope.epoch.0, "author": b.envelope.author.to_string(), "bytes": b.envelope.ciphertext.len()}))
-                    .collect();
-                print_json(&v)?;
-            } else {
-                for b in rows {
-                    println!(
-                        "{}  {}  {}",
-                        b.id,
-                        b.doc,
-                        b.seq.map_or("pending".into(), |s| s.to_string())
-                    );
-                }
-            }
-        }
+        Command::Bundle(cmd) => bundle::run(pf, cmd)?,
         Command::Referral(cmd) => referral::run(pf, cmd)?,
+        Command::Careplan(cmd) => careplan::run(pf, cmd)?,
+        Command::Shelter(cmd) => shelter::run(pf, cmd)?,
+        Command::Hq(cmd) => hq::run(pf, cmd)?,
+        Command::Mail(cmd) => shelter::run_mail(pf, cmd)?,
+        Command::Card(cmd) => card::run(pf, cmd)?,
+        Command::Staff(cmd) => staff::run(pf, cmd)?,
     }
     Ok(())
 }
