@@ -11,7 +11,10 @@ use std::time::Duration;
 use futures::prelude::*;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{StreamProtocol, Swarm, identify, identity::Keypair, mdns, noise, ping, request_response, tcp, yamux};
+use libp2p::{
+    StreamProtocol, Swarm, identify, identity::Keypair, mdns, noise, ping, request_response, tcp,
+    yamux,
+};
 use musubi_crdt::limits::FRAME_BYTES_MAX;
 use musubi_crdt::protocol::PROTOCOL_NAME;
 
@@ -28,7 +31,9 @@ pub struct FrameCodec;
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    io.take(FRAME_BYTES_MAX as u64 + 1).read_to_end(&mut buf).await?;
+    io.take(FRAME_BYTES_MAX as u64 + 1)
+        .read_to_end(&mut buf)
+        .await?;
     if buf.len() > FRAME_BYTES_MAX {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -42,7 +47,10 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: Vec<u8>) -
     if frame.len() > FRAME_BYTES_MAX {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("frame of {} bytes over the limit of {FRAME_BYTES_MAX}", frame.len()),
+            format!(
+                "frame of {} bytes over the limit of {FRAME_BYTES_MAX}",
+                frame.len()
+            ),
         ));
     }
     io.write_all(&frame).await?;
@@ -54,14 +62,22 @@ impl request_response::Codec for FrameCodec {
     type Request = Vec<u8>;
     type Response = Vec<u8>;
 
-    fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> impl Future<Output = io::Result<Vec<u8>>> + Send
+    fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> impl Future<Output = io::Result<Vec<u8>>> + Send
     where
         T: AsyncRead + Unpin + Send,
     {
         read_frame(io)
     }
 
-    fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> impl Future<Output = io::Result<Vec<u8>>> + Send
+    fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> impl Future<Output = io::Result<Vec<u8>>> + Send
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -124,31 +140,52 @@ pub enum TransportError {
 /// Builds a tokio swarm with QUIC and TCP+Noise+Yamux, authenticated as `keypair`.
 ///
 /// `lan_discovery` turns mDNS on (facilities on a shelter LAN find each other with it).
-pub fn build_swarm(keypair: Keypair, lan_discovery: bool) -> Result<Swarm<Behaviour>, TransportError> {
+pub fn build_swarm(
+    keypair: Keypair,
+    lan_discovery: bool,
+) -> Result<Swarm<Behaviour>, TransportError> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| TransportError::Setup(e.to_string()))?
         .with_quic()
         .with_behaviour(|key| {
             let sync = request_response::Behaviour::with_codec(
                 FrameCodec,
-                [(StreamProtocol::new(PROTOCOL_NAME), request_response::ProtocolSupport::Full)],
+                [(
+                    StreamProtocol::new(PROTOCOL_NAME),
+                    request_response::ProtocolSupport::Full,
+                )],
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS))
                     .with_max_concurrent_streams(256),
             );
-            let identify = identify::Behaviour::new(identify::Config::new("/musubi/id/1".into(), key.public()));
-            let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
+            let identify = identify::Behaviour::new(identify::Config::new(
+                "/musubi/id/1".into(),
+                key.public(),
+            ));
+            let ping =
+                ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
             let mdns = if lan_discovery {
                 mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id()).ok()
             } else {
                 None
             };
-            Behaviour { sync, identify, ping, mdns: Toggle::from(mdns) }
+            Behaviour {
+                sync,
+                identify,
+                ping,
+                mdns: Toggle::from(mdns),
+            }
         })
         .map_err(|e| TransportError::Setup(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(IDLE_CONNECTION_TIMEOUT_SECS)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(IDLE_CONNECTION_TIMEOUT_SECS))
+        })
         .build();
     Ok(swarm)
 }

@@ -26,6 +26,11 @@ use crate::store::{Origin, Store, StoreError};
 
 /// Bundles applied at load beyond which a fresh local snapshot is sealed and stored.
 pub const SNAPSHOT_AFTER_BUNDLES: usize = 64;
+/// Bytes of changes applied at load beyond which a fresh local snapshot is sealed and stored
+/// (a few large bundles cost as much to apply as many small ones).
+pub const SNAPSHOT_AFTER_BYTES: usize = 64 * 1024;
+/// Change bytes handed to Automerge in one `load_incremental` call when loading (64 MiB).
+pub const LOAD_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Largest local snapshot accepted when opening one, in bytes (256 MiB).
 pub const SNAPSHOT_BYTES_MAX: usize = 256 * 1024 * 1024;
 
@@ -83,13 +88,13 @@ pub enum EngineError {
     Op(#[from] OpError),
     /// Automerge refused the document data.
     #[error("document data is damaged: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
+    Automerge(Box<automerge::AutomergeError>),
     /// A domain document did not validate.
     #[error(transparent)]
-    Document(#[from] musubi_crdt::documents::DocumentError),
+    Document(Box<musubi_crdt::documents::DocumentError>),
     /// A FHIR Bundle could not be imported or exported.
     #[error("FHIR: {0}")]
-    Fhir(#[from] musubi_crdt::documents::referral_fhir::FhirError),
+    Fhir(Box<musubi_crdt::documents::referral_fhir::FhirError>),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -98,6 +103,25 @@ pub enum EngineError {
         /// What went wrong.
         source: std::io::Error,
     },
+}
+
+// The large errors are boxed so every `Result<_, EngineError>` stays small (clippy::result_large_err).
+impl From<automerge::AutomergeError> for EngineError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        EngineError::Automerge(Box::new(e))
+    }
+}
+
+impl From<musubi_crdt::documents::DocumentError> for EngineError {
+    fn from(e: musubi_crdt::documents::DocumentError) -> Self {
+        EngineError::Document(Box::new(e))
+    }
+}
+
+impl From<musubi_crdt::documents::referral_fhir::FhirError> for EngineError {
+    fn from(e: musubi_crdt::documents::referral_fhir::FhirError) -> Self {
+        EngineError::Fhir(Box::new(e))
+    }
 }
 
 /// Result of engine calls.
@@ -397,11 +421,20 @@ impl Engine {
         };
         let mut unreadable = 0;
         let mut applied = 0usize;
+        let mut applied_bytes = 0usize;
         let mut last = upto;
+        // Changes go to Automerge in batches: each `load_incremental` call costs time in proportion
+        // to the document, so one call per bundle made loading N new bundles quadratic in N.
+        let mut batch: Vec<u8> = Vec::new();
         for (rowid, row) in self.store.bundles_after(doc, upto)? {
             match open_any(&keys, &row.envelope) {
                 Some(Payload::Changes { data }) => {
-                    am.load_incremental(&data)?;
+                    batch.extend_from_slice(&data);
+                    applied_bytes += data.len();
+                    if batch.len() >= LOAD_BATCH_BYTES_MAX {
+                        am.load_incremental(&batch)?;
+                        batch.clear();
+                    }
                     applied += 1;
                 }
                 Some(Payload::Attachment { .. }) => {}
@@ -409,9 +442,14 @@ impl Engine {
             }
             last = rowid;
         }
+        if !batch.is_empty() {
+            am.load_incremental(&batch)?;
+        }
         // A snapshot must cover exactly the rows up to `last`: skip it while some row is unreadable
         // (its key may arrive later and the row must then still be applied).
-        if applied > SNAPSHOT_AFTER_BUNDLES && unreadable == 0 {
+        if (applied > SNAPSHOT_AFTER_BUNDLES || applied_bytes > SNAPSHOT_AFTER_BYTES)
+            && unreadable == 0
+        {
             let recipient = self.secrets.age_identity().to_public();
             match crypto::seal_to(&[recipient], &am.save()) {
                 Ok(sealed) => self.store.put_snapshot(doc, last, &sealed)?,
@@ -769,6 +807,9 @@ pub struct ImportReport {
     pub new: u64,
     /// Items already held.
     pub known: u64,
+    /// Items of documents this facility is not a member of, left out (a file may carry documents
+    /// for other facilities; the relay would refuse them from a non-member).
+    pub skipped: u64,
     /// Items refused, with the reason.
     pub refused: Vec<String>,
 }
@@ -795,7 +836,9 @@ impl Engine {
             .into_iter()
             .partition(|i| matches!(i, PushItem::Op { .. }));
         rest.sort_by_key(|i| matches!(i, PushItem::Bundle { .. }));
+        let me = self.enrolment()?.facility;
         let mut touched = BTreeSet::new();
+        let mut verified: BTreeMap<DocumentId, Vec<DocOp>> = BTreeMap::new();
         for item in ops.drain(..) {
             let PushItem::Op { op } = item else { continue };
             if op.verify().is_err() || !device_ok(&op.author, op.facility) {
@@ -803,6 +846,25 @@ impl Engine {
                     "operation on {}: signature or author does not verify",
                     op.doc
                 ));
+                continue;
+            }
+            verified.entry(op.doc).or_default().push(op);
+        }
+        // A document this device does not hold is taken only if its operations make this facility a member.
+        let mut foreign: BTreeSet<DocumentId> = BTreeSet::new();
+        for (doc, new_ops) in &verified {
+            if self.store.document(*doc)?.is_some() {
+                continue;
+            }
+            let mut all = self.store.ops(*doc)?;
+            all.extend(new_ops.iter().cloned());
+            if derive_info(&all).is_some_and(|i| !i.members.iter().any(|m| m.facility == me)) {
+                foreign.insert(*doc);
+            }
+        }
+        for op in verified.into_values().flatten() {
+            if foreign.contains(&op.doc) {
+                report.skipped += 1;
                 continue;
             }
             if self.store.put_op(&op)? {
@@ -833,6 +895,10 @@ impl Engine {
             }
         }
         for item in rest {
+            if self.store.document(item.doc())?.is_none() {
+                report.skipped += 1;
+                continue;
+            }
             match item {
                 PushItem::Grant { grant } => {
                     if grant.verify().is_err() || !device_ok(&grant.author, grant.facility) {

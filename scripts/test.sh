@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The whole test suite: format, lints, build, then every test of the workspace (unit tests, the
+# deterministic sync simulations and the scenario tests that run real relay and facility processes).
+# Run from anywhere: `bash scripts/test.sh`. Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# System packages: a C compiler (rusqlite bundles SQLite; ring/aws-lc build C) and pkg-config.
+# Installed only when missing, and only when we may (root with apt-get, as on a fresh CI machine).
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# The care plan PDF needs a Japanese font; its scenario test renders pages with pdftoppm.
+[[ -f /usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf ]] || missing+=(fonts-ipaexfont-gothic)
+command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
+# The shelter scenario's loopback SMTP server (tests/smtp/sink.py) runs on Debian's python3-aiosmtpd.
+[[ -d /usr/lib/python3/dist-packages/aiosmtpd ]] || missing+=(python3-aiosmtpd)
+# IC cards: pcsc-lite's daemon, vsmartcard's virtual reader driver (vpcd) and the library the pcsc crate
+# links. The card scenarios start and stop their own `pcscd --foreground` (as root: it writes /run/pcscd).
+[[ -x /usr/sbin/pcscd ]] || command -v pcscd >/dev/null 2>&1 || missing+=(pcscd)
+[[ -f /usr/lib/pcsc/drivers/serial/libifdvpcd.so ]] || missing+=(vsmartcard-vpcd)
+pkg-config --exists libpcsclite 2>/dev/null || missing+=(libpcsclite-dev)
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        step "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    else
+        echo "warning: missing ${missing[*]}; install them (apt-get install ${missing[*]})" >&2
+    fi
+fi
+
+# The card scenarios own pcscd; a daemon started by systemd's socket activation would be in their way
+# (they fail, saying so, rather than skip).
+if command -v systemctl >/dev/null 2>&1 && { systemctl is-active --quiet pcscd.socket || systemctl is-active --quiet pcscd.service; } 2>/dev/null; then
+    if [[ $(id -u) -eq 0 ]]; then
+        step "stopping the system pcscd (the card scenarios run their own)"
+        systemctl stop pcscd.socket pcscd.service || true
+    else
+        echo "warning: a system pcscd runs; the card scenarios need it stopped (systemctl stop pcscd.socket pcscd.service)" >&2
+    fi
+fi
+
+if cargo fmt --version >/dev/null 2>&1; then
+    step "cargo fmt --check"
+    cargo fmt --all -- --check
+else
+    echo "warning: rustfmt is not installed; skipping the format check" >&2
+fi
+
+if cargo clippy --version >/dev/null 2>&1; then
+    step "cargo clippy"
+    cargo clippy --workspace --all-targets -- -D warnings
+else
+    echo "warning: clippy is not installed; skipping lints" >&2
+fi
+
+# The scenario tests run the real binaries, so build them first (the harness refuses stale ones).
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+step "cargo test --workspace"
+cargo test --workspace
