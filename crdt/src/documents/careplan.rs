@@ -62,6 +62,7 @@
 //!
 //! Nothing here does IO: ids, dates and timestamps are parameters.
 
+use super::common::{self, missing, read_u64, too_large, wrong_type};
 use std::fmt;
 use std::str::FromStr;
 
@@ -107,8 +108,8 @@ pub const ENTRIES_COUNT_MAX: usize = 20_000;
 /// Maximum number of recorded versions of one plan.
 pub const VERSIONS_COUNT_MAX: usize = 1_000;
 
-const KEY_KIND: &str = "kind";
-const KEY_SCHEMA_VERSION: &str = "schema_version";
+use super::common::KEY_KIND;
+use super::common::KEY_SCHEMA_VERSION;
 const KEY_SHEET1: &str = "sheet1";
 const KEY_NEEDS: &str = "needs";
 const KEY_GOALS: &str = "goals";
@@ -2321,35 +2322,7 @@ fn put_text(doc: &mut AutoCommit, obj: &ObjId, key: &str, text: &str) -> Result<
 }
 
 fn check_header(doc: &impl ReadDoc) -> Result<(), DocumentError> {
-    let kind = match doc.get(automerge::ROOT, KEY_KIND)? {
-        Some((Value::Scalar(value), _)) => value.as_str().unwrap_or_default().to_owned(),
-        _ => String::new(),
-    };
-    if kind != KIND {
-        return Err(DocumentError::WrongKind {
-            found: kind,
-            expected: KIND,
-        });
-    }
-    match read_u64(doc, &automerge::ROOT, KEY_SCHEMA_VERSION)? {
-        Some(version) if (1..=SCHEMA_VERSION).contains(&version) => Ok(()),
-        found => Err(DocumentError::UnsupportedSchema {
-            found: found.unwrap_or(0),
-            supported: SCHEMA_VERSION,
-        }),
-    }
-}
-
-fn read_u64(doc: &impl ReadDoc, obj: &ObjId, key: &str) -> Result<Option<u64>, DocumentError> {
-    match doc.get(obj, key)? {
-        None => Ok(None),
-        Some((Value::Scalar(value), _)) => match value.as_ref() {
-            ScalarValue::Uint(n) => Ok(Some(*n)),
-            ScalarValue::Int(n) if *n >= 0 => Ok(Some(n.unsigned_abs())),
-            _ => Err(wrong_type(key, "an unsigned integer")),
-        },
-        Some((Value::Object(_), _)) => Err(wrong_type(key, "an unsigned integer")),
-    }
+    common::check_header(doc, KIND, SCHEMA_VERSION)
 }
 
 fn read_scalar_str(
@@ -2541,27 +2514,6 @@ fn invalid(key: &str, reason: String) -> DocumentError {
     DocumentError::InvalidValue {
         key: key.to_owned(),
         reason,
-    }
-}
-
-fn too_large(what: &str, size: usize, max: usize) -> DocumentError {
-    DocumentError::TooLarge {
-        what: what.to_owned(),
-        size: size as u64,
-        max: max as u64,
-    }
-}
-
-fn wrong_type(key: &str, expected: &'static str) -> DocumentError {
-    DocumentError::WrongType {
-        key: key.to_owned(),
-        expected,
-    }
-}
-
-fn missing(key: &str) -> DocumentError {
-    DocumentError::MissingField {
-        key: key.to_owned(),
     }
 }
 

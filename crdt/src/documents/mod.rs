@@ -16,6 +16,7 @@
 
 pub mod careplan;
 pub mod careplan_csv;
+mod common;
 pub mod referral;
 pub mod referral_fhir;
 pub mod shelter;

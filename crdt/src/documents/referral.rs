@@ -31,11 +31,12 @@
 //!   [`super::referral_fhir::export_bundle`] compares the current fields against.
 //! - [`init`] runs once, at the document's creator; other replicas get it through sync.
 
+use super::common::{self, missing, read_u64, too_large, wrong_type};
 use std::fmt;
 use std::str::FromStr;
 
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value};
+use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
 
 use super::DocumentError;
@@ -58,8 +59,8 @@ pub const ATTACHMENT_NAME_BYTES_MAX: usize = 1024;
 /// Maximum size of the imported FHIR Bundle kept in `fhir_source`, in bytes.
 pub const FHIR_SOURCE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-const KEY_KIND: &str = "kind";
-const KEY_SCHEMA_VERSION: &str = "schema_version";
+use super::common::KEY_KIND;
+use super::common::KEY_SCHEMA_VERSION;
 const KEY_PATIENT: &str = "patient";
 const KEY_STATUS: &str = "status";
 const KEY_ATTACHMENTS: &str = "attachments";
@@ -564,35 +565,7 @@ pub fn add_attachment(doc: &mut AutoCommit, att: &AttachmentRef) -> Result<(), D
 }
 
 fn check_header(doc: &impl ReadDoc) -> Result<(), DocumentError> {
-    let kind = match doc.get(automerge::ROOT, KEY_KIND)? {
-        Some((Value::Scalar(value), _)) => value.as_str().unwrap_or_default().to_owned(),
-        _ => String::new(),
-    };
-    if kind != KIND {
-        return Err(DocumentError::WrongKind {
-            found: kind,
-            expected: KIND,
-        });
-    }
-    match read_u64(doc, &automerge::ROOT, KEY_SCHEMA_VERSION)? {
-        Some(version) if (1..=SCHEMA_VERSION).contains(&version) => Ok(()),
-        found => Err(DocumentError::UnsupportedSchema {
-            found: found.unwrap_or(0),
-            supported: SCHEMA_VERSION,
-        }),
-    }
-}
-
-fn read_u64(doc: &impl ReadDoc, obj: &ObjId, key: &str) -> Result<Option<u64>, DocumentError> {
-    match doc.get(obj, key)? {
-        None => Ok(None),
-        Some((Value::Scalar(value), _)) => match value.as_ref() {
-            ScalarValue::Uint(n) => Ok(Some(*n)),
-            ScalarValue::Int(n) if *n >= 0 => Ok(Some(n.unsigned_abs())),
-            _ => Err(wrong_type(key, "an unsigned integer")),
-        },
-        Some((Value::Object(_), _)) => Err(wrong_type(key, "an unsigned integer")),
-    }
+    common::check_header(doc, KIND, SCHEMA_VERSION)
 }
 
 fn patient_map(doc: &impl ReadDoc) -> Result<ObjId, DocumentError> {
@@ -735,27 +708,6 @@ fn check_attachment(att: &AttachmentRef) -> Result<(), DocumentError> {
         });
     }
     Ok(())
-}
-
-fn too_large(what: &str, size: usize, max: usize) -> DocumentError {
-    DocumentError::TooLarge {
-        what: what.to_owned(),
-        size: size as u64,
-        max: max as u64,
-    }
-}
-
-fn wrong_type(key: &str, expected: &'static str) -> DocumentError {
-    DocumentError::WrongType {
-        key: key.to_owned(),
-        expected,
-    }
-}
-
-fn missing(key: &str) -> DocumentError {
-    DocumentError::MissingField {
-        key: key.to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@
 //!   letter); scalar fields are last-writer-wins.
 //! - [`init`] runs once, at the document's creator.
 
+use super::common::{self, read_u64, too_large, wrong_type};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -80,8 +81,8 @@ pub const RELATIVES_COUNT_MAX: usize = 8;
 /// Maximum number of needs plus supply requests of one shelter.
 pub const REQUESTS_COUNT_MAX: usize = 10_000;
 
-const KEY_KIND: &str = "kind";
-const KEY_SCHEMA_VERSION: &str = "schema_version";
+use super::common::KEY_KIND;
+use super::common::KEY_SCHEMA_VERSION;
 const KEY_SHELTER: &str = "shelter";
 const KEY_STATUS: &str = "status";
 const KEY_EVACUEES: &str = "evacuees";
@@ -1680,33 +1681,7 @@ fn time_cmp(a: &str, b: &str) -> Ordering {
 // ---------------------------------------------------------------------------------------------
 
 fn check_header(doc: &impl ReadDoc, expected: &'static str) -> Result<(), DocumentError> {
-    let kind = match doc.get(automerge::ROOT, KEY_KIND)? {
-        Some((v, _)) => v.as_str().unwrap_or_default().to_owned(),
-        None => String::new(),
-    };
-    if kind != expected {
-        return Err(DocumentError::WrongKind {
-            found: kind,
-            expected,
-        });
-    }
-    match read_u64(doc, &automerge::ROOT, KEY_SCHEMA_VERSION)? {
-        Some(version) if (1..=SCHEMA_VERSION).contains(&version) => Ok(()),
-        found => Err(DocumentError::UnsupportedSchema {
-            found: found.unwrap_or(0),
-            supported: SCHEMA_VERSION,
-        }),
-    }
-}
-
-fn read_u64(doc: &impl ReadDoc, obj: &ObjId, key: &str) -> Result<Option<u64>, DocumentError> {
-    match doc.get(obj, key)? {
-        None => Ok(None),
-        Some((v, _)) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| wrong_type(key, "an unsigned integer")),
-    }
+    common::check_header(doc, expected, SCHEMA_VERSION)
 }
 
 fn child_map(doc: &impl ReadDoc, parent: &ObjId, key: &str) -> Result<ObjId, DocumentError> {
@@ -1790,21 +1765,6 @@ fn invalid(key: &str, reason: &str) -> DocumentError {
     DocumentError::InvalidValue {
         key: key.to_owned(),
         reason: reason.to_owned(),
-    }
-}
-
-fn too_large(what: &str, size: usize, max: usize) -> DocumentError {
-    DocumentError::TooLarge {
-        what: what.to_owned(),
-        size: size as u64,
-        max: max as u64,
-    }
-}
-
-fn wrong_type(key: &str, expected: &'static str) -> DocumentError {
-    DocumentError::WrongType {
-        key: key.to_owned(),
-        expected,
     }
 }
 
