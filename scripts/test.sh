@@ -12,6 +12,8 @@ step() { printf '\n==> %s\n' "$*"; }
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# The outage scenario builds network namespaces (`ip netns`, veth, bridges); it runs as root.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 # The care plan PDF needs a Japanese font; its scenario test renders pages with pdftoppm.
 [[ -f /usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf ]] || missing+=(fonts-ipaexfont-gothic)
 command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)

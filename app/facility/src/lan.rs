@@ -50,7 +50,8 @@ fn peer_facility(engine: &Engine, peer: &PeerId) -> Option<FacilityId> {
     (!f.revoked && !d.revoked).then_some(f.id)
 }
 
-fn shared_docs(engine: &Engine, facility: FacilityId) -> Result<Vec<DocumentId>> {
+/// The documents whose members include both this device's facility and `facility`.
+pub fn shared_docs(engine: &Engine, facility: FacilityId) -> Result<Vec<DocumentId>> {
     let me = engine.enrolment()?.facility;
     Ok(engine
         .store()
@@ -317,37 +318,15 @@ impl Lan {
             return Ok(vec![]);
         };
         match protocol::decode_response(bytes) {
-            Ok(Response::Exchange {
-                doc: d,
-                items,
-                more,
-                want,
-                ops,
-                grants,
-            }) if d == doc => {
-                let mut all: Vec<PushItem> =
-                    ops.into_iter().map(|op| PushItem::Op { op }).collect();
-                all.extend(grants.into_iter().map(|grant| PushItem::Grant { grant }));
-                all.extend(
-                    items
-                        .into_iter()
-                        .filter(|e| e.doc == doc)
-                        .map(|envelope| PushItem::Bundle { envelope }),
-                );
-                let report = engine.import_items(all, Origin::Lan, true)?;
-                for r in &report.refused {
-                    tracing::warn!(%peer, "LAN item refused: {r}");
-                }
-                if !want.is_empty() {
-                    let want: BTreeSet<BundleId> = want.into_iter().collect();
-                    let (items, _) = bundles_for(engine, doc, |id| want.contains(id))?;
-                    if !items.is_empty() {
-                        let rid = swarm.behaviour_mut().sync.send_request(
-                            &peer,
-                            protocol::encode_request(&Request::Deliver { doc, items }),
-                        );
-                        self.delivers.insert(rid, peer);
-                    }
+            Ok(response @ Response::Exchange { more, .. }) => {
+                if let Some(Request::Deliver { doc, items }) =
+                    Lan::take_exchange(engine, &peer, doc, response)?
+                {
+                    let rid = swarm.behaviour_mut().sync.send_request(
+                        &peer,
+                        protocol::encode_request(&Request::Deliver { doc, items }),
+                    );
+                    self.delivers.insert(rid, peer);
                 }
                 if more {
                     self.last_round = None;
@@ -362,6 +341,49 @@ impl Lan {
         }
     }
 
+    /// The offerer's side of an exchange, without IO: stores what the answer to [`offer`] for `doc`
+    /// carries (verified, queued for the relay) and returns the `Deliver` of the bundles the peer
+    /// wants, if it wants any.
+    pub fn take_exchange(
+        engine: &mut Engine,
+        peer: &PeerId,
+        doc: DocumentId,
+        response: Response,
+    ) -> Result<Option<Request>> {
+        let Response::Exchange {
+            doc: d,
+            items,
+            more: _,
+            want,
+            ops,
+            grants,
+        } = response
+        else {
+            return Ok(None);
+        };
+        if d != doc {
+            return Ok(None);
+        }
+        let mut all: Vec<PushItem> = ops.into_iter().map(|op| PushItem::Op { op }).collect();
+        all.extend(grants.into_iter().map(|grant| PushItem::Grant { grant }));
+        all.extend(
+            items
+                .into_iter()
+                .filter(|e| e.doc == doc)
+                .map(|envelope| PushItem::Bundle { envelope }),
+        );
+        let report = engine.import_items(all, Origin::Lan, true)?;
+        for r in &report.refused {
+            tracing::warn!(%peer, "LAN item refused: {r}");
+        }
+        if want.is_empty() {
+            return Ok(None);
+        }
+        let want: BTreeSet<BundleId> = want.into_iter().collect();
+        let (items, _) = bundles_for(engine, doc, |id| want.contains(id))?;
+        Ok((!items.is_empty()).then_some(Request::Deliver { doc, items }))
+    }
+
     /// A LAN request failed.
     pub fn on_failure(&mut self, id: &OutboundRequestId) {
         self.offers.remove(id);
@@ -369,7 +391,9 @@ impl Lan {
     }
 }
 
-fn offer(engine: &Engine, doc: DocumentId) -> Result<Request> {
+/// The `Offer` of `doc` to a LAN peer: the bundle ids this device holds (the newest
+/// [`OFFER_IDS_MAX`]), and the document's operations and grants.
+pub fn offer(engine: &Engine, doc: DocumentId) -> Result<Request> {
     let mut have = engine.store().bundle_ids(doc)?;
     if have.len() > OFFER_IDS_MAX {
         have.drain(..have.len() - OFFER_IDS_MAX);

@@ -23,6 +23,11 @@ use crate::engine::{Engine, EngineError, Enrolment, now_ms};
 use crate::lan::Lan;
 use crate::services;
 
+/// How often a watching session asks the relay for its document list again while connected, so a
+/// notification lost on a live connection (the relay does not resend them) delays an update by at
+/// most this long instead of until the next reconnection.
+pub const RELIST_INTERVAL: Duration = Duration::from_secs(300);
+
 /// How a sync run ends.
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
@@ -248,6 +253,7 @@ pub async fn sync_with(
         Mode::Watch => None,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_list = tokio::time::Instant::now();
     dial(&mut swarm, relay, &addrs);
 
     loop {
@@ -302,6 +308,7 @@ pub async fn sync_with(
                     connected = true;
                     redial_backoff = Duration::from_millis(250);
                     session.handle_connected(Instant::now());
+                    last_list = tokio::time::Instant::now();
                     tracing::info!("connected to the relay");
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } if peer_id == relay => {
@@ -381,6 +388,10 @@ pub async fn sync_with(
             _ = tick.tick() => {
                 if options.lan {
                     lan.round(engine, &mut swarm, false);
+                }
+                if connected && last_list.elapsed() >= RELIST_INTERVAL {
+                    last_list = tokio::time::Instant::now();
+                    session.want_documents();
                 }
                 if let Some(t) = redial_at
                     && tokio::time::Instant::now() >= t

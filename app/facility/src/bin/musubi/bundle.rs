@@ -122,7 +122,10 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: BundleCommand) -> Result<()> {
             if json.json {
                 print_json(&r)?;
             } else {
-                println!("imported {} new item(s); {} already here", r.new, r.known);
+                println!(
+                    "imported {} new item(s); {} already here; {} of documents this facility is not a member of left out",
+                    r.new, r.known, r.skipped
+                );
             }
             for reason in &r.refused {
                 eprintln!("refused: {reason}");
