@@ -5,7 +5,9 @@
 //! document: kind, members, epoch, head), `bundles` (encrypted envelopes by BLAKE3 id with the relay's
 //! sequence number once acknowledged or pulled), `outbox` (items waiting for the relay, in order),
 //! `cursors` (last pulled sequence number per document), `grants` (sealed document keys).
-//! Several processes (the CLI and `sync --watch`) share it; each write is one transaction.
+//! Several processes (the CLI and `sync --watch`) share it; each write is one transaction, begun
+//! IMMEDIATE so it waits for the write lock (busy timeout) instead of failing when another process
+//! committed between its first read and its first write.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use musubi_crdt::bundle::Envelope;
 use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Seq};
 use musubi_crdt::ops::{DocOp, KeyGrant};
 use musubi_crdt::protocol::{DocumentInfo, PushItem};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// Schema version written to `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -240,7 +242,9 @@ impl Store {
 
     /// Stores a bundle written here and queues it (one transaction). Returns the outbox id.
     pub fn add_local_bundle(&mut self, env: &Envelope, now_ms: u64) -> Result<u64> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = env.id();
         tx.execute(
             "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
@@ -267,7 +271,9 @@ impl Store {
         queue: bool,
         now_ms: u64,
     ) -> Result<bool> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = env.id();
         let new = tx.execute(
             "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
@@ -398,7 +404,9 @@ impl Store {
 
     /// The relay took an outbox item: drop it, and record a bundle's sequence number.
     pub fn acknowledge(&mut self, outbox_id: u64, seq: Option<Seq>) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let bundle: Option<Option<Vec<u8>>> = tx
             .query_row(
                 "SELECT bundle FROM outbox WHERE id = ?1",
@@ -433,7 +441,9 @@ impl Store {
         items: &[(Seq, Envelope)],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut last = Seq(0);
         for (seq, env) in items {
             let id = env.id();
