@@ -726,14 +726,25 @@ fn check_member(
     caller: Caller,
     doc: DocumentId,
 ) -> Result<Option<Response>, StoreError> {
-    if doc_epoch(conn, doc)?.is_none() {
-        return Ok(Some(Response::error(
+    Ok(member_epoch(conn, caller, doc)?
+        .err()
+        .map(|(code, message)| Response::error(code, message)))
+}
+
+/// The document's current epoch when it exists and the caller's facility is a member; else why not.
+fn member_epoch(
+    conn: &Connection,
+    caller: Caller,
+    doc: DocumentId,
+) -> Result<Result<Epoch, (ErrorCode, String)>, StoreError> {
+    let Some(epoch) = doc_epoch(conn, doc)? else {
+        return Ok(Err((
             ErrorCode::UnknownDocument,
             format!("document {doc} is not known at this relay"),
         )));
-    }
+    };
     if member_role(conn, doc, caller.facility)?.is_none() {
-        return Ok(Some(Response::error(
+        return Ok(Err((
             ErrorCode::NotMember,
             format!(
                 "facility {} is not a member of document {doc}",
@@ -741,7 +752,7 @@ fn check_member(
             ),
         )));
     }
-    Ok(None)
+    Ok(Ok(epoch))
 }
 
 /// Why a facility cannot become a member, if it cannot.
@@ -1013,21 +1024,10 @@ fn push_grant(
     if let Some(refusal) = author_refusal(conn, &grant.author, grant.facility, "key grant")? {
         return Ok(refusal);
     }
-    let Some(current) = doc_epoch(conn, doc)? else {
-        return Ok(reject(
-            ErrorCode::UnknownDocument,
-            format!("document {doc} is not known at this relay"),
-        ));
+    let current = match member_epoch(conn, caller, doc)? {
+        Ok(epoch) => epoch,
+        Err((code, message)) => return Ok(reject(code, message)),
     };
-    if member_role(conn, doc, caller.facility)?.is_none() {
-        return Ok(reject(
-            ErrorCode::NotMember,
-            format!(
-                "facility {} is not a member of document {doc}",
-                caller.facility
-            ),
-        ));
-    }
     let hash = grant.hash();
     let seen: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM grants WHERE hash = ?1)",
@@ -1097,21 +1097,10 @@ fn push_bundle(
             "the bundle's signature does not verify",
         ));
     }
-    let Some(current) = doc_epoch(conn, doc)? else {
-        return Ok(reject(
-            ErrorCode::UnknownDocument,
-            format!("document {doc} is not known at this relay"),
-        ));
+    let current = match member_epoch(conn, caller, doc)? {
+        Ok(epoch) => epoch,
+        Err((code, message)) => return Ok(reject(code, message)),
     };
-    if member_role(conn, doc, caller.facility)?.is_none() {
-        return Ok(reject(
-            ErrorCode::NotMember,
-            format!(
-                "facility {} is not a member of document {doc}",
-                caller.facility
-            ),
-        ));
-    }
     let encoded = envelope.encode();
     let id = BundleId::of_bytes(&encoded);
     let existing: Option<i64> = conn

@@ -597,7 +597,7 @@ impl Engine {
             epoch: Epoch(0),
             head: Default::default(),
         };
-        let recipients = self.member_devices(&info)?;
+        let recipients = member_devices(&self.directory()?, &info);
         let grant = KeyGrant::seal(
             &self.secrets,
             enrolment.facility,
@@ -620,21 +620,6 @@ impl Engine {
         build(&mut loaded.doc)?;
         self.commit(&mut loaded)?;
         Ok(doc)
-    }
-
-    /// Current devices of the document's member facilities, with their age recipients.
-    fn member_devices(&self, info: &DocumentInfo) -> Result<Vec<(DeviceId, String)>> {
-        let dir = self.directory()?;
-        let mut out = Vec::new();
-        for m in &info.members {
-            if let Some(f) = dir.facility(m.facility) {
-                out.extend(
-                    f.current_devices()
-                        .map(|d| (d.device, d.age_recipient.clone())),
-                );
-            }
-        }
-        Ok(out)
     }
 
     /// Adds `facility` with `role`, or removes it (`role: None`, which also rotates the key). Owner only.
@@ -711,7 +696,8 @@ impl Engine {
         let Ok(enrolment) = self.enrolment() else {
             return Ok(0);
         };
-        let Ok(_) = self.directory() else {
+        // One directory (signature checked once) and one key decryption per document per pass.
+        let Ok(dir) = self.directory() else {
             return Ok(0);
         };
         let mut queued = 0;
@@ -725,13 +711,13 @@ impl Engine {
             else {
                 continue;
             };
-            let keys = self.keys(info.id)?;
+            let mut keys = self.keys(info.id)?;
             if keys.is_empty() {
                 continue;
             }
-            let should = self.member_devices(&info)?;
+            let should = member_devices(&dir, &info);
             let should_ids: BTreeSet<DeviceId> = should.iter().map(|(d, _)| *d).collect();
-            let grants = self.store.grants(info.id)?;
+            let mut grants = self.store.grants(info.id)?;
             let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
             if my_role == Role::Owner && held_epoch >= info.epoch {
                 let current_recipients: BTreeSet<DeviceId> = grants
@@ -760,15 +746,18 @@ impl Engine {
                     self.store.put_grant(&grant)?;
                     self.store.put_op(&op)?;
                     self.store.queue(&PushItem::Op { op })?;
-                    self.store.queue(&PushItem::Grant { grant })?;
+                    self.store.queue(&PushItem::Grant {
+                        grant: grant.clone(),
+                    })?;
+                    grants.push(grant);
+                    keys.entry(epoch).or_default().push(key);
                     info.epoch = epoch;
                     self.store.put_document(&info)?;
                     queued += 2;
                     tracing::info!(doc = %info.id, %epoch, "rotated the document key");
                 }
             }
-            let grants = self.store.grants(info.id)?;
-            for (epoch, ks) in self.keys(info.id)? {
+            for (epoch, ks) in keys {
                 let covered: BTreeSet<DeviceId> = grants
                     .iter()
                     .filter(|g| g.epoch == epoch)
@@ -1027,6 +1016,18 @@ pub fn derive_info(ops: &[DocOp]) -> Option<DocumentInfo> {
         }
     }
     Some(info)
+}
+
+/// Current devices of the document's member facilities, with their age recipients.
+fn member_devices(dir: &Directory, info: &DocumentInfo) -> Vec<(DeviceId, String)> {
+    info.members
+        .iter()
+        .filter_map(|m| dir.facility(m.facility))
+        .flat_map(|f| {
+            f.current_devices()
+                .map(|d| (d.device, d.age_recipient.clone()))
+        })
+        .collect()
 }
 
 fn open_any(keys: &BTreeMap<Epoch, Vec<DocumentKey>>, env: &Envelope) -> Option<Payload> {

@@ -45,6 +45,11 @@ fn cbor<T: serde::Serialize>(v: &T) -> Vec<u8> {
     out
 }
 
+fn parse_doc(text: &str) -> Result<DocumentId> {
+    text.parse()
+        .map_err(|e: musubi_crdt::ids::ParseIdError| StoreError::Corrupt(e.to_string()))
+}
+
 fn uncbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -469,12 +474,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (d, s) = row?;
-            out.push((
-                d.parse().map_err(|e: musubi_crdt::ids::ParseIdError| {
-                    StoreError::Corrupt(e.to_string())
-                })?,
-                Seq(s as u64),
-            ));
+            out.push((parse_doc(&d)?, Seq(s as u64)));
         }
         Ok(out)
     }
@@ -490,20 +490,33 @@ impl Store {
 
     /// Bundles of a document stored after row `rowid`, with their row ids, in the order stored.
     pub fn bundles_after(&self, doc: DocumentId, rowid: i64) -> Result<Vec<(i64, BundleRow)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT rowid, id, seq, envelope FROM bundles WHERE doc = ?1 AND rowid > ?2 ORDER BY rowid")?;
-        let rows = stmt.query_map(params![doc.to_string(), rowid], |r| {
+        self.query_bundles(
+            "WHERE doc = ?1 AND rowid > ?2",
+            params![doc.to_string(), rowid],
+        )
+    }
+
+    /// Bundles matching `clause` (with `args`), with their row ids, in the order stored.
+    fn query_bundles(
+        &self,
+        clause: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<(i64, BundleRow)>> {
+        let sql =
+            format!("SELECT rowid, id, doc, seq, envelope FROM bundles {clause} ORDER BY rowid");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(args, |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (rowid, id, seq, env) = row?;
+            let (rowid, id, doc, seq, env) = row?;
             let id: [u8; 32] = id
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("bundle id length".into()))?;
@@ -511,7 +524,7 @@ impl Store {
                 rowid,
                 BundleRow {
                     id: BundleId(id),
-                    doc,
+                    doc: parse_doc(&doc)?,
                     seq: seq.map(|s| Seq(s as u64)),
                     envelope: Envelope::decode(&env)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -544,44 +557,11 @@ impl Store {
 
     /// Every bundle.
     pub fn all_bundles(&self) -> Result<Vec<BundleRow>> {
-        self.bundles_where("", None)
-    }
-
-    fn bundles_where(&self, clause: &str, arg: Option<String>) -> Result<Vec<BundleRow>> {
-        let sql = format!("SELECT id, doc, seq, envelope FROM bundles {clause} ORDER BY rowid");
-        let mut stmt = self.conn.prepare(&sql)?;
-        let map = |r: &rusqlite::Row<'_>| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-            ))
-        };
-        let rows: Vec<_> = match arg {
-            Some(a) => stmt
-                .query_map([a], map)?
-                .collect::<std::result::Result<_, _>>()?,
-            None => stmt
-                .query_map([], map)?
-                .collect::<std::result::Result<_, _>>()?,
-        };
-        rows.into_iter()
-            .map(|(id, doc, seq, env)| {
-                let id: [u8; 32] = id
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("bundle id length".into()))?;
-                Ok(BundleRow {
-                    id: BundleId(id),
-                    doc: doc.parse().map_err(|e: musubi_crdt::ids::ParseIdError| {
-                        StoreError::Corrupt(e.to_string())
-                    })?,
-                    seq: seq.map(|s| Seq(s as u64)),
-                    envelope: Envelope::decode(&env)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                })
-            })
-            .collect()
+        Ok(self
+            .query_bundles("", [])?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect())
     }
 
     /// Stores a key grant (idempotent); returns whether it was new.
