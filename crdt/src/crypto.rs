@@ -155,6 +155,10 @@ pub fn public_key_of(device: &DeviceId) -> Result<PublicKey, CryptoError> {
 }
 
 /// A device's secrets: the Ed25519 signing key and the age X25519 identity.
+///
+/// Cloning copies the secrets in memory (for a second handle on the same unlocked device, e.g. the
+/// desktop app's sync task); it never writes them anywhere.
+#[derive(Clone)]
 pub struct DeviceSecrets {
     keypair: Keypair,
     signing_seed: [u8; 32],

@@ -33,6 +33,7 @@ macro_rules! uuid_id {
     ($(#[$meta:meta])* $name:ident, $what:literal) => {
         $(#[$meta])*
         #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "specta", derive(specta::Type), specta(transparent))]
         #[serde(transparent)]
         pub struct $name(pub Uuid);
 
@@ -229,6 +230,7 @@ impl fmt::Display for Role {
 
 /// What kind of organisation a facility is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "kebab-case")]
 pub enum FacilityRole {
     /// 診療所・病院 (clinic or hospital).
@@ -270,6 +272,7 @@ impl fmt::Display for FacilityRole {
 
 /// Which domain schema a document follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "kebab-case")]
 pub enum DocumentKind {
     /// 診療情報提供書 (様式11), a referral letter.

@@ -226,6 +226,20 @@ impl Engine {
         })
     }
 
+    /// A second handle on this unlocked device: the same keys, its own store connection.
+    ///
+    /// For a process that runs the sync loop beside user commands (the desktop app), without
+    /// asking for the passphrase again. The store is the only shared state, as between processes.
+    ///
+    /// Errors: [`EngineError::Store`] when the store cannot be opened.
+    pub fn try_clone(&self) -> Result<Engine> {
+        Ok(Engine {
+            dir: self.dir.clone(),
+            store: Store::open(&self.dir)?,
+            secrets: self.secrets.clone(),
+        })
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir

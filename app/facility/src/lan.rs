@@ -145,6 +145,11 @@ impl Lan {
         true
     }
 
+    /// Number of facility devices on the LAN this run is connected to now.
+    pub fn connected_peers(&self) -> usize {
+        self.peers.values().filter(|p| p.connected).count()
+    }
+
     /// The last connection to `peer` closed.
     pub fn on_closed(&mut self, peer: &PeerId) {
         if let Some(p) = self.peers.get_mut(peer) {

@@ -6,10 +6,11 @@
 //! and picks up edits other processes make in the same store.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use musubi_crdt::ids::Seq;
+use musubi_crdt::ids::{DocumentId, Seq};
 use musubi_crdt::invite::InviteCode;
 use musubi_crdt::protocol::{self, ErrorCode, PushResult, Request, Response};
 use musubi_crdt::sync::{Event, OutboxId, RequestId, Session, SessionConfig};
@@ -206,6 +207,30 @@ pub struct SyncOptions {
     pub lan: bool,
     /// Addresses to listen on for LAN peers (default `/ip4/0.0.0.0/tcp/0` when `lan`).
     pub listen: Vec<Multiaddr>,
+    /// Where to report what the run does, for a UI: connection state, documents changed, pushes.
+    /// Sending never blocks; a closed receiver is ignored.
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<SyncEvent>>,
+    /// Woken to sync now: when offline, dial the relay at once instead of waiting out the backoff;
+    /// when connected, ask the relay for the document list again.
+    pub nudge: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// What a sync run reports to an observer ([`SyncOptions::events`]) as it happens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncEvent {
+    /// The connection to the relay came up (`true`) or went down (`false`).
+    Relay(bool),
+    /// The number of facility devices on the LAN this run is connected to changed.
+    LanPeers(usize),
+    /// Bundles or keys arrived for this document (from the relay or a LAN peer): its content may
+    /// have changed.
+    Changed(DocumentId),
+    /// The relay's document list arrived: documents may have been shared with this facility.
+    Listed,
+    /// The relay acknowledged outbox items: the count of unsent items went down.
+    Pushed,
+    /// In step with the relay: everything queued was sent and everything announced was pulled.
+    CaughtUp,
 }
 
 /// Runs a sync session with the relay.
@@ -254,6 +279,12 @@ pub async fn sync_with(
     };
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_list = tokio::time::Instant::now();
+    let emit = |e: SyncEvent| {
+        if let Some(tx) = &options.events {
+            let _ = tx.send(e);
+        }
+    };
+    let mut lan_peers = 0usize;
     dial(&mut swarm, relay, &addrs);
 
     loop {
@@ -266,7 +297,20 @@ pub async fn sync_with(
             requests.insert(rid, t.id);
         }
         while let Some(ev) = session.poll_event() {
-            match apply_event(engine, &mut session, ev, &mut report)? {
+            let observed = match &ev {
+                Event::Pulled { doc, .. } | Event::KeyGrants { doc, .. } => {
+                    Some(SyncEvent::Changed(*doc))
+                }
+                Event::Documents(_) => Some(SyncEvent::Listed),
+                Event::Pushed { .. } => Some(SyncEvent::Pushed),
+                Event::CaughtUp => Some(SyncEvent::CaughtUp),
+                _ => None,
+            };
+            let applied = apply_event(engine, &mut session, ev, &mut report)?;
+            if let Some(e) = observed {
+                emit(e);
+            }
+            match applied {
                 Applied::Continue => {}
                 Applied::Progress => on_progress(&report),
                 Applied::CaughtUp => {
@@ -310,6 +354,7 @@ pub async fn sync_with(
                     session.handle_connected(Instant::now());
                     last_list = tokio::time::Instant::now();
                     tracing::info!("connected to the relay");
+                    emit(SyncEvent::Relay(true));
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } if peer_id == relay => {
                     connected = false;
@@ -317,6 +362,7 @@ pub async fn sync_with(
                     requests.clear();
                     last_error = cause.map(|c| c.to_string()).unwrap_or_else(|| "connection closed".into());
                     redial_at = Some(tokio::time::Instant::now() + redial_backoff);
+                    emit(SyncEvent::Relay(false));
                 }
                 SwarmEvent::OutgoingConnectionError { peer_id: Some(p), error, .. } if p == relay => {
                     last_error = error.to_string();
@@ -330,6 +376,7 @@ pub async fn sync_with(
                         request_response::Message::Response { request_id, response } if lan.owns(&request_id) => {
                             for doc in lan.on_response(engine, &mut swarm, request_id, &response)? {
                                 services::after_sync(engine, doc)?;
+                                emit(SyncEvent::Changed(doc));
                             }
                         }
                         request_response::Message::Request { request, channel, .. } if peer != relay && options.lan => {
@@ -340,6 +387,7 @@ pub async fn sync_with(
                             let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&answer));
                             for doc in touched {
                                 services::after_sync(engine, doc)?;
+                                emit(SyncEvent::Changed(doc));
                             }
                         }
                         request_response::Message::Response { request_id, response } => {
@@ -385,9 +433,27 @@ pub async fn sync_with(
             _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 session.handle_timeout(Instant::now());
             }
+            _ = async { match &options.nudge { Some(n) => n.notified().await, None => std::future::pending().await } } => {
+                if connected {
+                    last_list = tokio::time::Instant::now();
+                    session.want_documents();
+                } else {
+                    redial_backoff = Duration::from_millis(250);
+                    redial_at = None;
+                    dial(&mut swarm, relay, &addrs);
+                }
+                if options.lan {
+                    lan.round(engine, &mut swarm, true);
+                }
+            }
             _ = tick.tick() => {
                 if options.lan {
                     lan.round(engine, &mut swarm, false);
+                    let now_peers = lan.connected_peers();
+                    if now_peers != lan_peers {
+                        lan_peers = now_peers;
+                        emit(SyncEvent::LanPeers(now_peers));
+                    }
                 }
                 if connected && last_list.elapsed() >= RELIST_INTERVAL {
                     last_list = tokio::time::Instant::now();

@@ -1,5 +1,7 @@
 //! The care plan as a PDF: 第1表 居宅サービス計画書(1), 第2表 居宅サービス計画書(2) and 第3表 週間サービス計画表
-//! in the layout of the MHLW standard forms (A4 landscape), drawn with a Japanese font of this system.
+//! in the layout of the MHLW standard forms (A4 landscape), drawn with a Japanese font of this system;
+//! and the referral letter (診療情報提供書, 様式11) in the form's layout (A4 portrait, [`render_referral`]),
+//! its sections flowing onto further pages when the text is long.
 //!
 //! The PDF is written with `krilla`, which embeds the font as a subset (only the glyphs used), so a
 //! plan is tens of kilobytes even with a 6 MB font. Text is measured with `skrifa` (the font's own
@@ -25,6 +27,7 @@ use krilla::text::{Font, TextDirection};
 use musubi_crdt::documents::careplan::{
     CareLevel, CarePlan, Certification, HouseworkReason, Sheet1, Weekday,
 };
+use musubi_crdt::documents::referral::ReferralLetter;
 use skrifa::MetadataProvider;
 use skrifa::instance::{LocationRef, Size};
 
@@ -1163,6 +1166,459 @@ fn sheet3(pen: &mut Pen<'_, '_>, plan: &CarePlan) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// 様式11 診療情報提供書
+// ---------------------------------------------------------------------------------------------
+
+/// Page width of A4 portrait (the referral letter), in points.
+pub const PORTRAIT_WIDTH_PT: f32 = PAGE_HEIGHT_PT;
+/// Page height of A4 portrait, in points.
+pub const PORTRAIT_HEIGHT_PT: f32 = PAGE_WIDTH_PT;
+
+const R_LEFT: f32 = 48.0;
+const R_RIGHT: f32 = PORTRAIT_WIDTH_PT - 48.0;
+const R_TOP: f32 = 48.0;
+const R_BOTTOM: f32 = PORTRAIT_HEIGHT_PT - 48.0;
+const R_LABEL_W: f32 = 118.0;
+const R_PT: f32 = 10.0;
+
+/// The bordered sections of 様式11 after the patient block, in the form's order, with the least
+/// height each takes on the page (points): the blank form's proportions.
+const REFERRAL_SECTIONS: [(&str, f32); 7] = [
+    ("傷病名", 40.0),
+    ("紹介目的", 48.0),
+    ("既往歴及び家族歴", 48.0),
+    ("症状経過及び検査結果", 90.0),
+    ("治療経過", 60.0),
+    ("現在の処方", 60.0),
+    ("備考", 36.0),
+];
+
+/// The notes printed under the form (様式11 の備考).
+const REFERRAL_NOTES: [&str; 3] = [
+    "備考　１．必要がある場合は続紙に記載して添付すること。",
+    "　　　２．必要がある場合は画像診断のフィルム、検査の記録を添付すること。",
+    "　　　３．紹介先が保険医療機関以外である場合は、紹介先医療機関等名の欄に紹介先保険薬局、市町村、保健所名等を記入すること。かつ、患者住所及び電話番号を必ず記入すること。",
+];
+
+/// Age in whole years on `on` of someone born on `birth` (both `YYYY-MM-DD`), if both parse.
+fn age_on(birth: &str, on: &str) -> Option<u32> {
+    let parse = |d: &str| -> Option<(u32, u32, u32)> {
+        let mut it = d.trim().split('-').map(|p| p.parse::<u32>().ok());
+        Some((it.next()??, it.next()??, it.next()??))
+    };
+    let (by, bm, bd) = parse(birth)?;
+    let (y, m, d) = parse(on)?;
+    let years = y.checked_sub(by)?;
+    Some(if (m, d) < (bm, bd) {
+        years.checked_sub(1)?
+    } else {
+        years
+    })
+}
+
+/// Lays a referral letter out page by page: the open page and the y where drawing continues.
+struct Flow<'f> {
+    document: Document,
+    font: &'f JapaneseFont,
+    pages: Vec<Vec<Drawn>>,
+    y: f32,
+}
+
+/// One thing to draw on a portrait page (recorded first, drawn when the page is finished, so a
+/// section's frame can be drawn after its height is known and pages can be added as needed).
+enum Drawn {
+    Text {
+        x: f32,
+        y: f32,
+        size: f32,
+        text: String,
+        align: Align,
+    },
+    Rect {
+        x: f32,
+        y: f32,
+        w: f32,
+        h: f32,
+        width: f32,
+    },
+    Line {
+        x1: f32,
+        y1: f32,
+        x2: f32,
+        y2: f32,
+        width: f32,
+    },
+    Circle {
+        x: f32,
+        y: f32,
+        w: f32,
+        h: f32,
+    },
+}
+
+impl<'f> Flow<'f> {
+    fn new(font: &'f JapaneseFont) -> Self {
+        Flow {
+            document: Document::new(),
+            font,
+            pages: vec![Vec::new()],
+            y: R_TOP,
+        }
+    }
+
+    fn width(&self, text: &str, size: f32) -> f32 {
+        self.font.width(text, size)
+    }
+
+    fn push(&mut self, d: Drawn) {
+        if let Some(page) = self.pages.last_mut() {
+            page.push(d);
+        }
+    }
+
+    fn text(&mut self, x: f32, y: f32, size: f32, text: &str, align: Align) {
+        self.push(Drawn::Text {
+            x,
+            y,
+            size,
+            text: text.to_owned(),
+            align,
+        });
+    }
+
+    fn new_page(&mut self) {
+        self.pages.push(Vec::new());
+        self.y = R_TOP;
+        self.text(R_RIGHT, R_TOP - 14.0, 8.0, "（続紙）", Align::Right);
+    }
+
+    /// A label and an underlined value: `label value____`; returns the x after the line.
+    fn field(&mut self, x: f32, y: f32, label: &str, value: &str, line_w: f32) -> f32 {
+        self.text(x, y, 9.0, label, Align::Left);
+        let vx = x + self.width(label, 9.0) + 6.0;
+        let mut size = R_PT;
+        while self.width(value, size) > line_w - 4.0 && size > TEXT_PT_MIN {
+            size -= 0.5;
+        }
+        self.text(vx + 2.0, y, size, value, Align::Left);
+        self.push(Drawn::Line {
+            x1: vx,
+            y1: y + 3.0,
+            x2: vx + line_w,
+            y2: y + 3.0,
+            width: 0.5,
+        });
+        vx + line_w
+    }
+
+    /// A bordered section: the label cell at the left, `text` wrapped at the right; at least
+    /// `min_h` high, continued on the next page (label repeated with `（続き）`) when it does not fit.
+    fn section(&mut self, label: &str, text: &str, min_h: f32) {
+        let pad = 4.0;
+        let line_h = R_PT * LINE_FACTOR;
+        let value_w = R_RIGHT - R_LEFT - R_LABEL_W - 2.0 * pad;
+        let lines = wrap_with(|s| self.font.width(s, R_PT), text, value_w);
+        let lines: Vec<String> = if text.trim().is_empty() {
+            Vec::new()
+        } else {
+            lines
+        };
+        let mut rest: &[String] = &lines;
+        let mut first = true;
+        loop {
+            let room = R_BOTTOM - self.y;
+            let want =
+                (rest.len() as f32 * line_h + 2.0 * pad).max(if first { min_h } else { 0.0 });
+            // A section that fits on a page starts on the next one rather than split; a longer one
+            // starts here if two lines fit.
+            let splits = want > R_BOTTOM - R_TOP;
+            let min_here = if splits {
+                2.0 * line_h + 2.0 * pad
+            } else {
+                want
+            };
+            if room < min_here && self.y > R_TOP {
+                self.new_page();
+                continue;
+            }
+            let fit = ((room - 2.0 * pad) / line_h).floor().max(1.0) as usize;
+            let take = rest.len().min(fit);
+            let h = if take == rest.len() {
+                want.min(room)
+            } else {
+                room
+            };
+            let top = self.y;
+            self.push(Drawn::Rect {
+                x: R_LEFT,
+                y: top,
+                w: R_LABEL_W,
+                h,
+                width: 0.6,
+            });
+            self.push(Drawn::Rect {
+                x: R_LEFT + R_LABEL_W,
+                y: top,
+                w: R_RIGHT - R_LEFT - R_LABEL_W,
+                h,
+                width: 0.6,
+            });
+            let shown = if first {
+                label.to_owned()
+            } else {
+                format!("{label}（続き）")
+            };
+            let label_lines = wrap_with(|s| self.font.width(s, 9.0), &shown, R_LABEL_W - 8.0);
+            for (j, l) in label_lines.iter().enumerate() {
+                self.text(
+                    R_LEFT + 4.0,
+                    top + pad + 9.0 + j as f32 * 9.0 * LINE_FACTOR,
+                    9.0,
+                    l,
+                    Align::Left,
+                );
+            }
+            for (i, l) in rest[..take].iter().enumerate() {
+                self.text(
+                    R_LEFT + R_LABEL_W + pad,
+                    top + pad + R_PT + i as f32 * line_h,
+                    R_PT,
+                    l,
+                    Align::Left,
+                );
+            }
+            self.y = top + h;
+            rest = &rest[take..];
+            first = false;
+            if rest.is_empty() {
+                return;
+            }
+            self.new_page();
+        }
+    }
+
+    /// Lines of small text across the page (notes), moving to a new page when needed.
+    fn paragraph(&mut self, text: &str, size: f32) {
+        for line in wrap_with(|s| self.font.width(s, size), text, R_RIGHT - R_LEFT) {
+            if self.y + size * LINE_FACTOR > R_BOTTOM {
+                self.new_page();
+            }
+            self.y += size * LINE_FACTOR;
+            self.text(R_LEFT, self.y, size, &line, Align::Left);
+        }
+    }
+
+    fn finish(mut self) -> Result<Vec<u8>, PdfError> {
+        let settings = PageSettings::from_wh(PORTRAIT_WIDTH_PT, PORTRAIT_HEIGHT_PT)
+            .ok_or_else(|| PdfError::Render("invalid page size".to_owned()))?;
+        let pages = std::mem::take(&mut self.pages);
+        for drawn in pages {
+            let mut page = self.document.start_page_with(settings.clone());
+            let mut surface = page.surface();
+            {
+                let mut pen = Pen::new(&mut surface, self.font);
+                for d in drawn {
+                    match d {
+                        Drawn::Text {
+                            x,
+                            y,
+                            size,
+                            text,
+                            align,
+                        } => pen.text(x, y, size, &text, align),
+                        Drawn::Rect { x, y, w, h, width } => pen.rect(x, y, w, h, width),
+                        Drawn::Line {
+                            x1,
+                            y1,
+                            x2,
+                            y2,
+                            width,
+                        } => pen.line(x1, y1, x2, y2, width),
+                        Drawn::Circle { x, y, w, h } => pen.circle(x, y, w, h),
+                    }
+                }
+            }
+            surface.finish();
+            page.finish();
+        }
+        self.document
+            .finish()
+            .map_err(|e| PdfError::Render(format!("{e:?}")))
+    }
+}
+
+/// Draws a referral letter in the layout of 様式11 (診療情報提供書), A4 portrait: 紹介先, the date
+/// `written_on` (`YYYY-MM-DD`; empty prints the blank form's date), 紹介元, the patient block, the
+/// bordered sections (傷病名 … 備考) and the form's notes; then, when present, the list of 添付 and
+/// the 返書. Long sections continue on further pages (続紙).
+///
+/// # Errors
+///
+/// [`PdfError::Render`] when the PDF writer fails.
+pub fn render_referral(
+    letter: &ReferralLetter,
+    written_on: &str,
+    font: &JapaneseFont,
+) -> Result<Vec<u8>, PdfError> {
+    let mut f = Flow::new(font);
+    let p = &letter.patient;
+    f.text(
+        PORTRAIT_WIDTH_PT / 2.0,
+        R_TOP + 16.0,
+        16.0,
+        "診 療 情 報 提 供 書",
+        Align::Center,
+    );
+    f.text(R_LEFT, R_TOP - 14.0, 8.0, "（別紙様式11）", Align::Left);
+    f.text(
+        R_RIGHT,
+        R_TOP + 42.0,
+        10.0,
+        &jdate(written_on),
+        Align::Right,
+    );
+
+    // 紹介先.
+    f.field(
+        R_LEFT,
+        R_TOP + 64.0,
+        "紹介先医療機関等名",
+        &letter.to_facility,
+        240.0,
+    );
+    let x = f.field(R_LEFT, R_TOP + 86.0, "担当医", &letter.to_doctor, 240.0);
+    f.text(x + 4.0, R_TOP + 86.0, 10.0, "殿", Align::Left);
+
+    // 紹介元.
+    let fx = 300.0;
+    f.field(
+        fx,
+        R_TOP + 112.0,
+        "紹介元医療機関の所在地及び名称",
+        "",
+        R_RIGHT - fx - 150.0,
+    );
+    f.field(
+        fx,
+        R_TOP + 130.0,
+        "",
+        &letter.from_facility,
+        R_RIGHT - fx - 6.0,
+    );
+    let x = f.field(
+        fx,
+        R_TOP + 150.0,
+        "医師氏名",
+        &letter.from_doctor,
+        R_RIGHT - fx - 62.0,
+    );
+    f.text(x + 4.0, R_TOP + 150.0, 9.0, "印", Align::Left);
+
+    // 患者.
+    let py = R_TOP + 178.0;
+    let x = f.field(R_LEFT, py, "患者氏名", &p.name, 170.0);
+    let sx = x + 16.0;
+    f.text(sx, py, 9.0, "性別", Align::Left);
+    let mut cx = sx + f.width("性別", 9.0) + 8.0;
+    let known = matches!(p.sex.trim(), "男" | "女");
+    for (i, label) in ["男", "女"].into_iter().enumerate() {
+        if i > 0 {
+            f.text(cx, py, R_PT, "・", Align::Left);
+            cx += f.width("・", R_PT);
+        }
+        let w = f.width(label, R_PT);
+        f.text(cx, py, R_PT, label, Align::Left);
+        if p.sex.trim() == label {
+            f.push(Drawn::Circle {
+                x: cx - 3.0,
+                y: py - R_PT - 1.5,
+                w: w + 6.0,
+                h: R_PT + 5.0,
+            });
+        }
+        cx += w;
+    }
+    if !known && !p.sex.trim().is_empty() {
+        f.text(
+            cx + 8.0,
+            py,
+            R_PT,
+            &format!("（{}）", p.sex.trim()),
+            Align::Left,
+        );
+    }
+    if !p.kana.trim().is_empty() {
+        f.text(R_LEFT + 50.0, py - 13.0, 7.0, &p.kana, Align::Left);
+    }
+    f.field(
+        R_LEFT,
+        py + 22.0,
+        "患者住所",
+        &p.address,
+        R_RIGHT - R_LEFT - 50.0,
+    );
+    f.field(R_LEFT, py + 44.0, "電話番号", &p.phone, 170.0);
+    let age = age_on(&p.birth_date, written_on)
+        .map(|a| format!("（{a}歳）"))
+        .unwrap_or_default();
+    let x = f.field(
+        R_LEFT,
+        py + 66.0,
+        "生年月日",
+        &format!("{}{age}", jdate(&p.birth_date)),
+        190.0,
+    );
+    f.field(
+        x + 16.0,
+        py + 66.0,
+        "職業",
+        &p.occupation,
+        R_RIGHT - x - 16.0 - 30.0,
+    );
+
+    // The bordered sections.
+    f.y = py + 84.0;
+    let texts = [
+        &letter.diagnosis,
+        &letter.purpose,
+        &letter.history,
+        &letter.progress,
+        &letter.treatment,
+        &letter.prescription,
+        &letter.remarks,
+    ];
+    for ((label, min_h), text) in REFERRAL_SECTIONS.iter().zip(texts) {
+        f.section(label, text, *min_h);
+    }
+    f.y += 4.0;
+    for note in REFERRAL_NOTES {
+        f.paragraph(note, 7.5);
+    }
+    if !letter.attachments.is_empty() {
+        f.y += 10.0;
+        let list = letter
+            .attachments
+            .iter()
+            .map(|a| {
+                format!(
+                    "・{}（{}、{} KB）",
+                    a.name,
+                    a.media_type,
+                    a.bytes.div_ceil(1024)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        f.section("添付", &list, 24.0);
+    }
+    if !letter.reply.trim().is_empty() {
+        f.y += 10.0;
+        f.section("返書", &letter.reply, 48.0);
+    }
+    f.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use automerge::AutoCommit;
@@ -1329,6 +1785,59 @@ mod tests {
         }
         // An empty plan renders too (one page per sheet).
         render(&CarePlan::default(), &font).expect("render an empty plan");
+    }
+
+    #[test]
+    fn a_long_referral_letter_flows_onto_more_pages() {
+        use musubi_crdt::documents::referral::Patient;
+        let font = find_font().expect("a Japanese font (apt-get install fonts-ipaexfont-gothic)");
+        let letter = ReferralLetter {
+            to_facility: "東京第一テスト病院".to_owned(),
+            to_doctor: "循環器内科 野口 英世丸".to_owned(),
+            from_facility: "港診療所".to_owned(),
+            from_doctor: "大河内 勘三郎".to_owned(),
+            patient: Patient {
+                name: "田中 太郎".to_owned(),
+                sex: "男".to_owned(),
+                birth_date: "1955-05-04".to_owned(),
+                ..Patient::default()
+            },
+            progress: "血圧の経過。".repeat(400),
+            ..ReferralLetter::default()
+        };
+        let short = render_referral(
+            &ReferralLetter {
+                progress: String::new(),
+                ..letter.clone()
+            },
+            "2024-05-01",
+            &font,
+        )
+        .expect("render");
+        let long = render_referral(&letter, "2024-05-01", &font).expect("render");
+        // The page tree's `/Count N` (krilla writes one page tree).
+        let pages = |pdf: &[u8]| -> usize {
+            let at = pdf
+                .windows(b"/Count ".len())
+                .position(|w| w == b"/Count ")
+                .expect("a page tree");
+            pdf[at + b"/Count ".len()..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .fold(0, |n, b| n * 10 + usize::from(b - b'0'))
+        };
+        assert!(short.starts_with(b"%PDF-") && long.starts_with(b"%PDF-"));
+        assert_eq!(pages(&short), 1, "a short letter is one page");
+        assert!(pages(&long) >= 2, "a long 症状経過 continues on 続紙");
+        render_referral(&ReferralLetter::default(), "", &font).expect("a blank form renders");
+    }
+
+    #[test]
+    fn ages_on_the_letter_date() {
+        assert_eq!(age_on("1955-05-04", "2024-05-01"), Some(68));
+        assert_eq!(age_on("1955-05-04", "2024-05-04"), Some(69));
+        assert_eq!(age_on("", "2024-05-04"), None);
+        assert_eq!(age_on("2030-01-01", "2024-05-04"), None);
     }
 
     #[test]

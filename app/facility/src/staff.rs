@@ -121,6 +121,7 @@ type Result<T> = std::result::Result<T, StaffError>;
 
 /// A staff member as the app sees them (no secrets).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Staff {
     /// The account id.
     pub id: String,

@@ -132,6 +132,7 @@ const KEY_CATEGORY: &str = "category";
 
 /// A care plan (居宅サービス計画書) as plain data: what [`read`] returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct CarePlan {
     /// 第1表 居宅サービス計画書(1).
     pub sheet1: Sheet1,
@@ -151,6 +152,7 @@ pub struct CarePlan {
 
 /// 第1表 居宅サービス計画書(1).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Sheet1 {
     /// 作成年月日 (date the plan was drawn up and explained, `YYYY-MM-DD`).
     pub created_on: String,
@@ -196,6 +198,7 @@ pub struct Sheet1 {
 
 /// 利用者 (the resident the plan is for).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Resident {
     /// 利用者名 (full name, family name first, e.g. `山田 花子`).
     pub name: String,
@@ -215,6 +218,7 @@ pub struct Resident {
 
 /// 居宅介護支援事業者・事業所 (the care-management office that writes the plan).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Office {
     /// 事業所名 (office name).
     pub name: String,
@@ -228,6 +232,7 @@ pub struct Office {
 
 /// 同意 (the resident's or family's consent to the plan).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Consent {
     /// 説明・同意日 (date of explanation and consent, `YYYY-MM-DD`).
     pub date: String,
@@ -237,6 +242,7 @@ pub struct Consent {
 
 /// 初回・紹介・継続 (the plan's category; the form circles one or more).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct PlanCategory {
     /// 初回 (the office's first plan for the resident).
     pub initial: bool,
@@ -318,7 +324,10 @@ macro_rules! choice {
         }
     ) => {
         $(#[$meta])*
+        ///
+        /// Serialised as the words printed on the form (e.g. `要介護1`).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "specta", derive(specta::Type))]
         pub enum $name {
             $( $(#[$vmeta])* #[serde(rename = $label)] $variant, )+
         }
@@ -426,6 +435,7 @@ choice! {
 
 /// 生活全般の解決すべき課題（ニーズ）: one need of 第2表 with its goals.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Need {
     /// Stable id (unique within the plan).
     pub id: String,
@@ -437,6 +447,7 @@ pub struct Need {
 
 /// 長期目標 with its （期間）.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct LongTermGoal {
     /// Stable id.
     pub id: String,
@@ -450,6 +461,7 @@ pub struct LongTermGoal {
 
 /// 短期目標 with its （期間）.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct ShortTermGoal {
     /// Stable id.
     pub id: String,
@@ -463,6 +475,7 @@ pub struct ShortTermGoal {
 
 /// 援助内容: one service row of 第2表.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Service {
     /// Stable id.
     pub id: String,
@@ -487,6 +500,7 @@ pub type ServiceInput = Service;
 
 /// 第3表 週間サービス計画表.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct WeeklyPlan {
     /// Services on the day × time grid, sorted by day, start, end.
     pub entries: Vec<WeeklyEntry>,
@@ -498,6 +512,7 @@ pub struct WeeklyPlan {
 
 /// One service on the weekly grid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct WeeklyEntry {
     /// Stable id.
     pub id: String,
@@ -513,6 +528,7 @@ pub struct WeeklyEntry {
 
 /// 主な日常生活上の活動: one activity of the resident's day.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Activity {
     /// Stable id.
     pub id: String,
@@ -526,6 +542,7 @@ pub struct Activity {
 
 /// 曜日 of the weekly plan. Serialised as `mon` … `sun`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "lowercase")]
 pub enum Weekday {
     /// 月.
@@ -609,6 +626,7 @@ impl FromStr for Weekday {
 
 /// Who made an entry: the facility (from the directory) and the staff member signed in there.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Author {
     /// The facility's id.
     pub facility: String,
@@ -620,6 +638,7 @@ pub struct Author {
 
 /// 第5表 居宅介護支援経過: one dated entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct LogEntry {
     /// Stable id.
     pub id: String,
@@ -640,6 +659,7 @@ pub struct LogEntry {
 
 /// モニタリング: one monitoring entry (目標の達成状況, サービスの実施状況, …).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct MonitoringEntry {
     /// Stable id.
     pub id: String,
@@ -658,6 +678,7 @@ pub struct MonitoringEntry {
 
 /// A remark by a member (the family doctor, a provider) on the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Comment {
     /// Stable id.
     pub id: String,
@@ -674,6 +695,7 @@ pub struct Comment {
 
 /// 版: a recorded version of the plan (what [`read_version`] reads back).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct VersionInfo {
     /// 1 for the first recorded version, in the order they were recorded.
     pub number: usize,
@@ -709,6 +731,7 @@ pub enum Placement {
 
 /// What kind of item an id names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "snake_case")]
 pub enum ItemKind {
     /// 生活全般の解決すべき課題（ニーズ）.
@@ -782,11 +805,13 @@ enum FieldKind {
 }
 
 macro_rules! plan_fields {
-    ( $( $(#[$meta:meta])* $variant:ident => $key:literal, $section:expr, $leaf:literal, $kind:expr; )+ ) => {
-        /// A field of 第1表, as named by its key (`resident.name`, `policy`, …).
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    ( $( $(#[$meta:meta])* $variant:ident => $key:literal, $label:literal, $section:expr, $leaf:literal, $kind:expr; )+ ) => {
+        /// A field of 第1表, as named by its key (`resident.name`, `policy`, …). Its serde form is
+        /// the same key.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "specta", derive(specta::Type))]
         pub enum PlanField {
-            $( $(#[$meta])* $variant, )+
+            $( $(#[$meta])* #[serde(rename = $key)] $variant, )+
         }
 
         impl PlanField {
@@ -796,6 +821,11 @@ macro_rules! plan_fields {
             /// The key, as in the JSON of [`Sheet1`] (nested ones joined by a dot).
             pub fn key(self) -> &'static str {
                 match self { $(PlanField::$variant => $key,)+ }
+            }
+
+            /// The field's label on 第1表 (e.g. `総合的な援助の方針`).
+            pub fn label(self) -> &'static str {
+                match self { $(PlanField::$variant => $label,)+ }
             }
 
             /// (sub-map of `sheet1` or `None` for `sheet1` itself, leaf key).
@@ -812,65 +842,159 @@ macro_rules! plan_fields {
 
 plan_fields! {
     /// `created_on`: 作成年月日.
-    CreatedOn => "created_on", None, "created_on", FieldKind::Date;
+    CreatedOn => "created_on", "作成年月日", None, "created_on", FieldKind::Date;
     /// `changed_on`: 居宅サービス計画作成（変更）日.
-    ChangedOn => "changed_on", None, "changed_on", FieldKind::Date;
+    ChangedOn => "changed_on", "居宅サービス計画作成（変更）日", None, "changed_on", FieldKind::Date;
     /// `first_created_on`: 初回居宅サービス計画作成日.
-    FirstCreatedOn => "first_created_on", None, "first_created_on", FieldKind::Date;
+    FirstCreatedOn => "first_created_on", "初回居宅サービス計画作成日", None, "first_created_on", FieldKind::Date;
     /// `category`: 初回・紹介・継続 (comma-separated).
-    Category => "category", None, "category", FieldKind::Category;
+    Category => "category", "初回・紹介・継続", None, "category", FieldKind::Category;
     /// `certification`: 認定済・申請中.
-    Certification => "certification", None, "certification", FieldKind::Choice;
+    Certification => "certification", "認定済・申請中", None, "certification", FieldKind::Choice;
     /// `certified_on`: 認定日.
-    CertifiedOn => "certified_on", None, "certified_on", FieldKind::Date;
+    CertifiedOn => "certified_on", "認定日", None, "certified_on", FieldKind::Date;
     /// `valid_from`: 認定の有効期間 (開始).
-    ValidFrom => "valid_from", None, "valid_from", FieldKind::Date;
+    ValidFrom => "valid_from", "認定の有効期間（開始）", None, "valid_from", FieldKind::Date;
     /// `valid_to`: 認定の有効期間 (終了).
-    ValidTo => "valid_to", None, "valid_to", FieldKind::Date;
+    ValidTo => "valid_to", "認定の有効期間（終了）", None, "valid_to", FieldKind::Date;
     /// `care_level`: 要介護状態区分.
-    CareLevel => "care_level", None, "care_level", FieldKind::Choice;
+    CareLevel => "care_level", "要介護状態区分", None, "care_level", FieldKind::Choice;
     /// `resident.name`: 利用者名.
-    ResidentName => "resident.name", Some("resident"), "name", FieldKind::Text;
+    ResidentName => "resident.name", "利用者名", Some("resident"), "name", FieldKind::Text;
     /// `resident.kana`: 利用者氏名フリガナ.
-    ResidentKana => "resident.kana", Some("resident"), "kana", FieldKind::Text;
+    ResidentKana => "resident.kana", "利用者氏名フリガナ", Some("resident"), "kana", FieldKind::Text;
     /// `resident.sex`: 性別.
-    ResidentSex => "resident.sex", Some("resident"), "sex", FieldKind::Choice;
+    ResidentSex => "resident.sex", "性別", Some("resident"), "sex", FieldKind::Choice;
     /// `resident.birth_date`: 生年月日.
-    ResidentBirthDate => "resident.birth_date", Some("resident"), "birth_date", FieldKind::Date;
+    ResidentBirthDate => "resident.birth_date", "生年月日", Some("resident"), "birth_date", FieldKind::Date;
     /// `resident.postal_code`: 郵便番号.
-    ResidentPostalCode => "resident.postal_code", Some("resident"), "postal_code", FieldKind::PostalCode;
+    ResidentPostalCode => "resident.postal_code", "郵便番号", Some("resident"), "postal_code", FieldKind::PostalCode;
     /// `resident.address`: 住所.
-    ResidentAddress => "resident.address", Some("resident"), "address", FieldKind::Text;
+    ResidentAddress => "resident.address", "住所", Some("resident"), "address", FieldKind::Text;
     /// `resident.phone`: 電話番号.
-    ResidentPhone => "resident.phone", Some("resident"), "phone", FieldKind::Text;
+    ResidentPhone => "resident.phone", "電話番号", Some("resident"), "phone", FieldKind::Text;
     /// `insurer_number`: 保険者番号.
-    InsurerNumber => "insurer_number", None, "insurer_number", FieldKind::Digits(6);
+    InsurerNumber => "insurer_number", "保険者番号", None, "insurer_number", FieldKind::Digits(6);
     /// `insured_number`: 被保険者番号.
-    InsuredNumber => "insured_number", None, "insured_number", FieldKind::InsuredNumber;
+    InsuredNumber => "insured_number", "被保険者番号", None, "insured_number", FieldKind::InsuredNumber;
     /// `assessment`: 利用者及び家族の生活に対する意向を踏まえた課題分析の結果.
-    Assessment => "assessment", None, "assessment", FieldKind::Text;
+    Assessment => "assessment", "利用者及び家族の生活に対する意向を踏まえた課題分析の結果", None, "assessment", FieldKind::Text;
     /// `committee_opinion`: 介護認定審査会の意見及びサービスの種類の指定.
-    CommitteeOpinion => "committee_opinion", None, "committee_opinion", FieldKind::Text;
+    CommitteeOpinion => "committee_opinion", "介護認定審査会の意見及びサービスの種類の指定", None, "committee_opinion", FieldKind::Text;
     /// `policy`: 総合的な援助の方針.
-    Policy => "policy", None, "policy", FieldKind::Text;
+    Policy => "policy", "総合的な援助の方針", None, "policy", FieldKind::Text;
     /// `housework_reason`: 生活援助中心型の算定理由.
-    HouseworkReason => "housework_reason", None, "housework_reason", FieldKind::Choice;
+    HouseworkReason => "housework_reason", "生活援助中心型の算定理由", None, "housework_reason", FieldKind::Choice;
     /// `housework_reason_other`: 生活援助中心型の算定理由 その他.
-    HouseworkReasonOther => "housework_reason_other", None, "housework_reason_other", FieldKind::Text;
+    HouseworkReasonOther => "housework_reason_other", "生活援助中心型の算定理由 その他", None, "housework_reason_other", FieldKind::Text;
     /// `planner`: 居宅サービス計画作成者氏名.
-    Planner => "planner", None, "planner", FieldKind::Text;
+    Planner => "planner", "居宅サービス計画作成者氏名", None, "planner", FieldKind::Text;
     /// `office.name`: 居宅介護支援事業者・事業所名.
-    OfficeName => "office.name", Some("office"), "name", FieldKind::Text;
+    OfficeName => "office.name", "居宅介護支援事業者・事業所名", Some("office"), "name", FieldKind::Text;
     /// `office.code`: 介護支援事業者コード (事業所番号).
-    OfficeCode => "office.code", Some("office"), "code", FieldKind::Digits(10);
+    OfficeCode => "office.code", "介護支援事業者コード (事業所番号)", Some("office"), "code", FieldKind::Digits(10);
     /// `office.postal_code`: 事業所郵便番号.
-    OfficePostalCode => "office.postal_code", Some("office"), "postal_code", FieldKind::PostalCode;
+    OfficePostalCode => "office.postal_code", "事業所郵便番号", Some("office"), "postal_code", FieldKind::PostalCode;
     /// `office.address`: 事業所所在地.
-    OfficeAddress => "office.address", Some("office"), "address", FieldKind::Text;
+    OfficeAddress => "office.address", "事業所所在地", Some("office"), "address", FieldKind::Text;
     /// `consent.date`: 説明・同意日.
-    ConsentDate => "consent.date", Some("consent"), "date", FieldKind::Date;
+    ConsentDate => "consent.date", "説明・同意日", Some("consent"), "date", FieldKind::Date;
     /// `consent.by`: 利用者同意欄.
-    ConsentBy => "consent.by", Some("consent"), "by", FieldKind::Text;
+    ConsentBy => "consent.by", "利用者同意欄", Some("consent"), "by", FieldKind::Text;
+}
+
+/// How a field of 第1表 is entered (the editor's input type); see [`PlanField::input`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
+#[serde(rename_all = "snake_case")]
+pub enum FieldInput {
+    /// Free text (merged character by character).
+    Text,
+    /// A date `YYYY-MM-DD` (or empty).
+    Date,
+    /// A fixed number of ASCII digits (or empty); [`PlanField::digits`] says how many.
+    Digits,
+    /// 被保険者番号: 10 digits, or `H` and 9 digits (or empty).
+    InsuredNumber,
+    /// A postal code `NNN-NNNN` (or empty).
+    PostalCode,
+    /// One of [`PlanField::options`] (or empty).
+    Choice,
+    /// 初回・紹介・継続: any of [`PlanField::options`], joined by `,` or `・`.
+    Category,
+}
+
+impl PlanField {
+    /// How the field is entered.
+    pub fn input(self) -> FieldInput {
+        match self.kind() {
+            FieldKind::Text => FieldInput::Text,
+            FieldKind::Date => FieldInput::Date,
+            FieldKind::Digits(_) => FieldInput::Digits,
+            FieldKind::InsuredNumber => FieldInput::InsuredNumber,
+            FieldKind::PostalCode => FieldInput::PostalCode,
+            FieldKind::Choice => FieldInput::Choice,
+            FieldKind::Category => FieldInput::Category,
+        }
+    }
+
+    /// The number of digits of a [`FieldInput::Digits`] field (保険者番号 6, 事業所番号 10).
+    pub fn digits(self) -> Option<usize> {
+        match self.kind() {
+            FieldKind::Digits(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The values a choice or the category accepts, as the form's words (empty for other fields).
+    pub fn options(self) -> Vec<&'static str> {
+        fn labels<T: Copy>(all: &[T], label: fn(T) -> &'static str) -> Vec<&'static str> {
+            all.iter().map(|v| label(*v)).collect()
+        }
+        match self {
+            PlanField::Certification => labels(Certification::ALL, Certification::label),
+            PlanField::CareLevel => labels(CareLevel::ALL, CareLevel::label),
+            PlanField::ResidentSex => labels(Sex::ALL, Sex::label),
+            PlanField::HouseworkReason => labels(HouseworkReason::ALL, HouseworkReason::label),
+            PlanField::Category => vec!["初回", "紹介", "継続"],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl ItemKind {
+    /// Every kind, 第2表 from the need down, then 第3表.
+    pub const ALL: [ItemKind; 6] = [
+        ItemKind::Need,
+        ItemKind::LongTermGoal,
+        ItemKind::ShortTermGoal,
+        ItemKind::Service,
+        ItemKind::WeeklyEntry,
+        ItemKind::Activity,
+    ];
+
+    /// The form's label of one of [`ItemKind::fields`] (`None` for a key the item does not have).
+    pub fn field_label(self, key: &str) -> Option<&'static str> {
+        Some(match (self, key) {
+            (ItemKind::Need, "text") => "生活全般の解決すべき課題（ニーズ）",
+            (ItemKind::LongTermGoal, "text") => "長期目標",
+            (ItemKind::ShortTermGoal, "text") => "短期目標",
+            (ItemKind::LongTermGoal | ItemKind::ShortTermGoal, "period") => "（期間）",
+            (ItemKind::Service, "content") => "サービス内容",
+            (ItemKind::Service, "insured") => "※1 保険給付対象",
+            (ItemKind::Service, "kind") => "サービス種別",
+            (ItemKind::Service, "provider") => "※2 事業所",
+            (ItemKind::Service, "provider_code") => "サービス事業者コード",
+            (ItemKind::Service, "frequency") => "頻度",
+            (ItemKind::Service, "period") => "期間",
+            (ItemKind::WeeklyEntry, "day") => "曜日",
+            (ItemKind::WeeklyEntry | ItemKind::Activity, "start") => "開始時間",
+            (ItemKind::WeeklyEntry | ItemKind::Activity, "end") => "終了時間",
+            (ItemKind::WeeklyEntry, "service") => "介護サービス内容",
+            (ItemKind::Activity, "text") => "主な日常生活上の活動",
+            _ => return None,
+        })
+    }
 }
 
 impl fmt::Display for PlanField {
@@ -2523,6 +2647,50 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn field_keys_labels_and_inputs_are_complete() {
+        for &field in PlanField::ALL {
+            let json = serde_json::to_value(field).expect("serialise");
+            assert_eq!(json, field.key());
+            assert_eq!(
+                serde_json::from_value::<PlanField>(json).expect("deserialise"),
+                field
+            );
+            assert!(!field.label().is_empty(), "{field}");
+            let choice = matches!(field.input(), FieldInput::Choice | FieldInput::Category);
+            assert_eq!(choice, !field.options().is_empty(), "{field}");
+            assert_eq!(
+                field.input() == FieldInput::Digits,
+                field.digits().is_some()
+            );
+            for option in field.options() {
+                let mut sheet = Sheet1::default();
+                sheet.set(field, option).expect("every option is accepted");
+                assert!(sheet.get(field).contains(option), "{field}: {option}");
+            }
+        }
+        assert_eq!(PlanField::Policy.label(), "総合的な援助の方針");
+        for kind in ItemKind::ALL {
+            for key in kind.fields() {
+                assert!(kind.field_label(key).is_some(), "{kind:?}.{key}");
+            }
+            assert_eq!(kind.field_label("bogus"), None);
+        }
+    }
+
+    #[test]
+    fn choices_serialise_as_the_forms_words() {
+        let mut sheet = Sheet1::default();
+        sheet.set(PlanField::CareLevel, "care-2").expect("alias");
+        sheet.set(PlanField::ResidentSex, "女").expect("sex");
+        let json = serde_json::to_value(&sheet).expect("serialise");
+        assert_eq!(json["care_level"], "要介護2");
+        assert_eq!(json["resident"]["sex"], "女");
+        assert_eq!(json["certification"], serde_json::Value::Null);
+        let back: Sheet1 = serde_json::from_value(json).expect("deserialise");
+        assert_eq!(back, sheet);
+    }
 
     fn actor(name: &str) -> ActorId {
         ActorId::from(name.as_bytes())

@@ -15,6 +15,10 @@
 //!   status          str   "draft" | "sent" | "received" | "replied"   (see below)
 //!   attachments     list  [ map { id, name, media_type, added_at: str, bytes: uint } ]
 //!   fhir_source     str   the imported FHIR Bundle JSON, verbatim; absent when written by hand
+//!   to_facility_id  str   the recipient facility's id in the deployment (set by the app's `create`;
+//!                         absent in imported letters, whose recipient is a member from the start)
+//!   created_at, sent_at, received_at, replied_at   str   RFC 3339, when the letter reached that
+//!                         status (each written once, by the facility that moved it; optional)
 //! ```
 //!
 //! # Merge rules
@@ -29,6 +33,9 @@
 //!   replicas adding the same id concurrently are collapsed on read (first in list order wins).
 //! - `fhir_source` is written once by [`init`] and never changed: it is the base that
 //!   [`super::referral_fhir::export_bundle`] compares the current fields against.
+//! - `to_facility_id` and the status times are last-writer-wins scalars; [`set_status_time`] writes
+//!   a time only when none is recorded at this replica, so concurrent first writes resolve to one
+//!   of them, the same on every replica.
 //! - [`init`] runs once, at the document's creator; other replicas get it through sync.
 
 use super::common::{self, missing, read_u64, too_large, wrong_type};
@@ -65,6 +72,10 @@ const KEY_PATIENT: &str = "patient";
 const KEY_STATUS: &str = "status";
 const KEY_ATTACHMENTS: &str = "attachments";
 const KEY_FHIR_SOURCE: &str = "fhir_source";
+const KEY_TO_FACILITY_ID: &str = "to_facility_id";
+
+/// Maximum size of a recorded facility id or status time, in bytes.
+pub const SCALAR_BYTES_MAX: usize = 128;
 
 /// A referral letter (診療情報提供書, 様式11) as plain data.
 ///
@@ -73,6 +84,7 @@ const KEY_FHIR_SOURCE: &str = "fhir_source";
 /// `history`, `progress`, `treatment`, `prescription`, `remarks`, `status`, `reply`, `attachments`;
 /// `fhir_source` is never serialised (it can be megabytes).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct ReferralLetter {
     /// 紹介先医療機関名 (name of the facility the patient is referred to).
     pub to_facility: String,
@@ -112,6 +124,7 @@ pub struct ReferralLetter {
 
 /// 患者 (the patient section of 様式11).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Patient {
     /// 氏名 (full name in kanji, family name first, e.g. `田中 太郎`).
     pub name: String,
@@ -135,6 +148,7 @@ pub struct Patient {
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "lowercase")]
 pub enum ReferralStatus {
     /// 作成中: being written at the referring facility.
@@ -191,6 +205,7 @@ impl FromStr for ReferralStatus {
 
 /// 添付 (one attachment of a letter: a reference to the bundle of its own attachment document).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct AttachmentRef {
     /// Bundle id of the attachment's own bundle: the BLAKE3 hash, 64 lowercase hex digits.
     pub id: String,
@@ -207,46 +222,66 @@ pub struct AttachmentRef {
 /// A free-text field of a referral letter, as named by its JSON key.
 ///
 /// Parses ([`FromStr`]) from the top-level keys of [`ReferralLetter`] (`remarks`, …) and from
-/// `patient.<key>` for the patient's fields (`patient.name`, …).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// `patient.<key>` for the patient's fields (`patient.name`, …). Its serde form is the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub enum ReferralField {
     /// `to_facility`: 紹介先医療機関名.
+    #[serde(rename = "to_facility")]
     ToFacility,
     /// `to_doctor`: 紹介先担当医.
+    #[serde(rename = "to_doctor")]
     ToDoctor,
     /// `from_facility`: 紹介元医療機関名.
+    #[serde(rename = "from_facility")]
     FromFacility,
     /// `from_doctor`: 紹介元医師氏名.
+    #[serde(rename = "from_doctor")]
     FromDoctor,
     /// `diagnosis`: 傷病名.
+    #[serde(rename = "diagnosis")]
     Diagnosis,
     /// `purpose`: 紹介目的.
+    #[serde(rename = "purpose")]
     Purpose,
     /// `history`: 既往歴及び家族歴.
+    #[serde(rename = "history")]
     History,
     /// `progress`: 症状経過及び検査結果.
+    #[serde(rename = "progress")]
     Progress,
     /// `treatment`: 治療経過.
+    #[serde(rename = "treatment")]
     Treatment,
     /// `prescription`: 現在の処方.
+    #[serde(rename = "prescription")]
     Prescription,
     /// `remarks`: 備考.
+    #[serde(rename = "remarks")]
     Remarks,
     /// `reply`: 返書.
+    #[serde(rename = "reply")]
     Reply,
     /// `patient.name`: 患者氏名.
+    #[serde(rename = "patient.name")]
     PatientName,
     /// `patient.kana`: 患者フリガナ.
+    #[serde(rename = "patient.kana")]
     PatientKana,
     /// `patient.sex`: 性別.
+    #[serde(rename = "patient.sex")]
     PatientSex,
     /// `patient.birth_date`: 生年月日.
+    #[serde(rename = "patient.birth_date")]
     PatientBirthDate,
     /// `patient.address`: 住所.
+    #[serde(rename = "patient.address")]
     PatientAddress,
     /// `patient.phone`: 電話.
+    #[serde(rename = "patient.phone")]
     PatientPhone,
     /// `patient.occupation`: 職業.
+    #[serde(rename = "patient.occupation")]
     PatientOccupation,
 }
 
@@ -296,6 +331,31 @@ impl ReferralField {
             ReferralField::PatientAddress => "patient.address",
             ReferralField::PatientPhone => "patient.phone",
             ReferralField::PatientOccupation => "patient.occupation",
+        }
+    }
+
+    /// The field's name on the form (様式11), e.g. `紹介目的`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReferralField::ToFacility => "紹介先医療機関名",
+            ReferralField::ToDoctor => "紹介先担当医",
+            ReferralField::FromFacility => "紹介元医療機関名",
+            ReferralField::FromDoctor => "紹介元医師氏名",
+            ReferralField::Diagnosis => "傷病名",
+            ReferralField::Purpose => "紹介目的",
+            ReferralField::History => "既往歴及び家族歴",
+            ReferralField::Progress => "症状経過及び検査結果",
+            ReferralField::Treatment => "治療経過",
+            ReferralField::Prescription => "現在の処方",
+            ReferralField::Remarks => "備考",
+            ReferralField::Reply => "返書",
+            ReferralField::PatientName => "患者氏名",
+            ReferralField::PatientKana => "フリガナ",
+            ReferralField::PatientSex => "性別",
+            ReferralField::PatientBirthDate => "生年月日",
+            ReferralField::PatientAddress => "住所",
+            ReferralField::PatientPhone => "電話",
+            ReferralField::PatientOccupation => "職業",
         }
     }
 
@@ -562,6 +622,133 @@ pub fn add_attachment(doc: &mut AutoCommit, att: &AttachmentRef) -> Result<(), D
     };
     let index = doc.length(&list);
     write_attachment(doc, &list, index, att)
+}
+
+/// When a letter was created and when it reached each later status, as RFC 3339 timestamps
+/// (`None`: not reached, or moved by a build that did not record times).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
+pub struct StatusTimes {
+    /// 作成日時: when the letter was written or imported here.
+    pub created_at: Option<String>,
+    /// 送付日時: when it was sent.
+    pub sent_at: Option<String>,
+    /// 受領日時: when the receiving facility first synced it.
+    pub received_at: Option<String>,
+    /// 返書日時: when the reply was first written.
+    pub replied_at: Option<String>,
+}
+
+impl StatusTimes {
+    /// The time recorded for `status` (`Draft`: the creation time).
+    pub fn get(&self, status: ReferralStatus) -> Option<&str> {
+        match status {
+            ReferralStatus::Draft => self.created_at.as_deref(),
+            ReferralStatus::Sent => self.sent_at.as_deref(),
+            ReferralStatus::Received => self.received_at.as_deref(),
+            ReferralStatus::Replied => self.replied_at.as_deref(),
+        }
+    }
+}
+
+fn status_time_key(status: ReferralStatus) -> &'static str {
+    match status {
+        ReferralStatus::Draft => "created_at",
+        ReferralStatus::Sent => "sent_at",
+        ReferralStatus::Received => "received_at",
+        ReferralStatus::Replied => "replied_at",
+    }
+}
+
+fn check_scalar(key: &str, value: &str) -> Result<(), DocumentError> {
+    if value.trim().is_empty() {
+        return Err(DocumentError::InvalidValue {
+            key: key.to_owned(),
+            reason: "must not be empty".to_owned(),
+        });
+    }
+    if value.len() > SCALAR_BYTES_MAX {
+        return Err(too_large(
+            &format!("{key} (bytes)"),
+            value.len(),
+            SCALAR_BYTES_MAX,
+        ));
+    }
+    Ok(())
+}
+
+fn read_scalar(doc: &impl ReadDoc, key: &str) -> Result<Option<String>, DocumentError> {
+    match doc.get(automerge::ROOT, key)? {
+        None => Ok(None),
+        Some((Value::Scalar(value), _)) => value
+            .as_str()
+            .map(|s| Some(s.to_owned()))
+            .ok_or_else(|| wrong_type(key, "a string")),
+        Some(_) => Err(wrong_type(key, "a string")),
+    }
+}
+
+/// Records when the letter reached `status` (`Draft`: when it was created), `at` as RFC 3339.
+///
+/// Writes only when no time is recorded for that status yet (the first time stays).
+///
+/// # Errors
+///
+/// [`DocumentError::InvalidValue`] / [`DocumentError::TooLarge`] for an empty `at` or one over
+/// [`SCALAR_BYTES_MAX`]; the header errors of [`read`]; [`DocumentError::Automerge`].
+pub fn set_status_time(
+    doc: &mut AutoCommit,
+    status: ReferralStatus,
+    at: &str,
+) -> Result<(), DocumentError> {
+    let key = status_time_key(status);
+    check_scalar(key, at)?;
+    check_header(doc)?;
+    if read_scalar(doc, key)?.is_none() {
+        doc.put(automerge::ROOT, key, at)?;
+    }
+    Ok(())
+}
+
+/// The recorded status times (see [`StatusTimes`]).
+///
+/// # Errors
+///
+/// The header errors of [`read`]; [`DocumentError::WrongType`] when a time is not a string.
+pub fn status_times(doc: &impl ReadDoc) -> Result<StatusTimes, DocumentError> {
+    check_header(doc)?;
+    Ok(StatusTimes {
+        created_at: read_scalar(doc, status_time_key(ReferralStatus::Draft))?,
+        sent_at: read_scalar(doc, status_time_key(ReferralStatus::Sent))?,
+        received_at: read_scalar(doc, status_time_key(ReferralStatus::Received))?,
+        replied_at: read_scalar(doc, status_time_key(ReferralStatus::Replied))?,
+    })
+}
+
+/// Records the recipient facility (紹介先) by its id in the deployment's directory (a UUID string),
+/// so whichever device of the sending facility sends the letter knows whom to share it with.
+///
+/// # Errors
+///
+/// [`DocumentError::InvalidValue`] / [`DocumentError::TooLarge`] for an empty or oversized id; the
+/// header errors of [`read`]; [`DocumentError::Automerge`].
+pub fn set_recipient(doc: &mut AutoCommit, facility: &str) -> Result<(), DocumentError> {
+    check_scalar(KEY_TO_FACILITY_ID, facility)?;
+    check_header(doc)?;
+    if read_scalar(doc, KEY_TO_FACILITY_ID)?.as_deref() != Some(facility) {
+        doc.put(automerge::ROOT, KEY_TO_FACILITY_ID, facility)?;
+    }
+    Ok(())
+}
+
+/// The recipient facility's id recorded by [`set_recipient`] (`None` for imported letters).
+///
+/// # Errors
+///
+/// The header errors of [`read`]; [`DocumentError::WrongType`] when it is not a string.
+pub fn recipient(doc: &impl ReadDoc) -> Result<Option<String>, DocumentError> {
+    check_header(doc)?;
+    read_scalar(doc, KEY_TO_FACILITY_ID)
 }
 
 fn check_header(doc: &impl ReadDoc) -> Result<(), DocumentError> {
@@ -989,6 +1176,50 @@ mod tests {
             .expect("put");
         let err = read(&other).expect_err("not a referral");
         assert!(err.to_string().contains("care_plan"), "{err}");
+    }
+
+    #[test]
+    fn status_times_and_the_recipient_are_recorded_once() {
+        let mut doc = new_doc(&sample());
+        assert_eq!(status_times(&doc).expect("times"), StatusTimes::default());
+        assert_eq!(recipient(&doc).expect("recipient"), None);
+        set_status_time(&mut doc, ReferralStatus::Draft, "2024-05-01T09:00:00Z").expect("created");
+        set_status_time(&mut doc, ReferralStatus::Sent, "2024-05-01T10:00:00Z").expect("sent");
+        set_status_time(&mut doc, ReferralStatus::Sent, "2024-05-02T10:00:00Z").expect("no-op");
+        set_recipient(&mut doc, "facility-b").expect("recipient");
+        let loaded = AutoCommit::load(&doc.save()).expect("load");
+        let times = status_times(&loaded).expect("times");
+        assert_eq!(
+            times.get(ReferralStatus::Draft),
+            Some("2024-05-01T09:00:00Z")
+        );
+        assert_eq!(times.sent_at.as_deref(), Some("2024-05-01T10:00:00Z"));
+        assert_eq!(times.received_at, None);
+        assert_eq!(
+            recipient(&loaded).expect("recipient").as_deref(),
+            Some("facility-b")
+        );
+        assert!(set_status_time(&mut doc, ReferralStatus::Replied, " ").is_err());
+        // Reading the letter itself is unaffected by the extra keys.
+        assert_eq!(read(&loaded).expect("read"), read(&doc).expect("read"));
+    }
+
+    #[test]
+    fn the_serde_name_of_a_field_is_its_key() {
+        for field in ReferralField::ALL {
+            let json = serde_json::to_value(field).expect("serialise");
+            assert_eq!(json, field.key());
+            let back: ReferralField = serde_json::from_value(json).expect("deserialise");
+            assert_eq!(back, field);
+        }
+    }
+
+    #[test]
+    fn every_field_has_a_form_label() {
+        for field in ReferralField::ALL {
+            assert!(!field.label().is_empty(), "{field}");
+        }
+        assert_eq!(ReferralField::Purpose.label(), "紹介目的");
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!                             consent: bool                                  (安否情報の開示同意)
 //!                             flags: map { <care flag>: true }               (要配慮)
 //!                             relatives: map { <lowercased e-mail>: map { name, email } }
-//!                             events: map { <event id>: map { kind, at, method, device, note } } } }
+//!                             events: map { <event id>: map { kind, at, method, device, staff,
+//!                                                             note } } } }
 //!   needs           map   { <need id>: map { text, at: str, resolved: bool } }
 //!   requests        map   { <request id>: map { item, unit, urgency, status, requested_at, note: str,
 //!                                               quantity: uint } }
@@ -108,6 +109,7 @@ pub const EVACUEE_TEXT_FIELDS: [&str; 12] = [
 
 /// 開設 / 閉鎖: whether a shelter takes evacuees.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "lowercase")]
 pub enum ShelterStatus {
     /// 開設: open.
@@ -129,6 +131,7 @@ impl ShelterStatus {
 
 /// The shelter itself, as plain data.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct ShelterInfo {
     /// 施設コード: the registry id (e.g. `CC0000000504` of the 指定緊急避難場所 open data); may be empty.
     pub code: String,
@@ -148,6 +151,7 @@ pub struct ShelterInfo {
 
 /// 要配慮 (a care need that reception staff flag at check-in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "kebab-case")]
 pub enum CareFlag {
     /// 高齢者.
@@ -233,6 +237,7 @@ impl FromStr for CareFlag {
 
 /// A relative to notify by e-mail on check-in.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Relative {
     /// 氏名.
     pub name: String,
@@ -242,6 +247,7 @@ pub struct Relative {
 
 /// What a stay event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "kebab-case")]
 pub enum StayKind {
     /// 入所: check-in.
@@ -279,6 +285,7 @@ impl StayKind {
 
 /// How reception identified the person.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// マイナンバーカード (the pseudonymous id of its user-authentication certificate).
@@ -330,6 +337,7 @@ impl FromStr for Method {
 
 /// One stay event (入所, 外泊, 帰所, 退所) of an evacuee.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct StayEvent {
     /// Random event id (hex).
     pub id: String,
@@ -341,6 +349,9 @@ pub struct StayEvent {
     pub method: Method,
     /// The device that recorded it (a public device id; empty when unknown).
     pub device: String,
+    /// The staff member who recorded it (their name as in the audit log; empty when unknown, e.g.
+    /// a check-out written by the CLI or because the person checked in elsewhere).
+    pub staff: String,
     /// A note, e.g. `moved-to:<shelter id>` for a check-out written because the person checked in
     /// at another shelter.
     pub note: String,
@@ -355,6 +366,7 @@ impl StayEvent {
 
 /// Where an evacuee is, as computed from the stay events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "kebab-case")]
 pub enum Presence {
     /// 在所: checked in (or back from leave).
@@ -374,6 +386,7 @@ impl Presence {
 
 /// An evacuee (one person, after merging duplicate records).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Evacuee {
     /// The evacuee id (the smallest id of the merged records).
     pub id: String,
@@ -410,7 +423,6 @@ pub struct Evacuee {
     /// Every stay event, in time order.
     pub events: Vec<StayEvent>,
     /// Ids of the duplicate records merged into this one (empty when there were none).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_ids: Vec<String>,
 }
 
@@ -512,6 +524,7 @@ impl Evacuee {
 
 /// What reception enters for a new evacuee record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct NewEvacuee {
     /// 氏名 (required).
     pub name: String,
@@ -547,6 +560,7 @@ pub struct NewEvacuee {
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "lowercase")]
 pub enum Urgency {
     /// 低.
@@ -588,6 +602,7 @@ impl FromStr for Urgency {
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "lowercase")]
 pub enum RequestStatus {
     /// 要請中: asked for.
@@ -641,6 +656,7 @@ impl FromStr for RequestStatus {
 
 /// A supply request (物資要請).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct SupplyRequest {
     /// Random request id (hex).
     pub id: String,
@@ -662,6 +678,11 @@ pub struct SupplyRequest {
 
 /// A need of the shelter (ニーズ: e.g. 仮設トイレ不足), free text.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "specta",
+    derive(specta::Type),
+    specta(rename = "ShelterNeed")
+)]
 pub struct Need {
     /// Random need id (hex).
     pub id: String,
@@ -1067,6 +1088,29 @@ pub fn add_flags(
     Ok(())
 }
 
+/// Removes care flags (要配慮) from an evacuee record (a flag not set is skipped). Flags another desk
+/// adds concurrently still arrive; setting a flag that was already set changes nothing, so it does
+/// not undo a removal.
+///
+/// # Errors
+///
+/// [`DocumentError::InvalidValue`] for an unknown evacuee.
+pub fn remove_flags(
+    doc: &mut AutoCommit,
+    evacuee: &str,
+    flags: &BTreeSet<CareFlag>,
+) -> Result<(), DocumentError> {
+    check_header(doc, KIND)?;
+    let e = evacuee_obj(doc, evacuee)?;
+    let map = child_map(doc, &e, "flags")?;
+    for f in flags {
+        if doc.get(&map, f.as_str())?.is_some() {
+            doc.delete(&map, f.as_str())?;
+        }
+    }
+    Ok(())
+}
+
 /// Sets a text field of an evacuee record (`name`, `kana`, `address`, `allergies`, ...) or, with
 /// the key `consent`, the consent (`true`/`false`).
 ///
@@ -1123,6 +1167,7 @@ pub fn add_event(
     check_time("events.at", &event.at)?;
     check_len("events.note", &event.note)?;
     check_len("events.device", &event.device)?;
+    check_len("events.staff", &event.staff)?;
     let e = evacuee_obj(doc, evacuee)?;
     let events = child_map(doc, &e, "events")?;
     let count = doc.length(&events);
@@ -1139,6 +1184,9 @@ pub fn add_event(
     doc.put(&m, "method", event.method.as_str())?;
     if !event.device.is_empty() {
         doc.put(&m, "device", event.device.as_str())?;
+    }
+    if !event.staff.is_empty() {
+        doc.put(&m, "staff", event.staff.as_str())?;
     }
     if !event.note.is_empty() {
         doc.put(&m, "note", event.note.as_str())?;
@@ -1404,6 +1452,7 @@ fn read_event(doc: &impl ReadDoc, id: &str, obj: &ObjId) -> Option<StayEvent> {
         at: String::new(),
         method: Method::Manual,
         device: String::new(),
+        staff: String::new(),
         note: String::new(),
     };
     for f in doc.map_range(obj, ..) {
@@ -1413,6 +1462,7 @@ fn read_event(doc: &impl ReadDoc, id: &str, obj: &ObjId) -> Option<StayEvent> {
             "at" => event.at = v,
             "method" => event.method = v.parse().unwrap_or_default(),
             "device" => event.device = v,
+            "staff" => event.staff = v,
             "note" => event.note = v,
             _ => {}
         }
@@ -1490,6 +1540,7 @@ fn read_requests(doc: &impl ReadDoc) -> Result<Vec<SupplyRequest>, DocumentError
 
 /// Medical notes about one evacuee (持病, 服薬, 要介護).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct MedicalNote {
     /// The evacuee id in the shelter document.
     pub evacuee: String,
@@ -1507,6 +1558,7 @@ pub struct MedicalNote {
 
 /// The medical-notes document of a shelter as plain data.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct MedicalNotes {
     /// The shelter document these notes belong to.
     pub shelter_doc: String,
@@ -1814,6 +1866,7 @@ mod tests {
             at: at.into(),
             method: Method::Manual,
             device: String::new(),
+            staff: String::new(),
             note: String::new(),
         }
     }
@@ -1910,6 +1963,58 @@ mod tests {
             Presence::Out
         );
         assert_eq!(e.current_stay().map(|s| s.id.as_str()), Some("v0000001"));
+    }
+
+    #[test]
+    fn a_removed_care_flag_stays_removed_while_flags_added_elsewhere_arrive() {
+        let mut doc = shelter();
+        let mut p = person("山田太郎", "1950-01-02");
+        p.flags = [CareFlag::Elderly, CareFlag::Disability].into();
+        add_evacuee(&mut doc, "evacuee-0001", &p, T0).expect("add");
+        let mut other = doc.fork().with_actor(actor("desk-2"));
+        remove_flags(&mut doc, "evacuee-0001", &[CareFlag::Disability].into()).expect("remove");
+        remove_flags(&mut doc, "evacuee-0001", &[CareFlag::Infant].into())
+            .expect("removing a flag that is not set is a no-op");
+        let flags = |d: &AutoCommit| read(d).expect("read").evacuees[0].flags.clone();
+        assert_eq!(flags(&doc), [CareFlag::Elderly].into());
+        // Meanwhile another desk flags 乳幼児, and sets 障害者 again (it already held it: no change).
+        add_flags(
+            &mut other,
+            "evacuee-0001",
+            &[CareFlag::Infant, CareFlag::Disability].into(),
+        )
+        .expect("add");
+        doc.merge(&mut other).expect("merge");
+        assert_eq!(
+            flags(&doc),
+            [CareFlag::Elderly, CareFlag::Infant].into(),
+            "the new flag arrives; the removal stands"
+        );
+        assert!(remove_flags(&mut doc, "nobody-00000", &BTreeSet::new()).is_err());
+    }
+
+    #[test]
+    fn a_stay_event_names_the_staff_member_who_wrote_it() {
+        let mut doc = shelter();
+        add_evacuee(
+            &mut doc,
+            "evacuee-0001",
+            &person("山田太郎", "1950-01-02"),
+            T0,
+        )
+        .expect("add");
+        let mut e = event("event-000001", StayKind::CheckIn, T0);
+        e.staff = "受付 花子".into();
+        add_event(&mut doc, "evacuee-0001", &e).expect("event");
+        add_event(
+            &mut doc,
+            "evacuee-0001",
+            &event("event-000002", StayKind::Leave, T0),
+        )
+        .expect("an event without a staff member");
+        let events = read(&doc).expect("read").evacuees[0].events.clone();
+        assert_eq!(events[0].staff, "受付 花子");
+        assert_eq!(events[1].staff, "", "absent reads as empty");
     }
 
     #[test]

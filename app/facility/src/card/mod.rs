@@ -654,6 +654,7 @@ impl Watcher {
 
 /// What kind of card answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "snake_case")]
 pub enum CardKind {
     /// マイナンバーカード (個人番号カード), identified by its JPKI user-authentication certificate.

@@ -21,6 +21,7 @@ use crate::pdf::{self, PdfError};
 
 /// A plan as shown to users: its document id and the plan (or one of its versions).
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct PlanView {
     /// The plan's id (the document id, the same at every facility).
     pub id: DocumentId,
@@ -31,12 +32,15 @@ pub struct PlanView {
     #[serde(flatten)]
     pub plan: CarePlan,
     /// Bundles this device cannot read yet (no key for their epoch).
-    #[serde(skip_serializing_if = "is_zero")]
+    // Left out of the JSON when zero; `default` after `skip_serializing_if` also makes specta
+    // export the key as optional (`unreadable_bundles?: number`), as serde writes it.
+    #[serde(skip_serializing_if = "is_zero", default)]
     pub unreadable_bundles: usize,
 }
 
 /// One line of `list`: who the plan is for and where it stands.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct PlanSummary {
     /// The plan's id.
     pub id: DocumentId,
@@ -90,7 +94,12 @@ fn now_rfc3339() -> String {
 
 /// Today's date in Japan (JST, UTC+9, no daylight saving), `YYYY-MM-DD`: the default date of entries.
 pub fn today_jst() -> String {
-    let days = ((now_ms() / 1000 + 9 * 3600) / 86_400) as i64;
+    date_jst(now_ms())
+}
+
+/// The date in Japan (JST, UTC+9) at `ms` milliseconds since the Unix epoch, `YYYY-MM-DD`.
+pub fn date_jst(ms: u64) -> String {
+    let days = ((ms / 1000 + 9 * 3600) / 86_400) as i64;
     let (y, m, d) = civil_from_days(days);
     format!("{y:04}-{m:02}-{d:02}")
 }

@@ -22,7 +22,7 @@ use musubi_crdt::documents::shelter::{
 use musubi_crdt::ids::{DocumentId, DocumentKind};
 use serde::Serialize;
 
-use super::shelter::{ms_to_rfc3339, now_rfc3339};
+use super::shelter::{ms_to_rfc3339, now_rfc3339, search_fold};
 use crate::engine::{Engine, EngineError, Result, now_ms};
 
 /// Most points `history` returns when it picks the times itself.
@@ -30,6 +30,7 @@ pub const HISTORY_POINTS_MAX: usize = 1_000;
 
 /// Counts of one shelter.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct ShelterCount {
     /// The shelter id.
     pub id: DocumentId,
@@ -59,6 +60,7 @@ pub struct ShelterCount {
 
 /// An open supply request with its shelter.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct OpenRequest {
     /// The shelter id.
     pub shelter: DocumentId,
@@ -71,6 +73,7 @@ pub struct OpenRequest {
 
 /// HQ's summary.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Summary {
     /// The time the counts are for (RFC 3339).
     pub as_of: String,
@@ -92,6 +95,7 @@ pub struct Summary {
 
 /// Counts over time.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct History {
     /// The times (RFC 3339), ascending.
     pub times: Vec<String>,
@@ -103,6 +107,7 @@ pub struct History {
 
 /// One shelter's counts over time.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct ShelterSeries {
     /// The shelter id.
     pub id: DocumentId,
@@ -116,6 +121,7 @@ pub struct ShelterSeries {
 
 /// An answer to a safety inquiry (only for evacuees who consented to disclosure).
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct InquiryAnswer {
     /// 氏名.
     pub name: String,
@@ -139,6 +145,8 @@ pub struct World {
     pub unreadable: Vec<DocumentId>,
     /// Person groups across shelters: each a list of (shelter index, evacuee index).
     groups: Vec<Vec<(usize, usize)>>,
+    /// Per shelter document: (highest bundle row id, bundle count) when loaded.
+    stamp: Vec<(DocumentId, (i64, i64))>,
 }
 
 impl World {
@@ -146,10 +154,12 @@ impl World {
     pub fn load(engine: &Engine) -> Result<World> {
         let mut shelters = Vec::new();
         let mut unreadable = Vec::new();
+        let mut stamps = Vec::new();
         ensure_cache(engine)?;
         for row in engine.store().documents(Some(DocumentKind::Shelter))? {
             let doc = row.info.id;
             let stamp = bundle_stamp(engine, doc)?;
+            stamps.push((doc, stamp));
             if let Some(roster) = cached(engine, doc, stamp)? {
                 shelters.push((doc, roster));
                 continue;
@@ -178,7 +188,28 @@ impl World {
             shelters,
             unreadable,
             groups,
+            stamp: stamps,
         })
+    }
+
+    /// Whether no shelter document gained or lost a bundle, and none was added, since this world
+    /// was loaded (one small query per shelter: cheap next to [`World::load`]). A key that arrives
+    /// for an unreadable shelter is not seen here: callers also drop the world when told a shelter
+    /// document changed.
+    pub fn is_current(&self, engine: &Engine) -> Result<bool> {
+        let rows = engine.store().documents(Some(DocumentKind::Shelter))?;
+        if rows.len() != self.stamp.len() {
+            return Ok(false);
+        }
+        for row in rows {
+            let Some((_, old)) = self.stamp.iter().find(|(d, _)| *d == row.info.id) else {
+                return Ok(false);
+            };
+            if bundle_stamp(engine, row.info.id)? != *old {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Per shelter (present, on leave, present with each care flag) at `at_ms` (`None`: now, all events).
@@ -218,8 +249,9 @@ impl World {
 // rows (the highest row id and the count) and [`CACHE_VERSION`]: any new bundle, or a new build,
 // misses the cache. A roster with bundles this device cannot read yet is never cached.
 
-/// Bumped whenever the cached roster's meaning changes.
-const CACHE_VERSION: i64 = 1;
+/// Bumped whenever the cached roster's meaning or shape changes (2: stay events name the staff
+/// member; `merged_ids` always present).
+const CACHE_VERSION: i64 = 2;
 /// Largest cached roster accepted when opening it, in bytes.
 const CACHE_BYTES_MAX: usize = 256 * 1024 * 1024;
 
@@ -404,7 +436,11 @@ fn parse_time(t: &str) -> Result<i64> {
 /// Counts per shelter at each of `times` (RFC 3339); with no times, at every distinct stay-event
 /// time (at most [`HISTORY_POINTS_MAX`], evenly sampled).
 pub fn history(engine: &Engine, times: &[String]) -> Result<History> {
-    let world = World::load(engine)?;
+    history_of(&World::load(engine)?, times)
+}
+
+/// [`history`] over an already loaded [`World`].
+pub fn history_of(world: &World, times: &[String]) -> Result<History> {
     let mut points: Vec<(i64, String)> = Vec::new();
     if times.is_empty() {
         let mut all: Vec<i64> = world
@@ -455,24 +491,29 @@ pub fn history(engine: &Engine, times: &[String]) -> Result<History> {
     })
 }
 
-/// 安否確認: where is the person named `name` (normalised: width and spaces ignored; kana works
-/// too)? Answers only for evacuees who consented to disclosure; for anyone else the answer is empty,
+/// 安否確認: where is the person named `name` (the whole name or kana: width, spaces, case and
+/// hiragana/katakana ignored, see [`search_fold`]; never a partial match)? Answers only for evacuees who consented to disclosure; for anyone else the answer is empty,
 /// exactly as for a person who is in no shelter.
 pub fn inquiry(engine: &Engine, name: &str) -> Result<Vec<InquiryAnswer>> {
-    let wanted = schema::normalise_name(name);
-    if wanted.is_empty() {
+    if schema::normalise_name(name).is_empty() {
         return Ok(Vec::new());
     }
-    let world = World::load(engine)?;
+    Ok(inquiry_of(&World::load(engine)?, name))
+}
+
+/// [`inquiry`] over an already loaded [`World`].
+pub fn inquiry_of(world: &World, name: &str) -> Vec<InquiryAnswer> {
+    let wanted = search_fold(name);
+    if wanted.is_empty() {
+        return Vec::new();
+    }
     let mut out = Vec::new();
     for (id, roster) in &world.shelters {
         for e in &roster.evacuees {
             if !e.consent {
                 continue;
             }
-            if schema::normalise_name(&e.name) != wanted
-                && schema::normalise_name(&e.kana) != wanted
-            {
+            if search_fold(&e.name) != wanted && search_fold(&e.kana) != wanted {
                 continue;
             }
             out.push(InquiryAnswer {
@@ -493,7 +534,7 @@ pub fn inquiry(engine: &Engine, name: &str) -> Result<Vec<InquiryAnswer>> {
                 .cmp(&rfc3339_ms(&a.since).unwrap_or(0))
         })
     });
-    Ok(out)
+    out
 }
 
 fn csv_err(e: impl std::fmt::Display) -> EngineError {
@@ -506,7 +547,11 @@ fn csv_err(e: impl std::fmt::Display) -> EngineError {
 /// The roster of every shelter as CSV (UTF-8 with BOM for spreadsheet software): one row per merged
 /// evacuee. Returns the number of rows.
 pub fn export_roster(engine: &Engine, out: impl Write) -> Result<usize> {
-    let world = World::load(engine)?;
+    export_roster_of(&World::load(engine)?, out)
+}
+
+/// [`export_roster`] over an already loaded [`World`].
+pub fn export_roster_of(world: &World, out: impl Write) -> Result<usize> {
     let mut out = out;
     out.write_all("\u{feff}".as_bytes()).map_err(csv_err)?;
     let mut w = csv::Writer::from_writer(out);
@@ -572,12 +617,22 @@ pub fn export_roster(engine: &Engine, out: impl Write) -> Result<usize> {
 /// header row of column names, then a row of hashtags, then one row per shelter. Returns the
 /// number of data rows.
 pub fn export_aggregate(engine: &Engine, at: Option<&str>, out: impl Write) -> Result<usize> {
-    let world = World::load(engine)?;
-    let summary = summarise(&world, at)?;
     let org = engine
         .enrolment()
         .map(|e| e.facility_name)
         .unwrap_or_default();
+    export_aggregate_of(&World::load(engine)?, &org, at, out)
+}
+
+/// [`export_aggregate`] over an already loaded [`World`]; `org` is the `#org` column (this
+/// facility's name).
+pub fn export_aggregate_of(
+    world: &World,
+    org: &str,
+    at: Option<&str>,
+    out: impl Write,
+) -> Result<usize> {
+    let summary = summarise(world, at)?;
     let date = summary.as_of.clone();
     let mut w = csv::Writer::from_writer(out);
     w.write_record([
@@ -609,7 +664,7 @@ pub fn export_aggregate(engine: &Engine, at: Option<&str>, out: impl Write) -> R
     ])
     .map_err(csv_err)?;
     for s in &summary.shelters {
-        let vulnerable: usize = care_people(&world, s.id, at)?;
+        let vulnerable: usize = care_people(world, s.id, at)?;
         w.write_record([
             s.code.as_str(),
             &s.name,
@@ -625,7 +680,7 @@ pub fn export_aggregate(engine: &Engine, at: Option<&str>, out: impl Write) -> R
             &vulnerable.to_string(),
             &s.open_requests.to_string(),
             &date,
-            &org,
+            org,
         ])
         .map_err(csv_err)?;
     }

@@ -62,6 +62,7 @@ pub struct OpenShelter {
 
 /// What `open` made.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct Opened {
     /// The shelter document id (the shelter id).
     pub shelter: DocumentId,
@@ -82,6 +83,7 @@ pub struct CheckIn {
 
 /// What a check-in did.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct CheckInOutcome {
     /// The evacuee id (the existing one for a known person).
     pub evacuee: String,
@@ -99,6 +101,7 @@ pub struct CheckInOutcome {
 
 /// A shelter as listed.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct ShelterListing {
     /// The shelter id.
     pub id: DocumentId,
@@ -113,6 +116,7 @@ pub struct ShelterListing {
 
 /// A roster as shown: the merged evacuees with their presence.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct RosterView {
     /// The shelter id.
     pub id: DocumentId,
@@ -132,12 +136,128 @@ pub struct RosterView {
 
 /// One evacuee with its presence.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 pub struct EvacueeView {
     /// Presence now.
     pub presence: Presence,
     /// The record.
     #[serde(flatten)]
     pub evacuee: Evacuee,
+}
+
+/// Most evacuees [`Desk::search`] returns.
+pub const SEARCH_RESULTS_MAX: usize = 200;
+
+/// Head counts of the reception desk's shelter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
+pub struct DeskCounts {
+    /// Evacuees counted as present (在所 plus 外泊: on leave still counts).
+    pub present: usize,
+    /// Of those, on leave (外泊・一時外出).
+    pub on_leave: usize,
+    /// Evacuees who left (退所), or were registered and never checked in.
+    pub out: usize,
+    /// Present evacuees with at least one care flag (要配慮者).
+    pub care: usize,
+    /// Evacuees (merged: one per person).
+    pub evacuees: usize,
+    /// Records before merging duplicates from offline desks.
+    pub records: usize,
+    /// 収容人数 (0: not stated).
+    pub capacity: u64,
+}
+
+/// One evacuee as a row of the reception screen (the full record: [`Desk::evacuee`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
+pub struct DeskEvacuee {
+    /// The evacuee id (hex).
+    pub id: String,
+    /// 氏名.
+    pub name: String,
+    /// かな.
+    pub kana: String,
+    /// 生年月日 (`YYYY-MM-DD`, or as entered when not a date).
+    pub birth_date: String,
+    /// 性別.
+    pub sex: String,
+    /// 世帯.
+    pub household: String,
+    /// 要配慮 flags.
+    pub flags: BTreeSet<CareFlag>,
+    /// アレルギー.
+    pub allergies: String,
+    /// 安否情報の開示同意.
+    pub consent: bool,
+    /// Whether a card (pseudonymous id) is on record: the person can check in by tapping it.
+    pub has_card: bool,
+    /// Where the person is now.
+    pub presence: Presence,
+    /// When the current (or last) stay began (RFC 3339; empty when never checked in).
+    pub checked_in_at: String,
+    /// When the last stay event happened (RFC 3339; empty when none).
+    pub last_event_at: String,
+}
+
+impl DeskEvacuee {
+    fn of(e: &Evacuee) -> DeskEvacuee {
+        DeskEvacuee {
+            id: e.id.clone(),
+            name: e.name.clone(),
+            kana: e.kana.clone(),
+            birth_date: e.birth_date.clone(),
+            sex: e.sex.clone(),
+            household: e.household.clone(),
+            flags: e.flags.clone(),
+            allergies: e.allergies.clone(),
+            consent: e.consent,
+            has_card: !e.card_id.is_empty(),
+            presence: e.presence(),
+            checked_in_at: e.current_stay().map(|s| s.at.clone()).unwrap_or_default(),
+            last_event_at: e.events.last().map(|s| s.at.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// The reception screen: the shelter, its counts, its evacuees, needs and supply requests.
+#[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
+pub struct DeskView {
+    /// The shelter id.
+    pub id: DocumentId,
+    /// The shelter.
+    pub shelter: ShelterInfo,
+    /// Head counts.
+    pub counts: DeskCounts,
+    /// Every evacuee: present first, then on leave, then out; by kana within each.
+    pub evacuees: Vec<DeskEvacuee>,
+    /// Needs (ニーズ), oldest first.
+    pub needs: Vec<Need>,
+    /// Supply requests (物資要請), oldest first.
+    pub requests: Vec<SupplyRequest>,
+}
+
+fn presence_rank(p: Presence) -> u8 {
+    match p {
+        Presence::Present => 0,
+        Presence::OnLeave => 1,
+        Presence::Out => 2,
+    }
+}
+
+/// A name folded for search: NFKC (width), no spaces, lowercase, katakana as hiragana.
+pub fn search_fold(s: &str) -> String {
+    schema::normalise_name(s)
+        .chars()
+        .map(|c| match c {
+            // ァ (U+30A1) .. ヶ (U+30F6) → ぁ (U+3041) .. ゖ (U+3096); ヽヾ → ゝゞ.
+            '\u{30A1}'..='\u{30F6}' | '\u{30FD}'..='\u{30FE}' => {
+                char::from_u32(c as u32 - 0x60).unwrap_or(c)
+            }
+            _ => c,
+        })
+        .collect()
 }
 
 fn io_err(e: impl std::fmt::Display) -> EngineError {
@@ -297,6 +417,8 @@ pub struct Desk {
     /// Identity key → index in `roster.evacuees`.
     index: HashMap<String, usize>,
     device: String,
+    /// The staff member recorded on stay events (see [`Desk::set_staff`]).
+    staff: String,
     notifications: Vec<mail::Draft>,
 }
 
@@ -317,6 +439,7 @@ impl Desk {
             roster,
             index,
             device: engine.device_id().to_string(),
+            staff: String::new(),
             notifications: Vec::new(),
         })
     }
@@ -436,6 +559,7 @@ impl Desk {
                 at: at.clone(),
                 method: req.method,
                 device: self.device.clone(),
+                staff: self.staff.clone(),
                 note: String::new(),
             };
             schema::add_event(&mut self.loaded.doc, &evacuee, &event)?;
@@ -520,6 +644,7 @@ impl Desk {
             at: at.unwrap_or_else(now_rfc3339),
             method,
             device: self.device.clone(),
+            staff: self.staff.clone(),
             note: note.to_owned(),
         };
         schema::add_event(&mut self.loaded.doc, &e.id, &event)?;
@@ -527,6 +652,197 @@ impl Desk {
             push_event(&mut self.roster.evacuees[i], event);
         }
         Ok(id)
+    }
+
+    /// Records `staff` (the signed-in staff member's name) on the stay events written from now on.
+    pub fn set_staff(&mut self, staff: &str) {
+        staff.trim().clone_into(&mut self.staff);
+    }
+
+    /// Errors when the shelter is closed (閉鎖): reception takes no check-ins then.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Document`] (`InvalidValue` on `shelter`) naming the shelter.
+    pub fn ensure_open(&self) -> Result<()> {
+        if self.roster.shelter.status == ShelterStatus::Closed {
+            return Err(EngineError::from(
+                musubi_crdt::documents::DocumentError::InvalidValue {
+                    key: "shelter".into(),
+                    reason: format!(
+                        "{} is closed; reopen it (開設) before checking anyone in",
+                        self.roster.shelter.name
+                    ),
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// The reception screen's view: counts and one row per merged evacuee, present first, then
+    /// on leave, then out; within each, by kana (or name when there is none).
+    pub fn view(&self) -> DeskView {
+        let mut counts = DeskCounts {
+            capacity: self.roster.shelter.capacity,
+            records: self.roster.records,
+            evacuees: self.roster.evacuees.len(),
+            ..DeskCounts::default()
+        };
+        let mut rows: Vec<DeskEvacuee> = self
+            .roster
+            .evacuees
+            .iter()
+            .map(|e| {
+                let row = DeskEvacuee::of(e);
+                match row.presence {
+                    Presence::Present => counts.present += 1,
+                    Presence::OnLeave => {
+                        counts.present += 1;
+                        counts.on_leave += 1;
+                    }
+                    Presence::Out => counts.out += 1,
+                }
+                if row.presence.counts() && !row.flags.is_empty() {
+                    counts.care += 1;
+                }
+                row
+            })
+            .collect();
+        rows.sort_by_cached_key(|r| {
+            let key = if r.kana.is_empty() { &r.name } else { &r.kana };
+            (presence_rank(r.presence), search_fold(key), r.id.clone())
+        });
+        DeskView {
+            id: self.doc,
+            shelter: self.roster.shelter.clone(),
+            counts,
+            evacuees: rows,
+            needs: self.roster.needs.clone(),
+            requests: self.roster.requests.clone(),
+        }
+    }
+
+    /// Evacuees whose name or kana contains `query`, at most `limit` (capped at
+    /// [`SEARCH_RESULTS_MAX`]). Matching ignores case, width (NFKC), spaces and the difference
+    /// between hiragana and katakana; a query that is a date (`1950/1/2`) matches the birth date.
+    /// Best first: exact, then prefix, then substring matches; present before out; then by kana.
+    /// An empty query matches nobody.
+    pub fn search(&self, query: &str, limit: usize) -> Vec<DeskEvacuee> {
+        let q = search_fold(query);
+        if q.is_empty() || limit == 0 {
+            return Vec::new();
+        }
+        let date = schema::normalise_date(query);
+        let is_date = schema::rfc3339_ms(&format!("{date}T00:00:00Z")).is_some();
+        let mut hits: Vec<(u8, u8, String, &Evacuee)> = Vec::new();
+        for e in &self.roster.evacuees {
+            let name = search_fold(&e.name);
+            let kana = search_fold(&e.kana);
+            let rank = [&name, &kana]
+                .iter()
+                .filter_map(|f| {
+                    if **f == q {
+                        Some(0)
+                    } else if f.starts_with(&q) {
+                        Some(1)
+                    } else if f.contains(&q) {
+                        Some(2)
+                    } else {
+                        None
+                    }
+                })
+                .min()
+                .or_else(|| (is_date && e.birth_date == date).then_some(0));
+            if let Some(rank) = rank {
+                let order = if kana.is_empty() { name } else { kana };
+                hits.push((rank, presence_rank(e.presence()), order, e));
+            }
+        }
+        hits.sort_by(|a, b| (a.0, a.1, &a.2, &a.3.id).cmp(&(b.0, b.1, &b.2, &b.3.id)));
+        hits.into_iter()
+            .take(limit.min(SEARCH_RESULTS_MAX))
+            .map(|h| DeskEvacuee::of(h.3))
+            .collect()
+    }
+
+    /// One merged evacuee with every field and stay event (`evacuee` may be any id merged into it).
+    pub fn evacuee(&self, evacuee: &str) -> Option<EvacueeView> {
+        self.roster.evacuee(evacuee).map(|e| EvacueeView {
+            presence: e.presence(),
+            evacuee: e.clone(),
+        })
+    }
+
+    /// One merged evacuee as a row of [`Desk::view`] (`evacuee` may be any id merged into it).
+    pub fn row(&self, evacuee: &str) -> Option<DeskEvacuee> {
+        self.roster.evacuee(evacuee).map(DeskEvacuee::of)
+    }
+
+    fn slot_of(&self, evacuee: &str) -> Result<usize> {
+        self.roster
+            .evacuees
+            .iter()
+            .position(|e| e.id == evacuee || e.merged_ids.iter().any(|m| m == evacuee))
+            .ok_or_else(|| {
+                EngineError::from(musubi_crdt::documents::DocumentError::InvalidValue {
+                    key: "evacuee".into(),
+                    reason: format!("no evacuee `{evacuee}` in this shelter"),
+                })
+            })
+    }
+
+    /// Sets the care flags (要配慮) of an evacuee to exactly `flags`: adds the missing ones to its
+    /// record and removes the others from every record merged into it (flags merge as a union).
+    /// Returns whether anything changed. Commit with [`Desk::commit`].
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Document`] for an unknown evacuee.
+    pub fn set_flags(&mut self, evacuee: &str, flags: &BTreeSet<CareFlag>) -> Result<bool> {
+        let slot = self.slot_of(evacuee)?;
+        let e = &self.roster.evacuees[slot];
+        let add: BTreeSet<CareFlag> = flags.difference(&e.flags).copied().collect();
+        let remove: BTreeSet<CareFlag> = e.flags.difference(flags).copied().collect();
+        if add.is_empty() && remove.is_empty() {
+            return Ok(false);
+        }
+        let ids: Vec<String> = std::iter::once(e.id.clone())
+            .chain(e.merged_ids.iter().cloned())
+            .collect();
+        if !add.is_empty() {
+            schema::add_flags(&mut self.loaded.doc, &ids[0], &add)?;
+        }
+        if !remove.is_empty() {
+            for id in &ids {
+                schema::remove_flags(&mut self.loaded.doc, id, &remove)?;
+            }
+        }
+        self.roster.evacuees[slot].flags = flags.clone();
+        Ok(true)
+    }
+
+    /// Records the evacuee's consent to disclose safety information (安否情報の開示同意) on its record
+    /// and every record merged into it (consent merges as "all records consent"). Returns whether
+    /// anything changed. Commit with [`Desk::commit`].
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Document`] for an unknown evacuee.
+    pub fn set_consent(&mut self, evacuee: &str, consent: bool) -> Result<bool> {
+        let slot = self.slot_of(evacuee)?;
+        let e = &self.roster.evacuees[slot];
+        if e.consent == consent {
+            return Ok(false);
+        }
+        let ids: Vec<String> = std::iter::once(e.id.clone())
+            .chain(e.merged_ids.iter().cloned())
+            .collect();
+        let value = if consent { "true" } else { "false" };
+        for id in &ids {
+            schema::set_evacuee_field(&mut self.loaded.doc, id, "consent", value)?;
+        }
+        self.roster.evacuees[slot].consent = consent;
+        Ok(true)
     }
 
     /// Seals the edits into a bundle (durable before it returns) and queues the relatives'
@@ -556,17 +872,7 @@ pub fn checkin(engine: &mut Engine, shelter: &str, req: &CheckIn) -> Result<Chec
     let at = req.at.clone().unwrap_or_else(now_rfc3339);
     req.at = Some(at.clone());
     let mut desk = Desk::open(engine, doc)?;
-    if desk.roster().shelter.status == ShelterStatus::Closed {
-        return Err(EngineError::from(
-            musubi_crdt::documents::DocumentError::InvalidValue {
-                key: "shelter".into(),
-                reason: format!(
-                    "{} is closed; reopen it with `musubi shelter reopen` first",
-                    desk.roster().shelter.name
-                ),
-            },
-        ));
-    }
+    desk.ensure_open()?;
     let mut outcome = desk.checkin(&req)?;
     desk.commit(engine)?;
     if !outcome.already_present {
@@ -580,9 +886,13 @@ pub fn checkin(engine: &mut Engine, shelter: &str, req: &CheckIn) -> Result<Chec
     Ok(outcome)
 }
 
-/// Checks the person with `keys` out of every other shelter this facility can write where they are
-/// present, with the note `moved-to:<shelter>`.
-fn move_out_elsewhere(
+/// Checks the person with `keys` (see [`Evacuee::keys`]) out of every other shelter this facility
+/// can write where they are present, with the note `moved-to:<shelter>`, at `at` (RFC 3339). Each
+/// shelter changed is committed (durable) before it returns. Returns the shelters changed.
+///
+/// Cost: one store query when this facility writes no other shelter; otherwise one load per other
+/// shelter.
+pub fn move_out_elsewhere(
     engine: &mut Engine,
     here: DocumentId,
     keys: &[String],

@@ -284,7 +284,11 @@ fn run(cli: Cli) -> Result<()> {
                         .with_context(|| format!("{a:?} is not a multiaddr"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let options = net::SyncOptions { lan, listen };
+            let options = net::SyncOptions {
+                lan,
+                listen,
+                ..net::SyncOptions::default()
+            };
             let mode = if once {
                 Mode::Once {
                     timeout: Duration::from_secs(timeout),
