@@ -1,0 +1,209 @@
+//! The desktop shell's tests that need no window: the generated TypeScript bindings are current.
+
+use std::path::Path;
+
+/// The UI is typed against `frontend/src/lib/bindings.ts`; if a command or type changed in Rust and
+/// the file was not regenerated, the UI would call commands with the wrong shapes. This regenerates
+/// the bindings into a temporary file and compares.
+#[test]
+fn committed_typescript_bindings_match_the_rust_commands_and_types() {
+    let committed_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(musubi_desktop::BINDINGS_PATH);
+    let committed = std::fs::read_to_string(&committed_path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e}; generate it with `cargo run -p musubi-desktop -- --export-bindings`",
+            committed_path.display()
+        )
+    });
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let fresh_path = dir.path().join("bindings.ts");
+    musubi_desktop::export_bindings(&fresh_path).expect("the bindings export");
+    let fresh = std::fs::read_to_string(&fresh_path).expect("the fresh bindings");
+    if fresh != committed {
+        let line = fresh
+            .lines()
+            .zip(committed.lines())
+            .position(|(a, b)| a != b)
+            .map_or_else(
+                || fresh.lines().count().min(committed.lines().count()) + 1,
+                |i| i + 1,
+            );
+        panic!(
+            "{} is stale (first difference at line {line}); regenerate it with `cargo run -p musubi-desktop -- --export-bindings` and commit it",
+            committed_path.display()
+        );
+    }
+    // The UI depends on these commands and events by name.
+    for name in [
+        "appStatus(",
+        "createFacility(",
+        "syncNow(",
+        "\"sync-status\"",
+        "\"document-changed\"",
+    ] {
+        assert!(fresh.contains(name), "the bindings lack {name}");
+    }
+}
+
+/// The generated TypeScript, fresh from the Rust types.
+fn fresh_bindings() -> String {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("bindings.ts");
+    musubi_desktop::export_bindings(&path).expect("the bindings export");
+    std::fs::read_to_string(&path).expect("the fresh bindings")
+}
+
+/// The TypeScript declaration of `name`, without its doc comments and line breaks.
+fn ts_type(bindings: &str, name: &str) -> String {
+    let start = bindings
+        .find(&format!("export type {name} = "))
+        .unwrap_or_else(|| panic!("the bindings lack the type {name}"));
+    let rest = &bindings[start..];
+    let end = rest[1..].find("export type ").map_or(rest.len(), |i| i + 1);
+    let mut out = String::new();
+    let mut in_doc = false;
+    for line in rest[..end].lines() {
+        let t = line.trim();
+        if t.starts_with("/**") {
+            in_doc = !t.ends_with("*/");
+            continue;
+        }
+        if in_doc {
+            in_doc = !t.ends_with("*/");
+            continue;
+        }
+        if !t.is_empty() {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(t);
+        }
+    }
+    out
+}
+
+/// The care plan's types carry serde attributes (flattened authors, fields skipped when empty,
+/// choices renamed to the form's words, dotted field keys): the TypeScript must describe the JSON
+/// that serde writes and reads, or the UI reads `undefined` where it expects a value.
+#[test]
+fn care_plan_typescript_describes_the_json_serde_writes() {
+    use musubi_crdt::documents::careplan::{CarePlan, PlanField, Sheet1};
+    use musubi_desktop::commands::careplan::PlacementInput;
+    use musubi_facility::services::careplan::PlanView;
+
+    let ts = fresh_bindings();
+
+    // A plan as `careplan_get` returns it: the plan's keys at the top level, `version` and
+    // `unreadable_bundles` left out when null or zero, so the TypeScript makes them optional.
+    let mut sheet1 = Sheet1::default();
+    sheet1
+        .set(PlanField::CareLevel, "care-2")
+        .expect("care level");
+    let view = PlanView {
+        id: musubi_crdt::ids::DocumentId::from_random_bytes([1; 16]),
+        version: None,
+        plan: CarePlan {
+            sheet1,
+            ..CarePlan::default()
+        },
+        unreadable_bundles: 0,
+    };
+    let json = serde_json::to_value(&view).expect("serialise");
+    let mut keys: Vec<&str> = json
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "comments",
+            "id",
+            "monitoring",
+            "needs",
+            "sheet1",
+            "support_log",
+            "versions",
+            "weekly"
+        ]
+    );
+    assert_eq!(json["sheet1"]["care_level"], "要介護2");
+    let plan_view = ts_type(&ts, "PlanView");
+    assert!(plan_view.contains("sheet1: Sheet1;"), "{plan_view}");
+    assert!(plan_view.contains("version?: number | null"), "{plan_view}");
+    assert!(
+        plan_view.contains("unreadable_bundles?: number"),
+        "{plan_view}"
+    );
+    assert!(ts_type(&ts, "CareLevel").contains("\"要介護2\""));
+    assert!(
+        ts_type(&ts, "Sex").contains("\"男\" | \"女\""),
+        "{}",
+        ts_type(&ts, "Sex")
+    );
+
+    // Entries carry their author's keys at the top level (`#[serde(flatten)]`).
+    let log = ts_type(&ts, "LogEntry");
+    assert!(
+        log.contains("facility_name: string") && log.contains("recorded_at: string"),
+        "{log}"
+    );
+
+    // The field keys are the dotted keys the services parse.
+    let fields = ts_type(&ts, "PlanField");
+    for field in PlanField::ALL {
+        assert!(
+            fields.contains(&format!("\"{}\"", field.key())),
+            "{fields} lacks {field}"
+        );
+    }
+
+    // Placements: what the TypeScript allows is what serde reads.
+    assert_eq!(
+        ts_type(&ts, "PlacementInput"),
+        "export type PlacementInput = \"first\" | \"last\" | { before: string } | { after: string }"
+    );
+    for json in [
+        r#""first""#,
+        r#""last""#,
+        r#"{"before":"a1b2"}"#,
+        r#"{"after":"a1b2"}"#,
+    ] {
+        serde_json::from_str::<PlacementInput>(json).expect(json);
+    }
+}
+
+/// The referral letter's `fhir_source` is never serialised and its field keys are dotted; the
+/// TypeScript must say the same.
+#[test]
+fn referral_typescript_describes_the_json_serde_writes() {
+    use musubi_crdt::documents::referral::{ReferralField, ReferralLetter};
+
+    let ts = fresh_bindings();
+    let letter = ReferralLetter {
+        fhir_source: Some("{}".into()),
+        ..ReferralLetter::default()
+    };
+    let json = serde_json::to_value(&letter).expect("serialise");
+    assert!(json.get("fhir_source").is_none());
+    let ts_letter = ts_type(&ts, "ReferralLetter");
+    assert!(!ts_letter.contains("fhir_source"), "{ts_letter}");
+    for key in json.as_object().expect("object").keys() {
+        assert!(
+            ts_letter.contains(&format!("{key}: ")),
+            "{ts_letter} lacks {key}"
+        );
+    }
+    let fields = ts_type(&ts, "ReferralField");
+    for field in ReferralField::ALL {
+        assert!(
+            fields.contains(&format!("\"{}\"", field.key())),
+            "{fields} lacks {field}"
+        );
+    }
+    assert!(
+        ts_type(&ts, "ReferralStatus")
+            .contains("\"draft\" | \"sent\" | \"received\" | \"replied\"")
+    );
+}
