@@ -1,0 +1,45 @@
+// The sync status: polled once, then kept current by the `SyncStatus` event.
+
+import { commands, events, onEvent, unwrap, type SyncStatus } from './api';
+
+const state = $state<{ status: SyncStatus | null }>({ status: null });
+
+/** The latest sync status (reactive; null until known). */
+export const sync = {
+  get status(): SyncStatus | null {
+    return state.status;
+  },
+};
+
+/**
+ * Follows the sync status until the returned function is called: subscribes to the event, then
+ * asks once. An event that arrives before the answer wins over it.
+ */
+export function followSync(): () => void {
+  let fromEvent = false;
+  const stop = onEvent(events.syncStatus, (s: SyncStatus) => {
+    fromEvent = true;
+    state.status = s;
+  });
+  unwrap(commands.syncStatus()).then(
+    (s) => {
+      if (!fromEvent) state.status = s;
+    },
+    (e) => console.error('sync status', e),
+  );
+  return stop;
+}
+
+/** Asks the engine for the sync status once (after joining or unlocking, when sync starts). */
+export async function refreshSync(): Promise<void> {
+  try {
+    state.status = await unwrap(commands.syncStatus());
+  } catch (e) {
+    console.error('sync status', e);
+  }
+}
+
+/** Asks the engine to sync now. Throws an `AppFailure`. */
+export async function syncNow(): Promise<void> {
+  await unwrap(commands.syncNow());
+}

@@ -1,0 +1,61 @@
+import { test, expect } from '@playwright/test';
+import { EVENTS, LAST_SYNC_MS, openApp } from './support/mock';
+
+test('the status bar follows the sync state as it changes', async ({ page }) => {
+  const app = await openApp(page, {}, { sync: { state: 'online', pending: 0, last_sync_ms: LAST_SYNC_MS } });
+  const state = page.getByTestId('sync-state');
+
+  await expect(state).toHaveText('オンライン');
+  await expect(page.getByTestId('sync-last')).toHaveText('最終同期 14:05');
+  await expect(page.getByTestId('sync-pending')).toHaveCount(0);
+
+  // The network goes away while the clerk keeps working: unsent edits pile up.
+  await app.setSync({ state: 'offline', pending: 1 });
+  await expect(state).toHaveText('オフライン — 未送信 1 件');
+  await app.setSync({ state: 'offline', pending: 3 });
+  await expect(state).toHaveText('オフライン — 未送信 3 件');
+
+  // A colleague's computer on the same LAN is found.
+  await app.setSync({ state: 'lan', lan_peers: 1 });
+  await expect(state).toHaveText('LAN内の端末と同期中');
+  await expect(page.getByTestId('sync-pending')).toHaveText('未送信 3 件');
+
+  // The relay comes back; the edits go out and the time of the last sync moves on.
+  await app.setSync({ state: 'connecting', lan_peers: 0 });
+  await expect(state).toHaveText('中継サーバーに接続中');
+  await app.emit(EVENTS.syncStatus, {
+    state: 'online',
+    pending: 0,
+    last_sync_ms: Date.UTC(2025, 0, 9, 7, 42), // 16:42 in Japan
+    lan_peers: 0,
+    message: null,
+  });
+  await expect(state).toHaveText('オンライン');
+  await expect(page.getByTestId('sync-last')).toHaveText('最終同期 16:42');
+  await expect(page.getByTestId('sync-pending')).toHaveCount(0);
+
+  // The relay refuses this computer: the clerk is told whom to contact.
+  await app.setSync({ state: 'refused', message: 'device revoked' });
+  await expect(state).toHaveText('中継サーバーに接続を拒否されました。中継サーバーの管理者に連絡してください。');
+});
+
+test('“Sync now” asks the engine to sync', async ({ page }) => {
+  const app = await openApp(page, {}, { sync: { state: 'offline', pending: 2 } });
+  await expect(page.getByTestId('sync-state')).toHaveText('オフライン — 未送信 2 件');
+  await page.getByTestId('sync-now').click();
+  await expect.poll(() => app.callsTo('sync_now').length).toBe(1);
+  // And from the keyboard.
+  await page.getByTestId('sync-now').focus();
+  await page.keyboard.press('Enter');
+  await expect.poll(() => app.callsTo('sync_now').length).toBe(2);
+});
+
+test('a computer that has never synced says so, in English too', async ({ page }) => {
+  const app = await openApp(page, {}, { lang: 'en', sync: { state: 'connecting', last_sync_ms: null, pending: 4 } });
+  await expect(page.getByTestId('sync-state')).toHaveText('Connecting to the relay');
+  await expect(page.getByTestId('sync-pending')).toHaveText('4 unsent');
+  await expect(page.getByTestId('sync-last')).toHaveText('Never synced');
+  await app.setSync({ state: 'offline' });
+  await expect(page.getByTestId('sync-state')).toHaveText('Offline — 4 unsent');
+  await expect(page.getByTestId('sync-now')).toHaveText('Sync now');
+});

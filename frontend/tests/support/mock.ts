@@ -1,0 +1,469 @@
+// The engine, mocked at the IPC boundary, for Playwright tests of the built UI.
+//
+// The page gets a fake `window.__TAURI_INTERNALS__` (what `@tauri-apps/api` v2 calls): `invoke`
+// sends each command to handlers that run here in Node (via `page.exposeFunction`), so a test can
+// keep state and assert on the calls; `plugin:event|listen`/`unlisten` are served in the page so
+// `emit(page, 'sync-status', payload)` reaches the generated `events.syncStatus.listen` callbacks.
+//
+// Usage (a screen test only adds its own commands; session, sync and settings have defaults):
+//
+//   import { test, expect } from '@playwright/test';
+//   import { openApp, fail } from './support/mock';
+//
+//   test('a clerk sees the inbox', async ({ page }) => {
+//     const app = await openApp(page, {
+//       list_referrals: () => [{ id: 'r1', patient: '能登 太郎' }],
+//       open_referral: ({ id }) => (id === 'r1' ? { id } : fail('not_found', 'no such letter')),
+//     }, { path: '#/referral' });
+//     await expect(page.getByText('能登 太郎')).toBeVisible();
+//     await app.emit('document-changed', { id: 'r1', kind: 'referral' });
+//     expect(app.callsTo('list_referrals')).toHaveLength(2);
+//   });
+
+import type { Page } from '@playwright/test';
+import type {
+  AppStatus,
+  ErrorKind,
+  FacilityChoice,
+  FacilityRole,
+  Settings,
+  Staff,
+  SyncStatus,
+} from '../../src/lib/bindings';
+
+/** The phases `appStatus()` reports. */
+export type Phase = AppStatus['phase'];
+
+/** An IPC error as the engine sends it. */
+export interface MockError {
+  kind: ErrorKind;
+  message: string;
+}
+
+/** A recorded command call (args as the page sent them, camelCase keys). */
+export interface Call {
+  cmd: string;
+  args: Record<string, any>;
+}
+
+/**
+ * Answers one command: returns the command's data (a value or a promise; `undefined` is sent as
+ * null), or throws `{ kind, message }` (see `fail`) to make the command return an error result.
+ */
+export type Handler = (args: Record<string, any>, app: MockApp) => unknown;
+
+/** Handlers by command name: the Rust name (`create_facility`) or the TS name (`createFacility`). */
+export type Handlers = Record<string, Handler>;
+
+/** The mocked engine's state that the default handlers read and change. */
+export interface MockState {
+  phase: Phase;
+  facility_name: string | null;
+  facility_role: FacilityRole | null;
+  /** The signed-in staff member. */
+  staff: Staff | null;
+  /** All staff accounts. */
+  staff_list: Staff[];
+  /** Passwords by login (for `sign_in`). */
+  passwords: Record<string, string>;
+  /** The passphrase `unlock` accepts. */
+  passphrase: string;
+  /** Invite codes `join` accepts (any code starting with `musubi1` when empty). */
+  invites: string[];
+  sync: SyncStatus;
+  settings: Settings;
+  facilities: FacilityChoice[];
+  data_dir: string;
+}
+
+export interface OpenOptions {
+  /** Where the app stands at start. Default `ready`. */
+  phase?: Phase;
+  /** Whether this computer has joined a deployment (default: unless `new` or `not_joined`). */
+  joined?: boolean;
+  /** The signed-in staff member when ready (default 山田 花子, login `yamada`). */
+  staff?: Staff;
+  /** Staff accounts (default: the signed-in one; empty for `new`/`not_joined`/`no_staff`). */
+  staffList?: Staff[];
+  /** Passwords by login (default: `yamada` → `password123`). */
+  passwords?: Record<string, string>;
+  /** The passphrase `unlock` accepts (default `correct horse battery`). */
+  passphrase?: string;
+  /** This facility (default 七尾市立診療所, a clinic). */
+  facility?: { name?: string; role?: FacilityRole; id?: string };
+  /** Sync status at start (default online, nothing pending). */
+  sync?: Partial<SyncStatus>;
+  /** Settings fields to override. */
+  settings?: Partial<Settings>;
+  /** The deployment's facilities (default: this one and three others, one per role). */
+  facilities?: FacilityChoice[];
+  /** UI language stored before the app starts (default: none stored, so Japanese). */
+  lang?: 'ja' | 'en';
+  /** The hash route to open, e.g. `#/careplan` (default: none, so the first screen). */
+  path?: string;
+  /** Whether to wait for the first screen after loading (default true). */
+  waitReady?: boolean;
+}
+
+/** The mocked engine of one page. */
+export interface MockApp {
+  readonly page: Page;
+  /** The state the default handlers use; tests may read and change it. */
+  readonly state: MockState;
+  /** Every command called so far, in order (event plumbing excluded). */
+  readonly calls: Call[];
+  /** Commands called that had no handler (each also answered with an `internal` error). */
+  readonly unhandled: string[];
+  /** The args of each call to `cmd` (Rust or TS name). */
+  callsTo(cmd: string): Record<string, any>[];
+  /** Sends a typed event to the page (waits until the page listens to it). */
+  emit(event: string, payload: unknown): Promise<void>;
+  /** Sets the sync status and sends it as the `sync-status` event. */
+  setSync(s: Partial<SyncStatus>): Promise<void>;
+  /** Replaces or adds handlers. */
+  handle(handlers: Handlers): void;
+}
+
+/** Event names (tauri-specta's kebab-case of the Rust type names). */
+export const EVENTS = {
+  syncStatus: 'sync-status',
+  documentChanged: 'document-changed',
+  cardTapped: 'card-tapped',
+} as const;
+
+/** Throws the IPC error `{ kind, message }` from a handler. */
+export function fail(kind: ErrorKind, message = `${kind} (mocked)`): never {
+  throw { kind, message } satisfies MockError;
+}
+
+/** A promise with its resolve exposed: hold a handler until the test lets it go. */
+export function deferred<T = void>(): { promise: Promise<T>; resolve: (v: T) => void } {
+  let resolve!: (v: T) => void;
+  const promise = new Promise<T>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+/** Waits `ms` milliseconds. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** 2025-01-09 14:05 in Japan (the tests run in Asia/Tokyo). */
+export const LAST_SYNC_MS = Date.UTC(2025, 0, 9, 5, 5);
+
+export const DEFAULT_STAFF: Staff = { id: 'staff-1', login: 'yamada', name: '山田 花子', card: null };
+export const DEFAULT_FACILITY_ID = '0194a3c2-7d1e-7c3a-9f00-0000000000c1';
+
+function snake(cmd: string): string {
+  return cmd.includes('|') ? cmd : cmd.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
+}
+
+function isMockError(e: unknown): e is MockError {
+  return typeof e === 'object' && e !== null && typeof (e as MockError).kind === 'string' && !(e instanceof Error);
+}
+
+function initialState(o: OpenOptions): MockState {
+  const phase = o.phase ?? 'ready';
+  const staff = o.staff ?? DEFAULT_STAFF;
+  // A locked computer has usually joined already (set `joined: false` for one that has not).
+  const joined = o.joined ?? (phase !== 'new' && phase !== 'not_joined');
+  const staffList = o.staffList ?? (phase === 'ready' || phase === 'signed_out' || phase === 'locked' ? [staff] : []);
+  const name = o.facility?.name ?? '七尾市立診療所';
+  const role = o.facility?.role ?? 'clinic';
+  const id = o.facility?.id ?? DEFAULT_FACILITY_ID;
+  const data_dir = '/home/clerk/.local/share/musubi';
+  const sync: SyncStatus = {
+    state: joined ? 'online' : 'not_joined',
+    pending: 0,
+    last_sync_ms: joined ? LAST_SYNC_MS : null,
+    lan_peers: 0,
+    message: null,
+    ...o.sync,
+  };
+  const settings: Settings = {
+    facility_name: name,
+    facility_id: joined ? id : null,
+    facility_role: joined ? role : null,
+    device_id: '12D3KooWQm7zNfVhd3Lq5oZ6x2cYvM9t4kP8rW1sBaE3uJn5GhXy',
+    fingerprint: '3f2a 91c0 5be7 0d44 a1f9 7c3e 28b6 e05d',
+    relay_id: joined ? '12D3KooWRelayNodeNanaoCity0000000000000000000000000' : null,
+    relay_addrs: joined ? ['/dns4/relay.nanao.example.jp/udp/4433/quic-v1', '/ip4/10.20.0.5/tcp/4433'] : [],
+    lan: true,
+    data_dir,
+    version: '0.1.0',
+    ...o.settings,
+  };
+  const facilities: FacilityChoice[] = o.facilities ?? [
+    { id, name, role, is_self: true },
+    { id: '0194a3c2-7d1e-7c3a-9f00-0000000000c2', name: '恵寿総合病院', role: 'clinic', is_self: false },
+    { id: '0194a3c2-7d1e-7c3a-9f00-0000000000c3', name: '七尾市居宅介護支援事業所', role: 'care-office', is_self: false },
+    { id: '0194a3c2-7d1e-7c3a-9f00-0000000000c4', name: '七尾市立小丸山小学校 避難所', role: 'shelter', is_self: false },
+    { id: '0194a3c2-7d1e-7c3a-9f00-0000000000c5', name: '七尾市災害対策本部', role: 'hq', is_self: false },
+  ];
+  return {
+    phase,
+    facility_name: phase === 'new' || phase === 'locked' ? null : name,
+    facility_role: joined && phase !== 'locked' ? role : null,
+    staff: phase === 'ready' ? staff : null,
+    staff_list: staffList,
+    passwords: o.passwords ?? { [staff.login]: 'password123' },
+    passphrase: o.passphrase ?? 'correct horse battery',
+    invites: [],
+    sync,
+    settings,
+    facilities,
+    data_dir,
+  };
+}
+
+function status(s: MockState): AppStatus {
+  return {
+    phase: s.phase,
+    facility_name: s.facility_name,
+    facility_role: s.facility_role,
+    staff: s.staff,
+    data_dir: s.data_dir,
+  };
+}
+
+function afterUnlock(s: MockState): Phase {
+  s.facility_role = s.settings.facility_role;
+  if (s.facility_role === null) return 'not_joined';
+  if (s.staff) return 'ready';
+  return s.staff_list.length === 0 ? 'no_staff' : 'signed_out';
+}
+
+function requireUnlocked(s: MockState) {
+  if (s.phase === 'new') fail('not_initialised', 'no facility in the data directory');
+  if (s.phase === 'locked') fail('locked', 'the facility is locked');
+}
+
+/** The default handlers: session, sync and settings commands over `app.state`, as the engine behaves. */
+export const defaultHandlers: Handlers = {
+  app_status: (_a, { state }) => status(state),
+  create_facility: async ({ name, passphrase }, { state }) => {
+    if (state.phase !== 'new') fail('already_initialised', 'a facility already exists');
+    if (!String(name ?? '').trim()) fail('invalid_input', 'the facility name is empty');
+    if ([...String(passphrase ?? '')].length < 8) fail('invalid_input', 'the passphrase is shorter than 8 characters');
+    await sleep(300); // key creation takes a moment
+    state.passphrase = passphrase;
+    state.facility_name = String(name).trim();
+    state.settings.facility_name = state.facility_name;
+    state.phase = 'not_joined';
+    return status(state);
+  },
+  unlock: ({ passphrase }, { state }) => {
+    if (state.phase === 'new') fail('not_initialised', 'no facility in the data directory');
+    if (state.phase === 'locked') {
+      if (passphrase !== state.passphrase) fail('wrong_passphrase', 'the passphrase does not unlock this facility');
+      state.facility_name = state.settings.facility_name;
+      state.phase = afterUnlock(state);
+    }
+    return status(state);
+  },
+  join: async ({ invite }, app) => {
+    const { state } = app;
+    requireUnlocked(state);
+    const code = String(invite ?? '').trim();
+    const ok = state.invites.length > 0 ? state.invites.includes(code) : code.startsWith('musubi1');
+    if (!ok) fail('bad_invite', 'the invite code is not valid: bad prefix');
+    const s = state.settings;
+    s.facility_id = s.facility_id ?? DEFAULT_FACILITY_ID;
+    s.facility_role = s.facility_role ?? 'clinic';
+    s.relay_id = s.relay_id ?? '12D3KooWRelayNodeNanaoCity0000000000000000000000000';
+    if (s.relay_addrs.length === 0) s.relay_addrs = ['/ip4/10.20.0.5/tcp/4433'];
+    state.facility_role = s.facility_role;
+    state.facility_name = s.facility_name;
+    state.phase = afterUnlock(state);
+    state.sync = { ...state.sync, state: 'online', last_sync_ms: LAST_SYNC_MS };
+    return status(state);
+  },
+  create_staff: ({ login, name, password }, { state }) => {
+    requireUnlocked(state);
+    if (!state.staff && state.staff_list.length > 0) fail('not_signed_in', 'sign in to add staff accounts');
+    const l = String(login ?? '').trim();
+    if (!l || /\s/.test(l)) fail('invalid_input', 'a login is 1 to 64 bytes without spaces');
+    if ([...String(password ?? '')].length < 8) fail('invalid_input', 'a password has at least 8 characters (and at most 1024 bytes)');
+    if (state.staff_list.some((s) => s.login === l)) fail('invalid_input', `a staff account "${l}" already exists`);
+    const staff: Staff = { id: `staff-${state.staff_list.length + 1}`, login: l, name: String(name).trim(), card: null };
+    state.staff_list.push(staff);
+    state.passwords[l] = password;
+    if (state.phase === 'no_staff') state.phase = 'signed_out';
+    return staff;
+  },
+  list_staff: (_a, { state }) => {
+    requireUnlocked(state);
+    return state.staff_list;
+  },
+  sign_in: ({ login, password }, { state }) => {
+    requireUnlocked(state);
+    const l = String(login ?? '').trim();
+    const who = state.staff_list.find((s) => s.login === l);
+    if (!who || state.passwords[l] !== password) fail('bad_credentials', 'wrong login or password');
+    state.staff = who;
+    state.phase = 'ready';
+    return who;
+  },
+  sign_out: (_a, { state }) => {
+    requireUnlocked(state);
+    state.staff = null;
+    if (state.phase === 'ready') state.phase = 'signed_out';
+    return null;
+  },
+  sync_status: (_a, { state }) => state.sync,
+  sync_now: () => null,
+  settings: (_a, { state }) => {
+    requireUnlocked(state);
+    return state.settings;
+  },
+  facilities: (_a, { state }) => {
+    requireUnlocked(state);
+    if (!state.facility_role) fail('not_enrolled', 'this device has not joined a deployment');
+    return state.facilities;
+  },
+};
+
+/** The fake Tauri internals, installed in the page before its scripts run. */
+function installFakeTauri() {
+  type Listener = { event: string; id: number; handler: number };
+  const w = window as any;
+  const callbacks = new Map<number, (data: unknown) => void>();
+  const listeners: Listener[] = [];
+  let nextEventId = 1;
+
+  function registerCallback(cb: (data: unknown) => void, once = false): number {
+    const id = crypto.getRandomValues(new Uint32Array(1))[0];
+    callbacks.set(id, (data) => {
+      if (once) callbacks.delete(id);
+      cb(data);
+    });
+    return id;
+  }
+
+  function deliver(event: string, payload: unknown): number {
+    let n = 0;
+    for (const l of listeners.filter((x) => x.event === event)) {
+      const cb = callbacks.get(l.handler);
+      if (cb) {
+        cb({ event, id: l.id, payload });
+        n++;
+      }
+    }
+    return n;
+  }
+
+  async function invoke(cmd: string, args: Record<string, unknown> = {}, _options?: unknown) {
+    const a = JSON.parse(JSON.stringify(args ?? {})) as Record<string, any>;
+    switch (cmd) {
+      case 'plugin:event|listen': {
+        const id = nextEventId++;
+        listeners.push({ event: a.event, id, handler: a.handler });
+        return id;
+      }
+      case 'plugin:event|unlisten': {
+        const i = listeners.findIndex((l) => l.event === a.event && l.id === a.eventId);
+        if (i >= 0) listeners.splice(i, 1);
+        return null;
+      }
+      case 'plugin:event|emit':
+      case 'plugin:event|emit_to':
+        deliver(a.event, a.payload);
+        return null;
+    }
+    const r = await w.__musubiMockInvoke(cmd, a);
+    if (r && 'error' in r) throw r.error;
+    return r ? r.data : null;
+  }
+
+  w.__TAURI_INTERNALS__ = {
+    invoke,
+    transformCallback: registerCallback,
+    unregisterCallback: (id: number) => callbacks.delete(id),
+    runCallback: (id: number, data: unknown) => callbacks.get(id)?.(data),
+    callbacks,
+    convertFileSrc: (path: string, protocol = 'asset') => `${protocol}://localhost/${encodeURIComponent(path)}`,
+    metadata: {
+      currentWindow: { label: 'main' },
+      currentWebview: { windowLabel: 'main', label: 'main' },
+    },
+    plugins: { path: { sep: '/', delimiter: ':' } },
+  };
+  w.__TAURI_EVENT_PLUGIN_INTERNALS__ = {
+    unregisterListener: (event: string, id: number) => {
+      const i = listeners.findIndex((l) => l.event === event && l.id === id);
+      if (i >= 0) listeners.splice(i, 1);
+    },
+  };
+  w.__musubiMock = {
+    deliver,
+    listening: (event: string) => listeners.some((l) => l.event === event),
+  };
+}
+
+/**
+ * Sends a typed event to the page, as the Rust side's `Event::emit` does. Waits (up to 5 s) until
+ * the page listens to `event`, then delivers it to every listener.
+ */
+export async function emit(page: Page, event: string, payload: unknown): Promise<void> {
+  await page.waitForFunction((e) => (window as any).__musubiMock?.listening(e), event, { timeout: 5_000 });
+  await page.evaluate(([e, p]) => (window as any).__musubiMock.deliver(e, p), [event, payload] as const);
+}
+
+/**
+ * Opens the app with the engine mocked: default handlers for session, sync and settings commands
+ * (over a state built from `opts`), plus `handlers` (which win). Loads `opts.path` (hash route) and
+ * waits for the first screen.
+ */
+export async function openApp(page: Page, handlers: Handlers = {}, opts: OpenOptions = {}): Promise<MockApp> {
+  const table = new Map<string, Handler>();
+  const add = (hs: Handlers) => {
+    for (const [k, h] of Object.entries(hs)) table.set(snake(k), h);
+  };
+  add(defaultHandlers);
+  add(handlers);
+
+  const app: MockApp = {
+    page,
+    state: initialState(opts),
+    calls: [],
+    unhandled: [],
+    callsTo: (cmd) => app.calls.filter((c) => c.cmd === snake(cmd)).map((c) => c.args),
+    emit: (event, payload) => emit(page, event, payload),
+    setSync: async (s) => {
+      app.state.sync = { ...app.state.sync, ...s };
+      await emit(page, EVENTS.syncStatus, app.state.sync);
+    },
+    handle: add,
+  };
+
+  await page.exposeFunction('__musubiMockInvoke', async (cmd: string, args: Record<string, any>) => {
+    app.calls.push({ cmd, args });
+    const h = table.get(cmd);
+    if (!h) {
+      app.unhandled.push(cmd);
+      console.warn(`[mock] no handler for command "${cmd}"`);
+      return { error: { kind: 'internal', message: `no mock handler for ${cmd}` } };
+    }
+    try {
+      const data = await h(args, app);
+      return { data: data === undefined ? null : data };
+    } catch (e) {
+      if (isMockError(e)) return { error: { kind: e.kind, message: e.message } };
+      console.error(`[mock] handler for "${cmd}" threw`, e);
+      return { error: { kind: 'internal', message: `mock handler for ${cmd} threw: ${String(e)}` } };
+    }
+  });
+  await page.addInitScript(installFakeTauri);
+  if (opts.lang) {
+    await page.addInitScript((lang) => {
+      if (!localStorage.getItem('musubi.lang')) localStorage.setItem('musubi.lang', lang);
+    }, opts.lang);
+  }
+
+  await page.goto('/' + (opts.path ?? ''));
+  if (opts.waitReady ?? true) {
+    // The shell has drawn the screen of the phase (a form before sign-in, the shell when ready).
+    await page.locator('.gate, .shell').first().waitFor();
+  }
+  return app;
+}
