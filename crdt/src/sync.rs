@@ -125,6 +125,8 @@ pub struct Session {
     backoff: Duration,
     events: VecDeque<Event>,
     caught_up_reported: bool,
+    /// Documents whose pull was set back until a newer directory arrives ([`Session::handle_unknown_author`]).
+    awaiting_directory: BTreeSet<DocumentId>,
 }
 
 impl Session {
@@ -155,6 +157,7 @@ impl Session {
             backoff,
             events: VecDeque::new(),
             caught_up_reported: false,
+            awaiting_directory: BTreeSet::new(),
         }
     }
 
@@ -192,6 +195,28 @@ impl Session {
     pub fn handle_key(&mut self, doc: DocumentId, epoch: Epoch) {
         let known = self.epochs.entry(doc).or_insert(epoch);
         *known = (*known).max(epoch);
+    }
+
+    /// The driver could not accept the bundle of `doc` at `from` (and those after it) because its
+    /// author is a device the directory it holds does not list: a facility or device enrolled since
+    /// the directory was fetched. The session sets the document's cursor back to before `from`,
+    /// fetches the directory, and pulls the document again once it has arrived.
+    ///
+    /// Returns `false`, changing nothing, when this document already waits for a directory that
+    /// turned out no newer: the author is unknown to the relay's directory too, and the driver
+    /// drops the bundle as unverifiable.
+    pub fn handle_unknown_author(&mut self, doc: DocumentId, from: Seq) -> bool {
+        if !self.awaiting_directory.insert(doc) {
+            return false;
+        }
+        let back = Seq(from.0.saturating_sub(1));
+        let cursor = self.cursors.entry(doc).or_default();
+        *cursor = (*cursor).min(back);
+        let head = self.heads.entry(doc).or_default();
+        *head = (*head).max(from);
+        self.want_directory = true;
+        self.caught_up_reported = false;
+        true
     }
 
     /// Asks for the document list again.
@@ -237,6 +262,8 @@ impl Session {
         match (what, response) {
             (InFlight::Directory, Response::Directory { directory }) => {
                 if let Some(d) = directory {
+                    // A newer directory: documents set back for an unknown author get one more try.
+                    self.awaiting_directory.clear();
                     self.events.push_back(Event::Directory(d));
                 }
             }

@@ -1937,3 +1937,53 @@ fn a_late_answer_to_a_timed_out_request_is_ignored() {
         Stats::default()
     });
 }
+
+/// A bundle written by a device enrolled after this device fetched the directory is not lost: the
+/// driver hands it back (`handle_unknown_author`), the session fetches the directory before any
+/// pull, then pulls the same bundle again. When that directory was no newer, a second hand-back is
+/// refused, so an author unknown to the relay too cannot make the session loop.
+#[test]
+fn a_bundle_by_a_device_enrolled_later_is_pulled_again_after_the_directory() {
+    run_seeds(|seed| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut b = Bench::new(&mut rng, session_config());
+        b.session.handle_connected(b.at(0));
+        b.settle();
+        let seq = b.elsewhere(1);
+        let now = b.at(b.now);
+        b.session.handle_notify(b.doc.id, seq, Epoch(0), now);
+        b.settle();
+        assert_eq!(b.pulled.get(&seq), Some(&1), "the bundle was pulled once");
+
+        assert!(b.session.handle_unknown_author(b.doc.id, seq));
+        assert!(
+            !b.session.is_caught_up(),
+            "a handed-back bundle is not caught up"
+        );
+        let sent = b.send();
+        assert!(
+            matches!(
+                sent.first().map(|t| &t.request),
+                Some(Request::GetDirectory { .. })
+            ),
+            "the directory is fetched first: {sent:?}"
+        );
+        assert!(
+            sent.iter()
+                .all(|t| !matches!(t.request, Request::Pull { .. })),
+            "no pull before the directory has arrived: {sent:?}"
+        );
+        let now = b.at(b.now);
+        for t in sent {
+            let r = b.answer(&t);
+            b.session.handle_response(t.id, r, now);
+        }
+        b.settle();
+        assert_eq!(b.pulled.get(&seq), Some(&2), "the bundle was pulled again");
+        assert!(
+            !b.session.handle_unknown_author(b.doc.id, seq),
+            "the directory was no newer: the second hand-back is final"
+        );
+        Default::default()
+    });
+}

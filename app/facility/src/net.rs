@@ -567,19 +567,22 @@ pub fn apply_event(
         }
         Event::Pulled { doc, items } => {
             let dir = engine.directory()?;
-            let good: Vec<(Seq, _)> = items
-                .into_iter()
-                .filter(|p| {
-                    let ok = p.envelope.doc == doc
-                        && p.envelope.verify_signature().is_ok()
-                        && dir.device(&p.envelope.author).is_some();
-                    if !ok {
-                        tracing::warn!(%doc, seq = %p.seq, "dropping a bundle whose signature or author does not verify");
-                    }
-                    ok
-                })
-                .map(|p| (p.seq, p.envelope))
-                .collect();
+            let mut good: Vec<(Seq, _)> = Vec::with_capacity(items.len());
+            for p in items {
+                let signed = p.envelope.doc == doc && p.envelope.verify_signature().is_ok();
+                let known = dir.device(&p.envelope.author).is_some();
+                if signed && !known && session.handle_unknown_author(doc, p.seq) {
+                    // Written by a device enrolled after this directory: fetch it, then pull again
+                    // from here (the cursor stays before this bundle).
+                    tracing::info!(%doc, seq = %p.seq, "a bundle by a device the directory does not list yet; fetching the directory");
+                    break;
+                }
+                if !(signed && known) {
+                    tracing::warn!(%doc, seq = %p.seq, "dropping a bundle whose signature or author does not verify");
+                    continue;
+                }
+                good.push((p.seq, p.envelope));
+            }
             report.pulled += good.len() as u64;
             engine.store_mut().store_pulled(doc, &good, now_ms())?;
             services::after_sync(engine, doc)?;
