@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: format, lints, build, then every test of the workspace (unit tests, the
-# deterministic sync simulations and the scenario tests that run real relay and facility processes).
+# The whole test suite: the UI (build, type check, Playwright), format, lints, build, then every test of
+# the workspace (unit tests, the deterministic sync simulations, the scenario tests that run real relay
+# and facility processes, and the real desktop app under WebDriver), then the desktop installers.
 # Run from anywhere: `bash scripts/test.sh`. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,18 @@ command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
 [[ -x /usr/sbin/pcscd ]] || command -v pcscd >/dev/null 2>&1 || missing+=(pcscd)
 [[ -f /usr/lib/pcsc/drivers/serial/libifdvpcd.so ]] || missing+=(vsmartcard-vpcd)
 pkg-config --exists libpcsclite 2>/dev/null || missing+=(libpcsclite-dev)
+# The desktop app (Tauri 2 on WebKitGTK): its build libraries; the real app's end-to-end tests run it
+# under Xvfb through tauri-driver and Debian's WebKitWebDriver; the UI tests use Debian's Chromium.
+for p in libwebkit2gtk-4.1-dev libgtk-3-dev libsoup-3.0-dev libjavascriptcoregtk-4.1-dev librsvg2-dev \
+    libayatana-appindicator3-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+command -v WebKitWebDriver >/dev/null 2>&1 || missing+=(webkit2gtk-driver)
+command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
+command -v xauth >/dev/null 2>&1 || missing+=(xauth)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v file >/dev/null 2>&1 || missing+=(file)
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing ${missing[*]}"
@@ -46,6 +59,21 @@ if command -v systemctl >/dev/null 2>&1 && { systemctl is-active --quiet pcscd.s
     fi
 fi
 
+# The UI first: the desktop crate embeds frontend/dist when it compiles, so every cargo step needs it.
+step "frontend: npm ci"
+(cd frontend && npm ci --no-audit --no-fund)
+step "frontend: npm run build"
+(cd frontend && npm run build)
+step "frontend: npm run check"
+(cd frontend && npm run check)
+step "frontend: playwright test (Debian's Chromium)"
+(cd frontend && CI=${CI:-1} npx playwright test)
+
+# tauri-driver, the WebDriver server of the desktop app's end-to-end tests, installed beside target/ (and
+# cached with it); `cargo install` does nothing when this version is already there.
+step "cargo install tauri-driver --locked --root target/tools"
+cargo install tauri-driver --locked --root "${CARGO_TARGET_DIR:-target}/tools"
+
 if cargo fmt --version >/dev/null 2>&1; then
     step "cargo fmt --check"
     cargo fmt --all -- --check
@@ -66,3 +94,8 @@ cargo build --workspace --bins
 
 step "cargo test --workspace"
 cargo test --workspace
+
+# The installers: .deb and AppImage by `tauri build`; the .deb installed, both started under Xvfb and
+# captured (ci-artifacts/screenshots/bundle-*.png).
+step "scripts/desktop-bundle.sh"
+bash scripts/desktop-bundle.sh

@@ -5,6 +5,8 @@
 //! fixed loopback port and each [`Facility`] is one device's data directory driven through the `musubi` CLI.
 //! A [`raw::RawClient`] speaks `/musubi/sync/1` directly, to act as a hostile or curious peer and to
 //! drive the benchmarks.
+//! A [`desktop::DesktopApp`] is the real desktop app (`musubi-desktop`) under Xvfb, driven through
+//! `tauri-driver` and WebKitWebDriver, with screenshots of every step.
 //!
 //! Run loop: nothing here is async for the caller. Processes are spawned with `std::process::Command`;
 //! waiting is polling with a deadline ([`poll_until`]) that panics with a message naming what it waited for.
@@ -23,6 +25,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod desktop;
 pub mod facility;
 pub mod files;
 pub mod measure;
@@ -71,7 +74,7 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| candidates[0].clone())
 }
 
-/// The path of a built workspace binary (`musubi-node` or `musubi`).
+/// The path of a built workspace binary (`musubi-node`, `musubi` or `musubi-desktop`).
 ///
 /// Panics when it is missing; warns (once per process and binary) when it is older than the sources it
 /// is built from, since a stale binary can make a test pass or fail for the wrong reason.
@@ -113,6 +116,7 @@ fn newest_source_mtime(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
     let own = match bin {
         "musubi-node" => "sync-node/src",
         "musubi" => "app/facility/src",
+        "musubi-desktop" => "app/desktop/src",
         _ => return None,
     };
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;

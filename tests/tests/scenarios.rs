@@ -29,6 +29,8 @@ use serde_json::Value;
 mod card;
 #[path = "scenarios/careplan.rs"]
 mod careplan;
+#[path = "scenarios/desktop.rs"]
+mod desktop;
 #[path = "scenarios/outage.rs"]
 mod outage;
 #[path = "scenarios/shelter.rs"]
