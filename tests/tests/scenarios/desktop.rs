@@ -26,6 +26,15 @@ mod ui {
     pub const CAREPLAN: &str = "careplan";
     /// The reception (避難所受付) section.
     pub const RECEPTION: &str = "reception";
+    /// The 災害対策本部 (HQ) section.
+    pub const HQ: &str = "hq";
+    /// The settings (設定) section.
+    pub const SETTINGS: &str = "settings";
+
+    /// HQ: a shelter's row in the table of every shelter.
+    pub const HQ_ROW: &str = "[data-testid=hq-row]";
+    /// Settings: this device's key fingerprint.
+    pub const FINGERPRINT: &str = "[data-testid=fingerprint]";
 
     /// A letter in the referral inbox (the link in its row, which opens it).
     pub const REFERRAL_ROW: &str = "[data-testid=referral-row] a";
@@ -233,6 +242,24 @@ fn desktop_check_in_at_the_reception_reaches_hq() {
             .any(|s| s["name"].as_str() == Some(SHELTER) && s["present"].as_u64() == Some(1)),
         "HQ counts 1 person at {SHELTER}: {summary:#}"
     );
+
+    story.step("the app's own 災害対策本部 screen lists the shelter with its count");
+    app.open_section(ui::HQ);
+    app.wait_for_text_in(ui::HQ_ROW, SHELTER, WORK_TIMEOUT);
+    app.screenshot("hq");
+
+    story.step("settings show this device's key fingerprint and the relay");
+    app.open_section(ui::SETTINGS);
+    app.wait_until("the key fingerprint", UI_TIMEOUT, || {
+        // Eight groups of four hex digits: the first 16 bytes of BLAKE3 over the device's keys.
+        let f: String = app
+            .text_of(ui::FINGERPRINT)?
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        (f.len() == 32 && f.chars().all(|c| c.is_ascii_hexdigit())).then_some(())
+    });
+    app.screenshot("settings");
     close_and_check_gone(app);
 }
 
