@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-step() { printf '\n==> %s\n' "$*"; }
+source scripts/lib.sh
 die() { printf 'desktop-bundle: %s\n' "$*" >&2; exit 1; }
 
 profile=${MUSUBI_BUNDLE_PROFILE:-release}
@@ -32,30 +32,21 @@ shots=$root/ci-artifacts/screenshots
 mkdir -p "$shots"
 
 # --- system packages -------------------------------------------------------------------------------
-missing=()
-for p in libwebkit2gtk-4.1-dev libgtk-3-dev libsoup-3.0-dev libjavascriptcoregtk-4.1-dev librsvg2-dev \
-    libayatana-appindicator3-dev; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-command -v cc >/dev/null 2>&1 || missing+=(build-essential)
-command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
-command -v dpkg-architecture >/dev/null 2>&1 || missing+=(dpkg-dev)      # the gtk plugin asks it
-command -v glib-compile-schemas >/dev/null 2>&1 || missing+=(libglib2.0-bin)
-command -v mksquashfs >/dev/null 2>&1 || missing+=(squashfs-tools)        # packs the AppImage
-command -v file >/dev/null 2>&1 || missing+=(file)
-command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
-command -v xauth >/dev/null 2>&1 || missing+=(xauth)
-command -v xwininfo >/dev/null 2>&1 || missing+=(x11-utils)               # the window check
-command -v WebKitWebDriver >/dev/null 2>&1 || missing+=(webkit2gtk-driver) # the screenshot
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
-if ((${#missing[@]})); then
-    [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}: install them (apt-get install ${missing[*]})"
-    step "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+need_pkg libwebkit2gtk-4.1-dev libgtk-3-dev libsoup-3.0-dev libjavascriptcoregtk-4.1-dev librsvg2-dev \
+    libayatana-appindicator3-dev
+need_cmd cc build-essential
+need_cmd pkg-config pkg-config
+need_cmd dpkg-architecture dpkg-dev                # the gtk plugin asks it
+need_cmd glib-compile-schemas libglib2.0-bin
+need_cmd mksquashfs squashfs-tools                 # packs the AppImage
+need_cmd file file
+need_cmd Xvfb xvfb
+need_cmd xauth xauth
+need_cmd xwininfo x11-utils                        # the window check
+need_cmd WebKitWebDriver webkit2gtk-driver         # the screenshot
+need_cmd curl curl
+need_cmd npm nodejs npm
+install_missing die
 
 # --- tools: tauri-driver and the AppImage tools cache ----------------------------------------------
 tools=$target_dir/tools

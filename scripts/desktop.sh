@@ -11,29 +11,21 @@
 # and survives restarts; delete that directory to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-say() { printf '\n==> %s\n' "$*"; }
+source scripts/lib.sh
 
 # System packages: the C toolchain, WebKitGTK for Tauri, PC/SC, the Japanese font of the PDFs, Node.js.
-missing=()
-command -v cc >/dev/null 2>&1 || missing+=(build-essential)
-command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
-for p in libwebkit2gtk-4.1-dev libgtk-3-dev librsvg2-dev libayatana-appindicator3-dev libpcsclite-dev; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-[[ -f /usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf ]] || missing+=(fonts-ipaexfont-gothic)
-command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
-if [[ -z ${DISPLAY:-}${WAYLAND_DISPLAY:-} ]] && ! command -v xvfb-run >/dev/null 2>&1; then missing+=(xvfb xauth); fi
-if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
-    sudo_=; [[ $(id -u) -eq 0 ]] || sudo_=sudo
-    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+need_cmd cc build-essential
+need_cmd pkg-config pkg-config
+need_pkg libwebkit2gtk-4.1-dev libgtk-3-dev librsvg2-dev libayatana-appindicator3-dev libpcsclite-dev
+need_file /usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf fonts-ipaexfont-gothic
+need_cmd npm nodejs npm
+if [[ -z ${DISPLAY:-}${WAYLAND_DISPLAY:-} ]]; then need_cmd xvfb-run xvfb xauth; fi
+install_missing sudo
 
-say "building the UI (frontend/)"
+step "building the UI (frontend/)"
 (cd frontend && { [[ -d node_modules ]] || npm ci --no-audit --no-fund; } && npm run build --silent)
 
-say "building the relay, the CLI and the desktop app"
+step "building the relay, the CLI and the desktop app"
 cargo build --quiet --bins -p musubi-sync-node -p musubi-facility -p musubi-desktop
 target_dir=${CARGO_TARGET_DIR:-target}
 node="$target_dir/debug/musubi-node"
@@ -52,10 +44,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 if [[ ! -f $relay_dir/relay.key ]]; then
-    say "creating the relay (deployment 'demo') in $relay_dir"
+    step "creating the relay (deployment 'demo') in $relay_dir"
     "$node" init --data "$relay_dir" --deployment demo >/dev/null
 fi
-say "starting the relay on /ip4/127.0.0.1/tcp/$port"
+step "starting the relay on /ip4/127.0.0.1/tcp/$port"
 "$node" serve --data "$relay_dir" --listen "/ip4/127.0.0.1/tcp/$port" >"$home/relay.out" 2>"$home/relay.log" &
 relay_pid=$!
 for _ in $(seq 300); do
@@ -75,7 +67,7 @@ fi
 desktop="$home/desktop"
 if [[ ! -f $desktop/device.age ]]; then
     "$node" invite --data "$relay_dir" --name みなと公民館 --role shelter --expires 7days >"$home/invite.txt"
-    say "first run: in the app, create the facility (any name, a passphrase of 8+ characters), then paste this invite code:"
+    step "first run: in the app, create the facility (any name, a passphrase of 8+ characters), then paste this invite code:"
     cat "$home/invite.txt"
 fi
 
@@ -96,7 +88,7 @@ if [[ -f $bundle && ! -f $home/referral-sent ]]; then
     clinic_pid=$!
 fi
 
-say "opening Musubi (data in $desktop; close the window to stop)"
+step "opening Musubi (data in $desktop; close the window to stop)"
 export MUSUBI_DATA="$desktop"
 if [[ -z ${DISPLAY:-}${WAYLAND_DISPLAY:-} ]]; then
     echo "no display: running the app under xvfb-run (use a desktop session to see the window)"

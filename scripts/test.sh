@@ -6,47 +6,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+source scripts/lib.sh
 
 # System packages: a C compiler (rusqlite bundles SQLite; ring/aws-lc build C) and pkg-config.
 # Installed only when missing, and only when we may (root with apt-get, as on a fresh CI machine).
-missing=()
-command -v cc >/dev/null 2>&1 || missing+=(build-essential)
-command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+need_cmd cc build-essential
+need_cmd pkg-config pkg-config
 # The outage scenario builds network namespaces (`ip netns`, veth, bridges); it runs as root.
-command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+need_cmd ip iproute2
 # The care plan PDF needs a Japanese font; its scenario test renders pages with pdftoppm.
-[[ -f /usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf ]] || missing+=(fonts-ipaexfont-gothic)
-command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
+need_file /usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf fonts-ipaexfont-gothic
+need_cmd pdftoppm poppler-utils
 # The shelter scenario's loopback SMTP server (tests/smtp/sink.py) runs on Debian's python3-aiosmtpd.
-[[ -d /usr/lib/python3/dist-packages/aiosmtpd ]] || missing+=(python3-aiosmtpd)
+need_file /usr/lib/python3/dist-packages/aiosmtpd python3-aiosmtpd
 # IC cards: pcsc-lite's daemon, vsmartcard's virtual reader driver (vpcd) and the library the pcsc crate
 # links. The card scenarios start and stop their own `pcscd --foreground` (as root: it writes /run/pcscd).
-[[ -x /usr/sbin/pcscd ]] || command -v pcscd >/dev/null 2>&1 || missing+=(pcscd)
-[[ -f /usr/lib/pcsc/drivers/serial/libifdvpcd.so ]] || missing+=(vsmartcard-vpcd)
+[[ -x /usr/sbin/pcscd ]] || need_cmd pcscd pcscd
+need_file /usr/lib/pcsc/drivers/serial/libifdvpcd.so vsmartcard-vpcd
 pkg-config --exists libpcsclite 2>/dev/null || missing+=(libpcsclite-dev)
 # The desktop app (Tauri 2 on WebKitGTK): its build libraries; the real app's end-to-end tests run it
 # under Xvfb through tauri-driver and Debian's WebKitWebDriver; the UI tests use Debian's Chromium.
-for p in libwebkit2gtk-4.1-dev libgtk-3-dev libsoup-3.0-dev libjavascriptcoregtk-4.1-dev librsvg2-dev \
-    libayatana-appindicator3-dev; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-command -v WebKitWebDriver >/dev/null 2>&1 || missing+=(webkit2gtk-driver)
-command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
-command -v xauth >/dev/null 2>&1 || missing+=(xauth)
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v file >/dev/null 2>&1 || missing+=(file)
-command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
-if ((${#missing[@]})); then
-    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        step "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    else
-        echo "warning: missing ${missing[*]}; install them (apt-get install ${missing[*]})" >&2
-    fi
-fi
+need_pkg libwebkit2gtk-4.1-dev libgtk-3-dev libsoup-3.0-dev libjavascriptcoregtk-4.1-dev librsvg2-dev \
+    libayatana-appindicator3-dev
+need_cmd WebKitWebDriver webkit2gtk-driver
+need_cmd Xvfb xvfb
+need_cmd xauth xauth
+need_cmd chromium chromium
+need_cmd file file
+need_cmd npm nodejs npm
+install_missing warn
 
 # The card scenarios own pcscd; a daemon started by systemd's socket activation would be in their way
 # (they fail, saying so, rather than skip).

@@ -6,7 +6,7 @@
 
 import { test, expect, type Page } from '@playwright/test';
 import { openApp, deferred, fail, sleep, type MockApp, type Handlers } from './support/mock';
-import type { PlanView, Placement, Need, Service } from '../src/screens/careplan/types';
+import type { PlanView, PlacementInput as Placement, Need, Service } from '../src/lib/bindings';
 
 /** The engine's command names (one place to follow the generated bindings). */
 const CMD = {

@@ -9,12 +9,9 @@
 //   const plans = await unwrap(commands.listCarePlans());
 //   $effect(() => onEvent(events.documentChanged, (d) => { if (d.kind === 'care-plan') reload(); }));
 
-import type { AppError, ErrorKind } from './bindings';
+import type { AppError, ErrorKind, Result } from './bindings';
 
 export * from './bindings';
-
-/** What a generated command resolves to. */
-export type IpcResult<T, E> = { status: 'ok'; data: T } | { status: 'error'; error: E };
 
 /** Every error kind the engine can report, in its `kind` field. */
 export const ERROR_KINDS: readonly ErrorKind[] = [
@@ -70,8 +67,8 @@ export function toFailure(e: unknown): AppFailure {
 }
 
 /** The command's data, or a thrown `AppFailure`. */
-export async function unwrap<T>(p: Promise<IpcResult<T, AppError>>): Promise<T> {
-  let r: IpcResult<T, AppError>;
+export async function unwrap<T>(p: Promise<Result<T, AppError>>): Promise<T> {
+  let r: Result<T, AppError>;
   try {
     r = await p;
   } catch (e) {

@@ -12,7 +12,6 @@ import reception from './i18n/reception';
 import hq from './i18n/hq';
 
 export type Lang = 'ja' | 'en';
-export const LANGS: readonly Lang[] = ['ja', 'en'];
 
 /** A dictionary file's shape. */
 export type Dictionary = { ja: Record<string, string>; en: Record<string, string> };
@@ -107,9 +106,4 @@ export function formatDate(ms: number): string {
   return new Intl.DateTimeFormat(locale, { year: 'numeric', month: 'short', day: 'numeric' }).format(
     new Date(ms),
   );
-}
-
-/** Every key of every area, per language (for the completeness test). */
-export function allKeys(): Record<Lang, string[]> {
-  return { ja: Object.keys(words.ja), en: Object.keys(words.en) };
 }

@@ -1,6 +1,7 @@
 // The sync status: polled once, then kept current by the `SyncStatus` event.
 
 import { commands, events, onEvent, unwrap, type SyncStatus } from './api';
+import { t } from './i18n.svelte';
 
 const state = $state<{ status: SyncStatus | null }>({ status: null });
 
@@ -10,6 +11,13 @@ export const sync = {
     return state.status;
   },
 };
+
+/** The sync state in a clerk's words (offline says how many changes wait to be sent). */
+export function syncWords(s: SyncStatus | null): string {
+  if (!s) return t('status.unknown');
+  if (s.state === 'offline') return t('status.offline', { n: s.pending });
+  return t(`status.${s.state}`);
+}
 
 /**
  * Follows the sync status until the returned function is called: subscribes to the event, then

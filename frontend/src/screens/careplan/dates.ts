@@ -1,6 +1,7 @@
 // Dates of the care plan: stored as `YYYY-MM-DD` (Japan's calendar day), shown in the UI's language.
 
-import { i18n } from '$lib/i18n.svelte';
+import { isoDate, toMs } from '$lib/dates';
+import { formatTime, i18n } from '$lib/i18n.svelte';
 
 /** Today in Japan, `YYYY-MM-DD`. */
 export function todayJst(now: Date = new Date()): string {
@@ -26,12 +27,9 @@ export function showDate(d: string): string {
 
 /** An RFC 3339 time as a local date and time, 2025年1月9日 14:05 / 9 Jan 2025 14:05. */
 export function showTimestamp(rfc3339: string): string {
-  const ms = Date.parse(rfc3339);
-  if (Number.isNaN(ms)) return rfc3339;
-  const d = new Date(ms);
-  const ymd = `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')}`;
-  const hm = `${String(d.getHours()).padStart(2, '0')}:${String(d.getMinutes()).padStart(2, '0')}`;
-  return `${showDate(ymd)} ${hm}`;
+  const ms = toMs(rfc3339);
+  if (ms === null) return rfc3339;
+  return `${showDate(isoDate(new Date(ms)))} ${formatTime(ms)}`;
 }
 
 /** Minutes since midnight of `HH:MM` (NaN when malformed). */

@@ -1,20 +1,26 @@
 // The care plan commands of the engine (generated `commands.careplan*`), as this screen uses them:
 // the one place that knows their argument shapes. Every function throws an `AppFailure`.
 
-import { commands, unwrap } from '$lib/api';
-import type { MemberRole, PlanMember } from '$lib/api';
-import type {
-  ItemKind,
-  Placement,
-  PlanField,
-  PlanSummary,
-  PlanView,
-  Service,
-  Sheet1,
-  Weekday,
-} from './types';
+import {
+  commands,
+  unwrap,
+  type FacilityChoice,
+  type ItemKind,
+  type MemberRole,
+  type NewGoal,
+  type NewLogEntry,
+  type NewService,
+  type PlacementInput,
+  type PlanField,
+  type PlanMember,
+  type PlanSummary,
+  type PlanView,
+  type Sheet1,
+  type Weekday,
+} from '$lib/api';
 
-export type { MemberRole, PlanMember };
+/** The roles a facility can be given in a plan (there is one owner, the office that made it). */
+export type ShareRole = Exclude<MemberRole, 'owner'>;
 
 /** Plans this facility can read, oldest first. */
 export function listPlans(): Promise<PlanSummary[]> {
@@ -29,7 +35,7 @@ export function getPlan(id: string, version: number | null = null): Promise<Plan
 /** Creates a plan from 第1表 and returns its id; `shareWith` makes a facility a member at once. */
 export function createPlan(
   sheet1: Sheet1,
-  shareWith: { facility: string; role: 'reader' | 'writer' } | null,
+  shareWith: { facility: string; role: ShareRole } | null,
 ): Promise<string> {
   return unwrap(commands.careplanCreate(sheet1, shareWith));
 }
@@ -39,8 +45,14 @@ export function members(id: string): Promise<PlanMember[]> {
   return unwrap(commands.careplanMembers(id));
 }
 
+/** The facilities a plan may be shared with: the others of the directory, except HQs and shelters. */
+export async function shareTargets(): Promise<FacilityChoice[]> {
+  const all = await unwrap(commands.facilities());
+  return all.filter((f) => !f.is_self && f.role !== 'hq' && f.role !== 'shelter');
+}
+
 /** Shares the plan with `facility` as `role`, or removes it (`role` null). Owner only. */
-export async function share(id: string, facility: string, role: 'reader' | 'writer' | null): Promise<void> {
+export async function share(id: string, facility: string, role: ShareRole | null): Promise<void> {
   await unwrap(commands.careplanShare(id, facility, role));
 }
 
@@ -55,7 +67,7 @@ export async function consent(id: string, date: string, by: string): Promise<voi
 }
 
 /** Adds a need (課題); returns its id. */
-export function addNeed(id: string, text: string, placement: Placement): Promise<string> {
+export function addNeed(id: string, text: string, placement: PlacementInput): Promise<string> {
   return unwrap(commands.careplanAddNeed(id, text, placement));
 }
 
@@ -65,8 +77,8 @@ export function addGoal(
   parent: string,
   text: string,
   period: string,
-  placement: Placement,
-): Promise<{ id: string; kind: ItemKind }> {
+  placement: PlacementInput,
+): Promise<NewGoal> {
   return unwrap(commands.careplanAddGoal(id, parent, text, period, placement));
 }
 
@@ -74,8 +86,8 @@ export function addGoal(
 export function addService(
   id: string,
   goal: string,
-  service: Omit<Service, 'id'>,
-  placement: Placement,
+  service: NewService,
+  placement: PlacementInput,
 ): Promise<string> {
   return unwrap(commands.careplanAddService(id, goal, service, placement));
 }
@@ -85,8 +97,19 @@ export async function editItem(id: string, item: string, key: string, value: str
   await unwrap(commands.careplanEditItem(id, item, key, value));
 }
 
+/**
+ * A field's `save` for `key` of an item of 第2表 or 第3表: sends the edit, then records the value in
+ * `item` (the plan held here has it too, so the other tabs show it before the next reload).
+ */
+export function itemSaver(id: string, item: { id: string }, key: string): (value: string) => Promise<void> {
+  return async (value) => {
+    await editItem(id, item.id, key, value);
+    (item as unknown as Record<string, unknown>)[key] = value;
+  };
+}
+
 /** Moves an item of 第2表 among its siblings. */
-export async function moveItem(id: string, item: string, placement: Placement): Promise<void> {
+export async function moveItem(id: string, item: string, placement: PlacementInput): Promise<void> {
   await unwrap(commands.careplanMoveItem(id, item, placement));
 }
 
@@ -111,10 +134,7 @@ export async function setNonWeekly(id: string, text: string): Promise<void> {
 }
 
 /** Appends a 支援経過 entry, attributed to the signed-in staff member by the engine; returns its id. */
-export function addLog(
-  id: string,
-  entry: { date: string; time: string; category: string; text: string },
-): Promise<string> {
+export function addLog(id: string, entry: NewLogEntry): Promise<string> {
   return unwrap(commands.careplanLog(id, entry));
 }
 

@@ -1,9 +1,9 @@
 // Moving an item among its siblings: the placement for "one up / one down", and the drag in progress.
 
-import type { Placement } from './types';
+import type { PlacementInput } from '$lib/api';
 
 /** The placement that moves `id` one step (`-1` up, `1` down) among `siblings`; null at an end. */
-export function stepPlacement(siblings: readonly string[], id: string, step: -1 | 1): Placement | null {
+export function stepPlacement(siblings: readonly string[], id: string, step: -1 | 1): PlacementInput | null {
   const i = siblings.indexOf(id);
   const j = i + step;
   if (i < 0 || j < 0 || j >= siblings.length) return null;
@@ -11,7 +11,7 @@ export function stepPlacement(siblings: readonly string[], id: string, step: -1 
 }
 
 /** Where `id` ends up among `siblings` after `placement` (its new index). */
-export function placedIndex(siblings: readonly string[], id: string, placement: Placement): number {
+function placedIndex(siblings: readonly string[], id: string, placement: PlacementInput): number {
   const rest = siblings.filter((s) => s !== id);
   if (placement === 'first') return 0;
   if (placement === 'last') return rest.length;
@@ -20,7 +20,7 @@ export function placedIndex(siblings: readonly string[], id: string, placement: 
 }
 
 /** Reorders `list` (items with an `id`) in place as `placement` says; returns the new index. */
-export function applyPlacement<T extends { id: string }>(list: T[], id: string, placement: Placement): number {
+export function applyPlacement<T extends { id: string }>(list: T[], id: string, placement: PlacementInput): number {
   const from = list.findIndex((x) => x.id === id);
   if (from < 0) return -1;
   const to = placedIndex(

@@ -107,20 +107,11 @@ export class Saver {
     });
   }
 
-  /** Forgets the error of the last structural change. */
-  clearError() {
-    this.#s.opError = null;
-  }
-
-  /** Resolves when nothing is waiting or on its way. */
-  whenIdle(): Promise<void> {
+  /** Sends every scheduled edit now and resolves when nothing is waiting or on its way. */
+  settle(): Promise<void> {
+    this.flushAll();
     if (this.idle) return Promise.resolve();
     return new Promise((r) => this.#idle.push(r));
-  }
-
-  /** Stops every timer without sending (the plan is gone). */
-  dispose() {
-    for (const s of this.#scheduled.values()) clearTimeout(s.timer);
   }
 
   #enqueue(job: () => Promise<void>) {

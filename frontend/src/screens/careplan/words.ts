@@ -1,7 +1,7 @@
 // The form's choices in the UI's language: Japanese shows the form's own words; English adds a gloss.
 
 import { i18n, t } from '$lib/i18n.svelte';
-import type { Weekday } from './types';
+import type { Weekday } from '$lib/api';
 
 /** The label of a choice value (`level`, `certification`, `housework`, `sex`) in the UI's language. */
 export function choiceLabel(kind: string, value: string): string {

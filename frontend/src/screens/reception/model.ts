@@ -1,5 +1,5 @@
 // Reception helpers shared by the desk's components (and HQ's 要配慮 columns): care flags in form
-// order, presence words, birth dates typed the way a reception desk types them, times.
+// order, presence words, birth dates typed the way a reception desk types them, head counts.
 
 import type { CardKind, CareFlag, Method, Presence } from '$lib/api';
 
@@ -33,13 +33,6 @@ export function presenceKey(p: Presence): string {
 /** How a tapped card identifies the person on the stay event. */
 export function methodOfCard(kind: CardKind): Method {
   return kind === 'my_number' ? 'my-number-card' : 'transit-card';
-}
-
-/** Milliseconds since the epoch of an RFC 3339 time, or null when empty or malformed. */
-export function parseTime(rfc3339: string | null | undefined): number | null {
-  if (!rfc3339) return null;
-  const ms = Date.parse(rfc3339);
-  return Number.isNaN(ms) ? null : ms;
 }
 
 const ERAS: { names: string[]; start: number; first: [number, number, number] }[] = [
@@ -97,16 +90,6 @@ export function parseBirthDate(input: string): string | null {
     }
   }
   return null;
-}
-
-/** Age in whole years on `today` of someone born on `birth` (`YYYY-MM-DD`), or null. */
-export function ageOn(birth: string, today: Date = new Date()): number | null {
-  const m = /^(\d{4})-(\d{2})-(\d{2})$/.exec(birth);
-  if (!m) return null;
-  const [y, mo, d] = [Number(m[1]), Number(m[2]), Number(m[3])];
-  let age = today.getFullYear() - y;
-  if (today.getMonth() + 1 < mo || (today.getMonth() + 1 === mo && today.getDate() < d)) age -= 1;
-  return age >= 0 && age < 150 ? age : null;
 }
 
 /** Whether `s` is written in kana only (so it can go in the かな field as well). */

@@ -1,17 +1,9 @@
-// The referral screen's plain helpers: the form's fields in paper order, status words, dates,
+// The referral screen's plain helpers: the form's fields in paper order, their words, dates,
 // sizes and reading picked files. No engine calls and no reactive state here.
 
-import type {
-  LetterSummary,
-  Patient,
-  ReferralField,
-  ReferralLetter,
-  ReferralStatus,
-  StatusTimes,
-} from '$lib/api';
-
-/** The statuses in order: 作成中 → 送付済 → 受領済 → 返書済. */
-export const STATUSES: readonly ReferralStatus[] = ['draft', 'sent', 'received', 'replied'];
+import type { LetterSummary, Patient, ReferralField, ReferralLetter, StatusTimes } from '$lib/api';
+import { toMs } from '$lib/dates';
+import { has, t } from '$lib/i18n.svelte';
 
 /** Largest attachment the engine takes (`ATTACHMENT_BYTES_MAX`, 8 MiB). */
 export const ATTACHMENT_BYTES_MAX = 8 * 1024 * 1024;
@@ -56,7 +48,7 @@ export const SEXES = ['男', '女', 'その他', '不明'] as const;
 export type Values = Record<ReferralField, string>;
 
 /** The text of `field` in `letter`. */
-export function fieldOf(letter: ReferralLetter, field: ReferralField): string {
+function fieldOf(letter: ReferralLetter, field: ReferralField): string {
   if (field.startsWith('patient.')) return letter.patient[field.slice('patient.'.length) as keyof Patient] ?? '';
   return (letter as unknown as Record<string, string>)[field] ?? '';
 }
@@ -79,30 +71,18 @@ export function labelKey(field: ReferralField): string {
 }
 
 /** The time of the latest status a letter reached (RFC 3339), or null. */
-export function latestTime(times: StatusTimes): string | null {
+function latestTime(times: StatusTimes): string | null {
   return times.replied_at ?? times.received_at ?? times.sent_at ?? times.created_at ?? null;
 }
 
-/** Milliseconds since the epoch of an RFC 3339 time, or null. */
-export function toMs(time: string | null | undefined): number | null {
-  if (!time) return null;
-  const ms = Date.parse(time);
-  return Number.isNaN(ms) ? null : ms;
+/** The date written on a letter: when it was sent, else when it was written (now, before either). */
+export function letterMs(times: StatusTimes | undefined): number {
+  return toMs(times?.sent_at ?? times?.created_at) ?? Date.now();
 }
 
 /** The date a list row shows: when the letter last moved on. */
 export function rowMs(s: LetterSummary): number | null {
   return toMs(latestTime(s.times));
-}
-
-/** Age in whole years on `at` of someone born on `birth` (`YYYY-MM-DD`), or null. */
-export function ageOn(birth: string, at: Date): number | null {
-  const m = /^(\d{4})-(\d{2})-(\d{2})$/.exec(birth.trim());
-  if (!m) return null;
-  const [y, mo, d] = [Number(m[1]), Number(m[2]), Number(m[3])];
-  let age = at.getFullYear() - y;
-  if (at.getMonth() + 1 < mo || (at.getMonth() + 1 === mo && at.getDate() < d)) age--;
-  return age >= 0 && age < 150 ? age : null;
 }
 
 /** A birth date as written on the form: `1955年5月4日（昭和30年）` in Japanese, `4 May 1955` in English. */
@@ -129,6 +109,11 @@ export function birthText(birth: string, lang: 'ja' | 'en'): string {
     }
   }
   return text;
+}
+
+/** 性別 in the current language (the stored value is the form's Japanese word; others as they are). */
+export function sexLabel(s: string): string {
+  return s && has(`referral.sex.${s}`) ? t(`referral.sex.${s}`) : s;
 }
 
 /** A size in bytes as people read it (`512 B`, `38 KB`, `2.4 MB`). */
