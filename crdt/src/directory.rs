@@ -128,6 +128,19 @@ impl SignedDirectory {
         }
     }
 
+    /// The version its body claims, read without checking the signature: what a sync session quotes
+    /// as `known_version` when it next asks the same relay for a newer directory. `None` when the
+    /// body is not a directory.
+    pub(crate) fn claimed_version(&self) -> Option<u64> {
+        #[derive(Deserialize)]
+        struct Version {
+            version: u64,
+        }
+        ciborium::from_reader::<Version, _>(self.body.as_slice())
+            .ok()
+            .map(|v| v.version)
+    }
+
     /// Verifies the signature against the relay this facility trusts, and decodes.
     pub fn verify(&self, expected_relay: &DeviceId) -> Result<Directory, DirectoryError> {
         if &self.relay != expected_relay {
@@ -177,5 +190,29 @@ mod tests {
             Some(dir.facilities[0].id)
         );
         assert!(dir.find("港").is_none());
+    }
+
+    #[test]
+    fn the_claimed_version_is_read_without_the_signature() {
+        let relay = DeviceSecrets::from_seeds([1; 32], [1; 32]);
+        let dir = Directory {
+            deployment: DeploymentId::from_random_bytes([0; 16]),
+            version: 7,
+            facilities: vec![FacilityEntry {
+                id: FacilityId::from_random_bytes([1; 16]),
+                name: "港診療所".into(),
+                role: FacilityRole::Clinic,
+                revoked: false,
+                devices: vec![DeviceEntry {
+                    device: relay.device_id(),
+                    age_recipient: "age1example".into(),
+                    revoked: false,
+                }],
+            }],
+        };
+        let mut signed = SignedDirectory::sign(&dir, &relay);
+        assert_eq!(signed.claimed_version(), Some(7));
+        signed.body = b"not a directory".to_vec();
+        assert_eq!(signed.claimed_version(), None);
     }
 }

@@ -201,6 +201,8 @@ impl Session {
     /// author is a device the directory it holds does not list: a facility or device enrolled since
     /// the directory was fetched. The session sets the document's cursor back to before `from`,
     /// fetches the directory, and pulls the document again once it has arrived.
+    /// A pull of the document already in flight, or answered and not yet polled, continues past
+    /// `from`; it is dropped (its answer is then ignored as a late one).
     ///
     /// Returns `false`, changing nothing, when this document already waits for a directory that
     /// turned out no newer: the author is unknown to the relay's directory too, and the driver
@@ -212,6 +214,10 @@ impl Session {
         let back = Seq(from.0.saturating_sub(1));
         let cursor = self.cursors.entry(doc).or_default();
         *cursor = (*cursor).min(back);
+        self.in_flight
+            .retain(|_, (what, _)| !matches!(what, InFlight::Pull(d) if *d == doc));
+        self.events
+            .retain(|e| !matches!(e, Event::Pulled { doc: d, .. } if *d == doc));
         let head = self.heads.entry(doc).or_default();
         *head = (*head).max(from);
         self.want_directory = true;
@@ -262,6 +268,11 @@ impl Session {
         match (what, response) {
             (InFlight::Directory, Response::Directory { directory }) => {
                 if let Some(d) = directory {
+                    // From now on ask for anything newer than this one, so that the relay answers
+                    // `None` when nothing changed (the driver verifies the directory itself).
+                    if let Some(version) = d.claimed_version() {
+                        self.directory_version = version;
+                    }
                     // A newer directory: documents set back for an unknown author get one more try.
                     self.awaiting_directory.clear();
                     self.events.push_back(Event::Directory(d));

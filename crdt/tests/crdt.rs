@@ -22,7 +22,8 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ROOT, ReadDoc, TextEncoding};
 use musubi_crdt::bundle::{Envelope, Payload};
 use musubi_crdt::crypto::{DeviceSecrets, DocumentKey};
-use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Epoch, FacilityId, Seq};
+use musubi_crdt::directory::{Directory, SignedDirectory};
+use musubi_crdt::ids::{BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, Seq};
 use musubi_crdt::protocol::{
     DocumentInfo, ErrorCode, Pulled, PushItem, PushResult, Request, Response,
 };
@@ -1983,6 +1984,137 @@ fn a_bundle_by_a_device_enrolled_later_is_pulled_again_after_the_directory() {
         assert!(
             !b.session.handle_unknown_author(b.doc.id, seq),
             "the directory was no newer: the second hand-back is final"
+        );
+        Default::default()
+    });
+}
+
+/// A bundle is handed back while the pull of the document's next page is already in flight (the
+/// driver sends what the session wants before it applies an answer). That page's answer continues
+/// past the handed-back bundle; it is ignored, so nothing is skipped: after the directory, every
+/// bundle from the handed-back one on is pulled, each once.
+#[test]
+fn a_pull_in_flight_when_a_bundle_is_handed_back_skips_nothing() {
+    run_seeds(|seed| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut b = Bench::new(&mut rng, session_config());
+        b.session.handle_connected(b.at(0));
+        b.settle();
+        // More bundles than one answer carries (the model relay answers three at a time).
+        let head = (0..7).map(|n| b.elsewhere(n)).last().expect("seven bundles");
+        let now = b.at(b.now);
+        b.session.handle_notify(b.doc.id, head, Epoch(0), now);
+        let first_page = b.send();
+        assert!(
+            matches!(
+                first_page[..],
+                [Transmit {
+                    request: Request::Pull { .. },
+                    ..
+                }]
+            ),
+            "{first_page:?}"
+        );
+        let r = b.answer(&first_page[0]);
+        b.session.handle_response(first_page[0].id, r, now);
+        let next_page = b.send();
+        assert!(
+            matches!(
+                next_page[..],
+                [Transmit {
+                    request: Request::Pull { .. },
+                    ..
+                }]
+            ),
+            "the next page is asked for before the first is applied: {next_page:?}"
+        );
+        let from = match b.session.poll_event() {
+            Some(Event::Pulled { items, .. }) => items[0].seq,
+            other => panic!("the first page is reported: {other:?}"),
+        };
+        assert!(b.session.handle_unknown_author(b.doc.id, from));
+        let r = b.answer(&next_page[0]);
+        b.session.handle_response(next_page[0].id, r, now);
+        assert!(
+            b.session.poll_event().is_none(),
+            "the answer to the pull in flight is ignored"
+        );
+        b.settle();
+        assert_eq!(
+            b.pulled,
+            (1..=head.0).map(|s| (Seq(s), 1)).collect::<BTreeMap<_, _>>(),
+            "every bundle from the handed-back one on is pulled once more, none skipped"
+        );
+        Default::default()
+    });
+}
+
+/// The session asks the relay for a directory newer than the last one it received, not than the one
+/// it began with: after a directory change at connect, a hand-back whose directory fetch brings
+/// nothing new is still final (the relay answers "no newer" rather than the same directory again,
+/// which would make the session pull and hand back forever).
+#[test]
+fn a_hand_back_asks_for_a_directory_newer_than_the_last_one_received() {
+    run_seeds(|seed| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut b = Bench::new(&mut rng, session_config());
+        let relay_key = DeviceSecrets::from_seeds(rng.random(), rng.random());
+        let current = rng.random_range(1..=1_000u64);
+        let directory = SignedDirectory::sign(
+            &Directory {
+                deployment: DeploymentId::from_random_bytes(rng.random()),
+                version: current,
+                facilities: vec![],
+            },
+            &relay_key,
+        );
+        // One round trip of everything the session sends; returns the directory versions it quoted.
+        let round = |b: &mut Bench| -> Vec<u64> {
+            let now = b.at(b.now);
+            let mut asked = Vec::new();
+            for t in b.send() {
+                let r = match t.request {
+                    Request::GetDirectory { known_version } => {
+                        asked.push(known_version);
+                        Response::Directory {
+                            directory: (known_version != current).then(|| directory.clone()),
+                        }
+                    }
+                    _ => b.answer(&t),
+                };
+                b.session.handle_response(t.id, r, now);
+            }
+            b.events();
+            b.now += 1;
+            asked
+        };
+        let settle = |b: &mut Bench| -> Vec<u64> {
+            let mut asked = Vec::new();
+            for _ in 0..100 {
+                asked.extend(round(b));
+                if b.session.is_caught_up() {
+                    return asked;
+                }
+            }
+            panic!("the session never caught up: {:?}", b.session);
+        };
+
+        b.session.handle_connected(b.at(0));
+        assert_eq!(settle(&mut b), [0], "the session began with no directory");
+        let seq = b.elsewhere(1);
+        let now = b.at(b.now);
+        b.session.handle_notify(b.doc.id, seq, Epoch(0), now);
+        settle(&mut b);
+        assert!(b.session.handle_unknown_author(b.doc.id, seq));
+        assert_eq!(
+            settle(&mut b),
+            [current],
+            "the hand-back asks for a directory newer than the one received at connect"
+        );
+        assert_eq!(b.pulled.get(&seq), Some(&2), "the bundle was pulled again");
+        assert!(
+            !b.session.handle_unknown_author(b.doc.id, seq),
+            "no newer directory came: the second hand-back is final"
         );
         Default::default()
     });
