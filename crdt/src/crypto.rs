@@ -57,7 +57,15 @@ pub mod domain {
     /// Key grants.
     pub const KEY_GRANT: &[u8] = b"musubi/key-grant/v1\0";
     /// The relay's directory.
-    pub const DIRECTORY: &[u8] = b"musubi/directory/v1\0";
+    pub const DIRECTORY: &[u8] = b"musubi/directory/v2\0";
+    /// The authority's certificate of a facility.
+    pub const FACILITY_CERT: &[u8] = b"musubi/facility-cert/v1\0";
+    /// A link of a facility's device chain.
+    pub const DEVICE_LINK: &[u8] = b"musubi/device-link/v1\0";
+    /// A device's request to join with an invite.
+    pub const JOIN_REQUEST: &[u8] = b"musubi/join-request/v1\0";
+    /// A device's registration of an invite it issued for another device of its facility.
+    pub const INVITE_REGISTRATION: &[u8] = b"musubi/invite-registration/v1\0";
 }
 
 fn age_identity_from_seed(seed: [u8; 32]) -> age::x25519::Identity {
@@ -235,11 +243,6 @@ impl DeviceSecrets {
     ///
     /// Errors: [`CryptoError::WorkFactor`] outside the accepted range.
     pub fn wrap(&self, passphrase: &str, log_n: u8) -> Result<Vec<u8>, CryptoError> {
-        if !(PASSPHRASE_LOG_N_MIN..=PASSPHRASE_LOG_N_MAX).contains(&log_n) {
-            return Err(CryptoError::WorkFactor(log_n));
-        }
-        let mut recipient = age::scrypt::Recipient::new(SecretString::from(passphrase.to_owned()));
-        recipient.set_work_factor(log_n);
         let mut plain = Vec::new();
         ciborium::into_writer(
             &StoredSecrets {
@@ -250,7 +253,7 @@ impl DeviceSecrets {
             &mut plain,
         )
         .expect("writing to a Vec cannot fail");
-        let out = age::encrypt(&recipient, &plain).map_err(|e| CryptoError::Encrypt(e.to_string()));
+        let out = seal_with_passphrase(&plain, passphrase, log_n);
         plain.fill(0);
         out
     }
@@ -259,13 +262,46 @@ impl DeviceSecrets {
     ///
     /// Errors: [`CryptoError::Passphrase`] for a wrong passphrase or a damaged file.
     pub fn unwrap(wrapped: &[u8], passphrase: &str) -> Result<Self, CryptoError> {
-        let mut identity = age::scrypt::Identity::new(SecretString::from(passphrase.to_owned()));
-        identity.set_max_work_factor(PASSPHRASE_LOG_N_MAX);
-        let mut plain = age::decrypt(&identity, wrapped).map_err(|_| CryptoError::Passphrase)?;
+        let mut plain = open_with_passphrase(wrapped, passphrase)?;
         let stored: Result<StoredSecrets, _> = ciborium::from_reader(plain.as_slice());
         plain.fill(0);
         let stored = stored.map_err(|_| CryptoError::Passphrase)?;
         Ok(Self::from_seeds(stored.signing_seed, stored.age_seed))
+    }
+}
+
+/// Encrypts `plain` with a passphrase (age scrypt recipient, work factor `log_n`): how device and
+/// authority keys rest on disk.
+///
+/// Errors: [`CryptoError::WorkFactor`] outside [`PASSPHRASE_LOG_N_MIN`]..=[`PASSPHRASE_LOG_N_MAX`].
+pub fn seal_with_passphrase(
+    plain: &[u8],
+    passphrase: &str,
+    log_n: u8,
+) -> Result<Vec<u8>, CryptoError> {
+    if !(PASSPHRASE_LOG_N_MIN..=PASSPHRASE_LOG_N_MAX).contains(&log_n) {
+        return Err(CryptoError::WorkFactor(log_n));
+    }
+    let mut recipient = age::scrypt::Recipient::new(SecretString::from(passphrase.to_owned()));
+    recipient.set_work_factor(log_n);
+    age::encrypt(&recipient, plain).map_err(|e| CryptoError::Encrypt(e.to_string()))
+}
+
+/// Decrypts what [`seal_with_passphrase`] made, refusing work factors over [`PASSPHRASE_LOG_N_MAX`].
+///
+/// Errors: [`CryptoError::Passphrase`] for a wrong passphrase or damaged data.
+pub fn open_with_passphrase(sealed: &[u8], passphrase: &str) -> Result<Vec<u8>, CryptoError> {
+    let mut identity = age::scrypt::Identity::new(SecretString::from(passphrase.to_owned()));
+    identity.set_max_work_factor(PASSPHRASE_LOG_N_MAX);
+    age::decrypt(&identity, sealed).map_err(|_| CryptoError::Passphrase)
+}
+
+/// A device's secrets as 64 bytes (the Ed25519 seed, then the age seed), for a key file that holds
+/// more than a device's keys (the deployment authority's). Handle with care; never log.
+impl DeviceSecrets {
+    /// The two seeds.
+    pub fn to_seeds(&self) -> ([u8; 32], [u8; 32]) {
+        (self.signing_seed, self.age_seed)
     }
 }
 
@@ -293,6 +329,15 @@ impl DocumentKey {
     /// Encrypts `plaintext` to this key.
     pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         seal_to(&[self.identity.to_public()], plaintext)
+    }
+
+    /// The key's commitment: BLAKE3 (derive-key mode, context `musubi epoch key commitment v1`) of
+    /// its age recipient text. A `Create` or `NewEpoch` operation names it, so a grant of any other
+    /// key for that epoch is refused when opened (DESIGN "Identity and keys").
+    pub fn commitment(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("musubi epoch key commitment v1");
+        h.update(self.identity.to_public().to_string().as_bytes());
+        *h.finalize().as_bytes()
     }
 
     /// Decrypts an age file sealed to this key, up to `max_bytes` of plaintext.

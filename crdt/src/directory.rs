@@ -1,57 +1,589 @@
-//! The directory: the relay-signed list of facilities and their devices' public keys.
+//! The directory: who belongs to the deployment, as certificates no relay can forge.
 //!
-//! Every enrolled device can read it; it is how a clinic finds another clinic's devices' age
-//! recipients, and how facilities learn of revocations (DESIGN "Identity and keys").
+//! Trust runs along a chain (DESIGN "Trust roots"): the deployment **authority** (the municipality's
+//! Ed25519 key, kept off the relay host) signs a [`FacilityCert`] for each facility: its id, name, role
+//! and **root key**. The root key is the Ed25519 key of the facility's first device. Each facility
+//! keeps a hash-chained list of [`DeviceLink`]s: the first adds the root device and is signed by it;
+//! every later link adds or revokes a device and is signed by a device that is current at that point
+//! of the chain. A device is *current* when a valid chain adds it and nothing revokes it.
+//!
+//! The relay stores the certificates and links and serves them in a [`SignedDirectory`]; its own
+//! signature covers only what the relay alone decides: the version (it grows with every change) and
+//! the operator's revocations (revoking only takes access away, so a relay that lies can only deny
+//! service). A facility verifies everything itself with [`SignedDirectory::verify`] against the
+//! authority it pinned at join and the [`Pins`] it keeps: each facility's root key at first sight
+//! (a changed one is shown, and gets no key until a person confirms its safety number), how far each
+//! chain was seen (a chain served shorter or different is refused), and every revocation seen.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, CryptoError, DeviceSecrets};
 use crate::ids::{DeploymentId, DeviceId, FacilityId, FacilityRole};
+use crate::limits::{
+    DIRECTORY_FACILITIES_MAX, FACILITY_LINKS_MAX, FACILITY_NAME_BYTES_MAX, REVOCATIONS_MAX,
+};
 
-/// One device of a facility.
+fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+/// A BLAKE3 hash of a certificate or link (32 bytes).
+pub type LinkHash = [u8; 32];
+
+/// The authority's certificate of one facility: id, name, role and root key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FacilityCert {
+    /// The deployment the facility belongs to.
+    pub deployment: DeploymentId,
+    /// The facility.
+    pub facility: FacilityId,
+    /// Its name as the authority certified it (at most [`FACILITY_NAME_BYTES_MAX`] bytes).
+    pub name: String,
+    /// What kind of facility it is (only an authority-certified facility is ever an HQ).
+    pub role: FacilityRole,
+    /// The facility's root key: the Ed25519 key of its first device (as a device id).
+    pub root: DeviceId,
+    /// When the authority signed, milliseconds since the Unix epoch (informational).
+    pub issued_at_ms: u64,
+    /// The signing authority's key (as a device id: a PeerId that embeds the Ed25519 key).
+    pub authority: DeviceId,
+    /// Ed25519 signature by `authority` over [`FacilityCert::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl FacilityCert {
+    /// Makes and signs a certificate with the authority's key.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign(
+        authority: &DeviceSecrets,
+        deployment: DeploymentId,
+        facility: FacilityId,
+        name: &str,
+        role: FacilityRole,
+        root: DeviceId,
+        issued_at_ms: u64,
+    ) -> Self {
+        let mut cert = FacilityCert {
+            deployment,
+            facility,
+            name: name.to_owned(),
+            role,
+            root,
+            issued_at_ms,
+            authority: authority.device_id(),
+            signature: vec![],
+        };
+        cert.signature = authority.sign(crypto::domain::FACILITY_CERT, &cert.signed_bytes());
+        cert
+    }
+
+    /// The bytes the signature covers (everything but the signature).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        cbor(&(
+            &self.deployment,
+            &self.facility,
+            &self.name,
+            self.role,
+            &self.root,
+            self.issued_at_ms,
+            &self.authority,
+        ))
+    }
+
+    /// Checks that `authority` signed it, for `deployment`, with a valid name.
+    ///
+    /// Errors: [`DirectoryError::Certificate`] naming what is wrong.
+    pub fn verify(
+        &self,
+        authority: &DeviceId,
+        deployment: DeploymentId,
+    ) -> Result<(), DirectoryError> {
+        let bad = |reason: &str| DirectoryError::Certificate {
+            facility: self.facility.to_string(),
+            reason: reason.to_owned(),
+        };
+        if &self.authority != authority {
+            return Err(bad(
+                "it is signed by another authority than the one pinned at join",
+            ));
+        }
+        if self.deployment != deployment {
+            return Err(bad("it is for another deployment"));
+        }
+        if self.name.trim().is_empty() || self.name.len() > FACILITY_NAME_BYTES_MAX {
+            return Err(bad("its name is empty or too long"));
+        }
+        crypto::verify(
+            authority,
+            crypto::domain::FACILITY_CERT,
+            &self.signed_bytes(),
+            &self.signature,
+        )
+        .map_err(|_| bad("the authority's signature does not verify"))
+    }
+
+    /// BLAKE3 of the encoded certificate.
+    pub fn hash(&self) -> LinkHash {
+        *blake3::hash(&cbor(self)).as_bytes()
+    }
+
+    /// The facility's safety number: what two facilities read to each other by phone to be sure
+    /// they see the same root key ([`safety_number`] of the facility id and root key).
+    pub fn safety_number(&self) -> String {
+        safety_number(self.facility, &self.root)
+    }
+}
+
+/// What a link of a facility's device chain does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case")]
+pub enum DeviceChange {
+    /// Adds a device with its age X25519 recipient (`age1...`), to which document keys are sealed.
+    Add {
+        /// The device.
+        device: DeviceId,
+        /// Its age recipient.
+        age_recipient: String,
+    },
+    /// Revokes a device of the facility (a lost laptop); it gets no key from then on.
+    Revoke {
+        /// The device.
+        device: DeviceId,
+    },
+}
+
+/// One link of a facility's device chain, signed by a current device of the facility.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLink {
+    /// The facility.
+    pub facility: FacilityId,
+    /// Its position in the chain, from 1.
+    pub seq: u32,
+    /// The hash of the link before it (`None` for the first).
+    pub prev: Option<LinkHash>,
+    /// What it does.
+    pub change: DeviceChange,
+    /// The device that signed (the root device for the first link).
+    pub signer: DeviceId,
+    /// When it was signed, milliseconds since the Unix epoch (informational).
+    pub at_ms: u64,
+    /// Ed25519 signature by `signer` over [`DeviceLink::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl DeviceLink {
+    /// Makes and signs a link after `prev` (the chain's last link, or `None` for the first).
+    pub fn sign(
+        signer: &DeviceSecrets,
+        facility: FacilityId,
+        prev: Option<&DeviceLink>,
+        change: DeviceChange,
+        at_ms: u64,
+    ) -> Self {
+        let mut link = DeviceLink {
+            facility,
+            seq: prev.map_or(1, |p| p.seq + 1),
+            prev: prev.map(DeviceLink::hash),
+            change,
+            signer: signer.device_id(),
+            at_ms,
+            signature: vec![],
+        };
+        link.signature = signer.sign(crypto::domain::DEVICE_LINK, &link.signed_bytes());
+        link
+    }
+
+    /// The first link of a new facility: its root device adds itself.
+    pub fn genesis(root: &DeviceSecrets, facility: FacilityId, at_ms: u64) -> Self {
+        let public = root.public();
+        Self::sign(
+            root,
+            facility,
+            None,
+            DeviceChange::Add {
+                device: public.device,
+                age_recipient: public.age_recipient,
+            },
+            at_ms,
+        )
+    }
+
+    /// The bytes the signature covers.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        cbor(&(
+            &self.facility,
+            self.seq,
+            &self.prev,
+            &self.change,
+            &self.signer,
+            self.at_ms,
+        ))
+    }
+
+    /// Checks the signature only (not the signer's right to sign; see [`verify_chain`]).
+    pub fn verify_signature(&self) -> Result<(), CryptoError> {
+        crypto::verify(
+            &self.signer,
+            crypto::domain::DEVICE_LINK,
+            &self.signed_bytes(),
+            &self.signature,
+        )
+    }
+
+    /// BLAKE3 of the encoded link.
+    pub fn hash(&self) -> LinkHash {
+        *blake3::hash(&cbor(self)).as_bytes()
+    }
+}
+
+/// One device as a verified chain leaves it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceEntry {
     /// The device id (its Ed25519 PeerId).
     pub device: DeviceId,
     /// Its age X25519 recipient (`age1...`).
     pub age_recipient: String,
-    /// Whether the operator revoked it.
+    /// Revoked by its facility's chain, or by the relay operator.
     pub revoked: bool,
 }
 
-/// One facility.
+/// What a verified chain says: the facility's devices and how far the chain was valid.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ChainState {
+    /// Devices in the order added.
+    pub devices: Vec<DeviceEntry>,
+    /// Valid links (a prefix of what was given).
+    pub valid: u32,
+    /// The hash of the last valid link.
+    pub head: Option<LinkHash>,
+    /// Why the first invalid link was refused, if one was.
+    pub refused: Option<String>,
+}
+
+/// Verifies a facility's device chain against its certificate: the first link adds the root key and
+/// is signed by it; each later link follows the one before (sequence and hash) and is signed by a
+/// device current at that point. Stops at the first invalid link; what came before stays valid.
+pub fn verify_chain(cert: &FacilityCert, links: &[DeviceLink]) -> ChainState {
+    let mut state = ChainState::default();
+    let mut prev: Option<&DeviceLink> = None;
+    for link in links.iter().take(FACILITY_LINKS_MAX) {
+        let refuse =
+            |why: String| format!("link {} of facility {}: {why}", link.seq, cert.facility);
+        if link.facility != cert.facility {
+            state.refused = Some(refuse("it belongs to another facility".into()));
+            break;
+        }
+        if link.seq != prev.map_or(1, |p| p.seq + 1) || link.prev != prev.map(DeviceLink::hash) {
+            state.refused = Some(refuse("it does not follow the link before it".into()));
+            break;
+        }
+        if link.verify_signature().is_err() {
+            state.refused = Some(refuse("its signature does not verify".into()));
+            break;
+        }
+        let signer_ok = match prev {
+            None => link.signer == cert.root,
+            Some(_) => state
+                .devices
+                .iter()
+                .any(|d| d.device == link.signer && !d.revoked),
+        };
+        if !signer_ok {
+            state.refused = Some(refuse(format!(
+                "it is signed by {}, which is not a current device of the facility",
+                link.signer
+            )));
+            break;
+        }
+        match &link.change {
+            DeviceChange::Add {
+                device,
+                age_recipient,
+            } => {
+                if prev.is_none() && device != &cert.root {
+                    state.refused = Some(refuse("the first link must add the root key".into()));
+                    break;
+                }
+                if crypto::parse_recipient(age_recipient).is_err() {
+                    state.refused = Some(refuse("the age recipient is not valid".into()));
+                    break;
+                }
+                if state.devices.iter().any(|d| &d.device == device) {
+                    state.refused = Some(refuse(format!("{device} is added twice")));
+                    break;
+                }
+                state.devices.push(DeviceEntry {
+                    device: *device,
+                    age_recipient: age_recipient.clone(),
+                    revoked: false,
+                });
+            }
+            DeviceChange::Revoke { device } => {
+                let Some(d) = state.devices.iter_mut().find(|d| &d.device == device) else {
+                    state.refused = Some(refuse(format!("{device} is not a device of it")));
+                    break;
+                };
+                d.revoked = true;
+            }
+        }
+        state.valid = link.seq;
+        state.head = Some(link.hash());
+        prev = Some(link);
+    }
+    if state.refused.is_none() && links.len() > FACILITY_LINKS_MAX {
+        state.refused = Some(format!(
+            "facility {} has more than {FACILITY_LINKS_MAX} links",
+            cert.facility
+        ));
+    }
+    state
+}
+
+/// A facility as the relay serves it: the authority's certificate and the device chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FacilityRecord {
+    /// The authority's certificate.
+    pub cert: FacilityCert,
+    /// The device chain, first link first.
+    pub links: Vec<DeviceLink>,
+}
+
+/// What the relay signs: the certificates and chains it stores, its version and its revocations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryBody {
+    /// The deployment.
+    pub deployment: DeploymentId,
+    /// The authority's key (facilities compare it with the one they pinned at join).
+    pub authority: DeviceId,
+    /// Grows with every enrolment, approval and revocation.
+    pub version: u64,
+    /// Facilities in enrolment order.
+    pub facilities: Vec<FacilityRecord>,
+    /// Devices the relay operator revoked.
+    pub revoked_devices: Vec<DeviceId>,
+    /// Facilities the relay operator revoked (with every device).
+    pub revoked_facilities: Vec<FacilityId>,
+}
+
+/// A [`DirectoryBody`] signed by the relay's key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedDirectory {
+    /// CBOR of [`DirectoryBody`].
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// The relay's device id.
+    pub relay: DeviceId,
+    /// Ed25519 signature by `relay` over `body`.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Errors of checking a directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// Signed by another relay than the one this facility enrolled at.
+    #[error("directory signed by {got}, expected the relay {expected}")]
+    WrongRelay {
+        /// Who this facility trusts (device id text).
+        expected: String,
+        /// Who signed (device id text).
+        got: String,
+    },
+    /// The directory names another authority than the one pinned at join.
+    #[error("the directory names the authority {got}, but this facility pinned {expected} at join")]
+    WrongAuthority {
+        /// The pinned authority (device id text).
+        expected: String,
+        /// The one named (device id text).
+        got: String,
+    },
+    /// The directory is for another deployment.
+    #[error("the directory is for deployment {got}, not {expected}")]
+    WrongDeployment {
+        /// The enrolled deployment.
+        expected: String,
+        /// The one named.
+        got: String,
+    },
+    /// A facility certificate does not verify.
+    #[error("the certificate of facility {facility} is refused: {reason}")]
+    Certificate {
+        /// The facility id (text).
+        facility: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The relay's signature does not verify.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The body is not a directory, or is over a limit.
+    #[error("malformed directory: {0}")]
+    Malformed(String),
+}
+
+/// How far a facility is trusted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case")]
+pub enum Trust {
+    /// Certified by the pinned authority with the pinned root key; its chain extends what was seen.
+    Verified,
+    /// The authority certified another root key than the one pinned: its devices get no key until a
+    /// person compares the new safety number and confirms ([`Pins::confirm_root`]).
+    RootChanged {
+        /// The safety number of the pinned root key.
+        pinned: String,
+    },
+    /// The relay served a chain that does not extend the one seen before (shorter, or different):
+    /// what was seen stays, nothing new is taken.
+    ChainForked {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One facility of the verified directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FacilityEntry {
     /// Facility id.
     pub id: FacilityId,
-    /// Its name as the operator enrolled it.
+    /// Its name as the authority certified it.
     pub name: String,
     /// What kind of facility it is.
     pub role: FacilityRole,
-    /// Whether the operator revoked the whole facility.
+    /// Revoked by the relay operator.
     pub revoked: bool,
-    /// Its devices.
+    /// Its root key (the certificate's).
+    pub root: DeviceId,
+    /// The safety number of its root key.
+    pub safety_number: String,
+    /// How far it is trusted.
+    pub trust: Trust,
+    /// Its devices (revoked ones included, marked).
     pub devices: Vec<DeviceEntry>,
+    /// Chain links the relay served that were refused, with the reason.
+    pub refused: Vec<String>,
 }
 
 impl FacilityEntry {
-    /// The devices that may currently read and write: not revoked, of a facility not revoked.
+    /// The devices that may currently read and write: not revoked, of a facility not revoked and
+    /// trusted ([`Trust::Verified`]).
     pub fn current_devices(&self) -> impl Iterator<Item = &DeviceEntry> {
-        self.devices
-            .iter()
-            .filter(move |d| !d.revoked && !self.revoked)
+        let ok = !self.revoked && self.trust == Trust::Verified;
+        self.devices.iter().filter(move |d| ok && !d.revoked)
     }
 }
 
-/// The deployment's directory at one version.
+/// Something the relay listed that the verification left out, with the reason (shown to people).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ignored {
+    /// The facility id the relay gave.
+    pub facility: FacilityId,
+    /// The name the relay gave.
+    pub name: String,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+/// The deployment's directory as this device verified it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Directory {
     /// The deployment.
     pub deployment: DeploymentId,
-    /// Increases with every enrolment and revocation.
+    /// The pinned authority.
+    pub authority: DeviceId,
+    /// The relay's version of what it served.
     pub version: u64,
-    /// Facilities in enrolment order.
+    /// Facilities whose certificate verifies, in the relay's order.
     pub facilities: Vec<FacilityEntry>,
+    /// Facilities the relay listed without a valid certificate.
+    pub ignored: Vec<Ignored>,
+}
+
+/// A device as a [`Directory`] knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceStatus {
+    /// Not listed by any verified chain.
+    Unknown,
+    /// Added by a verified chain of this facility, and neither revoked nor of a facility that is
+    /// revoked or not trusted.
+    Current(FacilityId),
+    /// Added by a verified chain of this facility once, but revoked since (or its facility was
+    /// revoked, or is not trusted now). Its earlier work stays valid; it may do nothing new.
+    Former(FacilityId),
+}
+
+impl DeviceStatus {
+    /// The facility of a current device.
+    pub fn current(self) -> Option<FacilityId> {
+        match self {
+            DeviceStatus::Current(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The facility of a device that was ever certified (current or former).
+    pub fn ever(self) -> Option<FacilityId> {
+        match self {
+            DeviceStatus::Current(f) | DeviceStatus::Former(f) => Some(f),
+            DeviceStatus::Unknown => None,
+        }
+    }
+}
+
+/// A facility as a [`Directory`] knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FacilityStatus {
+    /// No valid certificate.
+    Unknown,
+    /// Certified, trusted and not revoked, with its role.
+    Current(FacilityRole),
+    /// Certified once, but revoked or not trusted now.
+    Former(FacilityRole),
+}
+
+/// Who is who, as the membership and admission rules ask it (implemented by [`Directory`] at the
+/// facilities and by the relay's tables).
+pub trait Devices {
+    /// A device's status.
+    fn device_status(&self, device: &DeviceId) -> DeviceStatus;
+    /// A facility's status.
+    fn facility_status(&self, facility: FacilityId) -> FacilityStatus;
+    /// A certified, trusted facility that is not revoked, with its role; `None` otherwise.
+    fn current_facility(&self, facility: FacilityId) -> Option<FacilityRole> {
+        match self.facility_status(facility) {
+            FacilityStatus::Current(role) => Some(role),
+            _ => None,
+        }
+    }
+}
+
+impl Devices for Directory {
+    fn device_status(&self, device: &DeviceId) -> DeviceStatus {
+        match self.device(device) {
+            None => DeviceStatus::Unknown,
+            Some((f, d)) => {
+                if f.revoked || d.revoked || f.trust != Trust::Verified {
+                    DeviceStatus::Former(f.id)
+                } else {
+                    DeviceStatus::Current(f.id)
+                }
+            }
+        }
+    }
+
+    fn facility_status(&self, facility: FacilityId) -> FacilityStatus {
+        match self.facility(facility) {
+            None => FacilityStatus::Unknown,
+            Some(f) if !f.revoked && f.trust == Trust::Verified => FacilityStatus::Current(f.role),
+            Some(f) => FacilityStatus::Former(f.role),
+        }
+    }
 }
 
 impl Directory {
@@ -81,45 +613,42 @@ impl Directory {
                 .map(|d| (f, d))
         })
     }
+
+    /// Whether a device is a current device (verified chain, not revoked, trusted facility).
+    pub fn is_current(&self, device: &DeviceId) -> bool {
+        self.device_status(device).current().is_some()
+    }
 }
 
-/// A directory signed by the relay's device key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedDirectory {
-    /// CBOR of [`Directory`].
-    #[serde(with = "serde_bytes")]
-    pub body: Vec<u8>,
-    /// The relay's device id.
-    pub relay: DeviceId,
-    /// Ed25519 signature by `relay` over `body`.
-    #[serde(with = "serde_bytes")]
-    pub signature: Vec<u8>,
+/// What a facility device remembers between directories: the roots it pinned, how far it saw each
+/// chain, and every revocation it saw (revocations are never taken back).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pins {
+    /// Root key pinned per facility (at first sight, or confirmed by a person).
+    pub roots: BTreeMap<FacilityId, DeviceId>,
+    /// Per facility: how many links were seen valid, and the hash of the last.
+    pub chains: BTreeMap<FacilityId, (u32, LinkHash)>,
+    /// Devices the relay operator revoked, as seen in any directory.
+    pub revoked_devices: BTreeSet<DeviceId>,
+    /// Facilities the relay operator revoked.
+    pub revoked_facilities: BTreeSet<FacilityId>,
+    /// The highest directory version accepted.
+    pub version: u64,
 }
 
-/// Errors of checking a directory.
-#[derive(Debug, thiserror::Error)]
-pub enum DirectoryError {
-    /// Signed by another relay than the one this facility enrolled at.
-    #[error("directory signed by {got}, expected the relay {expected}")]
-    WrongRelay {
-        /// Who this facility trusts (device id text).
-        expected: String,
-        /// Who signed (device id text).
-        got: String,
-    },
-    /// The signature does not verify.
-    #[error(transparent)]
-    Crypto(#[from] CryptoError),
-    /// The body is not a directory.
-    #[error("malformed directory: {0}")]
-    Malformed(String),
+impl Pins {
+    /// Accepts a new root key for `facility` after a person compared its safety number: its chain
+    /// is then seen afresh.
+    pub fn confirm_root(&mut self, facility: FacilityId, root: DeviceId) {
+        self.roots.insert(facility, root);
+        self.chains.remove(&facility);
+    }
 }
 
 impl SignedDirectory {
-    /// Signs a directory with the relay's key.
-    pub fn sign(dir: &Directory, relay: &DeviceSecrets) -> Self {
-        let mut body = Vec::new();
-        ciborium::into_writer(dir, &mut body).expect("writing to a Vec cannot fail");
+    /// Signs a directory body with the relay's key.
+    pub fn sign(body: &DirectoryBody, relay: &DeviceSecrets) -> Self {
+        let body = cbor(body);
         let signature = relay.sign(crypto::domain::DIRECTORY, &body);
         Self {
             body,
@@ -131,7 +660,7 @@ impl SignedDirectory {
     /// The version its body claims, read without checking the signature: what a sync session quotes
     /// as `known_version` when it next asks the same relay for a newer directory. `None` when the
     /// body is not a directory.
-    pub(crate) fn claimed_version(&self) -> Option<u64> {
+    pub fn claimed_version(&self) -> Option<u64> {
         #[derive(Deserialize)]
         struct Version {
             version: u64,
@@ -141,8 +670,10 @@ impl SignedDirectory {
             .map(|v| v.version)
     }
 
-    /// Verifies the signature against the relay this facility trusts, and decodes.
-    pub fn verify(&self, expected_relay: &DeviceId) -> Result<Directory, DirectoryError> {
+    /// Decodes the body after checking the relay's signature (nothing else is checked).
+    ///
+    /// Errors: [`DirectoryError::WrongRelay`], a bad signature, a malformed body.
+    pub fn open(&self, expected_relay: &DeviceId) -> Result<DirectoryBody, DirectoryError> {
         if &self.relay != expected_relay {
             return Err(DirectoryError::WrongRelay {
                 expected: expected_relay.to_string(),
@@ -155,62 +686,396 @@ impl SignedDirectory {
             &self.body,
             &self.signature,
         )?;
-        ciborium::from_reader(self.body.as_slice())
-            .map_err(|e| DirectoryError::Malformed(e.to_string()))
+        let body: DirectoryBody = ciborium::from_reader(self.body.as_slice())
+            .map_err(|e| DirectoryError::Malformed(e.to_string()))?;
+        if body.facilities.len() > DIRECTORY_FACILITIES_MAX
+            || body.revoked_devices.len() > REVOCATIONS_MAX
+            || body.revoked_facilities.len() > REVOCATIONS_MAX
+        {
+            return Err(DirectoryError::Malformed(
+                "more facilities or revocations than allowed".into(),
+            ));
+        }
+        Ok(body)
     }
+
+    /// Verifies a directory from `relay` against the `authority` pinned at join and this device's
+    /// `pins`, and returns the verified view with the pins it implies (the caller stores both).
+    ///
+    /// - A facility whose certificate does not verify is left out ([`Directory::ignored`]).
+    /// - A facility whose root key differs from the pinned one is [`Trust::RootChanged`].
+    /// - A chain that does not extend the one seen before is [`Trust::ChainForked`]; otherwise its
+    ///   valid prefix counts and links beyond it are reported in [`FacilityEntry::refused`].
+    /// - Revocations are the union of the relay's and every earlier one.
+    ///
+    /// Errors: the relay's signature, another deployment or authority, a malformed body.
+    pub fn verify(
+        &self,
+        relay: &DeviceId,
+        deployment: DeploymentId,
+        authority: &DeviceId,
+        pins: &Pins,
+    ) -> Result<(Directory, Pins), DirectoryError> {
+        let body = self.open(relay)?;
+        if body.deployment != deployment {
+            return Err(DirectoryError::WrongDeployment {
+                expected: deployment.to_string(),
+                got: body.deployment.to_string(),
+            });
+        }
+        if &body.authority != authority {
+            return Err(DirectoryError::WrongAuthority {
+                expected: authority.to_string(),
+                got: body.authority.to_string(),
+            });
+        }
+        let mut next = pins.clone();
+        next.version = next.version.max(body.version);
+        next.revoked_devices
+            .extend(body.revoked_devices.iter().copied());
+        next.revoked_facilities
+            .extend(body.revoked_facilities.iter().copied());
+        let mut dir = Directory {
+            deployment,
+            authority: *authority,
+            version: body.version,
+            facilities: Vec::with_capacity(body.facilities.len()),
+            ignored: Vec::new(),
+        };
+        let mut seen = BTreeSet::new();
+        for rec in body.facilities {
+            let cert = &rec.cert;
+            if !seen.insert(cert.facility) {
+                dir.ignored.push(Ignored {
+                    facility: cert.facility,
+                    name: cert.name.clone(),
+                    reason: "the relay lists this facility twice".into(),
+                });
+                continue;
+            }
+            if let Err(e) = cert.verify(authority, deployment) {
+                dir.ignored.push(Ignored {
+                    facility: cert.facility,
+                    name: cert.name.clone(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            let pinned_root = *next.roots.entry(cert.facility).or_insert(cert.root);
+            let chain = verify_chain(cert, &rec.links);
+            let mut refused: Vec<String> = chain.refused.iter().cloned().collect();
+            let trust = if pinned_root != cert.root {
+                Trust::RootChanged {
+                    pinned: safety_number(cert.facility, &pinned_root),
+                }
+            } else {
+                match next.chains.get(&cert.facility) {
+                    Some(&(n, _)) if n > chain.valid => Trust::ChainForked {
+                        reason: format!(
+                            "the relay served {} valid link(s) of its device chain, fewer than the {n} seen before",
+                            chain.valid
+                        ),
+                    },
+                    Some(&(n, seen))
+                        if n > 0
+                            && rec.links.get(n as usize - 1).map(DeviceLink::hash) != Some(seen) =>
+                    {
+                        Trust::ChainForked {
+                            reason: "the relay served a device chain that differs from the one seen before"
+                                .into(),
+                        }
+                    }
+                    _ => Trust::Verified,
+                }
+            };
+            if trust == Trust::Verified
+                && let Some(head) = chain.head
+            {
+                next.chains.insert(cert.facility, (chain.valid, head));
+            }
+            let mut devices = chain.devices;
+            for d in &mut devices {
+                if next.revoked_devices.contains(&d.device) {
+                    d.revoked = true;
+                }
+            }
+            if let Trust::ChainForked { reason } = &trust {
+                refused.push(reason.clone());
+            }
+            dir.facilities.push(FacilityEntry {
+                id: cert.facility,
+                name: cert.name.clone(),
+                role: cert.role,
+                revoked: next.revoked_facilities.contains(&cert.facility),
+                root: cert.root,
+                safety_number: cert.safety_number(),
+                trust,
+                devices,
+                refused,
+            });
+        }
+        Ok((dir, next))
+    }
+}
+
+/// A safety number: 30 decimal digits in six groups of five, from the BLAKE3 hash of the facility id
+/// and its root key (as Signal shows one per contact). Two facilities read it to each other by phone.
+pub fn safety_number(facility: FacilityId, root: &DeviceId) -> String {
+    let mut h = blake3::Hasher::new_derive_key("musubi safety number v1");
+    h.update(facility.0.as_bytes());
+    h.update(&root.0.to_bytes());
+    digits(h.finalize().as_bytes())
+}
+
+/// The authority's fingerprint, in the same 30-digit form as [`safety_number`]: what an invite shows
+/// so the person joining can compare it with the one the municipality published.
+pub fn authority_fingerprint(authority: &DeviceId) -> String {
+    let mut h = blake3::Hasher::new_derive_key("musubi authority fingerprint v1");
+    h.update(&authority.0.to_bytes());
+    digits(h.finalize().as_bytes())
+}
+
+fn digits(hash: &[u8; 32]) -> String {
+    hash.chunks(5)
+        .take(6)
+        .map(|c| {
+            let n = c.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            format!("{:05}", n % 100_000)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn directory_verifies_only_from_its_relay() {
-        let relay = DeviceSecrets::from_seeds([1; 32], [1; 32]);
-        let other = DeviceSecrets::from_seeds([2; 32], [2; 32]);
-        let dir = Directory {
-            deployment: DeploymentId::from_random_bytes([0; 16]),
-            version: 3,
-            facilities: vec![FacilityEntry {
-                id: FacilityId::from_random_bytes([1; 16]),
-                name: "港診療所".into(),
-                role: FacilityRole::Clinic,
-                revoked: false,
-                devices: vec![],
-            }],
-        };
-        let signed = SignedDirectory::sign(&dir, &relay);
-        assert_eq!(signed.verify(&relay.device_id()).expect("verify"), dir);
-        assert!(signed.verify(&other.device_id()).is_err());
-        let mut forged = signed.clone();
-        forged.body[10] ^= 1;
-        assert!(forged.verify(&relay.device_id()).is_err());
-        assert_eq!(
-            dir.find("港診療所").map(|f| f.id),
-            Some(dir.facilities[0].id)
+    fn dev(n: u8) -> DeviceSecrets {
+        DeviceSecrets::from_seeds([n; 32], [n.wrapping_add(100); 32])
+    }
+
+    struct Fixture {
+        authority: DeviceSecrets,
+        relay: DeviceSecrets,
+        deployment: DeploymentId,
+        facility: FacilityId,
+        root: DeviceSecrets,
+        cert: FacilityCert,
+        links: Vec<DeviceLink>,
+    }
+
+    fn fixture() -> Fixture {
+        let authority = dev(1);
+        let root = dev(2);
+        let deployment = DeploymentId::from_random_bytes([9; 16]);
+        let facility = FacilityId::from_random_bytes([3; 16]);
+        let cert = FacilityCert::sign(
+            &authority,
+            deployment,
+            facility,
+            "港診療所",
+            FacilityRole::Clinic,
+            root.device_id(),
+            1,
         );
-        assert!(dir.find("港").is_none());
+        let links = vec![DeviceLink::genesis(&root, facility, 1)];
+        Fixture {
+            authority,
+            relay: dev(4),
+            deployment,
+            facility,
+            root,
+            cert,
+            links,
+        }
+    }
+
+    impl Fixture {
+        fn signed(&self, version: u64, revoked: Vec<DeviceId>) -> SignedDirectory {
+            SignedDirectory::sign(
+                &DirectoryBody {
+                    deployment: self.deployment,
+                    authority: self.authority.device_id(),
+                    version,
+                    facilities: vec![FacilityRecord {
+                        cert: self.cert.clone(),
+                        links: self.links.clone(),
+                    }],
+                    revoked_devices: revoked,
+                    revoked_facilities: vec![],
+                },
+                &self.relay,
+            )
+        }
+
+        fn verify(&self, s: &SignedDirectory, pins: &Pins) -> (Directory, Pins) {
+            s.verify(
+                &self.relay.device_id(),
+                self.deployment,
+                &self.authority.device_id(),
+                pins,
+            )
+            .expect("verifies")
+        }
+
+        fn add(&mut self, by: &DeviceSecrets, new: &DeviceSecrets) {
+            let p = new.public();
+            let link = DeviceLink::sign(
+                by,
+                self.facility,
+                self.links.last(),
+                DeviceChange::Add {
+                    device: p.device,
+                    age_recipient: p.age_recipient,
+                },
+                2,
+            );
+            self.links.push(link);
+        }
+    }
+
+    #[test]
+    fn a_chain_adds_devices_signed_by_current_devices_only() {
+        let mut f = fixture();
+        let second = dev(5);
+        let root = f.root.clone();
+        f.add(&root, &second);
+        let state = verify_chain(&f.cert, &f.links);
+        assert_eq!(state.valid, 2);
+        assert_eq!(state.devices.len(), 2);
+        assert!(state.refused.is_none());
+
+        // A stranger signs a third link: refused, the first two stay.
+        let stranger = dev(6);
+        f.add(&stranger.clone(), &stranger);
+        let state = verify_chain(&f.cert, &f.links);
+        assert_eq!(state.valid, 2);
+        assert!(
+            state
+                .refused
+                .as_deref()
+                .is_some_and(|r| r.contains("not a current device"))
+        );
+
+        // A revoked device may not sign.
+        let mut f = fixture();
+        f.add(&root, &second);
+        let revoke = DeviceLink::sign(
+            &root,
+            f.facility,
+            f.links.last(),
+            DeviceChange::Revoke {
+                device: second.device_id(),
+            },
+            3,
+        );
+        f.links.push(revoke);
+        f.add(&second, &dev(7));
+        let state = verify_chain(&f.cert, &f.links);
+        assert_eq!(
+            state.valid, 3,
+            "the revocation is valid, the link after it is not"
+        );
+        assert!(state.devices[1].revoked);
+    }
+
+    #[test]
+    fn the_first_link_must_be_the_root_adding_itself() {
+        let f = fixture();
+        let other = dev(8);
+        let forged = DeviceLink::genesis(&other, f.facility, 1);
+        let state = verify_chain(&f.cert, &[forged]);
+        assert_eq!(state.valid, 0);
+        assert!(state.devices.is_empty());
+    }
+
+    #[test]
+    fn a_certificate_by_another_authority_is_ignored() {
+        let mut f = fixture();
+        f.cert = FacilityCert::sign(
+            &dev(30),
+            f.deployment,
+            f.facility,
+            "偽の本部",
+            FacilityRole::Hq,
+            f.root.device_id(),
+            1,
+        );
+        let (dir, _) = f.verify(&f.signed(2, vec![]), &Pins::default());
+        assert!(dir.facilities.is_empty());
+        assert_eq!(dir.ignored.len(), 1);
+        assert!(dir.ignored[0].reason.contains("another authority"));
+    }
+
+    #[test]
+    fn a_changed_root_key_is_shown_and_trusted_only_after_confirmation() {
+        let f = fixture();
+        let (dir, pins) = f.verify(&f.signed(2, vec![]), &Pins::default());
+        assert_eq!(dir.facilities[0].trust, Trust::Verified);
+        assert!(dir.is_current(&f.root.device_id()));
+
+        let mut g = fixture();
+        let new_root = dev(40);
+        g.cert = FacilityCert::sign(
+            &g.authority,
+            g.deployment,
+            g.facility,
+            "港診療所",
+            FacilityRole::Clinic,
+            new_root.device_id(),
+            5,
+        );
+        g.links = vec![DeviceLink::genesis(&new_root, g.facility, 5)];
+        let (dir, pins2) = g.verify(&g.signed(3, vec![]), &pins);
+        assert!(matches!(dir.facilities[0].trust, Trust::RootChanged { .. }));
+        assert!(!dir.is_current(&new_root.device_id()));
+        assert_eq!(dir.current_facility(g.facility), None);
+
+        let mut confirmed = pins2;
+        confirmed.confirm_root(g.facility, new_root.device_id());
+        let (dir, _) = g.verify(&g.signed(3, vec![]), &confirmed);
+        assert_eq!(dir.facilities[0].trust, Trust::Verified);
+        assert!(dir.is_current(&new_root.device_id()));
+    }
+
+    #[test]
+    fn a_shorter_chain_or_an_undone_revocation_is_not_taken() {
+        let mut f = fixture();
+        let second = dev(5);
+        let root = f.root.clone();
+        f.add(&root, &second);
+        let (_, pins) = f.verify(&f.signed(2, vec![second.device_id()]), &Pins::default());
+        // The relay later serves the chain cut back to its first link, and no revocation.
+        let mut g = fixture();
+        g.links.truncate(1);
+        let (dir, pins2) = g.verify(&g.signed(3, vec![]), &pins);
+        assert!(matches!(dir.facilities[0].trust, Trust::ChainForked { .. }));
+        assert!(
+            pins2.revoked_devices.contains(&second.device_id()),
+            "a revocation once seen stays"
+        );
+    }
+
+    #[test]
+    fn safety_numbers_are_thirty_digits_and_differ_per_key() {
+        let f = fixture();
+        let a = f.cert.safety_number();
+        assert_eq!(a.len(), 35);
+        assert!(
+            a.split(' ')
+                .all(|g| g.len() == 5 && g.chars().all(|c| c.is_ascii_digit()))
+        );
+        assert_ne!(a, safety_number(f.facility, &dev(77).device_id()));
+        assert_ne!(
+            authority_fingerprint(&f.authority.device_id()),
+            authority_fingerprint(&dev(78).device_id())
+        );
     }
 
     #[test]
     fn the_claimed_version_is_read_without_the_signature() {
-        let relay = DeviceSecrets::from_seeds([1; 32], [1; 32]);
-        let dir = Directory {
-            deployment: DeploymentId::from_random_bytes([0; 16]),
-            version: 7,
-            facilities: vec![FacilityEntry {
-                id: FacilityId::from_random_bytes([1; 16]),
-                name: "港診療所".into(),
-                role: FacilityRole::Clinic,
-                revoked: false,
-                devices: vec![DeviceEntry {
-                    device: relay.device_id(),
-                    age_recipient: "age1example".into(),
-                    revoked: false,
-                }],
-            }],
-        };
-        let mut signed = SignedDirectory::sign(&dir, &relay);
+        let f = fixture();
+        let mut signed = f.signed(7, vec![]);
         assert_eq!(signed.claimed_version(), Some(7));
         signed.body = b"not a directory".to_vec();
         assert_eq!(signed.claimed_version(), None);

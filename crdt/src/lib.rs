@@ -2,8 +2,9 @@
 //!
 //! It holds everything that must be the same at the relay and at every facility:
 //! identifiers ([`ids`]), named limits ([`limits`]), age envelopes and Ed25519 signatures ([`crypto`]),
-//! signed bundles ([`bundle`]), signed membership and key-grant operations ([`ops`]),
-//! the relay-signed directory ([`directory`]), the `/musubi/sync/1` wire messages ([`protocol`]),
+//! signed bundles ([`bundle`]), signed membership and key-grant operations ([`ops`]), the membership
+//! view and the one admission rule ([`membership`]), the certificate chains of the directory
+//! ([`directory`]), invites and join requests ([`invite`]), the `/musubi/sync/1` wire messages ([`protocol`]),
 //! the facility's sync-session state machine ([`sync`]) and the typed domain documents ([`documents`]).
 //!
 //! Run loop: a driver outside this crate feeds inputs with `handle_*` (always with `now`) and drains
@@ -18,6 +19,7 @@ pub mod documents;
 pub mod ids;
 pub mod invite;
 pub mod limits;
+pub mod membership;
 pub mod ops;
 pub mod protocol;
 pub mod sync;

@@ -54,3 +54,21 @@ pub const OFFER_IDS_MAX: usize = 200_000;
 
 /// Largest offline-transfer file record, in bytes (one item; the file itself is bounded only by disk).
 pub const TRANSFER_RECORD_BYTES_MAX: usize = FRAME_BYTES_MAX;
+
+/// Most links of one facility's device chain (additions and revocations of devices).
+pub const FACILITY_LINKS_MAX: usize = 1024;
+
+/// Most devices or facilities in one of the relay's revocation lists.
+pub const REVOCATIONS_MAX: usize = 100_000;
+
+/// Most membership operations of one document.
+pub const DOCUMENT_OPS_MAX: usize = 4096;
+
+/// Most operations in one `Ops` response.
+pub const OPS_RESPONSE_MAX: usize = 512;
+
+/// Most pending join requests in one `JoinRequests` response.
+pub const JOIN_REQUESTS_MAX: usize = 256;
+
+/// Longest an invite stays valid, in seconds (30 days).
+pub const INVITE_EXPIRES_SECS_MAX: u64 = 30 * 24 * 3600;

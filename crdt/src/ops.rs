@@ -1,8 +1,12 @@
 //! Signed document operations (create, membership, new epoch) and key grants.
 //!
-//! The relay applies operations to its membership table after checking the signature and that the
-//! author's facility is an owner; it stores key grants (a document key of one epoch, age-encrypted to a
-//! list of member devices) without being able to open them (invariant 1).
+//! A document's operations form a hash chain: each names the hash of the one before it (`prev`), and
+//! the first, `Create`, fixes the document's id (derived from its signed fields, so a second
+//! `Create` of the same document cannot exist). `Create` and `NewEpoch` commit to the epoch's key
+//! ([`crate::crypto::DocumentKey::commitment`]); a grant of any other key is refused when opened.
+//! Every facility replays the chain itself ([`crate::membership`]); none takes a member list from
+//! the relay. The relay stores key grants (a document key of one epoch, age-encrypted to a list of
+//! member devices) without being able to open them (invariant 1).
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +33,12 @@ pub enum DocOpBody {
         kind: DocumentKind,
         /// Further members (at most [`DOCUMENT_MEMBERS_MAX`]).
         members: Vec<Member>,
+        /// Commitment to the key of epoch 0.
+        #[serde(with = "serde_bytes")]
+        key_commitment: [u8; 32],
+        /// 16 random bytes, so two documents made in the same millisecond get different ids.
+        #[serde(with = "serde_bytes")]
+        nonce: [u8; 16],
     },
     /// Adds a member, changes its role, or (with `role: None`) removes it.
     SetMember {
@@ -41,6 +51,9 @@ pub enum DocOpBody {
     NewEpoch {
         /// The new epoch.
         epoch: Epoch,
+        /// Commitment to the new epoch's key.
+        #[serde(with = "serde_bytes")]
+        key_commitment: [u8; 32],
     },
 }
 
@@ -55,6 +68,9 @@ pub struct DocOp {
     pub author: DeviceId,
     /// When the author made it, milliseconds since the Unix epoch (informational).
     pub at_ms: u64,
+    /// The hash ([`DocOp::hash`]) of the operation before it in the document's chain; `None` only
+    /// for `Create`.
+    pub prev: Option<OpHash>,
     /// The operation.
     pub body: DocOpBody,
     /// Ed25519 signature over [`DocOp::signed_bytes`].
@@ -89,13 +105,47 @@ fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
     out
 }
 
+/// The hash of an operation: BLAKE3 of its encoding (32 bytes).
+pub type OpHash = [u8; 32];
+
 impl DocOp {
-    /// Makes and signs an operation.
+    /// Creates a document: signs its `Create` and derives the document's id from it.
+    ///
+    /// Errors: [`OpError::TooMany`] members.
+    pub fn create(
+        author: &DeviceSecrets,
+        facility: FacilityId,
+        at_ms: u64,
+        body: DocOpBody,
+    ) -> Result<Self, OpError> {
+        let doc = Self::derive_id(facility, &author.device_id(), at_ms, &body);
+        Self::sign(author, facility, doc, at_ms, None, body)
+    }
+
+    /// The id a document created by this `Create` has: BLAKE3 (derive-key mode, context
+    /// `musubi document id v1`) of the creating facility, author, time and body, cut to a UUID.
+    pub fn derive_id(
+        facility: FacilityId,
+        author: &DeviceId,
+        at_ms: u64,
+        body: &DocOpBody,
+    ) -> DocumentId {
+        let h = blake3::derive_key(
+            "musubi document id v1",
+            &cbor(&(&facility, author, at_ms, body)),
+        );
+        DocumentId::from_random_bytes(h[..16].try_into().expect("16 of 32 bytes"))
+    }
+
+    /// Makes and signs an operation after `prev` in the document's chain.
+    ///
+    /// Errors: [`OpError::TooMany`] members in a `Create`.
     pub fn sign(
         author: &DeviceSecrets,
         facility: FacilityId,
         doc: DocumentId,
         at_ms: u64,
+        prev: Option<OpHash>,
         body: DocOpBody,
     ) -> Result<Self, OpError> {
         if let DocOpBody::Create { members, .. } = &body
@@ -112,6 +162,7 @@ impl DocOp {
             facility,
             author: author.device_id(),
             at_ms,
+            prev,
             body,
             signature: vec![],
         };
@@ -126,6 +177,7 @@ impl DocOp {
             &self.facility,
             &self.author,
             self.at_ms,
+            &self.prev,
             &self.body,
         ))
     }
@@ -141,9 +193,14 @@ impl DocOp {
         Ok(())
     }
 
-    /// BLAKE3 of the encoded operation (the relay's idempotency key).
-    pub fn hash(&self) -> [u8; 32] {
+    /// BLAKE3 of the encoded operation: its name in the chain, and the relay's idempotency key.
+    pub fn hash(&self) -> OpHash {
         *blake3::hash(&cbor(self)).as_bytes()
+    }
+
+    /// For a `Create`: whether the document id is the one derived from it.
+    pub fn id_matches(&self) -> bool {
+        Self::derive_id(self.facility, &self.author, self.at_ms, &self.body) == self.doc
     }
 }
 
@@ -274,6 +331,26 @@ mod tests {
     }
 
     #[test]
+    fn a_document_id_is_fixed_by_its_create() {
+        let owner = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let f = FacilityId::from_random_bytes([1; 16]);
+        let body = DocOpBody::Create {
+            kind: DocumentKind::Referral,
+            members: vec![],
+            key_commitment: [3; 32],
+            nonce: [4; 16],
+        };
+        let op = DocOp::create(&owner, f, 5, body.clone()).expect("create");
+        assert!(op.id_matches());
+        op.verify().expect("verify");
+        // The same id with another body (another owner, other members) cannot be made.
+        let thief = DeviceSecrets::from_seeds([5; 32], [6; 32]);
+        let forged = DocOp::sign(&thief, f, op.doc, 5, None, body).expect("sign");
+        assert!(forged.verify().is_ok());
+        assert!(!forged.id_matches());
+    }
+
+    #[test]
     fn doc_op_signature_covers_its_body() {
         let owner = DeviceSecrets::from_seeds([1; 32], [2; 32]);
         let op = DocOp::sign(
@@ -281,6 +358,7 @@ mod tests {
             FacilityId::from_random_bytes([1; 16]),
             DocumentId::from_random_bytes([2; 16]),
             5,
+            Some([7; 32]),
             DocOpBody::SetMember {
                 facility: FacilityId::from_random_bytes([3; 16]),
                 role: Some(Role::Reader),

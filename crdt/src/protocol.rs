@@ -1,6 +1,8 @@
 //! The `/musubi/sync/1` wire messages and their versioned CBOR codec (RFC 8949).
 //!
-//! Every frame is `{ "v": WIRE_VERSION, "body": Request | Response }`, at most [`FRAME_BYTES_MAX`] bytes.
+//! Every frame is `{ "v": WIRE_VERSION, "body": Request | Response }`, at most [`FRAME_BYTES_MAX`] bytes;
+//! a relay's response frames also carry `"gen"`, its store's [`Generation`], so a device notices when
+//! the relay's database was replaced by an older copy.
 //! Requests flow both ways: facilities ask the relay; the relay sends [`Request::Notify`] to connected
 //! member devices when a document gains a bundle. Errors are answers ([`Response::Error`]), so a
 //! malformed or hostile request gets a clear reply and the connection stays usable.
@@ -8,36 +10,48 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Envelope;
-use crate::crypto::DevicePublic;
-use crate::directory::SignedDirectory;
+use crate::directory::{DeviceLink, SignedDirectory};
 use crate::ids::{
     BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Seq,
 };
+use crate::invite::{InviteRegistration, JoinRequest};
 use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_BYTES_MAX};
-use crate::ops::{DocOp, KeyGrant, Member};
+use crate::ops::{DocOp, KeyGrant, OpHash};
 
 /// The libp2p protocol name.
 pub const PROTOCOL_NAME: &str = "/musubi/sync/1";
 
 /// The frame version this build speaks.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
+
+/// A relay store's generation: 16 random bytes made when the store is created, and anew when it is
+/// restored from a backup. Every relay response frame carries it.
+pub type Generation = [u8; 16];
 
 /// A request (facility → relay, or relay → facility for [`Request::Notify`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "kebab-case")]
 pub enum Request {
-    /// Enrol this (not yet enrolled) device with a single-use invite secret.
+    /// Asks to join with an invite (the request's device must be the connection's peer). Answered
+    /// [`Response::JoinPending`] until the inviter approved, then [`Response::Joined`].
     Join {
-        /// The invite's 32-byte secret.
-        #[serde(with = "serde_bytes")]
-        secret: Vec<u8>,
-        /// The device's public keys (its id must equal the connection's peer id).
-        device: DevicePublic,
+        /// The request, with its proof of the invite's secret.
+        request: JoinRequest,
     },
-    /// The directory, unless the caller already has `known_version`.
+    /// The join requests waiting for approval by the caller's facility (invites its devices issued).
+    GetJoinRequests,
+    /// The directory, unless the caller already has `known_version` (asked of the relay, and of LAN
+    /// peers).
     GetDirectory {
         /// The version the caller holds (0 for none).
         known_version: u64,
+    },
+    /// A document's operations from position `from` (0-based) on.
+    GetOps {
+        /// The document.
+        doc: DocumentId,
+        /// How many the caller already holds.
+        from: u32,
     },
     /// The documents the caller's facility is a member of.
     ListDocuments,
@@ -58,10 +72,14 @@ pub enum Request {
         /// The document.
         doc: DocumentId,
     },
-    /// LAN peer → LAN peer: what the caller holds of a document both are members of (anti-entropy).
+    /// What the caller holds of a document (anti-entropy): LAN peer → LAN peer, and a device → the
+    /// relay after a rollback (the relay answers with the ids it lacks).
     Offer {
         /// The document.
         doc: DocumentId,
+        /// The version of the caller's directory (a LAN peer that knows of a later revocation sends
+        /// nothing back but [`ErrorCode::StaleDirectory`] until the caller took its directory).
+        directory_version: u64,
         /// Ids of every bundle the caller holds of it (at most [`crate::limits::OFFER_IDS_MAX`]).
         have: Vec<BundleId>,
         /// The document's operations the caller holds (so a peer that never saw it learns its members).
@@ -85,6 +103,8 @@ pub enum Request {
         /// Its current epoch.
         epoch: Epoch,
     },
+    /// Relay → facility: a device asked to join the facility with an invite; fetch the requests.
+    NotifyJoin,
 }
 
 impl Request {
@@ -92,12 +112,15 @@ impl Request {
     pub fn kind(&self) -> &'static str {
         match self {
             Request::Join { .. } => "join",
+            Request::GetJoinRequests => "get-join-requests",
             Request::GetDirectory { .. } => "get-directory",
+            Request::GetOps { .. } => "get-ops",
             Request::ListDocuments => "list-documents",
             Request::Push { .. } => "push",
             Request::Pull { .. } => "pull",
             Request::GetKeyGrants { .. } => "get-key-grants",
             Request::Notify { .. } => "notify",
+            Request::NotifyJoin => "notify-join",
             Request::Offer { .. } => "offer",
             Request::Deliver { .. } => "deliver",
         }
@@ -123,24 +146,42 @@ pub enum PushItem {
         /// The signed envelope.
         envelope: Envelope,
     },
+    /// A device registers an invite it issued for another device of its facility.
+    Invite {
+        /// The signed registration.
+        registration: InviteRegistration,
+    },
+    /// A device approves a join request (or revokes a device of its facility): the next link of the
+    /// facility's device chain.
+    Approve {
+        /// The link.
+        link: DeviceLink,
+        /// For an added device: the deployment's pseudonym secret, age-encrypted to its recipient.
+        #[serde(with = "serde_bytes")]
+        sealed_pseudonym: Vec<u8>,
+    },
 }
 
 impl PushItem {
     /// Approximate encoded size in bytes (for batching).
     pub fn approx_bytes(&self) -> usize {
         match self {
-            PushItem::Op { .. } => 512,
+            PushItem::Op { .. } | PushItem::Invite { .. } => 512,
+            PushItem::Approve {
+                sealed_pseudonym, ..
+            } => 1024 + sealed_pseudonym.len(),
             PushItem::Grant { grant } => 512 + grant.sealed.len(),
             PushItem::Bundle { envelope } => 256 + envelope.ciphertext.len(),
         }
     }
 
-    /// The document the item belongs to.
-    pub fn doc(&self) -> DocumentId {
+    /// The document the item belongs to (`None` for invites and approvals).
+    pub fn doc(&self) -> Option<DocumentId> {
         match self {
-            PushItem::Op { op } => op.doc,
-            PushItem::Grant { grant } => grant.doc,
-            PushItem::Bundle { envelope } => envelope.doc,
+            PushItem::Op { op } => Some(op.doc),
+            PushItem::Grant { grant } => Some(grant.doc),
+            PushItem::Bundle { envelope } => Some(envelope.doc),
+            PushItem::Invite { .. } | PushItem::Approve { .. } => None,
         }
     }
 }
@@ -168,19 +209,22 @@ pub enum PushResult {
     },
 }
 
-/// A document as the relay knows it: id, kind, owner, members, epoch and newest sequence number.
+/// A document as the relay lists it: hints of what to fetch, never a member list (each device
+/// replays the document's signed operations itself).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocumentInfo {
     /// Document id.
     pub id: DocumentId,
-    /// Schema.
+    /// Schema (as its `Create` says).
     pub kind: DocumentKind,
-    /// Members with roles (the owner included).
-    pub members: Vec<Member>,
     /// Current key epoch.
     pub epoch: Epoch,
     /// Newest sequence number (0: no bundles yet).
     pub head: Seq,
+    /// How many operations its chain has at the relay.
+    pub ops: u32,
+    /// The hash of the last of them.
+    pub ops_head: Option<OpHash>,
 }
 
 /// A bundle with the sequence number the relay gave it.
@@ -196,7 +240,7 @@ pub struct Pulled {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "kebab-case")]
 pub enum Response {
-    /// Enrolment succeeded.
+    /// The inviter approved: the device is enrolled.
     Joined {
         /// The deployment.
         deployment: DeploymentId,
@@ -208,9 +252,29 @@ pub enum Response {
         role: FacilityRole,
         /// The directory including the new device.
         directory: SignedDirectory,
-        /// The deployment's 32-byte secret for pseudonymous card ids (HMAC-SHA256 key).
+        /// The deployment's 32-byte secret for pseudonymous card ids (HMAC-SHA256 key), age-encrypted
+        /// by the approver to the device's recipient (the relay cannot read it).
         #[serde(with = "serde_bytes")]
-        pseudonym_secret: Vec<u8>,
+        sealed_pseudonym: Vec<u8>,
+    },
+    /// The join request is stored and waits for the inviter's approval; ask again later.
+    JoinPending {
+        /// When the invite expires, milliseconds since the Unix epoch.
+        expires_at_ms: u64,
+    },
+    /// Join requests waiting for the caller's facility.
+    JoinRequests {
+        /// The requests, oldest first (at most [`crate::limits::JOIN_REQUESTS_MAX`]).
+        requests: Vec<JoinRequest>,
+    },
+    /// A document's operations in chain order.
+    Ops {
+        /// The document.
+        doc: DocumentId,
+        /// Operations from the requested position on (at most [`crate::limits::OPS_RESPONSE_MAX`]).
+        ops: Vec<DocOp>,
+        /// How many the chain has in all.
+        total: u32,
     },
     /// The directory, or `None` when the caller's version is current.
     Directory {
@@ -308,8 +372,15 @@ pub enum ErrorCode {
     BadSignature,
     /// The document is not known to the relay.
     UnknownDocument,
-    /// The operation contradicts the document's state (e.g. an epoch that is not current + 1).
+    /// The operation contradicts the document's state (e.g. a document that exists already).
     Conflict,
+    /// The item was made against another membership state than the document's current one (an
+    /// operation after an older last operation, a bundle in a superseded epoch): fetch the document's
+    /// operations, seal or sign it again, and push it again.
+    Stale,
+    /// (LAN) The caller's directory is older than a revocation the answerer knows: fetch the
+    /// answerer's directory first.
+    StaleDirectory,
     /// The relay failed to store; retry later.
     Internal,
 }
@@ -357,10 +428,24 @@ struct FrameVersion {
     v: u16,
 }
 
+#[derive(Serialize)]
+struct ResponseFrameOut<'a> {
+    v: u16,
+    #[serde(
+        rename = "gen",
+        with = "serde_bytes",
+        skip_serializing_if = "Option::is_none"
+    )]
+    generation: Option<&'a Generation>,
+    body: &'a Response,
+}
+
 #[derive(Deserialize)]
 struct FrameIn<T> {
     #[allow(dead_code)]
     v: u16,
+    #[serde(rename = "gen", default, with = "serde_bytes")]
+    generation: Option<Generation>,
     body: T,
 }
 
@@ -377,7 +462,9 @@ fn encode<T: Serialize>(body: &T) -> Vec<u8> {
     out
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, CodecError> {
+fn decode<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+) -> Result<(Option<Generation>, T), CodecError> {
     if bytes.len() > FRAME_BYTES_MAX {
         return Err(CodecError::TooLarge(bytes.len()));
     }
@@ -388,7 +475,7 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, CodecError> {
     }
     let frame: FrameIn<T> =
         ciborium::from_reader(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
-    Ok(frame.body)
+    Ok((frame.generation, frame.body))
 }
 
 /// Encodes a request frame.
@@ -398,16 +485,38 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
 
 /// Decodes a request frame. Errors: [`CodecError`].
 pub fn decode_request(bytes: &[u8]) -> Result<Request, CodecError> {
-    decode(bytes)
+    decode(bytes).map(|(_, r)| r)
 }
 
-/// Encodes a response frame.
+/// Encodes a response frame without a generation (a LAN peer's answer).
 pub fn encode_response(r: &Response) -> Vec<u8> {
     encode(r)
 }
 
+/// Encodes a relay's response frame, with its store's generation.
+pub fn encode_relay_response(generation: &Generation, r: &Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(
+        &ResponseFrameOut {
+            v: WIRE_VERSION,
+            generation: Some(generation),
+            body: r,
+        },
+        &mut out,
+    )
+    .expect("writing to a Vec cannot fail");
+    out
+}
+
 /// Decodes a response frame. Errors: [`CodecError`].
 pub fn decode_response(bytes: &[u8]) -> Result<Response, CodecError> {
+    decode(bytes).map(|(_, r)| r)
+}
+
+/// Decodes a response frame with the generation it carries (relay frames carry one).
+///
+/// Errors: [`CodecError`].
+pub fn decode_response_frame(bytes: &[u8]) -> Result<(Option<Generation>, Response), CodecError> {
     decode(bytes)
 }
 
@@ -423,6 +532,16 @@ mod tests {
             after: Seq(7),
         };
         assert_eq!(decode_request(&encode_request(&r)), Ok(r));
+        let g = [7u8; 16];
+        let r = Response::Ack;
+        assert_eq!(
+            decode_response_frame(&encode_relay_response(&g, &r)),
+            Ok((Some(g), Response::Ack))
+        );
+        assert_eq!(
+            decode_response_frame(&encode_response(&r)),
+            Ok((None, Response::Ack))
+        );
         let e = Response::error(ErrorCode::NotMember, "x".repeat(5000));
         match decode_response(&encode_response(&e)) {
             Ok(Response::Error {
@@ -440,7 +559,7 @@ mod tests {
         let mut bytes = Vec::new();
         ciborium::into_writer(
             &FrameOut {
-                v: 2,
+                v: 1,
                 body: &Request::ListDocuments,
             },
             &mut bytes,
@@ -448,7 +567,8 @@ mod tests {
         .expect("cbor");
         assert_eq!(
             decode_request(&bytes),
-            Err(CodecError::UnsupportedVersion(2))
+            Err(CodecError::UnsupportedVersion(1)),
+            "a build of the first protocol version is told its version is not spoken"
         );
         assert!(matches!(
             decode_request(b"\xa1\x61v"),

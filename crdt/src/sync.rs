@@ -1,23 +1,31 @@
 //! The facility's side of a sync session with the relay (or a LAN peer), as a sans-IO state machine.
 //!
-//! Inputs: `handle_connected`, `handle_response`, `handle_failure`, `handle_notify`, `handle_timeout`,
-//! `push` (an outbox item). Outputs: `poll_transmit` (requests to send), `poll_event` (what arrived,
-//! for the driver to store), `poll_timeout` (when to call `handle_timeout`).
+//! Inputs: `handle_connected`, `handle_response_frame`, `handle_failure`, `handle_notify`,
+//! `handle_timeout`, `push` (an outbox item), `offer` (anti-entropy against the relay). Outputs:
+//! `poll_transmit` (requests to send), `poll_event` (what arrived, for the driver to verify and
+//! store), `poll_timeout` (when to call `handle_timeout`).
 //!
 //! The session never loses an item: a push leaves the outbox only when the relay answered for it;
 //! a request that failed or timed out goes back to the front, after an exponential backoff.
 //! Cursors advance only through [`Event::Pulled`], which the driver stores before anything else.
+//!
+//! It also notices a relay that went back in time: another store [`Generation`] in a response
+//! ([`Event::RelayRestored`]), or a document the relay holds less of than this device knows it
+//! acknowledged ([`Event::Behind`]). The driver then offers what it holds, as LAN peers do.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::directory::SignedDirectory;
-use crate::ids::{DocumentId, Epoch, Seq};
+use crate::ids::{BundleId, DocumentId, Epoch, Seq};
+use crate::invite::JoinRequest;
 use crate::limits::{
     FRAME_BYTES_MAX, PUSH_ITEMS_MAX, SESSION_PULLS_IN_FLIGHT_MAX, SESSION_REQUESTS_IN_FLIGHT_MAX,
 };
-use crate::ops::KeyGrant;
-use crate::protocol::{DocumentInfo, ErrorCode, Pulled, PushItem, PushResult, Request, Response};
+use crate::ops::{DocOp, KeyGrant};
+use crate::protocol::{
+    DocumentInfo, ErrorCode, Generation, Pulled, PushItem, PushResult, Request, Response,
+};
 
 /// Timing of a session.
 #[derive(Clone, Debug)]
@@ -64,6 +72,45 @@ pub enum Event {
     Directory(SignedDirectory),
     /// The relay's list of this facility's documents.
     Documents(Vec<DocumentInfo>),
+    /// Operations of a document from position `from` on (unverified: the driver replays them).
+    Ops {
+        /// The document.
+        doc: DocumentId,
+        /// The position of the first.
+        from: u32,
+        /// The operations.
+        ops: Vec<DocOp>,
+        /// How many the relay's chain has.
+        total: u32,
+    },
+    /// Join requests waiting for this device's facility (unverified: the driver checks each proof).
+    JoinRequests(Vec<JoinRequest>),
+    /// The relay's answer to an [`Session::offer`]: the bundles of `doc` it lacks.
+    Wanted {
+        /// The document.
+        doc: DocumentId,
+        /// Ids of bundles to push again.
+        ids: Vec<BundleId>,
+    },
+    /// The relay holds less of `doc` than this device knows it acknowledged (a rollback): its head is
+    /// `head` and its chain has `ops` operations. The session's cursor is set back to `head`; the
+    /// driver pushes again what the relay lost ([`Session::offer`], operations from `ops` on).
+    Behind {
+        /// The document.
+        doc: DocumentId,
+        /// The relay's newest sequence number.
+        head: Seq,
+        /// The relay's operation count (`None` when only the head is known).
+        ops: Option<u32>,
+    },
+    /// The relay's store has another generation than before (restored from a backup): every cursor
+    /// is reset; the driver offers every document again.
+    RelayRestored {
+        /// The generation seen before.
+        previous: Generation,
+        /// The generation now.
+        now: Generation,
+    },
     /// Key grants of a document.
     KeyGrants {
         /// The document.
@@ -100,9 +147,27 @@ pub enum Event {
 enum InFlight {
     Directory,
     Documents,
+    Ops(DocumentId, u32),
     Grants(DocumentId),
+    Joins,
+    Offer(DocumentId, Vec<BundleId>),
     Pull(DocumentId),
     Push(Vec<(OutboxId, PushItem)>),
+}
+
+/// What a device knows when a session starts.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    /// The directory version it holds.
+    pub directory_version: u64,
+    /// Per document: the last sequence number stored.
+    pub cursors: HashMap<DocumentId, Seq>,
+    /// Per document: the newest epoch it holds a key of.
+    pub epochs: HashMap<DocumentId, Epoch>,
+    /// Per document: how many operations of its chain the relay served or acknowledged.
+    pub ops: HashMap<DocumentId, u32>,
+    /// The relay's store generation seen last.
+    pub generation: Option<Generation>,
 }
 
 /// One sync session's state.
@@ -120,6 +185,11 @@ pub struct Session {
     cursors: HashMap<DocumentId, Seq>,
     heads: BTreeMap<DocumentId, Seq>,
     epochs: HashMap<DocumentId, Epoch>,
+    ops: HashMap<DocumentId, u32>,
+    want_ops: BTreeMap<DocumentId, u32>,
+    want_joins: bool,
+    offers: VecDeque<(DocumentId, Vec<BundleId>)>,
+    generation: Option<Generation>,
     outbox: VecDeque<(OutboxId, PushItem)>,
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -130,14 +200,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for a facility that holds `directory_version`, these per-document cursors
-    /// (the last sequence number stored) and these known epochs.
-    pub fn new(
-        config: SessionConfig,
-        directory_version: u64,
-        cursors: HashMap<DocumentId, Seq>,
-        epochs: HashMap<DocumentId, Epoch>,
-    ) -> Self {
+    /// A session for a device that knows `known`.
+    pub fn new(config: SessionConfig, known: Known) -> Self {
         let backoff = config.backoff_initial;
         Self {
             config,
@@ -146,12 +210,17 @@ impl Session {
             next_request: 1,
             in_flight: HashMap::new(),
             want_directory: false,
-            directory_version,
+            directory_version: known.directory_version,
             want_documents: false,
             want_grants: BTreeSet::new(),
-            cursors,
+            cursors: known.cursors,
             heads: BTreeMap::new(),
-            epochs,
+            epochs: known.epochs,
+            ops: known.ops,
+            want_ops: BTreeMap::new(),
+            want_joins: false,
+            offers: VecDeque::new(),
+            generation: known.generation,
             outbox: VecDeque::new(),
             retry_at: None,
             backoff,
@@ -166,6 +235,7 @@ impl Session {
         self.connected = true;
         self.want_directory = true;
         self.want_documents = true;
+        self.want_joins = true;
         self.retry_at = None;
         self.caught_up_reported = false;
     }
@@ -182,6 +252,38 @@ impl Session {
     /// Queues an item for the relay (in order after earlier items).
     pub fn push(&mut self, id: OutboxId, item: PushItem) {
         self.outbox.push_back((id, item));
+        self.caught_up_reported = false;
+    }
+
+    /// Drops queued items that were not sent yet (the driver replaced them, e.g. re-sealed bundles).
+    /// Items already in flight are answered as usual.
+    pub fn retract(&mut self, ids: &BTreeSet<OutboxId>) {
+        self.outbox.retain(|(id, _)| !ids.contains(id));
+    }
+
+    /// Asks for a document's operations from position `from` on.
+    pub fn want_ops(&mut self, doc: DocumentId, from: u32) {
+        let f = self.want_ops.entry(doc).or_insert(from);
+        *f = (*f).min(from);
+        self.caught_up_reported = false;
+    }
+
+    /// The relay has served or acknowledged `count` operations of `doc`.
+    pub fn handle_ops(&mut self, doc: DocumentId, count: u32) {
+        let c = self.ops.entry(doc).or_default();
+        *c = (*c).max(count);
+    }
+
+    /// Offers the relay the ids of every bundle this device holds of `doc`; the relay answers with
+    /// those it lacks ([`Event::Wanted`]).
+    pub fn offer(&mut self, doc: DocumentId, have: Vec<BundleId>) {
+        self.offers.push_back((doc, have));
+        self.caught_up_reported = false;
+    }
+
+    /// The relay says a device asked to join this facility.
+    pub fn handle_notify_join(&mut self) {
+        self.want_joins = true;
         self.caught_up_reported = false;
     }
 
@@ -225,6 +327,18 @@ impl Session {
         true
     }
 
+    /// Asks for the directory again (for example after this device's approval of a new device was
+    /// acknowledged).
+    pub fn want_directory(&mut self) {
+        self.want_directory = true;
+        self.caught_up_reported = false;
+    }
+
+    /// The relay's store generation as last seen.
+    pub fn generation(&self) -> Option<Generation> {
+        self.generation
+    }
+
     /// Asks for the document list again.
     pub fn want_documents(&mut self) {
         self.want_documents = true;
@@ -244,8 +358,32 @@ impl Session {
         self.caught_up_reported = false;
     }
 
-    /// The relay answered request `id`.
+    /// The relay answered request `id` (in a frame without a generation).
     pub fn handle_response(&mut self, id: RequestId, response: Response, now: Instant) {
+        self.handle_response_frame(id, None, response, now);
+    }
+
+    /// The relay answered request `id` in a frame carrying `generation`.
+    pub fn handle_response_frame(
+        &mut self,
+        id: RequestId,
+        generation: Option<Generation>,
+        response: Response,
+        now: Instant,
+    ) {
+        if let Some(g) = generation {
+            match self.generation {
+                Some(previous) if previous != g => {
+                    self.generation = Some(g);
+                    self.relay_restored(previous, g);
+                    // Whatever this answer says was computed against the restored store; drop it
+                    // and ask again from scratch.
+                    self.in_flight.remove(&id);
+                    return;
+                }
+                _ => self.generation = Some(g),
+            }
+        }
         let Some((what, _)) = self.in_flight.remove(&id) else {
             return; // an answer after its timeout; the request was already requeued
         };
@@ -280,13 +418,54 @@ impl Session {
             }
             (InFlight::Documents, Response::Documents { docs }) => {
                 for d in &docs {
+                    let cursor = self.cursors.get(&d.id).copied().unwrap_or_default();
+                    let known_ops = self.ops.get(&d.id).copied().unwrap_or_default();
+                    if d.head < cursor || d.ops < known_ops {
+                        self.cursors.insert(d.id, cursor.min(d.head));
+                        self.heads.insert(d.id, cursor.min(d.head));
+                        self.ops.insert(d.id, d.ops.min(known_ops));
+                        self.events.push_back(Event::Behind {
+                            doc: d.id,
+                            head: d.head,
+                            ops: Some(d.ops),
+                        });
+                    }
                     let h = self.heads.entry(d.id).or_default();
                     *h = (*h).max(d.head);
+                    let known_ops = self.ops.get(&d.id).copied().unwrap_or_default();
+                    if d.ops > known_ops {
+                        self.want_ops(d.id, known_ops);
+                    }
                     if self.epochs.get(&d.id).is_none_or(|e| *e < d.epoch) {
                         self.want_grants.insert(d.id);
                     }
                 }
                 self.events.push_back(Event::Documents(docs));
+            }
+            (InFlight::Ops(doc, from), Response::Ops { doc: d, ops, total }) if d == doc => {
+                let got = from.saturating_add(u32::try_from(ops.len()).unwrap_or(u32::MAX));
+                if !ops.is_empty() && got < total {
+                    // More remain: ask for the next page (the driver reports what it stored).
+                    self.want_ops.entry(doc).or_insert(got);
+                }
+                if !ops.is_empty() {
+                    self.events.push_back(Event::Ops {
+                        doc,
+                        from,
+                        ops,
+                        total,
+                    });
+                }
+            }
+            (InFlight::Joins, Response::JoinRequests { requests }) => {
+                if !requests.is_empty() {
+                    self.events.push_back(Event::JoinRequests(requests));
+                }
+            }
+            (InFlight::Offer(doc, _), Response::Exchange { want, .. }) => {
+                if !want.is_empty() {
+                    self.events.push_back(Event::Wanted { doc, ids: want });
+                }
             }
             (InFlight::Grants(doc), Response::KeyGrants { grants, .. }) => {
                 // Which of these grants open for this device only the driver knows: it reports
@@ -296,7 +475,16 @@ impl Session {
             (InFlight::Pull(doc), Response::Bundles { items, head, .. }) => {
                 let cursor = self.cursors.entry(doc).or_default();
                 let last = items.last().map(|p| p.seq).unwrap_or(*cursor);
-                if items.is_empty() {
+                if head < *cursor {
+                    // The relay holds less than this device pulled before: it went back in time.
+                    *cursor = head;
+                    self.heads.insert(doc, head);
+                    self.events.push_back(Event::Behind {
+                        doc,
+                        head,
+                        ops: None,
+                    });
+                } else if items.is_empty() {
                     // Nothing more is there to take: believe the relay's head is what we hold.
                     self.heads.insert(doc, *cursor);
                 } else {
@@ -327,12 +515,16 @@ impl Session {
                             });
                         }
                     }
-                    InFlight::Pull(doc) | InFlight::Grants(doc) => {
+                    InFlight::Pull(doc) | InFlight::Grants(doc) | InFlight::Ops(doc, _) => {
                         let c = self.cursors.get(&doc).copied().unwrap_or_default();
                         self.heads.insert(doc, c);
                         self.want_grants.remove(&doc);
+                        self.want_ops.remove(&doc);
                     }
-                    InFlight::Directory | InFlight::Documents => {}
+                    InFlight::Directory
+                    | InFlight::Documents
+                    | InFlight::Joins
+                    | InFlight::Offer(..) => {}
                 }
             }
             (what, _) => {
@@ -417,13 +609,34 @@ impl Session {
         {
             // Wait for the document list before pushing or pulling, so pulls start from fresh heads.
             return None;
+        } else if let Some((doc, from)) = self.want_ops.pop_first() {
+            (InFlight::Ops(doc, from), Request::GetOps { doc, from })
+        } else if self
+            .in_flight
+            .values()
+            .any(|(w, _)| matches!(w, InFlight::Ops(..)))
+        {
+            // Operations before grants: a grant is checked against the epochs they make.
+            return None;
         } else if let Some(doc) = self.want_grants.pop_first() {
             (InFlight::Grants(doc), Request::GetKeyGrants { doc })
+        } else if self.want_joins {
+            self.want_joins = false;
+            (InFlight::Joins, Request::GetJoinRequests)
+        } else if let Some((doc, have)) = self.offers.pop_front() {
+            let request = Request::Offer {
+                doc,
+                directory_version: self.directory_version,
+                have: have.clone(),
+                ops: vec![],
+                grants: vec![],
+            };
+            (InFlight::Offer(doc, have), request)
         } else if !self.outbox.is_empty()
             && !self
                 .in_flight
                 .values()
-                .any(|(w, _)| matches!(w, InFlight::Push(_)))
+                .any(|(w, _)| matches!(w, InFlight::Push(_) | InFlight::Grants(_)))
         {
             let mut batch = Vec::new();
             let mut bytes = 0;
@@ -469,6 +682,9 @@ impl Session {
             && !self.refused
             && !self.want_directory
             && !self.want_documents
+            && !self.want_joins
+            && self.want_ops.is_empty()
+            && self.offers.is_empty()
             && self.want_grants.is_empty()
             && self.outbox.is_empty()
             && self.in_flight.is_empty()
@@ -533,6 +749,9 @@ impl Session {
             InFlight::Grants(d) => {
                 self.want_grants.insert(d);
             }
+            InFlight::Ops(d, from) => self.want_ops(d, from),
+            InFlight::Joins => self.want_joins = true,
+            InFlight::Offer(d, have) => self.offers.push_front((d, have)),
             InFlight::Pull(_) => {} // heads are unchanged, so the pull is chosen again
             InFlight::Push(items) => {
                 for it in items.into_iter().rev() {
@@ -540,6 +759,25 @@ impl Session {
                 }
             }
         }
+    }
+
+    fn relay_restored(&mut self, previous: Generation, now: Generation) {
+        for c in self.cursors.values_mut() {
+            *c = Seq(0);
+        }
+        self.heads.clear();
+        self.ops.clear();
+        self.awaiting_directory.clear();
+        // Everything in flight was asked of the store before; ask again.
+        let ids: Vec<RequestId> = self.in_flight.keys().copied().collect();
+        for id in ids {
+            self.requeue(id);
+        }
+        self.want_directory = true;
+        self.want_documents = true;
+        self.caught_up_reported = false;
+        self.events
+            .push_back(Event::RelayRestored { previous, now });
     }
 
     fn schedule_retry(&mut self, now: Instant) {

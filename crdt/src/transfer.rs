@@ -1,6 +1,6 @@
 //! The offline-transfer file format (a USB stick between facilities when no network exists).
 //!
-//! Layout: the magic line `MUSUBI-TRANSFER/1\n`, then records, each a 4-byte big-endian length and
+//! Layout: the magic line `MUSUBI-TRANSFER/2\n`, then records, each a 4-byte big-endian length and
 //! that many bytes of CBOR: first a [`TransferHeader`], then [`PushItem`]s (signed operations, sealed
 //! key grants, encrypted bundles: the file is exactly as encrypted as the bundles in it), then an
 //! empty record (length 0) followed by the trailer: item count (8 bytes, big-endian) and the BLAKE3
@@ -11,12 +11,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::directory::SignedDirectory;
 use crate::ids::{DeploymentId, DeviceId};
 use crate::limits::TRANSFER_RECORD_BYTES_MAX;
 use crate::protocol::PushItem;
 
 /// The first bytes of every transfer file.
-pub const MAGIC: &[u8] = b"MUSUBI-TRANSFER/1\n";
+pub const MAGIC: &[u8] = b"MUSUBI-TRANSFER/2\n";
 
 /// Who wrote the file, for which deployment, when.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +28,8 @@ pub struct TransferHeader {
     pub device: DeviceId,
     /// When, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// The writer's directory (so revocations travel with the file); `None` from a writer that has none.
+    pub directory: Option<SignedDirectory>,
 }
 
 /// Errors reading a transfer file.
@@ -241,6 +244,7 @@ mod tests {
             deployment: DeploymentId::from_random_bytes([0; 16]),
             device: dev.device_id(),
             created_at_ms: 1,
+            directory: None,
         };
         let items: Vec<PushItem> = (0..n)
             .map(|i| PushItem::Bundle {

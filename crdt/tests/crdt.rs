@@ -22,12 +22,12 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ROOT, ReadDoc, TextEncoding};
 use musubi_crdt::bundle::{Envelope, Payload};
 use musubi_crdt::crypto::{DeviceSecrets, DocumentKey};
-use musubi_crdt::directory::{Directory, SignedDirectory};
+use musubi_crdt::directory::{DirectoryBody, SignedDirectory};
 use musubi_crdt::ids::{BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, Seq};
 use musubi_crdt::protocol::{
     DocumentInfo, ErrorCode, Pulled, PushItem, PushResult, Request, Response,
 };
-use musubi_crdt::sync::{Event, OutboxId, RequestId, Session, SessionConfig, Transmit};
+use musubi_crdt::sync::{Event, Known, OutboxId, RequestId, Session, SessionConfig, Transmit};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -262,12 +262,14 @@ impl Relay {
                     .map(|(id, log)| DocumentInfo {
                         id: *id,
                         kind: DocumentKind::CarePlan,
-                        members: vec![],
                         epoch: Epoch(0),
                         head: Seq(log.len() as u64),
+                        ops: 0,
+                        ops_head: None,
                     })
                     .collect(),
             },
+            Request::GetJoinRequests => Response::JoinRequests { requests: vec![] },
             Request::GetKeyGrants { doc } => Response::KeyGrants {
                 doc: *doc,
                 grants: vec![],
@@ -325,7 +327,10 @@ impl Relay {
                     self.held.insert(id, (envelope.doc, seq));
                     PushResult::Accepted { seq: Some(seq) }
                 }
-                PushItem::Op { .. } | PushItem::Grant { .. } => PushResult::Accepted { seq: None },
+                PushItem::Op { .. }
+                | PushItem::Grant { .. }
+                | PushItem::Invite { .. }
+                | PushItem::Approve { .. } => PushResult::Accepted { seq: None },
             })
             .collect()
     }
@@ -387,7 +392,13 @@ impl Facility {
             index,
             device,
             id,
-            session: Session::new(session_config(), 0, HashMap::new(), epochs(docs)),
+            session: Session::new(
+                session_config(),
+                Known {
+                    epochs: epochs(docs),
+                    ..Known::default()
+                },
+            ),
             conn: None,
             reconnect_at: 0,
             live: docs
@@ -1205,7 +1216,14 @@ impl Sim {
             fac.cursors.clear();
         }
         let cursors = fac.cursors.iter().map(|(d, s)| (*d, *s)).collect();
-        fac.session = Session::new(session_config(), 0, cursors, epochs(&self.docs));
+        fac.session = Session::new(
+            session_config(),
+            Known {
+                cursors,
+                epochs: epochs(&self.docs),
+                ..Known::default()
+            },
+        );
         for (item, envelope) in &fac.outbox {
             fac.session.push(
                 *item,
@@ -1576,9 +1594,10 @@ impl Bench {
         Self {
             session: Session::new(
                 config,
-                0,
-                HashMap::new(),
-                HashMap::from([(doc.id, Epoch(0))]),
+                Known {
+                    epochs: HashMap::from([(doc.id, Epoch(0))]),
+                    ..Known::default()
+                },
             ),
             relay: Relay::new([doc.id], 3, false),
             doc,
@@ -2001,7 +2020,10 @@ fn a_pull_in_flight_when_a_bundle_is_handed_back_skips_nothing() {
         b.session.handle_connected(b.at(0));
         b.settle();
         // More bundles than one answer carries (the model relay answers three at a time).
-        let head = (0..7).map(|n| b.elsewhere(n)).last().expect("seven bundles");
+        let head = (0..7)
+            .map(|n| b.elsewhere(n))
+            .last()
+            .expect("seven bundles");
         let now = b.at(b.now);
         b.session.handle_notify(b.doc.id, head, Epoch(0), now);
         let first_page = b.send();
@@ -2042,7 +2064,9 @@ fn a_pull_in_flight_when_a_bundle_is_handed_back_skips_nothing() {
         b.settle();
         assert_eq!(
             b.pulled,
-            (1..=head.0).map(|s| (Seq(s), 1)).collect::<BTreeMap<_, _>>(),
+            (1..=head.0)
+                .map(|s| (Seq(s), 1))
+                .collect::<BTreeMap<_, _>>(),
             "every bundle from the handed-back one on is pulled once more, none skipped"
         );
         Default::default()
@@ -2061,10 +2085,13 @@ fn a_hand_back_asks_for_a_directory_newer_than_the_last_one_received() {
         let relay_key = DeviceSecrets::from_seeds(rng.random(), rng.random());
         let current = rng.random_range(1..=1_000u64);
         let directory = SignedDirectory::sign(
-            &Directory {
+            &DirectoryBody {
                 deployment: DeploymentId::from_random_bytes(rng.random()),
+                authority: relay_key.device_id(),
                 version: current,
                 facilities: vec![],
+                revoked_devices: vec![],
+                revoked_facilities: vec![],
             },
             &relay_key,
         );

@@ -14,7 +14,10 @@ use std::time::SystemTime;
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use musubi_crdt::ids::FacilityRole;
-use musubi_sync_node::store::{self, InviteKind, Revocation, rfc3339};
+use musubi_sync_node::authority::{
+    AUTHORITY_SCRYPT_LOG_N, Authority, AuthorityDir, AuthorityInvite,
+};
+use musubi_sync_node::store::{self, Revocation, rfc3339, unix_ms};
 use musubi_sync_node::{Config, Store};
 use musubi_transport::libp2p::Multiaddr;
 use serde_json::json;
@@ -27,6 +30,10 @@ use tracing_subscriber::{EnvFilter, Layer as _};
 #[derive(Parser)]
 #[command(name = "musubi-node", version, about, max_term_width = 100)]
 struct Cli {
+    /// Read the deployment authority's passphrase from this file (else from the
+    /// MUSUBI_AUTHORITY_PASSPHRASE environment variable).
+    #[arg(long, global = true, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,45 +46,89 @@ struct Data {
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Create a new relay: the data directory, its database, its key and a deployment id.
+enum AuthorityCommand {
+    /// Create the deployment authority (the municipality's key, passphrase-sealed) in ADIR, meant
+    /// for a USB stick kept off the relay host; prints its fingerprint for facilities to compare.
     Init {
-        #[command(flatten)]
-        data: Data,
+        /// The authority's directory.
+        #[arg(long, value_name = "ADIR")]
+        authority: PathBuf,
         /// A name for the deployment (for example the municipality).
         #[arg(long, value_name = "NAME", default_value = "musubi")]
         deployment: String,
+        /// scrypt work factor (log2 N) of the passphrase; higher is slower to unlock and to attack.
+        #[arg(long, default_value_t = AUTHORITY_SCRYPT_LOG_N, value_parser = clap::value_parser!(u8).range(10..=22))]
+        scrypt_log_n: u8,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Serve facilities; prints "listening on ADDR" for each listen address.
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The deployment authority (certifies facilities; never stored on the relay).
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
+    /// Create a new relay for the authority's deployment: the data directory, its database and its
+    /// key. Only the authority's public key is copied.
+    Init {
+        #[command(flatten)]
+        data: Data,
+        /// The deployment authority's directory (only `authority.pub` is read).
+        #[arg(long, value_name = "ADIR")]
+        authority: PathBuf,
+        /// A name for the deployment on this relay (default: the authority's).
+        #[arg(long, value_name = "NAME")]
+        deployment: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve facilities; prints "listening on ADDR" for each listen address. With --authority (the
+    /// embedded default), new facilities are approved as they join.
     Serve {
         #[command(flatten)]
         data: Data,
+        /// The deployment authority's directory: approve new facilities as they join.
+        #[arg(long, value_name = "ADIR")]
+        authority: Option<PathBuf>,
         /// A multiaddr to listen on (repeatable).
         #[arg(long = "listen", value_name = "MULTIADDR", value_parser = parse_multiaddr,
               default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
         listen: Vec<Multiaddr>,
     },
-    /// Issue a single-use invite code for a new facility (--name, --role) or another device (--facility).
-    #[command(group(clap::ArgGroup::new("what").required(true).args(["name", "facility"])))]
+    /// Issue a single-use invite code for a new facility; the authority keeps its secret.
     Invite {
         #[command(flatten)]
         data: Data,
-        /// Name of a new facility.
-        #[arg(long, value_name = "NAME", requires = "role")]
+        /// The deployment authority's directory.
+        #[arg(long, value_name = "ADIR")]
+        authority: Option<PathBuf>,
+        /// Name of the new facility.
+        #[arg(long, value_name = "NAME")]
         name: Option<String>,
         /// Role of the new facility.
-        #[arg(long, value_name = "ROLE", value_parser = parse_role, requires = "name")]
+        #[arg(long, value_name = "ROLE", value_parser = parse_role)]
         role: Option<FacilityRole>,
-        /// An existing facility (id or exact name) that gets another device.
-        #[arg(long, value_name = "FACILITY", conflicts_with_all = ["name", "role"])]
+        /// (Gone: another device of a facility is invited at the facility, `musubi device invite`.)
+        #[arg(long, value_name = "FACILITY", hide = true)]
         facility: Option<String>,
         /// How long the code stays valid (e.g. 72h, 30m, 7days).
         #[arg(long, value_name = "DURATION", default_value = "72h")]
         expires: humantime::Duration,
         /// Print JSON instead of the bare code.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Certify the facilities that joined with the authority's invites.
+    Approve {
+        #[command(flatten)]
+        data: Data,
+        /// The deployment authority's directory.
+        #[arg(long, value_name = "ADIR")]
+        authority: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -180,19 +231,53 @@ fn open(data: &Path) -> Result<Store> {
     Store::open(data).map_err(anyhow::Error::from)
 }
 
+/// The authority's passphrase: from `--passphrase-file`, else `MUSUBI_AUTHORITY_PASSPHRASE`.
+fn authority_passphrase(file: &Option<PathBuf>) -> Result<String> {
+    if let Some(f) = file {
+        let text = fs::read_to_string(f)
+            .with_context(|| format!("cannot read the passphrase file {}", f.display()))?;
+        return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    std::env::var("MUSUBI_AUTHORITY_PASSPHRASE").map_err(|_| {
+        anyhow::anyhow!(
+            "the deployment authority's passphrase is needed: give --passphrase-file FILE or set MUSUBI_AUTHORITY_PASSPHRASE"
+        )
+    })
+}
+
+fn unlock(adir: &Path, passphrase_file: &Option<PathBuf>) -> Result<Authority> {
+    let dir = AuthorityDir::open(adir)?;
+    let pass = authority_passphrase(passphrase_file)?;
+    Ok(dir.unlock(&pass)?)
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let pf = cli.passphrase_file;
     match cli.command {
+        Command::Authority(AuthorityCommand::Init {
+            authority,
+            deployment,
+            scrypt_log_n,
+            json,
+        }) => authority_init(&authority, &deployment, scrypt_log_n, &pf, json),
         Command::Init {
             data,
+            authority,
             deployment,
             json,
-        } => init(&data.data, &deployment, json),
-        Command::Serve { data, listen } => {
+        } => init(&data.data, &authority, deployment.as_deref(), json),
+        Command::Serve {
+            data,
+            authority,
+            listen,
+        } => {
             init_logging(&data.data, "info")?;
-            serve(&data.data, listen)
+            let authority = authority.map(|a| unlock(&a, &pf)).transpose()?;
+            serve(&data.data, authority, listen)
         }
         Command::Invite {
             data,
+            authority,
             name,
             role,
             facility,
@@ -200,7 +285,28 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             init_logging(&data.data, "warn")?;
-            invite(&data.data, name, role, facility, expires.into(), json)
+            if facility.is_some() {
+                bail!(
+                    "`musubi-node invite --facility` is gone: another device of a facility is invited at one of that facility's devices, with `musubi device invite --data DIR` (the relay cannot add devices to a facility)"
+                );
+            }
+            let (Some(name), Some(role)) = (name, role) else {
+                bail!("give --name and --role of the new facility");
+            };
+            let Some(authority) = authority else {
+                bail!(
+                    "a new facility is certified by the deployment authority: give --authority ADIR (its directory, for example on the authority's USB stick)"
+                );
+            };
+            invite(&data.data, &authority, &name, role, expires.into(), json)
+        }
+        Command::Approve {
+            data,
+            authority,
+            json,
+        } => {
+            init_logging(&data.data, "warn")?;
+            approve(&data.data, &authority, &pf, json)
         }
         Command::Facilities { data, json } => {
             init_logging(&data.data, "warn")?;
@@ -217,14 +323,61 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn init(data: &Path, deployment: &str, json: bool) -> Result<()> {
+fn authority_init(
+    adir: &Path,
+    deployment: &str,
+    log_n: u8,
+    passphrase_file: &Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
     let name = deployment.trim();
     if name.is_empty() {
         bail!("the deployment name must not be empty");
     }
-    let store = Store::init(data, name, SystemTime::now())?;
+    let pass = authority_passphrase(passphrase_file)?;
+    let dir = AuthorityDir::init(adir, name, &pass, log_n)?;
+    let public = dir.public();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "authority": adir.display().to_string(),
+                "deployment": public.deployment.to_string(),
+                "deployment_name": public.deployment_name,
+                "key": public.key.to_string(),
+                "fingerprint": public.fingerprint(),
+            })
+        );
+    } else {
+        println!("created the deployment authority in {}", adir.display());
+        println!(
+            "deployment {} ({})",
+            public.deployment, public.deployment_name
+        );
+        println!("authority fingerprint: {}", public.fingerprint());
+        println!(
+            "keep this directory off the relay host (for example on a USB stick); publish the fingerprint so facilities can compare it when they join"
+        );
+    }
+    Ok(())
+}
+
+fn init(data: &Path, adir: &Path, deployment: Option<&str>, json: bool) -> Result<()> {
+    let authority = AuthorityDir::open(adir)?;
+    if let Some(n) = deployment
+        && n.trim().is_empty()
+    {
+        bail!("the deployment name must not be empty");
+    }
+    let store = Store::init(
+        data,
+        authority.public(),
+        deployment.map(str::trim),
+        SystemTime::now(),
+    )?;
     init_logging(data, "warn")?;
     let deployment_id = store.deployment()?;
+    let name = store.deployment_name()?;
     let relay = store.relay_device()?;
     tracing::info!(%deployment_id, %relay, "relay initialised");
     if json {
@@ -235,18 +388,26 @@ fn init(data: &Path, deployment: &str, json: bool) -> Result<()> {
                 "deployment": deployment_id.to_string(),
                 "deployment_name": name,
                 "relay": relay.to_string(),
+                "authority_fingerprint": authority.public().fingerprint(),
             })
         );
     } else {
         println!("initialised relay data in {}", data.display());
         println!("deployment {deployment_id} ({name})");
         println!("relay {relay}");
+        println!(
+            "authority fingerprint: {} (the relay keeps only this public key)",
+            authority.public().fingerprint()
+        );
     }
     Ok(())
 }
 
-fn serve(data: &Path, listen: Vec<Multiaddr>) -> Result<()> {
+fn serve(data: &Path, authority: Option<Authority>, listen: Vec<Multiaddr>) -> Result<()> {
     let store = open(data)?;
+    if let Some(a) = &authority {
+        tracing::info!(fingerprint = %a.public().fingerprint(), "approving new facilities as they join with the authority's invites");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -268,7 +429,7 @@ fn serve(data: &Path, listen: Vec<Multiaddr>) -> Result<()> {
             }
             tracing::info!("shutting down");
         };
-        musubi_sync_node::serve_until(listen, store, Config::default(), shutdown)
+        musubi_sync_node::serve_until(listen, store, authority, Config::default(), shutdown)
             .await
             .context("the relay stopped")
     })
@@ -276,73 +437,124 @@ fn serve(data: &Path, listen: Vec<Multiaddr>) -> Result<()> {
 
 fn invite(
     data: &Path,
-    name: Option<String>,
-    role: Option<FacilityRole>,
-    facility: Option<String>,
+    adir: &Path,
+    name: &str,
+    role: FacilityRole,
     expires: std::time::Duration,
     json: bool,
 ) -> Result<()> {
+    let authority = AuthorityDir::open(adir)?;
     let mut store = open(data)?;
-    let kind = match (name, role, facility) {
-        (Some(name), Some(role), None) => InviteKind::NewFacility {
-            name: name.trim().to_owned(),
-            role,
-        },
-        (None, None, Some(f)) => {
-            let f = store.find_facility(&f)?;
-            if f.revoked {
-                bail!(
-                    "facility {:?} has been revoked; it cannot enrol devices",
-                    f.name
-                );
-            }
-            InviteKind::Device { facility: f.id }
-        }
-        _ => bail!(
-            "give either --name and --role (a new facility) or --facility (another device of one)"
-        ),
-    };
-    let issued = store.issue_invite(kind, rand::random(), SystemTime::now(), expires)?;
-    if issued.code.addrs.is_empty() {
+    if store.deployment()? != authority.public().deployment
+        || store.authority()? != authority.public().key
+    {
+        bail!(
+            "{} is the authority of deployment {}, not of this relay's {}",
+            adir.display(),
+            authority.public().deployment,
+            store.deployment()?
+        );
+    }
+    let secret: [u8; 32] = rand::random();
+    let code =
+        store.issue_facility_invite(secret, name.trim(), role, SystemTime::now(), expires)?;
+    authority.record_invite(&AuthorityInvite {
+        secret,
+        name: name.trim().to_owned(),
+        role,
+        expires_at_ms: code.expires_at_ms,
+    })?;
+    if code.addrs.is_empty() {
         tracing::warn!(
             "the relay has not recorded any listen address yet (is `musubi-node serve` running on this data directory?); \
              the code carries no address, so the device must be told the relay's address another way"
         );
     }
-    let (what, facility_id) = match &issued.kind {
-        InviteKind::NewFacility { role, .. } => (format!("new {role} facility"), None),
-        InviteKind::Device { facility } => ("device".to_owned(), Some(facility.to_string())),
-    };
-    tracing::info!(
-        kind = %what,
-        facility = %issued.facility_name,
-        expires_at = %rfc3339(issued.expires_at_ms),
-        "invite issued"
-    );
-    let code = issued.code.encode();
+    let expires_at = rfc3339(i64::try_from(code.expires_at_ms).unwrap_or(0));
+    tracing::info!(kind = %format!("new {role} facility"), facility = %name, expires_at = %expires_at, "invite issued");
+    let text = code.encode();
     let mut out = std::io::stdout().lock();
     if json {
-        let role = match &issued.kind {
-            InviteKind::NewFacility { role, .. } => Some(role.to_string()),
-            InviteKind::Device { .. } => None,
-        };
         writeln!(
             out,
             "{}",
             json!({
-                "code": code,
-                "kind": if facility_id.is_some() { "device" } else { "facility" },
-                "facility_name": issued.facility_name,
-                "facility": facility_id,
-                "role": role,
-                "expires_at": rfc3339(issued.expires_at_ms),
-                "addrs": issued.code.addrs,
+                "code": text,
+                "kind": "facility",
+                "facility_name": name,
+                "role": role.to_string(),
+                "expires_at": expires_at,
+                "addrs": code.addrs,
+                "authority_fingerprint": authority.public().fingerprint(),
             })
         )?;
     } else {
-        writeln!(out, "{code}")?;
+        writeln!(out, "{text}")?;
+        eprintln!(
+            "authority fingerprint: {} (the joining device shows it; compare)",
+            authority.public().fingerprint()
+        );
     }
     out.flush()?;
+    Ok(())
+}
+
+fn approve(data: &Path, adir: &Path, passphrase_file: &Option<PathBuf>, json: bool) -> Result<()> {
+    let authority = unlock(adir, passphrase_file)?;
+    let mut store = open(data)?;
+    let now = SystemTime::now();
+    let mut approved = Vec::new();
+    let mut refused = Vec::new();
+    for pending in store.pending_facility_joins()? {
+        let r = &pending.request;
+        let Some(kept) = authority.invite(r.invite)? else {
+            continue; // another authority's invite, or approved already
+        };
+        match authority.approve(r, &kept, u64::try_from(unix_ms(now)).unwrap_or(0)) {
+            Ok(a) => {
+                store.store_approval(r, &a, now)?;
+                authority.mark_used(r.invite)?;
+                tracing::info!(facility = %a.cert.facility, name = %a.cert.name, device = %r.device.device, "facility approved");
+                approved.push(json!({
+                    "facility": a.cert.facility.to_string(),
+                    "name": a.cert.name,
+                    "role": a.cert.role.to_string(),
+                    "device": r.device.device.to_string(),
+                    "safety_number": a.cert.safety_number(),
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(device = %r.device.device, "join request refused: {e}");
+                refused.push(json!({
+                    "device": r.device.device.to_string(),
+                    "name": pending.name,
+                    "reason": e.to_string(),
+                }));
+            }
+        }
+    }
+    if json {
+        println!("{}", json!({"approved": approved, "refused": refused}));
+    } else {
+        if approved.is_empty() && refused.is_empty() {
+            println!("no join request waits for this authority");
+        }
+        for a in &approved {
+            println!(
+                "approved {} ({}), safety number {}",
+                a["name"].as_str().unwrap_or_default(),
+                a["role"].as_str().unwrap_or_default(),
+                a["safety_number"].as_str().unwrap_or_default()
+            );
+        }
+        for r in &refused {
+            println!(
+                "refused a request for {}: {}",
+                r["name"].as_str().unwrap_or_default(),
+                r["reason"].as_str().unwrap_or_default()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -436,6 +648,7 @@ fn facilities(data: &Path, json: bool) -> Result<()> {
                     "name": f.name,
                     "role": f.role.to_string(),
                     "revoked": f.revoked,
+                    "safety_number": f.safety_number,
                     "devices": f.devices.iter().map(|d| json!({
                         "device": d.device.to_string(),
                         "revoked": d.revoked,
@@ -448,12 +661,13 @@ fn facilities(data: &Path, json: bool) -> Result<()> {
     } else if list.is_empty() {
         writeln!(
             out,
-            "no facilities yet; enrol one with `musubi-node invite --name NAME --role ROLE`"
+            "no facilities yet; enrol one with `musubi-node invite --authority ADIR --name NAME --role ROLE`"
         )?;
     } else {
         for f in &list {
             let state = if f.revoked { "  REVOKED" } else { "" };
             writeln!(out, "{}  {}  ({}){state}", f.id, f.name, f.role)?;
+            writeln!(out, "    safety number {}", f.safety_number)?;
             if f.devices.is_empty() {
                 writeln!(out, "    (no devices)")?;
             }

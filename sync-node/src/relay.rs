@@ -6,35 +6,46 @@
 //! A push is applied in one transaction and committed before the answer is built (an acknowledged
 //! bundle is durable); notifications are computed after the commit.
 //!
-//! The relay never decrypts: it checks signatures, authors, membership and epochs on public fields only.
-//! An operation, key grant or bundle may be pushed by a device other than its author (a LAN peer or a
-//! file import forwards it); its author must be a current device of the facility it names, and the
-//! pusher's facility must be a member of the document (for grants and bundles).
+//! The relay never decrypts and decides nothing about who may read: every operation, key grant and
+//! bundle goes through [`musubi_crdt::membership::admit`] at [`Point::Relay`], the same rule the
+//! facilities apply, over the membership its document's signed operations give and the devices whose
+//! certificate chains the relay verified when it stored them. Facilities do not take its word for
+//! any of it; they check again.
+//!
+//! Enrolment: a device joins with a [`JoinRequest`]; the relay stores it until the inviter approves
+//! (the deployment authority for a new facility, inline when `serve --authority` runs; a current
+//! device of the facility for another device, which pushes the next link of its device chain).
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 
-use musubi_crdt::bundle::{BundleError, Envelope};
-use musubi_crdt::crypto::{self, DevicePublic, DeviceSecrets};
-use musubi_crdt::directory::SignedDirectory;
+use musubi_crdt::bundle::Envelope;
+use musubi_crdt::crypto::DeviceSecrets;
+use musubi_crdt::directory::{
+    DeviceChange, DeviceLink, DeviceStatus, Devices, FacilityStatus, SignedDirectory, verify_chain,
+};
 use musubi_crdt::ids::{
-    BundleId, DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, Role, Seq,
+    BundleId, DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole,
+    Seq,
 };
+use musubi_crdt::invite::{InviteRegistration, JoinRequest};
 use musubi_crdt::limits::{
-    DIRECTORY_FACILITIES_MAX, DOCUMENT_LIST_MAX, DOCUMENT_MEMBERS_MAX, FRAME_BYTES_MAX,
-    PULL_BUNDLES_MAX, PULL_RESPONSE_BYTES_TARGET, PUSH_ITEMS_MAX,
+    DOCUMENT_LIST_MAX, FRAME_BYTES_MAX, INVITE_EXPIRES_SECS_MAX, JOIN_REQUESTS_MAX, OFFER_IDS_MAX,
+    OPS_RESPONSE_MAX, PULL_BUNDLES_MAX, PULL_RESPONSE_BYTES_TARGET, PUSH_ITEMS_MAX,
 };
-use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member, OpError};
+use musubi_crdt::membership::{self, Membership, Point};
+use musubi_crdt::ops::{DocOp, KeyGrant};
 use musubi_crdt::protocol::{
-    self, DocumentInfo, ErrorCode, Pulled, PushItem, PushResult, Request, Response,
+    self, DocumentInfo, ErrorCode, Generation, Pulled, PushItem, PushResult, Request, Response,
 };
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use tracing::{debug, info, warn};
 
-use crate::invite::hash_secret;
-use crate::store::{self, Store, StoreError, parse_col, rfc3339, unix_ms};
+use crate::authority::Authority;
+use crate::store::{self, Store, StoreError, cbor, parse_col, rfc3339, uncbor, unix_ms};
 
-/// Byte budget of one `KeyGrants` response (a frame minus room for the envelope).
+/// Byte budget of one `KeyGrants` or `Ops` response (a frame minus room for the envelope).
 pub const KEY_GRANTS_RESPONSE_BYTES_MAX: usize = FRAME_BYTES_MAX - 64 * 1024;
 
 /// A request the relay sends to a connected device after a change (fire-and-forget).
@@ -42,7 +53,7 @@ pub const KEY_GRANTS_RESPONSE_BYTES_MAX: usize = FRAME_BYTES_MAX - 64 * 1024;
 pub struct Notification {
     /// The device to tell (send only if it is connected).
     pub to: DeviceId,
-    /// Always a [`Request::Notify`].
+    /// A [`Request::Notify`] or [`Request::NotifyJoin`].
     pub request: Request,
 }
 
@@ -51,6 +62,8 @@ pub struct Relay {
     store: Store,
     secrets: DeviceSecrets,
     deployment: DeploymentId,
+    generation: Generation,
+    authority: Option<Authority>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -64,17 +77,6 @@ impl std::fmt::Debug for Relay {
 struct Caller {
     device: DeviceId,
     facility: FacilityId,
-}
-
-/// A row of the `invites` table.
-struct InviteRow {
-    kind: String,
-    name: Option<String>,
-    role: Option<String>,
-    facility: Option<String>,
-    expires_at: i64,
-    used_at: Option<i64>,
-    used_by: Option<String>,
 }
 
 enum Lookup {
@@ -93,21 +95,121 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> PushResult {
 
 type HandlerResult = Result<(Response, Vec<Notification>), StoreError>;
 
+/// Who is who, from the relay's tables (devices and certificates it verified when storing them),
+/// cached for one request. A database error is kept and reported after the rule ran.
+struct DbDevices<'c> {
+    conn: &'c Connection,
+    devices: RefCell<HashMap<DeviceId, DeviceStatus>>,
+    facilities: RefCell<HashMap<FacilityId, FacilityStatus>>,
+    error: RefCell<Option<StoreError>>,
+}
+
+impl<'c> DbDevices<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Self {
+            conn,
+            devices: RefCell::default(),
+            facilities: RefCell::default(),
+            error: RefCell::default(),
+        }
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match self.error.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Devices for DbDevices<'_> {
+    fn device_status(&self, device: &DeviceId) -> DeviceStatus {
+        if let Some(s) = self.devices.borrow().get(device) {
+            return *s;
+        }
+        let row: Result<Option<(FacilityId, bool, bool)>, rusqlite::Error> = self
+            .conn
+            .query_row(
+                "SELECT d.facility, d.revoked OR d.chain_revoked, f.revoked FROM devices d
+                 JOIN facilities f ON f.id = d.facility WHERE d.peer_id = ?1",
+                [device.to_string()],
+                |r| Ok((parse_col(r, 0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional();
+        let status = match row {
+            Ok(None) => DeviceStatus::Unknown,
+            Ok(Some((f, d, fr))) if d || fr => DeviceStatus::Former(f),
+            Ok(Some((f, _, _))) => DeviceStatus::Current(f),
+            Err(e) => {
+                *self.error.borrow_mut() = Some(e.into());
+                DeviceStatus::Unknown
+            }
+        };
+        self.devices.borrow_mut().insert(*device, status);
+        status
+    }
+
+    fn facility_status(&self, facility: FacilityId) -> FacilityStatus {
+        if let Some(s) = self.facilities.borrow().get(&facility) {
+            return *s;
+        }
+        let row: Result<Option<(FacilityRole, bool)>, rusqlite::Error> = self
+            .conn
+            .query_row(
+                "SELECT role, revoked FROM facilities WHERE id = ?1",
+                [facility.to_string()],
+                |r| Ok((parse_col(r, 0)?, r.get(1)?)),
+            )
+            .optional();
+        let status = match row {
+            Ok(None) => FacilityStatus::Unknown,
+            Ok(Some((role, true))) => FacilityStatus::Former(role),
+            Ok(Some((role, false))) => FacilityStatus::Current(role),
+            Err(e) => {
+                *self.error.borrow_mut() = Some(e.into());
+                FacilityStatus::Unknown
+            }
+        };
+        self.facilities.borrow_mut().insert(facility, status);
+        status
+    }
+}
+
 impl Relay {
     /// A handler over `store`, signing with the relay key from the store's data directory.
     ///
     /// Errors: the key file or the deployment id cannot be read.
     pub fn new(store: Store) -> Result<Self, StoreError> {
+        Self::with_authority(store, None)
+    }
+
+    /// A handler that also approves new facilities as they join, with the unlocked `authority`
+    /// (the embedded default: `musubi-node serve --authority ADIR`).
+    ///
+    /// Errors: the key file or the deployment id cannot be read; the authority certifies another
+    /// deployment.
+    pub fn with_authority(store: Store, authority: Option<Authority>) -> Result<Self, StoreError> {
         let secrets = store.relay_secrets()?;
         let deployment = store.deployment()?;
+        let generation = store.generation()?;
+        if let Some(a) = &authority
+            && (a.public().deployment != deployment || a.public().key != store.authority()?)
+        {
+            return Err(StoreError::OtherDeployment {
+                relay: deployment.to_string(),
+                authority: a.public().deployment.to_string(),
+            });
+        }
         Ok(Self {
             store,
             secrets,
             deployment,
+            generation,
+            authority,
         })
     }
 
-    /// The relay's identity (its libp2p key pair signs the directory and the connections).
+    /// The relay's identity (its libp2p key pair authenticates connections and signs the directory).
     pub fn secrets(&self) -> &DeviceSecrets {
         &self.secrets
     }
@@ -122,10 +224,16 @@ impl Relay {
         &mut self.store
     }
 
+    /// The store's generation, as every response frame carries it.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
     /// Handles one request frame from the connected device `peer` at `now`.
     ///
-    /// Returns the encoded response frame and the notifications to send (to connected devices only).
-    /// Never fails: a malformed frame, a refusal or a database failure is a [`Response::Error`].
+    /// Returns the encoded response frame (with the store's generation) and the notifications to send
+    /// (to connected devices only). Never fails: a malformed frame, a refusal or a database failure is
+    /// a [`Response::Error`].
     pub fn handle(
         &mut self,
         peer: DeviceId,
@@ -139,7 +247,10 @@ impl Relay {
                 (Response::error(e.code(), e.to_string()), vec![])
             }
         };
-        (protocol::encode_response(&response), notes)
+        (
+            protocol::encode_relay_response(&self.generation, &response),
+            notes,
+        )
     }
 
     /// Handles one decoded request (see [`Relay::handle`]).
@@ -174,68 +285,57 @@ impl Relay {
 
     fn dispatch(&mut self, peer: DeviceId, request: Request, now: SystemTime) -> HandlerResult {
         let lookup = lookup(&self.store.conn, &peer)?;
-        let caller = match (lookup, &request) {
-            (
-                Lookup::Revoked {
-                    facility_revoked: true,
-                },
-                _,
-            ) => {
+        let caller = match (lookup, request) {
+            (Lookup::Revoked { facility_revoked }, _) => {
                 return answer(Response::error(
                     ErrorCode::Revoked,
-                    "this device's facility has been revoked by the relay operator",
+                    if facility_revoked {
+                        "this device's facility has been revoked"
+                    } else {
+                        "this device has been revoked"
+                    },
                 ));
             }
-            (
-                Lookup::Revoked {
-                    facility_revoked: false,
-                },
-                _,
-            ) => {
-                return answer(Response::error(
-                    ErrorCode::Revoked,
-                    "this device has been revoked by the relay operator",
-                ));
-            }
-            (lookup, Request::Join { .. }) => {
-                let Request::Join { secret, device } = request else {
-                    unreachable!("matched Join above")
-                };
+            (lookup, Request::Join { request }) => {
                 let caller = match lookup {
                     Lookup::Current(c) => Some(c),
                     _ => None,
                 };
-                return self.join(peer, caller, &secret, device, now);
+                return self.join(peer, caller, request, now);
             }
             (Lookup::Unknown, _) => {
                 return answer(Response::error(
                     ErrorCode::NotEnrolled,
-                    "this device is not enrolled at this relay; join with an invite code from the relay operator",
+                    "this device is not enrolled at this relay; join with an invite code",
                 ));
             }
-            (Lookup::Current(c), _) => c,
+            (Lookup::Current(c), request) => (c, request),
         };
+        let (caller, request) = caller;
         match request {
             Request::Join { .. } => unreachable!("handled above"),
+            Request::GetJoinRequests => self.join_requests(caller, now),
             Request::GetDirectory { known_version } => self.get_directory(known_version),
             Request::ListDocuments => self.list_documents(caller),
+            Request::GetOps { doc, from } => self.get_ops(caller, doc, from),
             Request::Push { items } => self.push(caller, items, now),
             Request::Pull { doc, after } => self.pull(caller, doc, after),
             Request::GetKeyGrants { doc } => self.key_grants(caller, doc),
-            Request::Notify { .. } => answer(Response::error(
+            Request::Offer { doc, have, .. } => self.offer(caller, doc, have),
+            Request::Notify { .. } | Request::NotifyJoin => answer(Response::error(
                 ErrorCode::Forbidden,
                 "the relay does not accept notifications",
             )),
-            Request::Offer { .. } | Request::Deliver { .. } => answer(Response::error(
+            Request::Deliver { .. } => answer(Response::error(
                 ErrorCode::Forbidden,
-                "LAN exchange is between facilities; push and pull with the relay",
+                "LAN delivery is between facilities; push to the relay",
             )),
         }
     }
 
     fn signed_directory(&self) -> Result<SignedDirectory, StoreError> {
         Ok(SignedDirectory::sign(
-            &store::directory(&self.store.conn)?,
+            &store::directory_body(&self.store.conn)?,
             &self.secrets,
         ))
     }
@@ -244,69 +344,53 @@ impl Relay {
         &mut self,
         peer: DeviceId,
         caller: Option<Caller>,
-        secret: &[u8],
-        device: DevicePublic,
+        request: JoinRequest,
         now: SystemTime,
     ) -> HandlerResult {
-        if device.device != peer {
+        if request.device.device != peer {
             return answer(Response::error(
                 ErrorCode::BadSignature,
                 format!(
-                    "the join names device {} but the connection is from {peer}",
-                    device.device
+                    "the join request names device {} but the connection is from {peer}",
+                    request.device.device
                 ),
             ));
         }
-        if crypto::parse_recipient(&device.age_recipient).is_err() {
-            return answer(Response::error(
-                ErrorCode::Malformed,
-                "the device's age recipient is not a valid age1... key",
-            ));
+        if let Err(e) = request.verify_signature() {
+            return answer(Response::error(ErrorCode::BadSignature, e.to_string()));
         }
-        let hash = hash_secret(secret);
         let tx = self
             .store
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let invite = tx
+        type InviteRow = (String, Option<FacilityId>, i64, Option<i64>, Option<String>);
+        let invite: Option<InviteRow> = tx
             .query_row(
-                "SELECT kind, name, role, facility, expires_at, used_at, used_by FROM invites WHERE secret_hash = ?1",
-                [hash.as_slice()],
+                "SELECT kind, facility, expires_at, used_at, used_by FROM invites WHERE invite_id = ?1",
+                [request.invite.0.as_slice()],
                 |r| {
-                    Ok(InviteRow {
-                        kind: r.get(0)?,
-                        name: r.get(1)?,
-                        role: r.get(2)?,
-                        facility: r.get(3)?,
-                        expires_at: r.get(4)?,
-                        used_at: r.get(5)?,
-                        used_by: r.get(6)?,
-                    })
+                    Ok((
+                        r.get(0)?,
+                        r.get::<_, Option<String>>(1)?.and_then(|f| f.parse().ok()),
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                    ))
                 },
             )
             .optional()?;
-        let Some(InviteRow {
-            kind,
-            name,
-            role,
-            facility,
-            expires_at,
-            used_at,
-            used_by,
-        }) = invite
-        else {
+        let Some((kind, facility, expires_at, used_at, used_by)) = invite else {
             return answer(Response::error(
                 ErrorCode::InviteInvalid,
-                "this invite is not known at this relay (check that the code is complete and for this relay)",
+                "this invite is not known at this relay (check that the code is complete and for this relay; a device invite works once the inviting device has synced)",
             ));
         };
+        let mine = used_by.as_deref() == Some(peer.to_string().as_str());
         if used_at.is_some() {
-            // A device that joined but lost the answer may ask again with the same code.
-            if let (Some(c), Some(by)) = (caller, used_by)
-                && by == peer.to_string()
-            {
-                drop(tx);
-                return self.joined(c.facility);
+            drop(tx);
+            if mine {
+                // A device that joined but lost the answer asks again with the same code.
+                return self.joined(request.invite.0.as_slice(), &peer);
             }
             return answer(Response::error(
                 ErrorCode::InviteInvalid,
@@ -326,75 +410,100 @@ impl Relay {
             return answer(Response::error(
                 ErrorCode::InviteInvalid,
                 format!(
-                    "this invite expired at {}; ask the relay operator for a new one",
+                    "this invite expired at {}; ask for a new one",
                     rfc3339(expires_at)
                 ),
             ));
         }
-        let facility = match (kind.as_str(), name, role, facility) {
-            ("facility", Some(name), Some(role), _) => {
-                let count: i64 =
-                    tx.query_row("SELECT COUNT(*) FROM facilities", [], |r| r.get(0))?;
-                if usize::try_from(count).unwrap_or(usize::MAX) >= DIRECTORY_FACILITIES_MAX {
-                    return answer(Response::error(
-                        ErrorCode::TooLarge,
-                        format!(
-                            "the deployment already has {DIRECTORY_FACILITIES_MAX} facilities, the most allowed"
-                        ),
-                    ));
-                }
-                // Derived from the secret, so the id is fixed by the invite and needs no randomness here.
-                let mut seed = blake3::Hasher::new_derive_key("musubi facility id from invite v1");
-                seed.update(secret);
-                let bytes: [u8; 16] = seed.finalize().as_bytes()[..16]
-                    .try_into()
-                    .expect("16 of 32 bytes");
-                let id = FacilityId::from_random_bytes(bytes);
+        let pending: Option<String> = tx
+            .query_row(
+                "SELECT device FROM join_requests WHERE invite_id = ?1",
+                [request.invite.0.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match pending {
+            Some(d) if d != peer.to_string() => {
+                return answer(Response::error(
+                    ErrorCode::InviteInvalid,
+                    "another device has already asked to join with this invite",
+                ));
+            }
+            Some(_) => {}
+            None => {
                 tx.execute(
-                    "INSERT INTO facilities (id, name, role, enrolled_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![id.to_string(), name, role, unix_ms(now)],
+                    "INSERT INTO join_requests (invite_id, device, facility, request, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        request.invite.0.as_slice(),
+                        peer.to_string(),
+                        facility.map(|f| f.to_string()),
+                        cbor(&request),
+                        unix_ms(now)
+                    ],
                 )?;
-                id
+                info!(%peer, invite = %request.invite, %kind, "join request stored");
             }
-            ("device", _, _, Some(facility)) => {
-                let id: FacilityId = facility
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-                let revoked: bool = tx.query_row(
-                    "SELECT revoked FROM facilities WHERE id = ?1",
-                    [&facility],
-                    |r| r.get(0),
-                )?;
-                if revoked {
-                    return answer(Response::error(
-                        ErrorCode::InviteInvalid,
-                        "the facility of this invite has been revoked; ask the relay operator",
-                    ));
+        }
+        // The embedded default: the authority runs beside the relay and approves at once.
+        if kind == "facility"
+            && let Some(authority) = &self.authority
+        {
+            let kept = authority.invite(request.invite).map_err(authority_err)?;
+            if let Some(kept) = kept {
+                match authority.approve(&request, &kept, u64::try_from(unix_ms(now)).unwrap_or(0)) {
+                    Ok(approval) => {
+                        store::store_approval(&tx, &request, &approval, now)?;
+                        tx.commit()?;
+                        if let Err(e) = authority.mark_used(request.invite) {
+                            warn!(error = %e, "the approval is stored, but the authority's invite file could not be moved");
+                        }
+                        info!(%peer, facility = %approval.cert.facility, name = %approval.cert.name, "facility approved by the authority");
+                        return self.joined(request.invite.0.as_slice(), &peer);
+                    }
+                    Err(e) => {
+                        tx.commit()?;
+                        return answer(Response::error(ErrorCode::InviteInvalid, e.to_string()));
+                    }
                 }
-                id
             }
-            _ => {
-                return Err(StoreError::Corrupt(format!(
-                    "invite of kind {kind:?} lacks its fields"
-                )));
-            }
-        };
-        tx.execute(
-            "INSERT INTO devices (peer_id, facility, age_recipient, enrolled_at) VALUES (?1, ?2, ?3, ?4)",
-            params![peer.to_string(), facility.to_string(), device.age_recipient, unix_ms(now)],
-        )?;
-        tx.execute(
-            "UPDATE invites SET used_at = ?2, used_by = ?3 WHERE secret_hash = ?1",
-            params![hash.as_slice(), unix_ms(now), peer.to_string()],
-        )?;
-        store::bump_directory_version(&tx)?;
+        }
         tx.commit()?;
-        info!(%peer, %facility, "device enrolled");
-        self.joined(facility)
+        let mut notes = Vec::new();
+        if let Some(f) = facility {
+            notes = facility_devices(&self.store.conn, f)?
+                .into_iter()
+                .map(|to| Notification {
+                    to,
+                    request: Request::NotifyJoin,
+                })
+                .collect();
+        }
+        answer_with(
+            Response::JoinPending {
+                expires_at_ms: u64::try_from(expires_at).unwrap_or(0),
+            },
+            notes,
+        )
     }
 
-    fn joined(&self, facility: FacilityId) -> HandlerResult {
-        let (name, role): (String, String) = self.store.conn.query_row(
+    fn joined(&self, invite: &[u8], device: &DeviceId) -> HandlerResult {
+        let conn = &self.store.conn;
+        let row: Option<(FacilityId, Vec<u8>)> = conn
+            .query_row(
+                "SELECT facility, sealed_pseudonym FROM join_requests
+                 WHERE invite_id = ?1 AND device = ?2 AND approved_at IS NOT NULL",
+                params![invite, device.to_string()],
+                |r| Ok((parse_col(r, 0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((facility, sealed_pseudonym)) = row else {
+            return answer(Response::error(
+                ErrorCode::InviteInvalid,
+                "this invite was already used",
+            ));
+        };
+        let (name, role): (String, String) = conn.query_row(
             "SELECT name, role FROM facilities WHERE id = ?1",
             [facility.to_string()],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -407,8 +516,30 @@ impl Relay {
                 .parse()
                 .map_err(|e| StoreError::Corrupt(format!("{e}")))?,
             directory: self.signed_directory()?,
-            pseudonym_secret: self.store.pseudonym_secret()?.to_vec(),
+            sealed_pseudonym,
         })
+    }
+
+    fn join_requests(&self, caller: Caller, now: SystemTime) -> HandlerResult {
+        let mut st = self.store.conn.prepare(
+            "SELECT j.request FROM join_requests j JOIN invites i ON i.invite_id = j.invite_id
+             WHERE i.kind = 'device' AND i.facility = ?1 AND j.approved_at IS NULL AND i.expires_at > ?2
+             ORDER BY j.received_at LIMIT ?3",
+        )?;
+        let requests = st
+            .query_map(
+                params![
+                    caller.facility.to_string(),
+                    unix_ms(now),
+                    JOIN_REQUESTS_MAX as i64
+                ],
+                |r| r.get::<_, Vec<u8>>(0),
+            )?
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .map(|b| uncbor(b, "stored join request"))
+            .collect::<Result<Vec<JoinRequest>, _>>()?;
+        answer(Response::JoinRequests { requests })
     }
 
     fn get_directory(&self, known_version: u64) -> HandlerResult {
@@ -425,7 +556,7 @@ impl Relay {
     fn list_documents(&self, caller: Caller) -> HandlerResult {
         let conn = &self.store.conn;
         let mut st = conn.prepare(
-            "SELECT d.id, d.kind, d.epoch FROM documents d JOIN members m ON m.doc = d.id
+            "SELECT d.id, d.kind, d.epoch, d.ops, d.ops_head FROM documents d JOIN members m ON m.doc = d.id
              WHERE m.facility = ?1 ORDER BY d.rowid LIMIT ?2",
         )?;
         let rows = st
@@ -436,21 +567,51 @@ impl Relay {
                         parse_col::<DocumentId>(r, 0)?,
                         parse_col::<DocumentKind>(r, 1)?,
                         r.get::<_, u32>(2)?,
+                        r.get::<_, u32>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
                     ))
                 },
             )?
             .collect::<Result<Vec<_>, _>>()?;
         let mut docs = Vec::with_capacity(rows.len());
-        for (id, kind, epoch) in rows {
+        for (id, kind, epoch, ops, ops_head) in rows {
             docs.push(DocumentInfo {
                 id,
                 kind,
-                members: members(conn, id)?,
                 epoch: Epoch(epoch),
                 head: head(conn, id)?,
+                ops,
+                ops_head: ops_head.try_into().ok(),
             });
         }
         answer(Response::Documents { docs })
+    }
+
+    fn get_ops(&self, caller: Caller, doc: DocumentId, from: u32) -> HandlerResult {
+        let conn = &self.store.conn;
+        let view = match member_view(conn, caller, doc)? {
+            Ok(v) => v,
+            Err(r) => return answer(r),
+        };
+        let mut st = conn.prepare(
+            "SELECT encoded FROM ops WHERE doc = ?1 AND idx >= ?2 ORDER BY idx LIMIT ?3",
+        )?;
+        let mut rows = st.query(params![doc.to_string(), from, OPS_RESPONSE_MAX as i64])?;
+        let mut ops = Vec::new();
+        let mut total = 0usize;
+        while let Some(row) = rows.next()? {
+            let encoded: Vec<u8> = row.get(0)?;
+            if !ops.is_empty() && total + encoded.len() > KEY_GRANTS_RESPONSE_BYTES_MAX {
+                break;
+            }
+            total += encoded.len();
+            ops.push(uncbor::<DocOp>(&encoded, "stored operation")?);
+        }
+        answer(Response::Ops {
+            doc,
+            ops,
+            total: view.ops,
+        })
     }
 
     fn push(&mut self, caller: Caller, items: Vec<PushItem>, now: SystemTime) -> HandlerResult {
@@ -471,11 +632,12 @@ impl Relay {
         let mut results = Vec::with_capacity(items.len());
         for item in items {
             let result = match item {
-                PushItem::Op { op } => push_op(&tx, &op, now, &mut touched)?,
-                PushItem::Grant { grant } => push_grant(&tx, caller, &grant, now)?,
-                PushItem::Bundle { envelope } => {
-                    push_bundle(&tx, caller, &envelope, now, &mut touched)?
-                }
+                PushItem::Invite { registration } => push_invite(&tx, caller, &registration, now)?,
+                PushItem::Approve {
+                    link,
+                    sealed_pseudonym,
+                } => push_approve(&tx, caller, &link, &sealed_pseudonym, now)?,
+                item => push_item(&tx, Some(caller), &item, now, &mut touched)?,
             };
             results.push(result);
         }
@@ -489,9 +651,9 @@ impl Relay {
 
     /// Takes items from an offline-transfer file (`musubi-node import`), in one transaction.
     ///
-    /// Each item is checked as if its author had pushed it: the author must be a current device of a
-    /// facility allowed to make it; signatures are verified; nothing is decrypted. Returns one result
-    /// per item and the notifications to send to connected devices.
+    /// Each item is checked as if its author had pushed it: the admission rule at [`Point::Relay`],
+    /// signatures verified, nothing decrypted. Returns one result per item and the notifications to
+    /// send to connected devices.
     pub fn import(
         &mut self,
         items: Vec<PushItem>,
@@ -504,35 +666,14 @@ impl Relay {
         let mut touched = BTreeSet::new();
         let mut results = Vec::with_capacity(items.len());
         for item in items {
-            let author = match &item {
-                PushItem::Op { op } => op.author,
-                PushItem::Grant { grant } => grant.author,
-                PushItem::Bundle { envelope } => envelope.author,
+            let result = match &item {
+                PushItem::Invite { .. } | PushItem::Approve { .. } => reject(
+                    ErrorCode::Forbidden,
+                    "invites and approvals are pushed by their device, not carried in a file",
+                ),
+                item => push_item(&tx, None, item, now, &mut touched)?,
             };
-            let caller = match lookup(&tx, &author)? {
-                Lookup::Current(c) => c,
-                Lookup::Revoked { .. } => {
-                    results.push(reject(
-                        ErrorCode::Revoked,
-                        format!("{author} has been revoked"),
-                    ));
-                    continue;
-                }
-                Lookup::Unknown => {
-                    results.push(reject(
-                        ErrorCode::NotEnrolled,
-                        format!("{author} is not an enrolled device"),
-                    ));
-                    continue;
-                }
-            };
-            results.push(match item {
-                PushItem::Op { op } => push_op(&tx, &op, now, &mut touched)?,
-                PushItem::Grant { grant } => push_grant(&tx, caller, &grant, now)?,
-                PushItem::Bundle { envelope } => {
-                    push_bundle(&tx, caller, &envelope, now, &mut touched)?
-                }
-            });
+            results.push(result);
         }
         tx.commit()?;
         let mut notes = Vec::new();
@@ -548,8 +689,8 @@ impl Relay {
 
     fn pull(&self, caller: Caller, doc: DocumentId, after: Seq) -> HandlerResult {
         let conn = &self.store.conn;
-        if let Some(refusal) = check_member(conn, caller, doc)? {
-            return answer(refusal);
+        if let Err(r) = member_view(conn, caller, doc)? {
+            return answer(r);
         }
         let mut st = conn.prepare(
             "SELECT seq, bytes, envelope FROM bundles WHERE doc = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -581,8 +722,8 @@ impl Relay {
 
     fn key_grants(&self, caller: Caller, doc: DocumentId) -> HandlerResult {
         let conn = &self.store.conn;
-        if let Some(refusal) = check_member(conn, caller, doc)? {
-            return answer(refusal);
+        if let Err(r) = member_view(conn, caller, doc)? {
+            return answer(r);
         }
         let mut st =
             conn.prepare("SELECT encoded FROM grants WHERE doc = ?1 ORDER BY received_at, rowid")?;
@@ -596,14 +737,44 @@ impl Relay {
                 break;
             }
             total += encoded.len();
-            let grant: KeyGrant = ciborium::from_reader(encoded.as_slice()).map_err(|e| {
-                StoreError::Corrupt(format!("stored key grant of {doc} does not decode: {e}"))
-            })?;
-            grants.push(grant);
+            grants.push(uncbor::<KeyGrant>(&encoded, "stored key grant")?);
         }
         drop(rows);
         answer(Response::KeyGrants { doc, grants })
     }
+
+    /// A device's anti-entropy offer (after a rollback): the ids it holds that the relay lacks.
+    fn offer(&self, caller: Caller, doc: DocumentId, have: Vec<BundleId>) -> HandlerResult {
+        let conn = &self.store.conn;
+        if let Err(r) = member_view(conn, caller, doc)? {
+            return answer(r);
+        }
+        if have.len() > OFFER_IDS_MAX {
+            return answer(Response::error(
+                ErrorCode::TooLarge,
+                format!("an offer lists at most {OFFER_IDS_MAX} bundle ids"),
+            ));
+        }
+        let mut st = conn.prepare("SELECT EXISTS (SELECT 1 FROM bundles WHERE bundle_id = ?1)")?;
+        let mut want = Vec::new();
+        for id in have {
+            if !st.query_row([id.0.as_slice()], |r| r.get::<_, bool>(0))? {
+                want.push(id);
+            }
+        }
+        answer(Response::Exchange {
+            doc,
+            items: vec![],
+            more: false,
+            want,
+            ops: vec![],
+            grants: vec![],
+        })
+    }
+}
+
+fn authority_err(e: crate::authority::AuthorityError) -> StoreError {
+    StoreError::Corrupt(format!("the deployment authority failed: {e}"))
 }
 
 fn answer(r: Response) -> HandlerResult {
@@ -617,8 +788,8 @@ fn answer_with(r: Response, notes: Vec<Notification>) -> HandlerResult {
 fn lookup(conn: &Connection, peer: &DeviceId) -> Result<Lookup, StoreError> {
     let row: Option<(FacilityId, bool, bool)> = conn
         .query_row(
-            "SELECT d.facility, d.revoked, f.revoked FROM devices d JOIN facilities f ON f.id = d.facility
-             WHERE d.peer_id = ?1",
+            "SELECT d.facility, d.revoked OR d.chain_revoked, f.revoked FROM devices d
+             JOIN facilities f ON f.id = d.facility WHERE d.peer_id = ?1",
             [peer.to_string()],
             |r| Ok((parse_col(r, 0)?, r.get(1)?, r.get(2)?)),
         )
@@ -638,77 +809,50 @@ fn lookup(conn: &Connection, peer: &DeviceId) -> Result<Lookup, StoreError> {
     })
 }
 
-/// The state of a device as far as authorship goes.
-enum DeviceState {
-    Unknown,
-    Revoked,
-    Of(FacilityId),
-}
-
-fn device_state(conn: &Connection, device: &DeviceId) -> Result<DeviceState, StoreError> {
-    let row: Option<(FacilityId, bool, bool)> = conn
-        .query_row(
-            "SELECT d.facility, d.revoked, f.revoked FROM devices d JOIN facilities f ON f.id = d.facility
-             WHERE d.peer_id = ?1",
-            [device.to_string()],
-            |r| Ok((parse_col(r, 0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    Ok(match row {
-        None => DeviceState::Unknown,
-        Some((_, d, f)) if d || f => DeviceState::Revoked,
-        Some((f, _, _)) => DeviceState::Of(f),
-    })
-}
-
-/// `Some(revoked)` for an enrolled facility, `None` for an unknown one.
-fn facility_revoked(conn: &Connection, facility: FacilityId) -> Result<Option<bool>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT revoked FROM facilities WHERE id = ?1",
-            [facility.to_string()],
-            |r| r.get(0),
-        )
-        .optional()?)
-}
-
-fn doc_epoch(conn: &Connection, doc: DocumentId) -> Result<Option<Epoch>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT epoch FROM documents WHERE id = ?1",
-            [doc.to_string()],
-            |r| r.get::<_, u32>(0),
-        )
-        .optional()?
-        .map(Epoch))
-}
-
-fn member_role(
-    conn: &Connection,
-    doc: DocumentId,
-    facility: FacilityId,
-) -> Result<Option<Role>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT role FROM members WHERE doc = ?1 AND facility = ?2",
-            [doc.to_string(), facility.to_string()],
-            |r| parse_col::<Role>(r, 0),
-        )
-        .optional()?)
-}
-
-fn members(conn: &Connection, doc: DocumentId) -> Result<Vec<Member>, StoreError> {
-    let mut st =
-        conn.prepare("SELECT facility, role FROM members WHERE doc = ?1 ORDER BY rowid")?;
+/// Current devices of a facility (to notify).
+fn facility_devices(conn: &Connection, facility: FacilityId) -> Result<Vec<DeviceId>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT peer_id FROM devices WHERE facility = ?1 AND NOT revoked AND NOT chain_revoked",
+    )?;
     let out = st
-        .query_map([doc.to_string()], |r| {
-            Ok(Member {
-                facility: parse_col(r, 0)?,
-                role: parse_col(r, 1)?,
-            })
-        })?
+        .query_map([facility.to_string()], |r| parse_col::<DeviceId>(r, 0))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(out)
+}
+
+fn load_view(conn: &Connection, doc: DocumentId) -> Result<Option<Membership>, StoreError> {
+    let b: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT view FROM documents WHERE id = ?1",
+            [doc.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    b.map(|b| uncbor(&b, "stored membership")).transpose()
+}
+
+/// The document's membership when the caller's facility is a member of it; else the refusal.
+fn member_view(
+    conn: &Connection,
+    caller: Caller,
+    doc: DocumentId,
+) -> Result<Result<Membership, Response>, StoreError> {
+    let Some(view) = load_view(conn, doc)? else {
+        return Ok(Err(Response::error(
+            ErrorCode::UnknownDocument,
+            format!("document {doc} is not known at this relay"),
+        )));
+    };
+    if view.role_of(caller.facility).is_none() {
+        return Ok(Err(Response::error(
+            ErrorCode::NotMember,
+            format!(
+                "facility {} is not a member of document {doc}",
+                caller.facility
+            ),
+        )));
+    }
+    Ok(Ok(view))
 }
 
 fn head(conn: &Connection, doc: DocumentId) -> Result<Seq, StoreError> {
@@ -720,470 +864,265 @@ fn head(conn: &Connection, doc: DocumentId) -> Result<Seq, StoreError> {
     Ok(Seq(u64::try_from(h).unwrap_or(0)))
 }
 
-/// `Some(refusal)` unless `doc` exists and the caller's facility is a member.
-fn check_member(
+/// One operation, grant or bundle through the admission rule at [`Point::Relay`]. `caller` is the
+/// pushing device (`None` for a file import); a grant or bundle is taken only from a member facility.
+fn push_item(
     conn: &Connection,
-    caller: Caller,
-    doc: DocumentId,
-) -> Result<Option<Response>, StoreError> {
-    Ok(member_epoch(conn, caller, doc)?
-        .err()
-        .map(|(code, message)| Response::error(code, message)))
-}
-
-/// The document's current epoch when it exists and the caller's facility is a member; else why not.
-fn member_epoch(
-    conn: &Connection,
-    caller: Caller,
-    doc: DocumentId,
-) -> Result<Result<Epoch, (ErrorCode, String)>, StoreError> {
-    let Some(epoch) = doc_epoch(conn, doc)? else {
-        return Ok(Err((
-            ErrorCode::UnknownDocument,
-            format!("document {doc} is not known at this relay"),
-        )));
-    };
-    if member_role(conn, doc, caller.facility)?.is_none() {
-        return Ok(Err((
-            ErrorCode::NotMember,
-            format!(
-                "facility {} is not a member of document {doc}",
-                caller.facility
-            ),
-        )));
-    }
-    Ok(Ok(epoch))
-}
-
-/// Why a facility cannot become a member, if it cannot.
-fn member_refusal(
-    conn: &Connection,
-    facility: FacilityId,
-) -> Result<Option<PushResult>, StoreError> {
-    Ok(match facility_revoked(conn, facility)? {
-        None => Some(reject(
-            ErrorCode::Conflict,
-            format!("facility {facility} is not enrolled at this relay"),
-        )),
-        Some(true) => Some(reject(
-            ErrorCode::Conflict,
-            format!("facility {facility} has been revoked"),
-        )),
-        Some(false) => None,
-    })
-}
-
-fn insert_op(
-    conn: &Connection,
-    op: &DocOp,
-    hash: &[u8; 32],
-    now: SystemTime,
-) -> Result<(), StoreError> {
-    let mut encoded = Vec::new();
-    ciborium::into_writer(op, &mut encoded).expect("writing to a Vec cannot fail");
-    conn.execute(
-        "INSERT INTO ops (hash, doc, author, encoded, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            hash.as_slice(),
-            op.doc.to_string(),
-            op.author.to_string(),
-            encoded,
-            unix_ms(now)
-        ],
-    )?;
-    Ok(())
-}
-
-fn push_op(
-    conn: &Connection,
-    op: &DocOp,
+    caller: Option<Caller>,
+    item: &PushItem,
     now: SystemTime,
     touched: &mut BTreeSet<DocumentId>,
 ) -> Result<PushResult, StoreError> {
-    let doc = op.doc;
-    if op.verify().is_err() {
+    let Some(doc) = item.doc() else {
+        return Ok(reject(ErrorCode::Malformed, "not a document item"));
+    };
+    // Idempotency first: an item stored before is a duplicate whatever changed since.
+    match item {
+        PushItem::Op { op } => {
+            let seen: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM ops WHERE hash = ?1)",
+                [op.hash().as_slice()],
+                |r| r.get(0),
+            )?;
+            if seen {
+                return Ok(PushResult::Duplicate { seq: None });
+            }
+        }
+        PushItem::Grant { grant } => {
+            let seen: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM grants WHERE hash = ?1)",
+                [grant.hash().as_slice()],
+                |r| r.get(0),
+            )?;
+            if seen {
+                return Ok(PushResult::Duplicate { seq: None });
+            }
+        }
+        PushItem::Bundle { envelope } => {
+            let existing: Option<i64> = conn
+                .query_row(
+                    "SELECT seq FROM bundles WHERE bundle_id = ?1",
+                    [envelope.id().0.as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(seq) = existing {
+                return Ok(PushResult::Duplicate {
+                    seq: Some(Seq(u64::try_from(seq).unwrap_or(0))),
+                });
+            }
+        }
+        PushItem::Invite { .. } | PushItem::Approve { .. } => {}
+    }
+    let view = load_view(conn, doc)?;
+    if let (Some(c), Some(v), PushItem::Grant { .. } | PushItem::Bundle { .. }) =
+        (caller, view.as_ref(), item)
+        && v.role_of(c.facility).is_none()
+    {
         return Ok(reject(
-            ErrorCode::BadSignature,
-            "the operation's signature does not verify",
+            ErrorCode::NotMember,
+            format!("facility {} is not a member of document {doc}", c.facility),
         ));
     }
-    // The pusher need not be the author (a LAN peer or a file import forwards another device's
-    // operation); the author must be a current device of the facility the operation names.
-    if let Some(refusal) = author_refusal(conn, &op.author, op.facility, "operation")? {
-        return Ok(refusal);
-    }
-    let hash = op.hash();
-    let seen: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM ops WHERE hash = ?1)",
-        [hash.as_slice()],
-        |r| r.get(0),
-    )?;
-    if seen {
-        return Ok(PushResult::Duplicate { seq: None });
-    }
-    let current = doc_epoch(conn, doc)?;
-    match &op.body {
-        DocOpBody::Create {
-            kind,
-            members: others,
-        } => {
-            if current.is_some() {
-                return Ok(reject(
-                    ErrorCode::Conflict,
-                    format!("document {doc} already exists"),
-                ));
-            }
-            if others.len() + 1 > DOCUMENT_MEMBERS_MAX {
-                return Ok(reject(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "a document has at most {DOCUMENT_MEMBERS_MAX} members; this one would have {}",
-                        others.len() + 1
-                    ),
-                ));
-            }
-            let mut seen = BTreeSet::from([op.facility]);
-            for m in others {
-                if !seen.insert(m.facility) {
-                    return Ok(reject(
-                        ErrorCode::Malformed,
-                        format!("facility {} is listed twice", m.facility),
-                    ));
-                }
-                if let Some(refusal) = member_refusal(conn, m.facility)? {
-                    return Ok(refusal);
-                }
-            }
+    let devices = DbDevices::new(conn);
+    let admitted = membership::admit(item, view.as_ref(), &devices, Point::Relay);
+    devices.check()?;
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(r) => return Ok(reject(r.code, r.message)),
+    };
+    match (item, admitted) {
+        (PushItem::Op { op }, membership::Admitted::Op(next)) => {
             conn.execute(
-                "INSERT INTO documents (id, kind, owner, epoch, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
-                params![doc.to_string(), kind.to_string(), op.facility.to_string(), unix_ms(now)],
+                "INSERT INTO documents (id, kind, view, epoch, ops, ops_head, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (id) DO UPDATE SET view = excluded.view, epoch = excluded.epoch,
+                     ops = excluded.ops, ops_head = excluded.ops_head",
+                params![
+                    doc.to_string(),
+                    next.kind.to_string(),
+                    cbor(&*next),
+                    next.epoch.0,
+                    next.ops,
+                    next.head.as_slice(),
+                    unix_ms(now)
+                ],
             )?;
-            let owner = Member {
-                facility: op.facility,
-                role: Role::Owner,
-            };
-            for m in std::iter::once(&owner).chain(others) {
+            let idx = view.as_ref().map_or(0, |v| v.ops);
+            conn.execute(
+                "INSERT INTO ops (doc, idx, hash, author, encoded, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    doc.to_string(),
+                    idx,
+                    op.hash().as_slice(),
+                    op.author.to_string(),
+                    cbor(op),
+                    unix_ms(now)
+                ],
+            )?;
+            conn.execute("DELETE FROM members WHERE doc = ?1", [doc.to_string()])?;
+            for m in &next.members {
                 conn.execute(
                     "INSERT INTO members (doc, facility, role) VALUES (?1, ?2, ?3)",
                     params![doc.to_string(), m.facility.to_string(), m.role.to_string()],
                 )?;
             }
-            info!(%doc, %kind, facility = %op.facility, members = others.len() + 1, "document created");
+            info!(%doc, kind = %next.kind, ops = next.ops, epoch = %next.epoch, members = next.members.len(), "membership operation stored");
+            touched.insert(doc);
+            Ok(PushResult::Accepted { seq: None })
         }
-        DocOpBody::SetMember { facility, role } => {
-            if current.is_none() {
-                return Ok(reject(
-                    ErrorCode::UnknownDocument,
-                    format!("document {doc} is not known at this relay"),
-                ));
-            }
-            if let Some(refusal) = owner_refusal(conn, doc, op.facility)? {
-                return Ok(refusal);
-            }
-            let existing = member_role(conn, doc, *facility)?;
-            let owners: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM members WHERE doc = ?1 AND role = 'owner'",
-                [doc.to_string()],
-                |r| r.get(0),
-            )?;
-            if existing == Some(Role::Owner) && *role != Some(Role::Owner) && owners <= 1 {
-                return Ok(reject(
-                    ErrorCode::Conflict,
-                    "this would leave the document without an owner",
-                ));
-            }
-            match role {
-                Some(role) => {
-                    if let Some(refusal) = member_refusal(conn, *facility)? {
-                        return Ok(refusal);
-                    }
-                    if existing.is_none() {
-                        let count: i64 = conn.query_row(
-                            "SELECT COUNT(*) FROM members WHERE doc = ?1",
-                            [doc.to_string()],
-                            |r| r.get(0),
-                        )?;
-                        if usize::try_from(count).unwrap_or(usize::MAX) >= DOCUMENT_MEMBERS_MAX {
-                            return Ok(reject(
-                                ErrorCode::TooLarge,
-                                format!(
-                                    "document {doc} already has {DOCUMENT_MEMBERS_MAX} members, the most allowed"
-                                ),
-                            ));
-                        }
-                    }
-                    conn.execute(
-                        "INSERT INTO members (doc, facility, role) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (doc, facility) DO UPDATE SET role = excluded.role",
-                        params![doc.to_string(), facility.to_string(), role.to_string()],
-                    )?;
-                }
-                None => {
-                    conn.execute(
-                        "DELETE FROM members WHERE doc = ?1 AND facility = ?2",
-                        params![doc.to_string(), facility.to_string()],
-                    )?;
-                }
-            }
-            info!(%doc, member = %facility, role = ?role, by = %op.facility, "membership changed");
-        }
-        DocOpBody::NewEpoch { epoch } => {
-            let Some(current) = current else {
-                return Ok(reject(
-                    ErrorCode::UnknownDocument,
-                    format!("document {doc} is not known at this relay"),
-                ));
-            };
-            if let Some(refusal) = owner_refusal(conn, doc, op.facility)? {
-                return Ok(refusal);
-            }
-            if current.0.checked_add(1) != Some(epoch.0) {
-                return Ok(reject(
-                    ErrorCode::Conflict,
-                    format!(
-                        "epoch {epoch} is not the next epoch of document {doc} (its current epoch is {current})"
-                    ),
-                ));
-            }
+        (PushItem::Grant { grant }, _) => {
             conn.execute(
-                "UPDATE documents SET epoch = ?2 WHERE id = ?1",
-                params![doc.to_string(), epoch.0],
+                "INSERT INTO grants (hash, doc, epoch, author, encoded, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![grant.hash().as_slice(), doc.to_string(), grant.epoch.0, grant.author.to_string(), cbor(grant), unix_ms(now)],
             )?;
-            info!(%doc, %epoch, by = %op.facility, "new key epoch");
+            info!(%doc, epoch = %grant.epoch, recipients = grant.recipients.len(), "key grant stored");
+            Ok(PushResult::Accepted { seq: None })
         }
+        (PushItem::Bundle { envelope }, _) => {
+            let encoded = envelope.encode();
+            let id = BundleId::of_bytes(&encoded);
+            let seq = head(conn, doc)?.0 + 1;
+            conn.execute(
+                "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    doc.to_string(),
+                    i64::try_from(seq).unwrap_or(i64::MAX),
+                    id.0.as_slice(),
+                    encoded,
+                    envelope.author.to_string(),
+                    envelope.facility.to_string(),
+                    envelope.epoch.0,
+                    encoded.len() as i64,
+                    unix_ms(now)
+                ],
+            )?;
+            debug!(%doc, seq, bytes = encoded.len(), bundle = %id, "bundle accepted");
+            touched.insert(doc);
+            Ok(PushResult::Accepted {
+                seq: Some(Seq(seq)),
+            })
+        }
+        _ => Ok(reject(ErrorCode::Malformed, "unexpected item")),
     }
-    insert_op(conn, op, &hash, now)?;
-    touched.insert(doc);
-    Ok(PushResult::Accepted { seq: None })
 }
 
-/// Refuses an item unless `author` is a current device of `facility`.
-fn author_refusal(
-    conn: &Connection,
-    author: &DeviceId,
-    facility: FacilityId,
-    what: &str,
-) -> Result<Option<PushResult>, StoreError> {
-    Ok(match device_state(conn, author)? {
-        DeviceState::Of(f) if f == facility => None,
-        DeviceState::Revoked => Some(reject(
-            ErrorCode::Revoked,
-            format!("the {what} is signed by {author}, a revoked device"),
-        )),
-        DeviceState::Of(_) | DeviceState::Unknown => Some(reject(
-            ErrorCode::Forbidden,
-            format!(
-                "the {what} is signed by {author}, which is not a current device of facility {facility}"
-            ),
-        )),
-    })
-}
-
-fn owner_refusal(
-    conn: &Connection,
-    doc: DocumentId,
-    facility: FacilityId,
-) -> Result<Option<PushResult>, StoreError> {
-    Ok(match member_role(conn, doc, facility)? {
-        None => Some(reject(
-            ErrorCode::NotMember,
-            format!("facility {facility} is not a member of document {doc}"),
-        )),
-        Some(Role::Owner) => None,
-        Some(role) => Some(reject(
-            ErrorCode::Forbidden,
-            format!(
-                "only an owner can change members or keys; facility {facility} is a {role} of this document"
-            ),
-        )),
-    })
-}
-
-fn push_grant(
+/// A device registers an invite it issued for another device of its facility.
+fn push_invite(
     conn: &Connection,
     caller: Caller,
-    grant: &KeyGrant,
+    reg: &InviteRegistration,
     now: SystemTime,
 ) -> Result<PushResult, StoreError> {
-    let doc = grant.doc;
-    match grant.verify() {
-        Ok(()) => {}
-        Err(OpError::TooMany { what, n, max }) => {
-            return Ok(reject(
-                ErrorCode::TooLarge,
-                format!("a key grant names {n} {what}, over the limit of {max}"),
-            ));
-        }
-        Err(_) => {
-            return Ok(reject(
-                ErrorCode::BadSignature,
-                "the key grant's signature does not verify",
-            ));
-        }
-    }
-    if let Some(refusal) = author_refusal(conn, &grant.author, grant.facility, "key grant")? {
-        return Ok(refusal);
-    }
-    let current = match member_epoch(conn, caller, doc)? {
-        Ok(epoch) => epoch,
-        Err((code, message)) => return Ok(reject(code, message)),
-    };
-    let hash = grant.hash();
-    let seen: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM grants WHERE hash = ?1)",
-        [hash.as_slice()],
-        |r| r.get(0),
-    )?;
-    if seen {
-        return Ok(PushResult::Duplicate { seq: None });
-    }
-    if grant.epoch > current {
-        return Ok(reject(
-            ErrorCode::Conflict,
-            format!(
-                "the key grant is for epoch {} but document {doc} is at epoch {current}",
-                grant.epoch
-            ),
-        ));
-    }
-    if grant.recipients.is_empty() {
-        return Ok(reject(
-            ErrorCode::Malformed,
-            "the key grant names no recipients",
-        ));
-    }
-    for r in &grant.recipients {
-        let ok = match device_state(conn, r)? {
-            DeviceState::Of(f) => member_role(conn, doc, f)?.is_some(),
-            DeviceState::Unknown | DeviceState::Revoked => false,
-        };
-        if !ok {
-            return Ok(reject(
-                ErrorCode::Forbidden,
-                format!(
-                    "recipient {r} is not a current device of a member facility of document {doc}"
-                ),
-            ));
-        }
-    }
-    let mut encoded = Vec::new();
-    ciborium::into_writer(grant, &mut encoded).expect("writing to a Vec cannot fail");
-    conn.execute(
-        "INSERT INTO grants (hash, doc, epoch, author, encoded, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![hash.as_slice(), doc.to_string(), grant.epoch.0, grant.author.to_string(), encoded, unix_ms(now)],
-    )?;
-    info!(%doc, epoch = %grant.epoch, recipients = grant.recipients.len(), "key grant stored");
-    Ok(PushResult::Accepted { seq: None })
-}
-
-fn push_bundle(
-    conn: &Connection,
-    caller: Caller,
-    envelope: &Envelope,
-    now: SystemTime,
-    touched: &mut BTreeSet<DocumentId>,
-) -> Result<PushResult, StoreError> {
-    let doc = envelope.doc;
-    match envelope.check() {
-        Ok(()) => {}
-        Err(e @ BundleError::TooLarge { .. }) => {
-            return Ok(reject(ErrorCode::TooLarge, e.to_string()));
-        }
-        Err(e) => return Ok(reject(ErrorCode::Malformed, e.to_string())),
-    }
-    if envelope.verify_signature().is_err() {
+    if reg.verify().is_err() {
         return Ok(reject(
             ErrorCode::BadSignature,
-            "the bundle's signature does not verify",
+            "the invite registration's signature does not verify",
         ));
     }
-    let current = match member_epoch(conn, caller, doc)? {
-        Ok(epoch) => epoch,
-        Err((code, message)) => return Ok(reject(code, message)),
-    };
-    let encoded = envelope.encode();
-    let id = BundleId::of_bytes(&encoded);
-    let existing: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM bundles WHERE bundle_id = ?1",
-            [id.0.as_slice()],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if let Some(seq) = existing {
-        return Ok(PushResult::Duplicate {
-            seq: Some(Seq(u64::try_from(seq).unwrap_or(0))),
-        });
-    }
-    match member_role(conn, doc, envelope.facility)? {
-        None => {
-            return Ok(reject(
-                ErrorCode::Forbidden,
-                format!(
-                    "facility {} is not a member of this document",
-                    envelope.facility
-                ),
-            ));
-        }
-        Some(role) if !role.can_write() => {
-            return Ok(reject(
-                ErrorCode::Forbidden,
-                format!(
-                    "facility {} is a reader of this document",
-                    envelope.facility
-                ),
-            ));
-        }
-        Some(_) => {}
-    }
-    match device_state(conn, &envelope.author)? {
-        DeviceState::Of(f) if f == envelope.facility => {}
-        DeviceState::Revoked => {
-            return Ok(reject(
-                ErrorCode::Revoked,
-                format!("device {} has been revoked", envelope.author),
-            ));
-        }
-        DeviceState::Of(_) | DeviceState::Unknown => {
-            return Ok(reject(
-                ErrorCode::Forbidden,
-                format!(
-                    "device {} is not a device of facility {}",
-                    envelope.author, envelope.facility
-                ),
-            ));
-        }
-    }
-    if envelope.epoch > current {
+    if reg.author != caller.device || reg.facility != caller.facility {
         return Ok(reject(
-            ErrorCode::Conflict,
-            format!(
-                "the bundle is in epoch {} but document {doc} is at epoch {current}",
-                envelope.epoch
-            ),
+            ErrorCode::Forbidden,
+            "a device registers invites for its own facility only",
         ));
     }
-    let seq = head(conn, doc)?.0 + 1;
-    conn.execute(
-        "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    let now_ms = unix_ms(now);
+    let expires = i64::try_from(reg.expires_at_ms).unwrap_or(i64::MAX);
+    if expires <= now_ms || expires > now_ms.saturating_add((INVITE_EXPIRES_SECS_MAX * 1000) as i64)
+    {
+        return Ok(reject(
+            ErrorCode::InviteInvalid,
+            "the invite has expired or lasts longer than allowed",
+        ));
+    }
+    let inserted = conn.execute(
+        "INSERT OR IGNORE INTO invites (invite_id, kind, facility, registered_by, created_at, expires_at)
+         VALUES (?1, 'device', ?2, ?3, ?4, ?5)",
         params![
-            doc.to_string(),
-            i64::try_from(seq).unwrap_or(i64::MAX),
-            id.0.as_slice(),
-            encoded,
-            envelope.author.to_string(),
-            envelope.facility.to_string(),
-            envelope.epoch.0,
-            encoded.len() as i64,
-            unix_ms(now)
+            reg.invite.0.as_slice(),
+            reg.facility.to_string(),
+            reg.author.to_string(),
+            now_ms,
+            expires
         ],
     )?;
-    debug!(%doc, seq, bytes = encoded.len(), bundle = %id, "bundle accepted");
-    touched.insert(doc);
-    Ok(PushResult::Accepted {
-        seq: Some(Seq(seq)),
-    })
+    if inserted == 0 {
+        return Ok(PushResult::Duplicate { seq: None });
+    }
+    info!(facility = %reg.facility, invite = %reg.invite, "device invite registered");
+    Ok(PushResult::Accepted { seq: None })
+}
+
+/// A current device of a facility appends the next link of its device chain: it approves a pending
+/// join request (adds the device) or revokes a device.
+fn push_approve(
+    conn: &Connection,
+    caller: Caller,
+    link: &DeviceLink,
+    sealed_pseudonym: &[u8],
+    now: SystemTime,
+) -> Result<PushResult, StoreError> {
+    if link.facility != caller.facility || link.signer != caller.device {
+        return Ok(reject(
+            ErrorCode::Forbidden,
+            "a device pushes the links it signed, for its own facility only",
+        ));
+    }
+    let Some((cert, mut links)) = store::facility_chain(conn, link.facility)? else {
+        return Ok(reject(
+            ErrorCode::Conflict,
+            format!("facility {} is not certified here", link.facility),
+        ));
+    };
+    if links.iter().any(|l| l == link) {
+        return Ok(PushResult::Duplicate { seq: None });
+    }
+    let before = links.len();
+    links.push(link.clone());
+    let state = verify_chain(&cert, &links);
+    if state.valid as usize != before + 1 {
+        let stale = link.seq as usize != before + 1;
+        return Ok(reject(
+            if stale {
+                ErrorCode::Stale
+            } else {
+                ErrorCode::Forbidden
+            },
+            state
+                .refused
+                .unwrap_or_else(|| "the link does not extend the facility's chain".into()),
+        ));
+    }
+    if let DeviceChange::Add { device, .. } = &link.change {
+        let changed = conn.execute(
+            "UPDATE join_requests SET approved_at = ?1, sealed_pseudonym = ?2
+             WHERE device = ?3 AND facility = ?4 AND approved_at IS NULL",
+            params![
+                unix_ms(now),
+                sealed_pseudonym,
+                device.to_string(),
+                link.facility.to_string()
+            ],
+        )?;
+        if changed != 1 {
+            return Ok(reject(
+                ErrorCode::Forbidden,
+                format!("no device {device} is waiting to join this facility"),
+            ));
+        }
+        conn.execute(
+            "UPDATE invites SET used_at = ?1, used_by = ?2
+             WHERE invite_id = (SELECT invite_id FROM join_requests WHERE device = ?2 AND facility = ?3)",
+            params![unix_ms(now), device.to_string(), link.facility.to_string()],
+        )?;
+        info!(facility = %link.facility, %device, by = %link.signer, "device approved");
+    } else {
+        info!(facility = %link.facility, by = %link.signer, "device revoked by its facility");
+    }
+    store::insert_link(conn, link, now)?;
+    store::bump_directory_version(conn)?;
+    Ok(PushResult::Accepted { seq: None })
 }
 
 /// `Notify{doc, head, epoch}` for every current device of every member facility of `doc` except `caller`.
@@ -1192,19 +1131,26 @@ fn notifications(
     doc: DocumentId,
     caller: DeviceId,
 ) -> Result<Vec<Notification>, StoreError> {
-    let Some(epoch) = doc_epoch(conn, doc)? else {
+    let epoch: Option<u32> = conn
+        .query_row(
+            "SELECT epoch FROM documents WHERE id = ?1",
+            [doc.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(epoch) = epoch else {
         return Ok(vec![]);
     };
     let request = Request::Notify {
         doc,
         head: head(conn, doc)?,
-        epoch,
+        epoch: Epoch(epoch),
     };
     let mut st = conn.prepare(
         "SELECT d.peer_id FROM members m
          JOIN facilities f ON f.id = m.facility
          JOIN devices d ON d.facility = m.facility
-         WHERE m.doc = ?1 AND NOT f.revoked AND NOT d.revoked",
+         WHERE m.doc = ?1 AND NOT f.revoked AND NOT d.revoked AND NOT d.chain_revoked",
     )?;
     let out = st
         .query_map([doc.to_string()], |r| parse_col::<DeviceId>(r, 0))?

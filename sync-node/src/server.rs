@@ -24,6 +24,7 @@ use musubi_transport::{BehaviourEvent, build_swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::authority::Authority;
 use crate::relay::{Notification, Relay};
 use crate::store::{Store, StoreError};
 
@@ -99,22 +100,25 @@ enum Done {
 
 /// Serves `/musubi/sync/1` on `listen` until an error stops it.
 pub async fn serve(listen: Vec<Multiaddr>, store: Store, config: Config) -> Result<(), ServeError> {
-    serve_until(listen, store, config, std::future::pending()).await
+    serve_until(listen, store, None, config, std::future::pending()).await
 }
 
-/// Serves until `shutdown` completes (then returns `Ok`), or an error stops it.
+/// Serves until `shutdown` completes (then returns `Ok`), or an error stops it. With `authority`
+/// (unlocked), new facilities are approved as they join (the embedded default).
 ///
 /// Every acknowledged push was committed before its answer was sent, so stopping at any point loses
 /// nothing that was acknowledged.
 pub async fn serve_until(
     listen: Vec<Multiaddr>,
     mut store: Store,
+    authority: Option<Authority>,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     store.set_listen_addrs(&[], SystemTime::now())?;
-    let relay = Relay::new(store)?;
+    let relay = Relay::with_authority(store, authority)?;
     let keypair = relay.secrets().keypair().clone();
+    let generation = relay.generation();
     let local = keypair.public().to_peer_id();
     let mut swarm = build_swarm(keypair, false)?;
     for addr in listen {
@@ -225,7 +229,7 @@ pub async fn serve_until(
                             if pending.len() >= config.requests_queued_max {
                                 warn!(parent: &span, %request_id, "busy: refusing a request");
                                 let busy = Response::error(ErrorCode::Internal, "the relay is busy; retry in a moment");
-                                let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&busy));
+                                let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_relay_response(&generation, &busy));
                                 continue;
                             }
                             let id = next_id;

@@ -3,16 +3,23 @@
 //! Layout of a data directory (`DATA`):
 //! - `DATA/node.db` (+ `-wal`, `-shm`): SQLite in WAL mode with `synchronous=FULL`, so a commit that
 //!   returned is on disk; the relay answers a push only after its commit.
-//! - `DATA/relay.key`: the relay's Ed25519 and age seeds (CBOR, file mode 0600). It signs the directory
-//!   and authenticates the relay's libp2p connections.
+//! - `DATA/relay.key`: the relay's Ed25519 and age seeds (CBOR, file mode 0600). It authenticates the
+//!   relay's libp2p connections and signs what only the relay decides (the directory's version and
+//!   the operator's revocations). It never holds the deployment authority's key: `init` copies only
+//!   the authority's public key and the deployment id from `ADIR/authority.pub`.
 //! - `DATA/logs/node.log`: plain-text log written by the binary.
 //!
 //! Several processes may open the same directory at once (`serve` and the operator's `invite`,
 //! `facilities`, `revoke`): WAL lets readers run beside the writer and a busy timeout serialises writers.
 //! The schema is versioned with `PRAGMA user_version` and upgraded by [`Store::open`].
 //!
-//! Only public material lives here: ids, public keys, names, membership, sizes, times, and the
-//! ciphertext bundles and key grants exactly as facilities pushed them (DESIGN invariant 1).
+//! Only public material lives here: ids, public keys, certificates and device chains, names,
+//! membership operations, sizes, times, and the ciphertext bundles and key grants exactly as
+//! facilities pushed them (DESIGN invariant 1). Invites are known by their public id only; the
+//! secrets stay with whoever issued them.
+//!
+//! The store has a **generation**: 16 random bytes made at `init` (and anew by a restore), sent in
+//! every response frame, so devices notice a relay that went back in time.
 
 use std::collections::HashSet;
 use std::fs;
@@ -23,14 +30,19 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use musubi_crdt::crypto::DeviceSecrets;
-use musubi_crdt::directory::{DeviceEntry, Directory, FacilityEntry};
+use musubi_crdt::directory::{
+    DeviceChange, DeviceLink, DirectoryBody, FacilityCert, FacilityRecord as Record, safety_number,
+};
 use musubi_crdt::ids::{DeploymentId, DeviceId, FacilityId, FacilityRole};
+use musubi_crdt::invite::{InviteCode, InviteFor, InviteId, JoinRequest};
 use musubi_crdt::limits::{DIRECTORY_FACILITIES_MAX, FACILITY_NAME_BYTES_MAX};
+use musubi_crdt::protocol::Generation;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Row, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use crate::invite::{INVITE_ADDR_BYTES_MAX, INVITE_ADDRS_MAX, InviteCode, hash_secret};
+use crate::authority::{Approval, AuthorityPublic};
+use crate::invite::{INVITE_ADDR_BYTES_MAX, INVITE_ADDRS_MAX};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "node.db";
@@ -41,14 +53,15 @@ pub const LOG_DIR: &str = "logs";
 /// File name of the log inside [`LOG_DIR`].
 pub const LOG_FILE: &str = "node.log";
 
-/// The schema version this build writes ([`Store::open`] upgrades older ones).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build writes. Version 1 (relay-signed membership, before the deployment
+/// authority) is not upgraded: it held no deployed data.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another process's write lock before failing, in milliseconds.
 pub const BUSY_TIMEOUT_MS: u64 = 10_000;
 
 /// Longest invite lifetime accepted, in seconds (30 days).
-pub const INVITE_EXPIRES_SECS_MAX: u64 = 30 * 24 * 3600;
+pub const INVITE_EXPIRES_SECS_MAX: u64 = musubi_crdt::limits::INVITE_EXPIRES_SECS_MAX;
 
 /// Errors of the data directory and the database.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +98,14 @@ pub enum StoreError {
         /// The version found.
         found: i64,
     },
+    /// The database was written before the deployment authority existed.
+    #[error(
+        "the database has schema version {found}, from before the deployment authority; make a new relay with `musubi-node init --authority ADIR` and enrol the facilities again"
+    )]
+    SchemaTooOld {
+        /// The version found.
+        found: i64,
+    },
     /// SQLite failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -114,9 +135,19 @@ pub enum StoreError {
     InvalidName(usize),
     /// A facility with this name exists or is pending.
     #[error(
-        "a facility named {0:?} already exists or has an open invite; to enrol another device of it use --facility"
+        "a facility named {0:?} already exists or has an open invite; another device of a facility is invited at one of its devices (`musubi device invite`)"
     )]
     NameTaken(String),
+    /// The data directory belongs to another deployment than the authority given.
+    #[error(
+        "this relay serves deployment {relay}, but the authority certifies deployment {authority}"
+    )]
+    OtherDeployment {
+        /// The relay's deployment.
+        relay: String,
+        /// The authority's.
+        authority: String,
+    },
     /// The deployment has the most facilities allowed.
     #[error("the deployment already has {DIRECTORY_FACILITIES_MAX} facilities, the most allowed")]
     TooManyFacilities,
@@ -173,36 +204,6 @@ struct KeyFile {
     age_seed: [u8; 32],
 }
 
-/// What an invite enrols.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InviteKind {
-    /// A new facility with this name and role; the joining device is its first.
-    NewFacility {
-        /// The facility's name (1 to `FACILITY_NAME_BYTES_MAX` bytes).
-        name: String,
-        /// What kind of facility.
-        role: FacilityRole,
-    },
-    /// Another device of an existing facility.
-    Device {
-        /// The facility.
-        facility: FacilityId,
-    },
-}
-
-/// An invite as issued: the code to hand out and what it enrols.
-#[derive(Debug, Clone)]
-pub struct IssuedInvite {
-    /// The code (contains the secret; print it once, never log it).
-    pub code: InviteCode,
-    /// What it enrols.
-    pub kind: InviteKind,
-    /// The facility's name (the new one, or the existing one for a device invite).
-    pub facility_name: String,
-    /// When it stops working, ms since the Unix epoch.
-    pub expires_at_ms: i64,
-}
-
 /// One device of a facility, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DeviceRecord {
@@ -212,7 +213,7 @@ pub struct DeviceRecord {
     /// Its age recipient (`age1...`).
     #[serde(skip)]
     pub age_recipient: String,
-    /// Whether the operator revoked it.
+    /// Whether the operator revoked it, or its facility's chain did.
     pub revoked: bool,
     /// When it enrolled, ms since the Unix epoch.
     #[serde(skip)]
@@ -232,12 +233,38 @@ pub struct FacilityRecord {
     pub role: FacilityRole,
     /// Whether the operator revoked the whole facility.
     pub revoked: bool,
+    /// The safety number of its root key.
+    pub safety_number: String,
     /// Its devices in enrolment order.
     pub devices: Vec<DeviceRecord>,
 }
 
+/// A join request waiting for approval, as `musubi-node approve` lists it.
+#[derive(Clone, Debug)]
+pub struct PendingJoin {
+    /// The request.
+    pub request: JoinRequest,
+    /// The new facility's name (for a new-facility invite).
+    pub name: Option<String>,
+    /// When it arrived, ms since the Unix epoch.
+    pub received_at_ms: i64,
+}
+
 fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+pub(crate) fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+pub(crate) fn uncbor<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, StoreError> {
+    ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
 /// What `revoke` did.
@@ -278,11 +305,17 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Creates a relay in `dir`: the directory (mode 0700 if new), the database, the relay key
-    /// (mode 0600) and a random deployment id, named `deployment_name`.
+    /// Creates a relay in `dir` for the deployment of `authority`: the directory (mode 0700 if new),
+    /// the database, the relay key (mode 0600), a store generation, and the authority's public key
+    /// and deployment id (never its secret). `deployment_name` overrides the authority's name.
     ///
     /// Errors: [`StoreError::AlreadyInitialised`] when `dir` already holds a database or key; IO errors.
-    pub fn init(dir: &Path, deployment_name: &str, now: SystemTime) -> Result<Self, StoreError> {
+    pub fn init(
+        dir: &Path,
+        authority: &AuthorityPublic,
+        deployment_name: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Self, StoreError> {
         let db = dir.join(DB_FILE);
         let key = dir.join(KEY_FILE);
         if db.exists() || key.exists() {
@@ -330,12 +363,19 @@ impl Store {
         };
         store.configure()?;
         let tx = store.conn.transaction()?;
-        let deployment = DeploymentId::from_random_bytes(rand::random());
+        let generation: Generation = rand::random();
         for (k, v) in [
-            ("deployment_id", deployment.to_string()),
-            ("deployment_name", deployment_name.to_owned()),
+            ("deployment_id", authority.deployment.to_string()),
+            (
+                "deployment_name",
+                deployment_name
+                    .unwrap_or(&authority.deployment_name)
+                    .to_owned(),
+            ),
+            ("authority", authority.key.to_string()),
             ("relay_peer_id", secrets.device_id().to_string()),
             ("directory_version", "1".to_owned()),
+            ("generation", hex::encode(generation)),
             ("created_at", unix_ms(now).to_string()),
         ] {
             tx.execute(
@@ -347,9 +387,10 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens the relay in `dir`, upgrading its schema if needed.
+    /// Opens the relay in `dir`.
     ///
-    /// Errors: [`StoreError::NotInitialised`] when there is no database; [`StoreError::SchemaTooNew`].
+    /// Errors: [`StoreError::NotInitialised`] when there is no database; [`StoreError::SchemaTooNew`],
+    /// [`StoreError::SchemaTooOld`].
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = dir.join(DB_FILE);
         if !db.exists() {
@@ -413,28 +454,7 @@ impl Store {
     }
 
     fn meta(&self, key: &str) -> Result<String, StoreError> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| StoreError::Corrupt(format!("meta value {key} is missing")))
-    }
-
-    /// The deployment's secret for pseudonymous card ids (32 bytes, HMAC-SHA256 key; DESIGN invariant 7).
-    ///
-    /// Made on first use and handed to every device at enrolment. The relay never sees a card id:
-    /// pseudonyms live only inside encrypted documents.
-    pub fn pseudonym_secret(&self) -> Result<[u8; 32], StoreError> {
-        let fresh: [u8; 32] = rand::random();
-        self.conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('pseudonym_secret', ?1)",
-            [hex::encode(fresh)],
-        )?;
-        let text = self.meta("pseudonym_secret")?;
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut out).map_err(|_| {
-            StoreError::Corrupt("meta value pseudonym_secret is not 64 hex digits".into())
-        })?;
-        Ok(out)
+        meta(&self.conn, key)
     }
 
     /// The deployment id.
@@ -444,9 +464,16 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("{e}")))
     }
 
-    /// The deployment's name as given to `init`.
+    /// The deployment's name.
     pub fn deployment_name(&self) -> Result<String, StoreError> {
         self.meta("deployment_name")
+    }
+
+    /// The deployment authority's key (public), as recorded at `init`.
+    pub fn authority(&self) -> Result<DeviceId, StoreError> {
+        self.meta("authority")?
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("{e}")))
     }
 
     /// The relay's device id (PeerId), as recorded at `init`.
@@ -456,7 +483,17 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("{e}")))
     }
 
-    /// The directory's version: increases with every enrolment and revocation.
+    /// The store's generation (sent in every response frame).
+    pub fn generation(&self) -> Result<Generation, StoreError> {
+        let text = self.meta("generation")?;
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(text.trim(), &mut out).map_err(|_| {
+            StoreError::Corrupt("meta value generation is not 32 hex digits".into())
+        })?;
+        Ok(out)
+    }
+
+    /// The directory's version: increases with every enrolment, approval and revocation.
     pub fn directory_version(&self) -> Result<u64, StoreError> {
         directory_version(&self.conn)
     }
@@ -490,7 +527,16 @@ impl Store {
         Ok(rows)
     }
 
-    /// Every facility with its devices, in enrolment order.
+    /// The addresses an invite carries (non-loopback first, at most `INVITE_ADDRS_MAX`).
+    pub fn invite_addrs(&self) -> Result<Vec<String>, StoreError> {
+        let mut addrs = self.listen_addrs()?;
+        addrs.retain(|a| a.len() <= INVITE_ADDR_BYTES_MAX);
+        addrs.sort_by_key(|a| is_loopback(a));
+        addrs.truncate(INVITE_ADDRS_MAX);
+        Ok(addrs)
+    }
+
+    /// Every certified facility with its devices, in enrolment order.
     pub fn facilities(&self) -> Result<Vec<FacilityRecord>, StoreError> {
         facilities(&self.conn)
     }
@@ -513,107 +559,119 @@ impl Store {
         }
     }
 
-    /// The signed-directory content: every facility with its devices' public keys.
-    pub fn directory(&self) -> Result<Directory, StoreError> {
-        directory(&self.conn)
+    /// What the relay signs as its directory: every certificate and device chain it stores, its
+    /// version and the operator's revocations.
+    pub fn directory_body(&self) -> Result<DirectoryBody, StoreError> {
+        directory_body(&self.conn)
     }
 
-    /// Issues a single-use invite with `secret` (32 random bytes) that expires `expires` after `now`.
+    /// Registers an invite for a new facility `name` of `role` (the authority keeps its secret) and
+    /// returns the code to hand out. The code carries the recorded listen addresses.
     ///
-    /// The code carries the recorded listen addresses (at most `INVITE_ADDRS_MAX`, non-loopback first).
-    /// Errors: invalid name or expiry, a taken name, an unknown or revoked facility, too many facilities.
-    pub fn issue_invite(
+    /// Errors: invalid name or expiry, a taken name, too many facilities.
+    pub fn issue_facility_invite(
         &mut self,
-        kind: InviteKind,
         secret: [u8; 32],
+        name: &str,
+        role: FacilityRole,
         now: SystemTime,
         expires: Duration,
-    ) -> Result<IssuedInvite, StoreError> {
+    ) -> Result<InviteCode, StoreError> {
         if expires.is_zero() || expires.as_secs() > INVITE_EXPIRES_SECS_MAX {
             return Err(StoreError::InvalidExpiry);
         }
+        if name.trim().is_empty() || name.len() > FACILITY_NAME_BYTES_MAX || name.trim() != name {
+            return Err(StoreError::InvalidName(name.len()));
+        }
         let expires_at_ms =
             unix_ms(now).saturating_add(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX));
+        let id = InviteId::of_secret(&secret);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let facility_name = match &kind {
-            InviteKind::NewFacility { name, .. } => {
-                if name.trim().is_empty()
-                    || name.len() > FACILITY_NAME_BYTES_MAX
-                    || name.trim() != name
-                {
-                    return Err(StoreError::InvalidName(name.len()));
-                }
-                let count: i64 =
-                    tx.query_row("SELECT COUNT(*) FROM facilities", [], |r| r.get(0))?;
-                if usize::try_from(count).unwrap_or(usize::MAX) >= DIRECTORY_FACILITIES_MAX {
-                    return Err(StoreError::TooManyFacilities);
-                }
-                let taken: bool = tx.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM facilities WHERE name = ?1)
-                         OR EXISTS (SELECT 1 FROM invites WHERE kind = 'facility' AND name = ?1
-                                    AND used_at IS NULL AND expires_at > ?2)",
-                    params![name, unix_ms(now)],
-                    |r| r.get(0),
-                )?;
-                if taken {
-                    return Err(StoreError::NameTaken(name.clone()));
-                }
-                name.clone()
-            }
-            InviteKind::Device { facility } => {
-                let row: Option<(String, bool)> = tx
-                    .query_row(
-                        "SELECT name, revoked FROM facilities WHERE id = ?1",
-                        [facility.to_string()],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                match row {
-                    None => return Err(StoreError::UnknownFacility(facility.to_string())),
-                    Some((name, true)) => return Err(StoreError::FacilityRevoked(name)),
-                    Some((name, false)) => name,
-                }
-            }
-        };
-        let (k, name, role, facility) = match &kind {
-            InviteKind::NewFacility { name, role } => {
-                ("facility", Some(name.clone()), Some(role.to_string()), None)
-            }
-            InviteKind::Device { facility } => ("device", None, None, Some(facility.to_string())),
-        };
+        let count: i64 = tx.query_row("SELECT COUNT(*) FROM facilities", [], |r| r.get(0))?;
+        if usize::try_from(count).unwrap_or(usize::MAX) >= DIRECTORY_FACILITIES_MAX {
+            return Err(StoreError::TooManyFacilities);
+        }
+        let taken: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM facilities WHERE name = ?1)
+                 OR EXISTS (SELECT 1 FROM invites WHERE kind = 'facility' AND name = ?1
+                            AND used_at IS NULL AND expires_at > ?2)",
+            params![name, unix_ms(now)],
+            |r| r.get(0),
+        )?;
+        if taken {
+            return Err(StoreError::NameTaken(name.to_owned()));
+        }
         tx.execute(
-            "INSERT INTO invites (secret_hash, kind, name, role, facility, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO invites (invite_id, kind, name, role, facility, created_at, expires_at)
+             VALUES (?1, 'facility', ?2, ?3, NULL, ?4, ?5)",
             params![
-                hash_secret(&secret).as_slice(),
-                k,
+                id.0.as_slice(),
                 name,
-                role,
-                facility,
+                role.to_string(),
                 unix_ms(now),
                 expires_at_ms
             ],
         )?;
         tx.commit()?;
-        let relay = self.relay_device()?;
-        let mut addrs = self.listen_addrs()?;
-        addrs.retain(|a| a.len() <= INVITE_ADDR_BYTES_MAX);
-        addrs.sort_by_key(|a| is_loopback(a));
-        addrs.truncate(INVITE_ADDRS_MAX);
-        let code = InviteCode {
+        Ok(InviteCode {
             deployment: self.deployment()?,
-            relay,
-            addrs,
+            relay: self.relay_device()?,
+            addrs: self.invite_addrs()?,
+            authority: self.authority()?,
+            invite: InviteFor::NewFacility {
+                name: name.to_owned(),
+                role,
+            },
+            expires_at_ms: u64::try_from(expires_at_ms).unwrap_or(0),
             secret: secret.to_vec(),
-        };
-        Ok(IssuedInvite {
-            code,
-            kind,
-            facility_name,
-            expires_at_ms,
         })
+    }
+
+    /// Join requests for new-facility invites that wait for the authority, oldest first.
+    pub fn pending_facility_joins(&self) -> Result<Vec<PendingJoin>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT j.request, i.name, j.received_at FROM join_requests j
+             JOIN invites i ON i.invite_id = j.invite_id
+             WHERE i.kind = 'facility' AND j.approved_at IS NULL ORDER BY j.received_at",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(b, name, at)| {
+                Ok(PendingJoin {
+                    request: uncbor(&b, "stored join request")?,
+                    name,
+                    received_at_ms: at,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores the authority's approval of a new facility (certificate, first link, the device, the
+    /// sealed pseudonym secret for the joining device) and bumps the directory version.
+    ///
+    /// Errors: the invite or request is unknown or already used; database errors.
+    pub fn store_approval(
+        &mut self,
+        request: &JoinRequest,
+        approval: &Approval,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        store_approval(&tx, request, approval, now)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Revokes a device (by device id) or a whole facility (by id or exact name) and bumps the directory
@@ -673,10 +731,12 @@ impl Store {
         })
     }
 
-    /// Devices that may not use the relay: revoked ones and every device of a revoked facility.
+    /// Devices that may not use the relay: revoked ones (by the operator or their facility's chain)
+    /// and every device of a revoked facility.
     pub fn revoked_devices(&self) -> Result<HashSet<DeviceId>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT d.peer_id FROM devices d JOIN facilities f ON f.id = d.facility WHERE d.revoked OR f.revoked",
+            "SELECT d.peer_id FROM devices d JOIN facilities f ON f.id = d.facility
+             WHERE d.revoked OR d.chain_revoked OR f.revoked",
         )?;
         let set = st
             .query_map([], |r| parse_col::<DeviceId>(r, 0))?
@@ -692,19 +752,134 @@ impl Store {
     }
 }
 
+pub(crate) fn meta(conn: &Connection, key: &str) -> Result<String, StoreError> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::Corrupt(format!("meta value {key} is missing")))
+}
+
+/// Stores an approved new facility (see [`Store::store_approval`]) inside the caller's transaction.
+pub(crate) fn store_approval(
+    conn: &Connection,
+    request: &JoinRequest,
+    approval: &Approval,
+    now: SystemTime,
+) -> Result<(), StoreError> {
+    let cert = &approval.cert;
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM facilities WHERE id = ?1)",
+        [cert.facility.to_string()],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Err(StoreError::Corrupt(format!(
+            "facility {} is certified already",
+            cert.facility
+        )));
+    }
+    let count: i64 = conn.query_row("SELECT COUNT(*) FROM facilities", [], |r| r.get(0))?;
+    if usize::try_from(count).unwrap_or(usize::MAX) >= DIRECTORY_FACILITIES_MAX {
+        return Err(StoreError::TooManyFacilities);
+    }
+    conn.execute(
+        "INSERT INTO facilities (id, name, role, cert, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            cert.facility.to_string(),
+            cert.name,
+            cert.role.to_string(),
+            cbor(cert),
+            unix_ms(now)
+        ],
+    )?;
+    insert_link(conn, &approval.genesis, now)?;
+    let changed = conn.execute(
+        "UPDATE join_requests SET approved_at = ?2, facility = ?3, sealed_pseudonym = ?4
+         WHERE invite_id = ?1 AND device = ?5 AND approved_at IS NULL",
+        params![
+            request.invite.0.as_slice(),
+            unix_ms(now),
+            cert.facility.to_string(),
+            approval.sealed_pseudonym,
+            request.device.device.to_string()
+        ],
+    )?;
+    if changed != 1 {
+        return Err(StoreError::Corrupt(
+            "no pending join request matches the approval".into(),
+        ));
+    }
+    conn.execute(
+        "UPDATE invites SET used_at = ?2, used_by = ?3 WHERE invite_id = ?1",
+        params![
+            request.invite.0.as_slice(),
+            unix_ms(now),
+            request.device.device.to_string()
+        ],
+    )?;
+    bump_directory_version(conn)?;
+    Ok(())
+}
+
+/// Appends a verified link to its facility's chain and updates the devices table.
+pub(crate) fn insert_link(
+    conn: &Connection,
+    link: &DeviceLink,
+    now: SystemTime,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO device_links (facility, seq, link) VALUES (?1, ?2, ?3)",
+        params![link.facility.to_string(), link.seq, cbor(link)],
+    )?;
+    match &link.change {
+        DeviceChange::Add {
+            device,
+            age_recipient,
+        } => {
+            conn.execute(
+                "INSERT INTO devices (peer_id, facility, age_recipient, enrolled_at) VALUES (?1, ?2, ?3, ?4)",
+                params![device.to_string(), link.facility.to_string(), age_recipient, unix_ms(now)],
+            )?;
+        }
+        DeviceChange::Revoke { device } => {
+            conn.execute(
+                "UPDATE devices SET chain_revoked = 1, revoked_at = COALESCE(revoked_at, ?2) WHERE peer_id = ?1",
+                params![device.to_string(), unix_ms(now)],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The certificate and device chain of a facility.
+pub(crate) fn facility_chain(
+    conn: &Connection,
+    facility: FacilityId,
+) -> Result<Option<(FacilityCert, Vec<DeviceLink>)>, StoreError> {
+    let cert: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT cert FROM facilities WHERE id = ?1",
+            [facility.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(cert) = cert else { return Ok(None) };
+    let cert: FacilityCert = uncbor(&cert, "stored certificate")?;
+    let mut st = conn.prepare("SELECT link FROM device_links WHERE facility = ?1 ORDER BY seq")?;
+    let links = st
+        .query_map([facility.to_string()], |r| r.get::<_, Vec<u8>>(0))?
+        .collect::<Result<Vec<_>, _>>()?
+        .iter()
+        .map(|b| uncbor(b, "stored device link"))
+        .collect::<Result<Vec<DeviceLink>, _>>()?;
+    Ok(Some((cert, links)))
+}
+
 fn is_loopback(addr: &str) -> bool {
     addr.starts_with("/ip4/127.") || addr.starts_with("/ip6/::1/")
 }
 
 pub(crate) fn directory_version(conn: &Connection) -> Result<u64, StoreError> {
-    let v: String = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'directory_version'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .ok_or_else(|| StoreError::Corrupt("meta value directory_version is missing".into()))?;
+    let v = meta(conn, "directory_version")?;
     v.parse()
         .map_err(|_| StoreError::Corrupt(format!("directory_version {v:?} is not a number")))
 }
@@ -718,20 +893,32 @@ pub(crate) fn bump_directory_version(conn: &Connection) -> rusqlite::Result<()> 
 }
 
 pub(crate) fn facilities(conn: &Connection) -> Result<Vec<FacilityRecord>, StoreError> {
-    let mut st = conn.prepare("SELECT id, name, role, revoked FROM facilities ORDER BY rowid")?;
+    let mut st =
+        conn.prepare("SELECT id, name, role, revoked, cert FROM facilities ORDER BY rowid")?;
     let mut out = st
         .query_map([], |r| {
-            Ok(FacilityRecord {
-                id: parse_col(r, 0)?,
-                name: r.get(1)?,
-                role: parse_col(r, 2)?,
-                revoked: r.get(3)?,
-                devices: vec![],
-            })
+            Ok((
+                FacilityRecord {
+                    id: parse_col(r, 0)?,
+                    name: r.get(1)?,
+                    role: parse_col(r, 2)?,
+                    revoked: r.get(3)?,
+                    safety_number: String::new(),
+                    devices: vec![],
+                },
+                r.get::<_, Vec<u8>>(4)?,
+            ))
         })?
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .map(|(mut f, cert)| {
+            let cert: FacilityCert = uncbor(&cert, "stored certificate")?;
+            f.safety_number = safety_number(f.id, &cert.root);
+            Ok(f)
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let mut st = conn.prepare(
-        "SELECT facility, peer_id, age_recipient, revoked, enrolled_at FROM devices ORDER BY enrolled_at, rowid",
+        "SELECT facility, peer_id, age_recipient, revoked OR chain_revoked, enrolled_at FROM devices ORDER BY enrolled_at, rowid",
     )?;
     let devices = st.query_map([], |r| {
         Ok((
@@ -756,41 +943,55 @@ pub(crate) fn facilities(conn: &Connection) -> Result<Vec<FacilityRecord>, Store
     Ok(out)
 }
 
-pub(crate) fn directory(conn: &Connection) -> Result<Directory, StoreError> {
-    let deployment: String = conn.query_row(
-        "SELECT value FROM meta WHERE key = 'deployment_id'",
-        [],
-        |r| r.get(0),
-    )?;
-    let deployment = deployment
+pub(crate) fn directory_body(conn: &Connection) -> Result<DirectoryBody, StoreError> {
+    let deployment = meta(conn, "deployment_id")?
         .parse()
         .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-    let facilities = facilities(conn)?
-        .into_iter()
-        .map(|f| FacilityEntry {
-            id: f.id,
-            name: f.name,
-            role: f.role,
-            revoked: f.revoked,
-            devices: f
-                .devices
-                .into_iter()
-                .map(|d| DeviceEntry {
-                    device: d.device,
-                    age_recipient: d.age_recipient,
-                    revoked: d.revoked,
-                })
-                .collect(),
+    let authority = meta(conn, "authority")?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
+    let mut st = conn.prepare("SELECT cert FROM facilities ORDER BY rowid")?;
+    let certs = st
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut st = conn.prepare("SELECT facility, link FROM device_links ORDER BY facility, seq")?;
+    let mut links: std::collections::HashMap<String, Vec<DeviceLink>> = Default::default();
+    for row in st.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })? {
+        let (f, b) = row?;
+        links
+            .entry(f)
+            .or_default()
+            .push(uncbor(&b, "stored device link")?);
+    }
+    let facilities = certs
+        .iter()
+        .map(|b| {
+            let cert: FacilityCert = uncbor(b, "stored certificate")?;
+            let links = links.remove(&cert.facility.to_string()).unwrap_or_default();
+            Ok(Record { cert, links })
         })
-        .collect();
-    Ok(Directory {
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut st = conn.prepare("SELECT peer_id FROM devices WHERE revoked ORDER BY rowid")?;
+    let revoked_devices = st
+        .query_map([], |r| parse_col::<DeviceId>(r, 0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut st = conn.prepare("SELECT id FROM facilities WHERE revoked ORDER BY rowid")?;
+    let revoked_facilities = st
+        .query_map([], |r| parse_col::<FacilityId>(r, 0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DirectoryBody {
         deployment,
+        authority,
         version: directory_version(conn)?,
         facilities,
+        revoked_devices,
+        revoked_facilities,
     })
 }
 
-const SCHEMA_V1: &str = "
+const SCHEMA_V2: &str = "
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -803,35 +1004,55 @@ CREATE TABLE facilities (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
     role        TEXT NOT NULL,
+    cert        BLOB NOT NULL,
     revoked     INTEGER NOT NULL DEFAULT 0,
     enrolled_at INTEGER NOT NULL,
     revoked_at  INTEGER
+);
+CREATE TABLE device_links (
+    facility TEXT NOT NULL REFERENCES facilities(id),
+    seq      INTEGER NOT NULL,
+    link     BLOB NOT NULL,
+    PRIMARY KEY (facility, seq)
 );
 CREATE TABLE devices (
     peer_id       TEXT PRIMARY KEY,
     facility      TEXT NOT NULL REFERENCES facilities(id),
     age_recipient TEXT NOT NULL,
     revoked       INTEGER NOT NULL DEFAULT 0,
+    chain_revoked INTEGER NOT NULL DEFAULT 0,
     enrolled_at   INTEGER NOT NULL,
     revoked_at    INTEGER
 );
 CREATE INDEX devices_by_facility ON devices(facility);
 CREATE TABLE invites (
-    secret_hash BLOB PRIMARY KEY,
-    kind        TEXT NOT NULL CHECK (kind IN ('facility', 'device')),
-    name        TEXT,
-    role        TEXT,
-    facility    TEXT REFERENCES facilities(id),
-    created_at  INTEGER NOT NULL,
-    expires_at  INTEGER NOT NULL,
-    used_at     INTEGER,
-    used_by     TEXT
+    invite_id  BLOB PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('facility', 'device')),
+    name       TEXT,
+    role       TEXT,
+    facility   TEXT REFERENCES facilities(id),
+    registered_by TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at    INTEGER,
+    used_by    TEXT
+);
+CREATE TABLE join_requests (
+    invite_id        BLOB PRIMARY KEY REFERENCES invites(invite_id),
+    device           TEXT NOT NULL,
+    facility         TEXT,
+    request          BLOB NOT NULL,
+    received_at      INTEGER NOT NULL,
+    approved_at      INTEGER,
+    sealed_pseudonym BLOB
 );
 CREATE TABLE documents (
     id         TEXT PRIMARY KEY,
     kind       TEXT NOT NULL,
-    owner      TEXT NOT NULL REFERENCES facilities(id),
-    epoch      INTEGER NOT NULL DEFAULT 0,
+    view       BLOB NOT NULL,
+    epoch      INTEGER NOT NULL,
+    ops        INTEGER NOT NULL,
+    ops_head   BLOB NOT NULL,
     created_at INTEGER NOT NULL
 );
 CREATE TABLE members (
@@ -842,13 +1063,14 @@ CREATE TABLE members (
 );
 CREATE INDEX members_by_facility ON members(facility);
 CREATE TABLE ops (
-    hash        BLOB PRIMARY KEY,
     doc         TEXT NOT NULL REFERENCES documents(id),
+    idx         INTEGER NOT NULL,
+    hash        BLOB NOT NULL UNIQUE,
     author      TEXT NOT NULL,
     encoded     BLOB NOT NULL,
-    received_at INTEGER NOT NULL
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (doc, idx)
 );
-CREATE INDEX ops_by_doc ON ops(doc);
 CREATE TABLE grants (
     hash        BLOB PRIMARY KEY,
     doc         TEXT NOT NULL REFERENCES documents(id),
@@ -872,47 +1094,54 @@ CREATE TABLE bundles (
 );
 ";
 
-/// Brings the schema to [`SCHEMA_VERSION`], one step per version, each in its own transaction.
+/// Brings a new database to [`SCHEMA_VERSION`]; refuses older and newer ones.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    loop {
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew { found: version });
-        }
-        if version == SCHEMA_VERSION {
-            return Ok(());
-        }
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Re-read under the write lock: another process may have migrated meanwhile.
-        let locked: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if locked == version {
-            match version {
-                0 => tx.execute_batch(SCHEMA_V1)?,
-                v => {
-                    return Err(StoreError::Corrupt(format!(
-                        "no migration from schema version {v}"
-                    )));
-                }
-            }
-            tx.pragma_update(None, "user_version", version + 1)?;
-        }
-        tx.commit()?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { found: version });
     }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if version != 0 {
+        return Err(StoreError::SchemaTooOld { found: version });
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Re-read under the write lock: another process may have created it meanwhile.
+    let locked: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if locked == 0 {
+        tx.execute_batch(SCHEMA_V2)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn authority() -> AuthorityPublic {
+        let key = DeviceSecrets::from_seeds([5; 32], [6; 32]);
+        AuthorityPublic {
+            v: 1,
+            deployment: DeploymentId::from_random_bytes([1; 16]),
+            deployment_name: "柏崎市".into(),
+            key: key.device_id(),
+            age_recipient: key.public().age_recipient,
+        }
+    }
+
     #[test]
-    fn init_refuses_to_overwrite_and_open_needs_init() {
+    fn init_refuses_to_overwrite_and_keeps_only_the_authoritys_public_key() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("relay");
         assert!(matches!(
             Store::open(&dir),
             Err(StoreError::NotInitialised(_))
         ));
-        let store = Store::init(&dir, "柏崎市", SystemTime::now()).expect("init");
+        let a = authority();
+        let store = Store::init(&dir, &a, None, SystemTime::now()).expect("init");
         let mode = fs::metadata(dir.join(KEY_FILE))
             .expect("key")
             .permissions()
@@ -921,9 +1150,12 @@ mod tests {
         let relay = store.relay_secrets().expect("key").device_id();
         assert_eq!(store.relay_device().expect("relay id"), relay);
         assert_eq!(store.deployment_name().expect("name"), "柏崎市");
+        assert_eq!(store.deployment().expect("deployment"), a.deployment);
+        assert_eq!(store.authority().expect("authority"), a.key);
+        assert_ne!(store.generation().expect("generation"), [0; 16]);
         drop(store);
         assert!(matches!(
-            Store::init(&dir, "x", SystemTime::now()),
+            Store::init(&dir, &a, Some("x"), SystemTime::now()),
             Err(StoreError::AlreadyInitialised(_))
         ));
         let again = Store::open(&dir).expect("open");
@@ -931,9 +1163,9 @@ mod tests {
     }
 
     #[test]
-    fn newer_schema_is_refused() {
+    fn newer_and_older_schemas_are_refused() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::init(tmp.path(), "x", SystemTime::now()).expect("init");
+        let store = Store::init(tmp.path(), &authority(), None, SystemTime::now()).expect("init");
         store
             .conn
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
@@ -943,46 +1175,40 @@ mod tests {
             Store::open(tmp.path()),
             Err(StoreError::SchemaTooNew { .. })
         ));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::init(tmp.path(), &authority(), None, SystemTime::now()).expect("init");
+        store
+            .conn
+            .pragma_update(None, "user_version", 1)
+            .expect("set");
+        drop(store);
+        assert!(matches!(
+            Store::open(tmp.path()),
+            Err(StoreError::SchemaTooOld { found: 1 })
+        ));
     }
 
     #[test]
-    fn invites_check_names_and_facilities() {
+    fn invites_check_names_and_expiry() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut store = Store::init(tmp.path(), "x", SystemTime::now()).expect("init");
+        let mut store =
+            Store::init(tmp.path(), &authority(), None, SystemTime::now()).expect("init");
         let now = SystemTime::now();
         let day = Duration::from_secs(86_400);
-        let kind = InviteKind::NewFacility {
-            name: "港診療所".into(),
-            role: FacilityRole::Clinic,
-        };
-        store
-            .issue_invite(kind.clone(), [1; 32], now, day)
+        let code = store
+            .issue_facility_invite([1; 32], "港診療所", FacilityRole::Clinic, now, day)
             .expect("first invite");
+        assert_eq!(code.authority, authority().key);
         assert!(matches!(
-            store.issue_invite(kind, [2; 32], now, day),
+            store.issue_facility_invite([2; 32], "港診療所", FacilityRole::Clinic, now, day),
             Err(StoreError::NameTaken(_))
         ));
-        let empty = InviteKind::NewFacility {
-            name: " ".into(),
-            role: FacilityRole::Clinic,
-        };
         assert!(matches!(
-            store.issue_invite(empty, [3; 32], now, day),
+            store.issue_facility_invite([3; 32], " ", FacilityRole::Clinic, now, day),
             Err(StoreError::InvalidName(_))
         ));
-        let ghost = InviteKind::Device {
-            facility: FacilityId::from_random_bytes([0; 16]),
-        };
         assert!(matches!(
-            store.issue_invite(ghost, [4; 32], now, day),
-            Err(StoreError::UnknownFacility(_))
-        ));
-        let ok = InviteKind::NewFacility {
-            name: "本部".into(),
-            role: FacilityRole::Hq,
-        };
-        assert!(matches!(
-            store.issue_invite(ok, [5; 32], now, Duration::ZERO),
+            store.issue_facility_invite([5; 32], "本部", FacilityRole::Hq, now, Duration::ZERO),
             Err(StoreError::InvalidExpiry)
         ));
         assert!(matches!(

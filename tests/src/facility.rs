@@ -111,6 +111,17 @@ impl Facility {
         );
     }
 
+    /// `musubi device invite`: a code for one more device of this facility (it works once this
+    /// device synced).
+    pub fn device_invite(&self) -> String {
+        let out = self.run_ok("device invite", &[]);
+        out.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("musubi"))
+            .unwrap_or_else(|| panic!("`musubi device invite` printed no code:\n{out}"))
+            .to_owned()
+    }
+
     /// `musubi join CODE`; remembers and returns the facility id it prints.
     pub fn join(&mut self, code: &str) -> String {
         let out = self.run_ok("join", &[code]);

@@ -45,6 +45,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// The scrypt work factor the tests wrap device keys with (the production default is 18).
 pub const TEST_SCRYPT_LOG_N: u8 = 10;
 
+/// The deployment authority's passphrase in the tests.
+pub const AUTHORITY_PASSPHRASE: &str = "the municipality's authority passphrase";
+
 /// The directory holding the built binaries: `target/<profile>/`.
 ///
 /// Derived from the running executable (`target/<profile>/deps/<test>` for a test,
@@ -348,6 +351,11 @@ impl World {
         d
     }
 
+    /// The deployment authority's directory of this world (made by the first [`Relay::init`]).
+    pub fn authority_dir(&self) -> PathBuf {
+        self.path().join("authority")
+    }
+
     /// An initialised, running relay.
     pub fn relay(&self) -> Relay {
         let mut r = Relay::init(self);
@@ -375,11 +383,20 @@ impl World {
         f
     }
 
-    /// A second (third, ...) device of `of`, enrolled with `musubi-node invite --facility`.
-    pub fn enrolled_device(&self, relay: &Relay, of: &Facility, device_name: &str) -> Facility {
+    /// A second (third, ...) device of `of`'s facility: `of` issues a device invite (`musubi device
+    /// invite`) and registers it with a sync; the new device asks to join; `of` approves at its next
+    /// sync; the new device's join then completes.
+    pub fn enrolled_device(&self, _relay: &Relay, of: &Facility, device_name: &str) -> Facility {
         let mut f = self.facility(device_name);
         f.init();
-        let code = relay.invite_device(of.id());
+        let code = of.device_invite();
+        of.sync_once();
+        let out = f.run_ok("join", &[&code, "--no-wait"]);
+        assert!(
+            out.trim() == "pending",
+            "a device invite waits for its inviter's approval: {out}"
+        );
+        of.sync_once();
         f.join(&code);
         f
     }

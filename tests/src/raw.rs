@@ -12,9 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use musubi_crdt::bundle::{Envelope, Payload};
 use musubi_crdt::crypto::{DeviceSecrets, DocumentKey};
-use musubi_crdt::directory::Directory;
-use musubi_crdt::ids::{DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, Seq};
-use musubi_crdt::invite::InviteCode;
+use musubi_crdt::directory::{Directory, Pins};
+use musubi_crdt::ids::{DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, Seq};
+use musubi_crdt::invite::{InviteCode, JoinRequest};
 use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member};
 use musubi_crdt::protocol::{
     ErrorCode, Pulled, PushItem, PushResult, Request, Response, decode_request, decode_response,
@@ -73,8 +73,10 @@ pub struct RawClient {
     pub secrets: DeviceSecrets,
     /// The relay's device id.
     pub relay: DeviceId,
-    /// The facility this device joined as (after [`RawClient::join`]).
+    /// The facility this device joined as (after [`RawClient::join_with`]).
     pub facility: Option<FacilityId>,
+    /// The deployment and authority of the invite it joined with (to verify directories).
+    pub trust: Option<(DeploymentId, DeviceId)>,
 }
 
 impl RawClient {
@@ -123,6 +125,7 @@ impl RawClient {
             secrets,
             relay: DeviceId(relay),
             facility: None,
+            trust: None,
         })
     }
 
@@ -139,28 +142,69 @@ impl RawClient {
         Self::join_with(&code)
     }
 
-    /// A device with fresh keys that joins with the invite `code`.
+    /// A device with fresh keys that joins with the invite `code` (approved at once: the harness's
+    /// relay runs with the authority; for a device invite, call [`RawClient::join_with_pending`]).
     pub fn join_with(code: &str) -> Self {
+        Self::join_with_secrets(code, random_secrets())
+    }
+
+    /// [`RawClient::join_with`] as the device `secrets`.
+    pub fn join_with_secrets(code: &str, secrets: DeviceSecrets) -> Self {
+        let mut c = Self::join_request(code, secrets);
+        match c.join_again(code) {
+            Response::Joined { facility, .. } => c.facility = Some(facility),
+            other => panic!("join with a fresh invite was refused: {other:?}"),
+        }
+        c
+    }
+
+    /// A raw device of `of`'s facility: `of` issues a device invite and syncs (registering it), the
+    /// raw device asks to join, `of` syncs again (approving), and the join completes.
+    pub fn join_device_of(of: &crate::Facility) -> Self {
+        let code = of.device_invite();
+        of.sync_once();
+        let mut c = Self::join_request(&code, random_secrets());
+        match c.join_again(&code) {
+            Response::JoinPending { .. } => {}
+            other => panic!("a device invite's join was answered {other:?}"),
+        }
+        of.sync_once();
+        match c.join_again(&code) {
+            Response::Joined { .. } => {}
+            other => panic!("the approved join was answered {other:?}"),
+        }
+        c
+    }
+
+    /// Connects as `secrets` to the relay of the invite `code`, without joining yet.
+    pub fn join_request(code: &str, secrets: DeviceSecrets) -> Self {
         let invite =
             InviteCode::decode(code).unwrap_or_else(|e| panic!("invite code does not decode: {e}"));
         let addr = invite
             .addrs
             .first()
             .unwrap_or_else(|| panic!("invite carries no address: {invite:?}"));
-        let mut c = Self::connect(random_secrets(), addr)
+        let mut c = Self::connect(secrets, addr)
             .unwrap_or_else(|e| panic!("raw client cannot connect: {e}"));
         assert_eq!(
             c.relay, invite.relay,
             "the invite's address and relay id disagree"
         );
-        match c.request(&Request::Join {
-            secret: invite.secret.clone(),
-            device: c.secrets.public(),
-        }) {
-            Response::Joined { facility, .. } => c.facility = Some(facility),
-            other => panic!("join with a fresh invite was refused: {other:?}"),
-        }
+        c.trust = Some((invite.deployment, invite.authority));
         c
+    }
+
+    /// Sends (again) the join request for `code`; the relay's answer. On `Joined`, the facility
+    /// is recorded.
+    pub fn join_again(&mut self, code: &str) -> Response {
+        let invite =
+            InviteCode::decode(code).unwrap_or_else(|e| panic!("invite code does not decode: {e}"));
+        let request = JoinRequest::make(&invite, &self.secrets, "raw client", now_ms());
+        let r = self.request(&Request::Join { request });
+        if let Response::Joined { facility, .. } = &r {
+            self.facility = Some(*facility);
+        }
+        r
     }
 
     /// This device's id.
@@ -227,12 +271,15 @@ impl RawClient {
             .unwrap_or_else(|e| panic!("raw request {} failed: {e}", describe(req)))
     }
 
-    /// The relay's directory, verified against the relay's id.
+    /// The relay's directory, verified against the relay's id and the authority of the invite.
     pub fn directory(&self) -> Directory {
+        let (deployment, authority) = self.trust.expect("this raw client joined with an invite");
         match self.request(&Request::GetDirectory { known_version: 0 }) {
-            Response::Directory { directory: Some(d) } => d
-                .verify(&self.relay)
-                .expect("the relay signed its directory"),
+            Response::Directory { directory: Some(d) } => {
+                d.verify(&self.relay, deployment, &authority, &Pins::default())
+                    .expect("the directory verifies")
+                    .0
+            }
             other => panic!("GetDirectory: {other:?}"),
         }
     }
@@ -268,20 +315,21 @@ impl RawClient {
         kind: DocumentKind,
         members: &[Member],
     ) -> (DocumentId, DocumentKey) {
-        let doc = DocumentId::from_random_bytes(rand::random());
         let key = random_key();
         let me = self.facility();
-        let op = DocOp::sign(
+        let op = DocOp::create(
             &self.secrets,
             me,
-            doc,
             now_ms(),
             DocOpBody::Create {
                 kind,
                 members: members.to_vec(),
+                key_commitment: key.commitment(),
+                nonce: rand::random(),
             },
         )
         .expect("sign create");
+        let doc = op.doc;
         let dir = self.directory();
         let mut recipients = vec![(self.device(), self.secrets.public().age_recipient)];
         for m in members {

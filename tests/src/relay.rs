@@ -6,10 +6,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use musubi_crdt::ids::DeviceId;
-use musubi_crdt::invite::InviteCode;
 use serde_json::Value;
 
-use crate::{COMMAND_TIMEOUT, Output, World, bin, cmdline, free_port, poll_until, run_command};
+use crate::{
+    AUTHORITY_PASSPHRASE, COMMAND_TIMEOUT, Output, World, bin, cmdline, free_port, poll_until,
+    run_command,
+};
 
 /// How long `serve` may take to print its listen address.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,6 +23,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Relay {
     /// `--data` of every `musubi-node` command.
     pub data: PathBuf,
+    authority: PathBuf,
+    approve_on_join: bool,
     logs: PathBuf,
     port: u16,
     child: Option<Child>,
@@ -29,19 +33,42 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// `musubi-node init --data DIR --deployment NAME` in a new directory of `world`.
+    /// The deployment authority (made once per world, `musubi-node authority init`) and
+    /// `musubi-node init --data DIR --authority ADIR` in a new directory of `world`.
     pub fn init(world: &World) -> Self {
         let data = world.data_dir("relay");
         let r = Self {
             data,
+            authority: world.authority_dir(),
             logs: world.logs(),
             port: free_port(),
             child: None,
             starts: 0,
             addrs: Vec::new(),
+            approve_on_join: true,
         };
-        r.node("init", &["--deployment", "musubi-test"]).expect_ok();
+        if !r.authority.join("authority.pub").exists() {
+            let mut cmd = Command::new(bin("musubi-node"));
+            cmd.args(["authority", "init", "--authority"])
+                .arg(&r.authority)
+                .args(["--deployment", "musubi-test", "--scrypt-log-n", "10"])
+                .env("MUSUBI_AUTHORITY_PASSPHRASE", AUTHORITY_PASSPHRASE);
+            run_command(cmd, COMMAND_TIMEOUT).expect_ok();
+        }
+        let a = r.authority.display().to_string();
+        r.node("init", &["--authority", &a]).expect_ok();
         r
+    }
+
+    /// The deployment authority's directory.
+    pub fn authority_dir(&self) -> &std::path::Path {
+        &self.authority
+    }
+
+    /// Whether `start` runs `serve --authority` (new facilities approved as they join: the
+    /// embedded default). Off: they wait for `musubi-node approve`.
+    pub fn set_approve_on_join(&mut self, on: bool) {
+        self.approve_on_join = on;
     }
 
     /// The loopback port it listens on.
@@ -82,7 +109,11 @@ impl Relay {
             .arg("--data")
             .arg(&self.data)
             .arg("--listen")
-            .arg(self.listen_addr());
+            .arg(self.listen_addr())
+            .env("MUSUBI_AUTHORITY_PASSPHRASE", AUTHORITY_PASSPHRASE);
+        if self.approve_on_join {
+            cmd.arg("--authority").arg(&self.authority);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -133,35 +164,73 @@ impl Relay {
         }
     }
 
-    /// Runs `musubi-node SUBCOMMAND --data DIR ARGS...`.
+    /// Runs `musubi-node SUBCOMMAND --data DIR ARGS...` (with the authority's passphrase in the
+    /// environment, as the operator holding the authority's USB stick would type it).
     pub fn node(&self, sub: &str, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("musubi-node"));
-        cmd.arg(sub).arg("--data").arg(&self.data).args(args);
+        cmd.arg(sub)
+            .arg("--data")
+            .arg(&self.data)
+            .args(args)
+            .env("MUSUBI_AUTHORITY_PASSPHRASE", AUTHORITY_PASSPHRASE);
+        run_command(cmd, COMMAND_TIMEOUT)
+    }
+
+    /// Runs `musubi-node SUBCOMMAND --data DIR ARGS...` as the operator who does not hold the
+    /// authority (no `--authority`, no passphrase).
+    pub fn node_as_operator(&self, sub: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("musubi-node"));
+        cmd.arg(sub)
+            .arg("--data")
+            .arg(&self.data)
+            .args(args)
+            .env_remove("MUSUBI_AUTHORITY_PASSPHRASE");
         run_command(cmd, COMMAND_TIMEOUT)
     }
 
     /// An invite for a new facility; returns the code (the one line `invite` prints).
     pub fn invite_facility(&self, name: &str, role: &str) -> String {
-        one_line(
-            self.node("invite", &["--name", name, "--role", role])
-                .expect_ok(),
-        )
-    }
-
-    /// An invite for a new facility that expires after `expires` (e.g. "1s").
-    pub fn invite_facility_expiring(&self, name: &str, role: &str, expires: &str) -> String {
+        let a = self.authority.display().to_string();
         one_line(
             self.node(
                 "invite",
-                &["--name", name, "--role", role, "--expires", expires],
+                &["--authority", &a, "--name", name, "--role", role],
             )
             .expect_ok(),
         )
     }
 
-    /// An invite for another device of an existing facility (id or exact name).
-    pub fn invite_device(&self, facility: &str) -> String {
-        one_line(self.node("invite", &["--facility", facility]).expect_ok())
+    /// An invite for a new facility that expires after `expires` (e.g. "1s").
+    pub fn invite_facility_expiring(&self, name: &str, role: &str, expires: &str) -> String {
+        let a = self.authority.display().to_string();
+        one_line(
+            self.node(
+                "invite",
+                &[
+                    "--authority",
+                    &a,
+                    "--name",
+                    name,
+                    "--role",
+                    role,
+                    "--expires",
+                    expires,
+                ],
+            )
+            .expect_ok(),
+        )
+    }
+
+    /// `musubi-node approve --json`: certifies the facilities that joined with the authority's
+    /// invites.
+    pub fn approve(&self) -> Value {
+        let a = self.authority.display().to_string();
+        let out = self
+            .node("approve", &["--authority", &a, "--json"])
+            .expect_ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!("`musubi-node approve --json` printed no JSON ({e}):\n{out}")
+        })
     }
 
     /// `musubi-node revoke FACILITY|DEVICE`.
@@ -221,9 +290,16 @@ impl Relay {
         {
             return id;
         }
-        InviteCode::decode(&self.invite_facility("peer-id-probe", "clinic"))
-            .expect("invite decodes")
-            .relay
+        self.node("facilities", &[]).expect_ok();
+        let db = self.db();
+        let id: String = db
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'relay_peer_id'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("the relay's peer id is recorded");
+        id.parse().expect("a peer id")
     }
 
     /// The relay's SQLite database (`DATA/node.db`), opened read-only.

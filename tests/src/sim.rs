@@ -23,14 +23,15 @@ use automerge::ChangeHash;
 use musubi_crdt::documents::careplan::Sheet1;
 use musubi_crdt::documents::shelter::{MedicalNote, Method, NewEvacuee, Presence, StayKind};
 use musubi_crdt::ids::{DeviceId, DocumentId, DocumentKind, FacilityId, FacilityRole, Role};
-use musubi_crdt::protocol::{self, Request, Response};
+use musubi_crdt::invite::JoinRequest;
+use musubi_crdt::protocol::{self, PushResult, Request, Response};
 use musubi_crdt::sync::{RequestId, Session};
 use musubi_facility::engine::{Engine, EngineError, Enrolment};
 use musubi_facility::lan::{self, Lan};
 use musubi_facility::net::{self, SyncReport};
 use musubi_facility::services::{self, careplan, referral, shelter};
 use musubi_facility::transfer;
-use musubi_sync_node::store::InviteKind;
+use musubi_sync_node::authority::{AuthorityDir, AuthorityInvite};
 use musubi_sync_node::{Relay, Store};
 use rand::{Rng, RngExt};
 
@@ -210,33 +211,67 @@ impl Sim {
         );
         // A fixed wall clock for the relay: 2027-01-15T08:00:00Z plus the simulated time.
         let base_sys = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let authority_dir = io(
+            "initialise the authority",
+            AuthorityDir::init(
+                &dir.path().join("authority"),
+                "simulated deployment",
+                SIM_PASSPHRASE,
+                SIM_SCRYPT_LOG_N,
+            ),
+        );
+        let authority = io(
+            "unlock the authority",
+            AuthorityDir::open(&dir.path().join("authority"))
+                .and_then(|a| a.unlock(SIM_PASSPHRASE)),
+        );
         let relay_dir = dir.path().join("relay");
         let store = io(
             "initialise the relay",
-            Store::init(&relay_dir, "simulated deployment", base_sys),
+            Store::init(&relay_dir, authority_dir.public(), None, base_sys),
         );
-        let mut relay = io("open the relay handler", Relay::new(store));
+        let mut relay = io(
+            "open the relay handler",
+            Relay::with_authority(store, Some(authority)),
+        );
         let relay_device = relay.secrets().device_id();
         let mut nodes: Vec<Node> = Vec::new();
-        let mut facilities: BTreeMap<String, FacilityId> = BTreeMap::new();
-        for (i, spec) in specs.iter().enumerate() {
-            let kind = match facilities.get(&spec.facility) {
-                Some(f) => InviteKind::Device { facility: *f },
-                None => InviteKind::NewFacility {
-                    name: spec.facility.clone(),
-                    role: spec.role,
-                },
-            };
-            let mut secret = [0u8; 32];
-            secret[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
-            secret[8..16].copy_from_slice(&rand::random::<[u8; 8]>());
-            io(
-                "issue an invite",
-                relay
-                    .store_mut()
-                    .issue_invite(kind, secret, base_sys, Duration::from_secs(3600)),
+        // Per facility: the index of its first device.
+        let mut facilities: BTreeMap<String, usize> = BTreeMap::new();
+        // Enrolment runs on the wall clock (invites expire by it); the simulation's own clock
+        // starts after it.
+        let handle = |relay: &mut Relay, engine: &Engine, request: &Request| -> Response {
+            let (bytes, _) = relay.handle(
+                engine.device_id(),
+                &protocol::encode_request(request),
+                SystemTime::now(),
             );
-            let engine = io(
+            io(
+                "the relay's answer decodes",
+                protocol::decode_response(&bytes),
+            )
+        };
+        // Pushes what `engine` queued (an invite registration, an approval) and acknowledges it.
+        let push_outbox = |relay: &mut Relay, engine: &mut Engine| {
+            let rows = io("read the outbox", engine.store().pending(0));
+            let items = rows.iter().map(|r| r.item.clone()).collect();
+            let Response::Pushed { results } = handle(relay, engine, &Request::Push { items })
+            else {
+                panic!("the relay did not answer the push");
+            };
+            for (row, r) in rows.iter().zip(results) {
+                assert!(
+                    matches!(
+                        r,
+                        PushResult::Accepted { .. } | PushResult::Duplicate { .. }
+                    ),
+                    "{r:?}"
+                );
+                io("acknowledge", engine.store_mut().acknowledge(row.id, None));
+            }
+        };
+        for (i, spec) in specs.iter().enumerate() {
+            let mut engine = io(
                 "initialise a device",
                 Engine::init(
                     &dir.path().join(&spec.device),
@@ -245,34 +280,70 @@ impl Sim {
                     SIM_SCRYPT_LOG_N,
                 ),
             );
-            let join = Request::Join {
-                secret: secret.to_vec(),
-                device: engine.secrets().public(),
+            let code = match facilities.get(&spec.facility) {
+                Some(first) => {
+                    let first = &mut nodes[*first].engine;
+                    let code = io(
+                        "a device invite",
+                        first.device_invite(Duration::from_secs(3600)),
+                    );
+                    push_outbox(&mut relay, first);
+                    code
+                }
+                None => {
+                    let mut secret = [0u8; 32];
+                    secret[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+                    secret[8..16].copy_from_slice(&rand::random::<[u8; 8]>());
+                    let code = io(
+                        "issue an invite",
+                        relay.store_mut().issue_facility_invite(
+                            secret,
+                            &spec.facility,
+                            spec.role,
+                            SystemTime::now(),
+                            Duration::from_secs(3600),
+                        ),
+                    );
+                    io(
+                        "the authority keeps the invite",
+                        authority_dir.record_invite(&AuthorityInvite {
+                            secret,
+                            name: spec.facility.clone(),
+                            role: spec.role,
+                            expires_at_ms: code.expires_at_ms,
+                        }),
+                    );
+                    code
+                }
             };
-            let (bytes, _) = relay.handle(
-                engine.device_id(),
-                &protocol::encode_request(&join),
-                base_sys,
-            );
-            let Ok(Response::Joined {
+            let request = JoinRequest::make(&code, engine.secrets(), &spec.device, 1);
+            let join = Request::Join { request };
+            let mut answer = handle(&mut relay, &engine, &join);
+            if let (Response::JoinPending { .. }, Some(first)) =
+                (&answer, facilities.get(&spec.facility))
+            {
+                // The facility's first device approves at its next sync.
+                let first = &mut nodes[*first].engine;
+                let Response::JoinRequests { requests } =
+                    handle(&mut relay, first, &Request::GetJoinRequests)
+                else {
+                    panic!("no join requests for {}", spec.device);
+                };
+                io("approve", first.approve_joins(&requests));
+                push_outbox(&mut relay, first);
+                answer = handle(&mut relay, &engine, &join);
+            }
+            let Response::Joined {
                 deployment,
                 facility,
                 facility_name,
                 role,
                 directory,
-                pseudonym_secret,
-            }) = protocol::decode_response(&bytes)
+                sealed_pseudonym,
+            } = answer
             else {
-                panic!(
-                    "{} could not join: {:?}",
-                    spec.device,
-                    protocol::decode_response(&bytes)
-                );
+                panic!("{} could not join: {answer:?}", spec.device);
             };
-            io(
-                "the relay's directory verifies",
-                directory.verify(&relay_device),
-            );
             let enrolment = Enrolment {
                 deployment,
                 facility,
@@ -280,20 +351,13 @@ impl Sim {
                 role,
                 relay: relay_device,
                 relay_addrs: vec![],
+                authority: code.authority,
             };
             io(
                 "record the enrolment",
-                engine.record_enrolment(&enrolment, &directory),
+                engine.record_enrolment(&enrolment, &directory, &sealed_pseudonym),
             );
-            // Where `Engine::pseudonym_secret` reads it (what `net::join` records with the enrolment).
-            io(
-                "record the pseudonym secret",
-                engine
-                    .store()
-                    .set_meta("pseudonym_secret", &pseudonym_secret),
-            );
-            facilities.insert(spec.facility.clone(), facility);
-            let mut engine = engine;
+            facilities.entry(spec.facility.clone()).or_insert(i);
             let (session, last_outbox) = io("start a session", net::start_session(&mut engine));
             nodes.push(Node {
                 name: spec.device.clone(),

@@ -17,7 +17,8 @@ use musubi_crdt::ids::{DocumentId, DocumentKind, Epoch, Role, Seq};
 use musubi_crdt::limits::{BUNDLE_BYTES_MAX, FRAME_BYTES_MAX};
 use musubi_crdt::ops::Member;
 use musubi_crdt::protocol::{
-    ErrorCode, PushItem, PushResult, Request, Response, decode_response, encode_request,
+    ErrorCode, PushItem, PushResult, Request, Response, WIRE_VERSION, decode_response,
+    encode_request,
 };
 use musubi_tests::facility::STREAM_TIMEOUT;
 use musubi_tests::raw::{RawClient, random_key};
@@ -550,13 +551,14 @@ fn non_member_and_strangers_are_refused() {
     again.init();
     let out = again.run("join", &[&c_code]).expect_fail();
     assert!(!out.stderr.trim().is_empty(), "a refused join says why");
-    let secret = musubi_crdt::invite::InviteCode::decode(&c_code)
-        .expect("decode")
-        .secret;
-    match stranger.request(&Request::Join {
-        secret,
-        device: stranger.secrets.public(),
-    }) {
+    let invite = musubi_crdt::invite::InviteCode::decode(&c_code).expect("decode");
+    let request = musubi_crdt::invite::JoinRequest::make(
+        &invite,
+        &stranger.secrets,
+        "stranger",
+        musubi_tests::raw::now_ms(),
+    );
+    match stranger.request(&Request::Join { request }) {
         Response::Error {
             code: ErrorCode::InviteInvalid,
             ..
@@ -716,8 +718,8 @@ fn hostile_input_is_rejected() {
     let garbage = [
         b"\xff\xfe\xfd not cbor at all".to_vec(),
         Vec::new(),
-        cbor(serde_json::json!({"v": 1, "body": {"t": "launch-missile"}})),
-        cbor(serde_json::json!({"v": 1, "body": {"t": "pull", "doc": 7}})),
+        cbor(serde_json::json!({"v": WIRE_VERSION, "body": {"t": "launch-missile"}})),
+        cbor(serde_json::json!({"v": WIRE_VERSION, "body": {"t": "pull", "doc": 7}})),
     ];
     for g in garbage {
         let answer = decode_response(
@@ -736,8 +738,8 @@ fn hostile_input_is_rejected() {
             "garbage {g:?} was answered with {answer:?}"
         );
     }
-    let v2 = cbor(serde_json::json!({"v": 2, "body": {"t": "list-documents"}}));
-    let answer = decode_response(&evil.request_bytes(v2).expect("the relay answers"));
+    let other = cbor(serde_json::json!({"v": WIRE_VERSION + 1, "body": {"t": "list-documents"}}));
+    let answer = decode_response(&evil.request_bytes(other).expect("the relay answers"));
     assert!(
         matches!(
             answer,

@@ -3,6 +3,13 @@
 //! Every edit becomes an Automerge change, sealed into a bundle with the document's current epoch
 //! key, stored and queued in one transaction before the call returns (nothing lives only in memory).
 //! Reading a document decrypts its bundles with the keys this device was granted.
+//!
+//! Trust (DESIGN invariant 9): the directory is verified here against the authority pinned at join
+//! and this device's [`Pins`]; each document's membership is replayed here from its signed operation
+//! chain; every item that arrives, from the relay, a LAN peer or a file, passes the one admission
+//! rule ([`musubi_crdt::membership::admit`]); a key grant is used only when its key matches the
+//! epoch's commitment; and a key is sealed only to current devices of member facilities whose chain
+//! verifies and whose root key is the one pinned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -13,16 +20,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use musubi_crdt::bundle::{BundleError, Envelope, Payload};
 use musubi_crdt::crypto::{self, CryptoError, DeviceSecrets, DocumentKey};
-use musubi_crdt::directory::{Directory, SignedDirectory};
+use musubi_crdt::directory::{
+    DeviceChange, DeviceLink, Devices as _, Directory, DirectoryError, FacilityEntry, Pins,
+    SignedDirectory, Trust,
+};
 use musubi_crdt::ids::{
     DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role,
 };
-use musubi_crdt::limits::BUNDLE_CHANGES_BYTES_MAX;
+use musubi_crdt::invite::{
+    INVITE_SECRET_BYTES, InviteCode, InviteFor, InviteId, InviteRegistration, JoinRequest,
+};
+use musubi_crdt::limits::{BUNDLE_CHANGES_BYTES_MAX, INVITE_EXPIRES_SECS_MAX};
+use musubi_crdt::membership::{self, Membership, Point};
 use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member, OpError};
-use musubi_crdt::protocol::{DocumentInfo, PushItem};
+use musubi_crdt::protocol::{DocumentInfo, ErrorCode, PushItem};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Origin, Store, StoreError};
+use crate::store::{DeviceInviteRow, Origin, Store, StoreError};
 
 /// Bundles applied at load beyond which a fresh local snapshot is sealed and stored.
 pub const SNAPSHOT_AFTER_BUNDLES: usize = 64;
@@ -71,6 +85,24 @@ pub enum EngineError {
     /// Only owners may change membership.
     #[error("only the owner facility of a document can change its members")]
     NotOwner,
+    /// The directory or an invite does not verify.
+    #[error("{0}")]
+    Trust(String),
+    /// The safety number given does not match the facility's new root key.
+    #[error(
+        "the safety number {given} does not match facility {facility}'s root key ({expected}); read it again with the facility by phone"
+    )]
+    SafetyNumber {
+        /// The facility.
+        facility: String,
+        /// What was given.
+        given: String,
+        /// What its root key gives.
+        expected: String,
+    },
+    /// An invite's lifetime is zero or too long.
+    #[error("an invite must expire after more than 0 seconds and at most {} days", INVITE_EXPIRES_SECS_MAX / 86_400)]
+    InvalidExpiry,
     /// Readers cannot edit.
     #[error("this facility is a reader of document {0} and cannot change it")]
     ReadOnly(DocumentId),
@@ -142,6 +174,8 @@ pub struct Enrolment {
     pub relay: DeviceId,
     /// The relay's multiaddrs.
     pub relay_addrs: Vec<String>,
+    /// The deployment authority's key, pinned at join (from the invite the person handed over).
+    pub authority: DeviceId,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -161,8 +195,8 @@ pub fn random<const N: usize>() -> [u8; N] {
 
 /// A document loaded for reading or editing.
 pub struct Loaded {
-    /// The relay's (or local) view of the document.
-    pub info: DocumentInfo,
+    /// The document's membership, from its verified operation chain.
+    pub info: Membership,
     /// The Automerge document, with a fresh actor for this process.
     pub doc: AutoCommit,
     /// Heads before any edit of this process.
@@ -176,6 +210,29 @@ pub struct Engine {
     dir: PathBuf,
     pub(crate) store: Store,
     pub(crate) secrets: DeviceSecrets,
+    /// Outbox rows replaced (re-sealed or re-signed) since the driver last asked.
+    retracted: BTreeSet<u64>,
+}
+
+/// What a device's join came to.
+#[derive(Clone, Debug)]
+pub enum Joined {
+    /// Enrolled.
+    Enrolled(Enrolment),
+    /// The join request waits for the inviter's approval (until `expires_at_ms`).
+    Pending {
+        /// When the invite expires, ms since the Unix epoch.
+        expires_at_ms: u64,
+    },
+}
+
+/// What checking join requests did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Approvals {
+    /// Devices approved (their ids and names).
+    pub approved: Vec<(String, String)>,
+    /// Requests refused, with the reason.
+    pub refused: Vec<String>,
 }
 
 impl Engine {
@@ -198,6 +255,7 @@ impl Engine {
             dir: dir.to_owned(),
             store,
             secrets,
+            retracted: BTreeSet::new(),
         })
     }
 
@@ -223,6 +281,7 @@ impl Engine {
             dir: dir.to_owned(),
             store,
             secrets,
+            retracted: BTreeSet::new(),
         })
     }
 
@@ -237,6 +296,7 @@ impl Engine {
             dir: self.dir.clone(),
             store: Store::open(&self.dir)?,
             secrets: self.secrets.clone(),
+            retracted: BTreeSet::new(),
         })
     }
 
@@ -281,14 +341,80 @@ impl Engine {
             .ok_or(EngineError::NotEnrolled)
     }
 
-    /// Records a successful join.
+    /// Records a successful join: verifies the relay's directory against the authority pinned from
+    /// the invite (this device must be a current device of its facility in it), opens the pseudonym
+    /// secret the inviter sealed to this device, and stores all three.
+    ///
+    /// Errors: [`EngineError::Trust`] when the directory does not verify or does not list this device.
+    ///
+    /// Returns the enrolment as recorded: the facility's name and role are the ones its certificate
+    /// gives, whatever the relay said.
     pub fn record_enrolment(
         &self,
         enrolment: &Enrolment,
         directory: &SignedDirectory,
+        sealed_pseudonym: &[u8],
+    ) -> Result<Enrolment> {
+        let (dir, pins) = directory
+            .verify(
+                &enrolment.relay,
+                enrolment.deployment,
+                &enrolment.authority,
+                &Pins::default(),
+            )
+            .map_err(|e| {
+                EngineError::Trust(format!("the relay's directory does not verify: {e}"))
+            })?;
+        if dir.device_status(&self.device_id()).current() != Some(enrolment.facility) {
+            return Err(EngineError::Trust(
+                "the directory does not list this device as a current device of its facility (the approval did not verify)"
+                    .into(),
+            ));
+        }
+        let secret =
+            crypto::open_with(self.secrets.age_identity(), sealed_pseudonym, 32).map_err(|_| {
+                EngineError::Trust("the pseudonym secret was not sealed to this device".into())
+            })?;
+        if secret.len() != 32 {
+            return Err(EngineError::Trust(
+                "the pseudonym secret is malformed".into(),
+            ));
+        }
+        let mut enrolment = enrolment.clone();
+        if let Some(f) = dir.facility(enrolment.facility) {
+            enrolment.facility_name = f.name.clone();
+            enrolment.role = f.role;
+        }
+        self.store.set_meta("pseudonym_secret", &secret)?;
+        self.store.set_meta_cbor("enrolment", &enrolment)?;
+        self.store_directory(directory, &dir, &pins, 0)?;
+        Ok(enrolment)
+    }
+
+    /// The relay's store was replaced (restored): the next directory it serves is taken whatever its
+    /// version (its counter may have started again lower); pins and revocations stay.
+    pub fn relay_restored(&mut self) -> Result<()> {
+        let mut pins = self.pins()?;
+        pins.version = 0;
+        self.store.set_meta_cbor("pins", &pins)?;
+        self.store.reset_cursors()?;
+        Ok(())
+    }
+
+    fn store_directory(
+        &self,
+        signed: &SignedDirectory,
+        dir: &Directory,
+        pins: &Pins,
+        revocation_version: u64,
     ) -> Result<()> {
-        self.store.set_meta_cbor("enrolment", enrolment)?;
-        self.store.set_meta_cbor("directory", directory)?;
+        self.store.set_meta_cbor("directory", signed)?;
+        self.store.set_meta_cbor("directory_view", dir)?;
+        self.store.set_meta_cbor("pins", pins)?;
+        if revocation_version > 0 {
+            self.store
+                .set_meta_cbor("revocation_version", &revocation_version)?;
+        }
         Ok(())
     }
 
@@ -313,56 +439,161 @@ impl Engine {
         )))
     }
 
-    /// The directory as last synced (verified against the enrolled relay).
+    /// The directory as this device verified it last.
     pub fn directory(&self) -> Result<Directory> {
-        let enrolment = self.enrolment()?;
-        let signed: SignedDirectory = self
-            .store
-            .meta_cbor("directory")?
-            .ok_or(EngineError::NotEnrolled)?;
-        signed
-            .verify(&enrolment.relay)
-            .map_err(|e| EngineError::Store(StoreError::Corrupt(format!("stored directory: {e}"))))
+        self.store
+            .meta_cbor("directory_view")?
+            .ok_or(EngineError::NotEnrolled)
     }
 
-    /// Stores a newer directory if it verifies against the enrolled relay; returns whether it was newer.
+    /// The signed directory this device holds (what it hands LAN peers and writes into files).
+    pub fn signed_directory(&self) -> Result<Option<SignedDirectory>> {
+        Ok(self.store.meta_cbor("directory")?)
+    }
+
+    /// What this device remembers between directories (pinned roots, chains, revocations).
+    pub fn pins(&self) -> Result<Pins> {
+        Ok(self.store.meta_cbor("pins")?.unwrap_or_default())
+    }
+
+    /// The directory version at which the newest revocation this device knows of appeared (0: none).
+    /// A LAN peer whose directory is older gets nothing but this device's directory.
+    pub fn revocation_version(&self) -> Result<u64> {
+        Ok(self.store.meta_cbor("revocation_version")?.unwrap_or(0))
+    }
+
+    /// Verifies a directory (from the relay, a LAN peer or a file) and keeps it if it is newer than
+    /// the one held; returns whether it was taken. One that does not verify is logged and ignored.
     pub fn update_directory(&self, signed: &SignedDirectory) -> Result<bool> {
         let enrolment = self.enrolment()?;
-        let Ok(new) = signed.verify(&enrolment.relay) else {
-            tracing::warn!("ignoring a directory not signed by the enrolled relay");
-            return Ok(false);
-        };
-        let old = self.directory().ok().map(|d| d.version).unwrap_or(0);
-        if new.version <= old {
+        let pins = self.pins()?;
+        if signed
+            .claimed_version()
+            .is_some_and(|v| v <= pins.version && pins.version > 0)
+        {
             return Ok(false);
         }
-        self.store.set_meta_cbor("directory", signed)?;
+        let (dir, next) = match signed.verify(
+            &enrolment.relay,
+            enrolment.deployment,
+            &enrolment.authority,
+            &pins,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("ignoring a directory that does not verify: {e}");
+                return Ok(false);
+            }
+        };
+        for f in &dir.facilities {
+            match &f.trust {
+                Trust::Verified => {}
+                Trust::RootChanged { .. } => tracing::warn!(
+                    facility = %f.id, name = %f.name,
+                    "the authority certified another root key for this facility; it gets no key until a person confirms its new safety number ({})",
+                    f.safety_number
+                ),
+                Trust::ChainForked { reason } => tracing::warn!(
+                    facility = %f.id, name = %f.name, "its device chain is not taken: {reason}"
+                ),
+            }
+            for r in &f.refused {
+                tracing::warn!(facility = %f.id, "{r}");
+            }
+        }
+        for i in &dir.ignored {
+            tracing::warn!(facility = %i.facility, name = %i.name, "left out of the directory: {}", i.reason);
+        }
+        let old_revocations = revocations(&self.directory().ok(), &pins);
+        let new_revocations = revocations(&Some(dir.clone()), &next);
+        let revocation_version = if new_revocations.is_superset(&old_revocations)
+            && new_revocations.len() > old_revocations.len()
+        {
+            dir.version
+        } else {
+            0
+        };
+        self.store_directory(signed, &dir, &next, revocation_version)?;
         Ok(true)
     }
 
+    /// Accepts a facility's new root key after a person compared its safety number by phone:
+    /// `safety_number` must be the one its current certificate gives.
+    ///
+    /// Errors: [`EngineError::UnknownFacility`], [`EngineError::SafetyNumber`].
+    pub fn confirm_root(&mut self, facility: &str, safety_number: &str) -> Result<()> {
+        let f = self.find_facility(facility)?;
+        let given: String = safety_number
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if given != f.safety_number {
+            return Err(EngineError::SafetyNumber {
+                facility: f.name,
+                given,
+                expected: "see `musubi facilities`".into(),
+            });
+        }
+        let mut pins = self.pins()?;
+        pins.confirm_root(f.id, f.root);
+        let enrolment = self.enrolment()?;
+        let Some(signed) = self.signed_directory()? else {
+            return Err(EngineError::NotEnrolled);
+        };
+        let (dir, next) = signed
+            .verify(
+                &enrolment.relay,
+                enrolment.deployment,
+                &enrolment.authority,
+                &pins,
+            )
+            .map_err(|e: DirectoryError| EngineError::Trust(e.to_string()))?;
+        self.store_directory(&signed, &dir, &next, 0)?;
+        tracing::info!(facility = %f.id, name = %f.name, "new root key confirmed by a person");
+        self.maintain()?;
+        Ok(())
+    }
+
     /// Finds a facility in the directory by id or exact name.
-    pub fn find_facility(&self, id_or_name: &str) -> Result<musubi_crdt::directory::FacilityEntry> {
+    pub fn find_facility(&self, id_or_name: &str) -> Result<FacilityEntry> {
         self.directory()?
             .find(id_or_name)
             .cloned()
             .ok_or_else(|| EngineError::UnknownFacility(id_or_name.to_owned()))
     }
 
-    /// The document keys this device holds, by epoch (several per epoch only after a rotation race).
+    /// The document keys this device may use, by epoch: keys granted to it whose key matches the
+    /// epoch's commitment in the document's verified chain (a grant of any other key is ignored).
     pub fn keys(&self, doc: DocumentId) -> Result<BTreeMap<Epoch, Vec<DocumentKey>>> {
-        let me = self.device_id();
+        let Some(row) = self.store.document(doc)? else {
+            return Ok(BTreeMap::new());
+        };
+        let view = row.info;
         let mut out: BTreeMap<Epoch, Vec<DocumentKey>> = BTreeMap::new();
+        for (epoch, key) in self.all_keys(doc)? {
+            if view.commitment(epoch) != Some(key.commitment()) {
+                tracing::warn!(%doc, %epoch, "ignoring a key grant whose key is not the one the document's operations commit to");
+                continue;
+            }
+            let keys = out.entry(epoch).or_default();
+            if !keys.iter().any(|k| k.seed() == key.seed()) {
+                keys.push(key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every key granted to this device for `doc`, verified or not (only to open this device's own
+    /// bundles again when they must be sealed anew).
+    fn all_keys(&self, doc: DocumentId) -> Result<Vec<(Epoch, DocumentKey)>> {
+        let me = self.device_id();
+        let mut out = Vec::new();
         for grant in self.store.grants(doc)? {
             if !grant.recipients.contains(&me) {
                 continue;
             }
             match grant.open(&self.secrets) {
-                Ok(key) => {
-                    let keys = out.entry(grant.epoch).or_default();
-                    if !keys.iter().any(|k| k.seed() == key.seed()) {
-                        keys.push(key);
-                    }
-                }
+                Ok(key) => out.push((grant.epoch, key)),
                 Err(e) => {
                     tracing::warn!(%doc, epoch = %grant.epoch, "cannot open a key grant: {e}")
                 }
@@ -371,28 +602,20 @@ impl Engine {
         Ok(out)
     }
 
-    /// The newest epoch this device holds a key for, per document (documents without a key are absent,
-    /// so a sync session keeps asking for their grants).
+    /// The newest epoch this device holds a verified key for, per document (documents without a key
+    /// are absent, so a sync session keeps asking for their grants).
     pub fn key_epochs(&self) -> Result<Vec<(DocumentId, Epoch)>> {
-        let me = self.device_id();
         let mut out = Vec::new();
         for row in self.store.documents(None)? {
-            let newest = self
-                .store
-                .grants(row.info.id)?
-                .iter()
-                .filter(|g| g.recipients.contains(&me))
-                .map(|g| g.epoch)
-                .max();
-            if let Some(e) = newest {
-                out.push((row.info.id, e));
+            if let Some(e) = self.keys(row.info.id)?.keys().next_back() {
+                out.push((row.info.id, *e));
             }
         }
         Ok(out)
     }
 
     /// Resolves a document id given in full.
-    pub fn document_info(&self, id: &str) -> Result<DocumentInfo> {
+    pub fn document_info(&self, id: &str) -> Result<Membership> {
         let doc: DocumentId = id
             .parse()
             .map_err(|_| EngineError::UnknownDocument(id.to_owned()))?;
@@ -504,7 +727,7 @@ impl Engine {
         Ok((epoch, key))
     }
 
-    fn my_role(&self, info: &DocumentInfo) -> Result<Option<Role>> {
+    fn my_role(&self, info: &Membership) -> Result<Option<Role>> {
         let me = self.enrolment()?.facility;
         Ok(info
             .members
@@ -527,6 +750,7 @@ impl Engine {
             return Ok(0);
         }
         let (epoch, key) = self.current_key(doc_id)?;
+        let held = self.superseded(doc_id, epoch)?;
         let facility = self.enrolment()?.facility;
         let mut written = 0;
         let mut chunk: Vec<u8> = Vec::new();
@@ -548,7 +772,7 @@ impl Engine {
                 &key,
                 &Payload::Changes { data },
             )?;
-            self.store.add_local_bundle(&env, now_ms())?;
+            self.store.add_local_bundle(&env, now_ms(), held)?;
             written += 1;
         }
         loaded.heads = loaded.doc.get_heads();
@@ -571,11 +795,27 @@ impl Engine {
             data,
         };
         let env = Envelope::seal(&self.secrets, facility, doc, epoch, &key, &payload)?;
-        self.store.add_local_bundle(&env, now_ms())?;
+        let held = self.superseded(doc, epoch)?;
+        self.store.add_local_bundle(&env, now_ms(), held)?;
         Ok(env.id())
     }
 
-    /// Creates a document owned by this facility with further `members`, built by `build`, queued for the relay.
+    /// Whether `epoch` is older than the document's current epoch: this device knows of a rotation
+    /// whose key has not reached it yet. A bundle sealed now is held back (kept here, never offered
+    /// or exported) and sealed again when the key arrives, so nothing written after a revocation is
+    /// readable with the revoked device's keys.
+    fn superseded(&self, doc: DocumentId, epoch: Epoch) -> Result<bool> {
+        Ok(self
+            .store
+            .document(doc)?
+            .is_some_and(|r| epoch < r.info.epoch))
+    }
+
+    /// Creates a document owned by this facility with further `members`, built by `build`, queued
+    /// for the relay: its signed `Create` (which fixes the document's id and commits to the first
+    /// key), a grant of that key to every current device of the members, and the first changes.
+    ///
+    /// Errors: a member without a certificate; the engine's errors.
     pub fn create_document(
         &mut self,
         kind: DocumentKind,
@@ -583,35 +823,30 @@ impl Engine {
         build: impl FnOnce(&mut AutoCommit) -> Result<()>,
     ) -> Result<DocumentId> {
         let enrolment = self.enrolment()?;
-        let doc = DocumentId::from_random_bytes(random());
+        let dir = self.directory()?;
         let key = DocumentKey::from_seed(random());
-        let mut all = vec![Member {
-            facility: enrolment.facility,
-            role: Role::Owner,
-        }];
-        all.extend(
-            members
-                .into_iter()
-                .filter(|m| m.facility != enrolment.facility),
-        );
-        let op = DocOp::sign(
+        let mut others: Vec<Member> = Vec::new();
+        for m in members {
+            if m.facility != enrolment.facility && !others.iter().any(|o| o.facility == m.facility)
+            {
+                others.push(m);
+            }
+        }
+        let op = DocOp::create(
             &self.secrets,
             enrolment.facility,
-            doc,
             now_ms(),
             DocOpBody::Create {
                 kind,
-                members: all[1..].to_vec(),
+                members: others,
+                key_commitment: key.commitment(),
+                nonce: random(),
             },
         )?;
-        let info = DocumentInfo {
-            id: doc,
-            kind,
-            members: all,
-            epoch: Epoch(0),
-            head: Default::default(),
-        };
-        let recipients = member_devices(&self.directory()?, &info);
+        let view = membership::admit_op(&op, None, &dir, Point::Peer)
+            .map_err(|e| EngineError::Trust(e.message))?;
+        let doc = op.doc;
+        let recipients = member_devices(&dir, &view);
         let grant = KeyGrant::seal(
             &self.secrets,
             enrolment.facility,
@@ -620,13 +855,14 @@ impl Engine {
             &key,
             &recipients,
         )?;
-        self.store.put_document(&info)?;
+        self.store
+            .replace_chain(doc, 0, std::slice::from_ref(&op), 0)?;
+        self.store.put_document(&view)?;
         self.store.put_grant(&grant)?;
-        self.store.put_op(&op)?;
         self.store.queue(&PushItem::Op { op })?;
         self.store.queue(&PushItem::Grant { grant })?;
         let mut loaded = Loaded {
-            info,
+            info: view,
             doc: AutoCommit::new().with_actor(ActorId::from(random::<16>().to_vec())),
             heads: vec![],
             unreadable: 0,
@@ -636,11 +872,33 @@ impl Engine {
         Ok(doc)
     }
 
+    /// Appends a signed operation of this device to a document's chain (admitted at
+    /// [`Point::Peer`], as any peer would check it) and queues it. Returns the membership after it.
+    fn append_own_op(&mut self, view: &Membership, body: DocOpBody) -> Result<Membership> {
+        let enrolment = self.enrolment()?;
+        let op = DocOp::sign(
+            &self.secrets,
+            enrolment.facility,
+            view.id,
+            now_ms(),
+            Some(view.head),
+            body,
+        )?;
+        let dir = self.directory()?;
+        let next = membership::admit_op(&op, Some(view), &dir, Point::Peer)
+            .map_err(|e| EngineError::Trust(e.message))?;
+        let relay_ops = self.store.document(view.id)?.map_or(0, |r| r.relay_ops);
+        self.store
+            .replace_chain(view.id, view.ops, std::slice::from_ref(&op), relay_ops)?;
+        self.store.put_document(&next)?;
+        self.store.queue(&PushItem::Op { op })?;
+        Ok(next)
+    }
+
     /// Adds `facility` with `role`, or removes it (`role: None`, which also rotates the key). Owner only.
     pub fn share(&mut self, doc: DocumentId, facility: &str, role: Option<Role>) -> Result<()> {
-        let enrolment = self.enrolment()?;
         let target = self.find_facility(facility)?;
-        let mut info = self
+        let info = self
             .store
             .document(doc)?
             .ok_or_else(|| EngineError::UnknownDocument(doc.to_string()))?
@@ -648,81 +906,358 @@ impl Engine {
         if self.my_role(&info)? != Some(Role::Owner) {
             return Err(EngineError::NotOwner);
         }
-        let op = DocOp::sign(
-            &self.secrets,
-            enrolment.facility,
-            doc,
-            now_ms(),
+        self.append_own_op(
+            &info,
             DocOpBody::SetMember {
                 facility: target.id,
                 role,
             },
         )?;
-        info.members.retain(|m| m.facility != target.id);
-        if let Some(role) = role {
-            info.members.push(Member {
-                facility: target.id,
-                role,
-            });
-        }
-        self.store.put_document(&info)?;
-        self.store.put_op(&op)?;
-        self.store.queue(&PushItem::Op { op })?;
         self.maintain()?;
         Ok(())
     }
 
-    /// Takes the relay's list of documents, keeping local epochs and members where this device has
-    /// operations the relay has not acknowledged yet.
-    pub fn update_documents(&mut self, docs: &[DocumentInfo]) -> Result<()> {
-        let pending_docs: BTreeSet<DocumentId> = self
+    /// Takes the relay's list of documents; returns the documents this device holds, is a member of,
+    /// and knows the relay once acknowledged, that the relay no longer lists (it went back in time).
+    pub fn update_documents(&mut self, docs: &[DocumentInfo]) -> Result<Vec<DocumentId>> {
+        let me = self.enrolment()?.facility;
+        let listed: BTreeSet<DocumentId> = docs.iter().map(|d| d.id).collect();
+        Ok(self
             .store
-            .pending(0)?
+            .documents(None)?
             .into_iter()
-            .filter(|r| matches!(r.item, PushItem::Op { .. } | PushItem::Grant { .. }))
-            .map(|r| r.item.doc())
+            .filter(|r| {
+                r.relay_ops > 0 && r.info.role_of(me).is_some() && !listed.contains(&r.info.id)
+            })
+            .map(|r| r.info.id)
+            .collect())
+    }
+
+    /// Takes operations of `doc` the relay served from position `from` on: replays the chain (with
+    /// what this device holds before `from`) through the admission rule, keeps the valid prefix as
+    /// confirmed, keeps this device's unconfirmed operations that still follow it, signs again on top
+    /// of it those of its own that a concurrent operation displaced (or drops them), and sets aside
+    /// displaced operations of other devices. Returns how many operations the relay confirmed.
+    pub fn apply_relay_ops(&mut self, doc: DocumentId, from: u32, ops: &[DocOp]) -> Result<u32> {
+        let dir = self.directory()?;
+        let me = self.enrolment()?.facility;
+        let chain = self.store.chain(doc)?;
+        let from = from.min(chain.len() as u32);
+        let mut relay_chain: Vec<DocOp> = chain[..from as usize]
+            .iter()
+            .map(|c| c.op.clone())
             .collect();
-        for d in docs {
-            match self.store.document(d.id)? {
-                Some(local) if pending_docs.contains(&d.id) => {
-                    let mut info = local.info;
-                    info.head = info.head.max(d.head);
-                    info.epoch = info.epoch.max(d.epoch);
-                    self.store.put_document(&info)?;
-                }
-                Some(local) => {
-                    let mut info = d.clone();
-                    info.epoch = info.epoch.max(local.info.epoch);
-                    self.store.put_document(&info)?;
-                }
-                None => self.store.put_document(d)?,
+        relay_chain.extend(ops.iter().cloned());
+        let replay = membership::replay(&relay_chain, &dir, Point::Pulled);
+        if let Some(e) = &replay.refused {
+            tracing::warn!(%doc, position = replay.valid, "the relay served a membership operation that does not verify; it and those after it are ignored: {e}");
+            self.store.set_meta_cbor(
+                &format!("doc_warning:{doc}"),
+                &format!(
+                    "operation {} served by the relay does not verify: {e}",
+                    replay.valid
+                ),
+            )?;
+        }
+        let Some(relay_view) = replay.view else {
+            return Ok(0);
+        };
+        relay_chain.truncate(replay.valid);
+        let confirmed = relay_chain.len() as u32;
+        if chain.is_empty() && relay_view.role_of(me).is_none() {
+            // The relay lists a document whose signed operations do not name this facility.
+            tracing::warn!(%doc, "the relay lists a document this facility is not a member of; ignored");
+            return Ok(confirmed);
+        }
+        let local_tail: Vec<&DocOp> = chain[from as usize..].iter().map(|c| &c.op).collect();
+        let relay_tail = &relay_chain[from as usize..];
+        let common = local_tail
+            .iter()
+            .zip(relay_tail)
+            .take_while(|(a, b)| a.hash() == b.hash())
+            .count();
+        let mut new_chain = relay_chain.clone();
+        let mut displaced: Vec<DocOp> = Vec::new();
+        if common == relay_tail.len() {
+            // The relay's chain is a prefix of ours: our unconfirmed tail still follows it.
+            new_chain.extend(local_tail[common..].iter().map(|o| (*o).clone()));
+        } else {
+            displaced.extend(local_tail[common..].iter().map(|o| (*o).clone()));
+        }
+        let view = membership::replay(&new_chain, &dir, Point::Pulled)
+            .view
+            .unwrap_or(relay_view);
+        self.store
+            .replace_chain(doc, from, &new_chain[from as usize..], confirmed)?;
+        self.store.put_document(&view)?;
+        self.store.set_relay_ops(doc, confirmed)?;
+        let my_device = self.device_id();
+        for op in displaced {
+            self.drop_queued_op(&op)?;
+            if op.author == my_device {
+                self.rebase_own(doc, op)?;
+            } else {
+                self.store.put_provisional_op(&op)?;
+            }
+        }
+        self.settle_ops(doc)?;
+        Ok(confirmed)
+    }
+
+    /// Drops the outbox rows that carry `op`.
+    fn drop_queued_op(&mut self, op: &DocOp) -> Result<()> {
+        let hash = op.hash();
+        for row in self.store.outdated(op.doc, Epoch(u32::MAX))? {
+            if let PushItem::Op { op: o } = &row.item
+                && o.hash() == hash
+            {
+                self.store.drop_outbox(row.id)?;
+                self.retracted.insert(row.id);
+            }
+        }
+        for row in self.store.pending(0)? {
+            if let PushItem::Op { op: o } = &row.item
+                && o.hash() == hash
+            {
+                self.store.drop_outbox(row.id)?;
+                self.retracted.insert(row.id);
             }
         }
         Ok(())
     }
 
+    /// One of this device's operations was displaced by a concurrent one the relay took first: a
+    /// membership change is signed again on top of the chain if it still applies; a new epoch is
+    /// dropped (key upkeep decides afresh whether one is needed), and bundles sealed with its key
+    /// are sealed again once the chain's current key is here.
+    fn rebase_own(&mut self, doc: DocumentId, op: DocOp) -> Result<()> {
+        let Some(row) = self.store.document(doc)? else {
+            return Ok(());
+        };
+        match &op.body {
+            DocOpBody::SetMember { facility, role } => {
+                match self.append_own_op(
+                    &row.info,
+                    DocOpBody::SetMember {
+                        facility: *facility,
+                        role: *role,
+                    },
+                ) {
+                    Ok(_) => {
+                        tracing::info!(%doc, "a membership change was signed again after a concurrent one")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%doc, "a membership change no longer applies after a concurrent one and is dropped: {e}")
+                    }
+                }
+            }
+            DocOpBody::NewEpoch { epoch, .. } => {
+                tracing::info!(%doc, %epoch, "another device rotated the key first; this device's rotation is dropped");
+                let me = self.device_id();
+                for g in self.store.grants(doc)? {
+                    if g.epoch == *epoch && g.author == me {
+                        for row in self.store.pending(0)? {
+                            if let PushItem::Grant { grant } = &row.item
+                                && grant.hash() == g.hash()
+                            {
+                                self.store.drop_outbox(row.id)?;
+                                self.retracted.insert(row.id);
+                            }
+                        }
+                    }
+                }
+                // Bundles this device sealed with the dropped key: seal them again.
+                for row in self.store.pending(0)? {
+                    if let PushItem::Bundle { envelope } = &row.item
+                        && envelope.doc == doc
+                        && envelope.epoch == *epoch
+                        && envelope.author == me
+                    {
+                        self.store
+                            .mark_stale(row.id, "sealed with a key that lost a rotation race")?;
+                        self.retracted.insert(row.id);
+                    }
+                }
+            }
+            DocOpBody::Create { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Moves operations set aside into the chain when they now follow it, drops those that never
+    /// can (they follow an operation before the chain's last), and puts stale outbox operations that
+    /// the chain confirmed or dropped out of the outbox.
+    fn settle_ops(&mut self, doc: DocumentId) -> Result<()> {
+        let dir = self.directory()?;
+        loop {
+            let Some(row) = self.store.document(doc)? else {
+                return Ok(());
+            };
+            let view = row.info;
+            let chain: BTreeSet<[u8; 32]> =
+                self.store.chain(doc)?.iter().map(|c| c.op.hash()).collect();
+            let mut moved = false;
+            for op in self.store.provisional_ops(doc)? {
+                if op.prev == Some(view.head) {
+                    match membership::admit_op(&op, Some(&view), &dir, Point::Peer) {
+                        Ok(next) => {
+                            self.store.replace_chain(
+                                doc,
+                                view.ops,
+                                std::slice::from_ref(&op),
+                                row.relay_ops,
+                            )?;
+                            self.store.put_document(&next)?;
+                            moved = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::info!(%doc, "an operation kept aside is refused: {e}");
+                            self.store.drop_provisional_op(&op.hash())?;
+                        }
+                    }
+                } else if op.prev.is_some_and(|p| chain.contains(&p)) || chain.contains(&op.hash())
+                {
+                    // It follows an operation that another one follows already: it lost.
+                    self.store.drop_provisional_op(&op.hash())?;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        // Stale operations in the outbox: confirmed or gone from the chain → dropped; still
+        // unconfirmed in the chain (they follow the relay's head now) → pending again.
+        let chain = self.store.chain(doc)?;
+        for row in self.store.outdated(doc, Epoch(0))? {
+            if let PushItem::Op { op } = &row.item {
+                let h = op.hash();
+                match chain.iter().find(|c| c.op.hash() == h) {
+                    Some(c) if !c.confirmed => {
+                        self.store.drop_outbox(row.id)?;
+                        self.retracted.insert(row.id);
+                        self.store.queue(&row.item)?;
+                    }
+                    _ => {
+                        self.store.drop_outbox(row.id)?;
+                        self.retracted.insert(row.id);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The relay acknowledged an operation: it is confirmed. Returns its document and the confirmed
+    /// count.
+    pub fn confirm_op(&mut self, op: &DocOp) -> Result<Option<(DocumentId, u32)>> {
+        Ok(self.store.confirm_op(&op.hash())?)
+    }
+
+    /// The relay holds less of `doc` than this device knew it acknowledged: `head` is its newest
+    /// sequence number and `ops` (when known) its operation count. Sets the cursor back, queues again
+    /// the operations from `ops` on and every grant; returns the ids of every bundle held, to offer.
+    pub fn relay_behind(
+        &mut self,
+        doc: DocumentId,
+        head: musubi_crdt::ids::Seq,
+        ops: Option<u32>,
+    ) -> Result<Vec<musubi_crdt::ids::BundleId>> {
+        self.store.set_cursor(doc, head)?;
+        let Some(row) = self.store.document(doc)? else {
+            return Ok(vec![]);
+        };
+        if let Some(n) = ops
+            && n < row.relay_ops
+        {
+            let chain = self.store.chain(doc)?;
+            let again: Vec<DocOp> = chain
+                .iter()
+                .filter(|c| c.idx >= n && c.confirmed)
+                .map(|c| c.op.clone())
+                .collect();
+            // They wait in the outbox again, before anything queued later.
+            let ids: Vec<u64> = self
+                .store
+                .pending(0)?
+                .into_iter()
+                .filter(|r| r.item.doc() == Some(doc))
+                .map(|r| r.id)
+                .collect();
+            let later: Vec<PushItem> = ids
+                .iter()
+                .filter_map(|id| self.store.outbox_item(*id).ok().flatten())
+                .collect();
+            for id in &ids {
+                self.store.drop_outbox(*id)?;
+                self.retracted.insert(*id);
+            }
+            for op in again {
+                self.store.queue(&PushItem::Op { op })?;
+            }
+            for grant in self.store.grants(doc)? {
+                self.store.queue(&PushItem::Grant { grant })?;
+            }
+            for item in later {
+                match &item {
+                    PushItem::Bundle { envelope } => {
+                        self.store.requeue_bundle(envelope)?;
+                    }
+                    other => {
+                        self.store.queue(other)?;
+                    }
+                }
+            }
+            let chain_len = chain.len() as u32;
+            self.store.replace_chain(doc, chain_len, &[], n)?;
+            self.store.set_relay_ops(doc, n)?;
+        }
+        Ok(self.store.bundle_ids(doc)?)
+    }
+
+    /// The relay asked for bundles it lacks (after a rollback): queues them again.
+    pub fn requeue_bundles(
+        &mut self,
+        doc: DocumentId,
+        ids: &[musubi_crdt::ids::BundleId],
+    ) -> Result<usize> {
+        let mut n = 0;
+        for id in ids {
+            if let Some(b) = self.store.bundle(id)?
+                && b.doc == doc
+            {
+                self.store.requeue_bundle(&b.envelope)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The outbox rows replaced since the last call (the sync session drops its copies of them).
+    pub fn take_retracted(&mut self) -> BTreeSet<u64> {
+        std::mem::take(&mut self.retracted)
+    }
+
     /// Keeps keys where they belong; returns how many items it queued.
     ///
-    /// - Owner: when a device that holds the current epoch's key is revoked, or its facility is no
-    ///   longer a member, starts a new epoch whose key only current member devices receive.
-    /// - Anyone holding a key: grants it to current member devices that lack it (a new laptop of a member).
+    /// - A writer holding the current key: when a device that holds it is no longer a current device
+    ///   of a member facility (revoked, or its facility removed), starts a new epoch whose key only
+    ///   current member devices receive (any writer may; the relay takes the first).
+    /// - Anyone holding a key: grants it to current member devices that lack it (a new laptop of a
+    ///   member), never to a device without a verified chain or of a facility whose root key changed.
+    /// - Bundles waiting in the outbox sealed in a superseded epoch are sealed again with the
+    ///   current key.
     pub fn maintain(&mut self) -> Result<usize> {
         let Ok(enrolment) = self.enrolment() else {
             return Ok(0);
         };
-        // One directory (signature checked once) and one key decryption per document per pass.
         let Ok(dir) = self.directory() else {
             return Ok(0);
         };
         let mut queued = 0;
         for row in self.store.documents(None)? {
             let mut info = row.info;
-            let Some(my_role) = info
-                .members
-                .iter()
-                .find(|m| m.facility == enrolment.facility)
-                .map(|m| m.role)
-            else {
+            let Some(my_role) = info.role_of(enrolment.facility) else {
                 continue;
             };
             let mut keys = self.keys(info.id)?;
@@ -731,9 +1266,9 @@ impl Engine {
             }
             let should = member_devices(&dir, &info);
             let should_ids: BTreeSet<DeviceId> = should.iter().map(|(d, _)| *d).collect();
-            let mut grants = self.store.grants(info.id)?;
+            let grants = self.store.grants(info.id)?;
             let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
-            if my_role == Role::Owner && held_epoch >= info.epoch {
+            if my_role.can_write() && held_epoch == info.epoch {
                 let current_recipients: BTreeSet<DeviceId> = grants
                     .iter()
                     .filter(|g| g.epoch == held_epoch)
@@ -742,39 +1277,38 @@ impl Engine {
                 if current_recipients.iter().any(|d| !should_ids.contains(d)) {
                     let epoch = Epoch(held_epoch.0 + 1);
                     let key = DocumentKey::from_seed(random());
-                    let op = DocOp::sign(
-                        &self.secrets,
-                        enrolment.facility,
-                        info.id,
-                        now_ms(),
-                        DocOpBody::NewEpoch { epoch },
-                    )?;
-                    let grant = KeyGrant::seal(
-                        &self.secrets,
-                        enrolment.facility,
-                        info.id,
-                        epoch,
-                        &key,
-                        &should,
-                    )?;
-                    self.store.put_grant(&grant)?;
-                    self.store.put_op(&op)?;
-                    self.store.queue(&PushItem::Op { op })?;
-                    self.store.queue(&PushItem::Grant {
-                        grant: grant.clone(),
-                    })?;
-                    grants.push(grant);
-                    keys.entry(epoch).or_default().push(key);
-                    info.epoch = epoch;
-                    self.store.put_document(&info)?;
-                    queued += 2;
-                    tracing::info!(doc = %info.id, %epoch, "rotated the document key");
+                    match self.append_own_op(
+                        &info,
+                        DocOpBody::NewEpoch {
+                            epoch,
+                            key_commitment: key.commitment(),
+                        },
+                    ) {
+                        Ok(next) => {
+                            let grant = KeyGrant::seal(
+                                &self.secrets,
+                                enrolment.facility,
+                                info.id,
+                                epoch,
+                                &key,
+                                &should,
+                            )?;
+                            self.store.put_grant(&grant)?;
+                            self.store.queue(&PushItem::Grant { grant })?;
+                            keys.entry(epoch).or_default().push(key);
+                            info = next;
+                            queued += 2;
+                            tracing::info!(doc = %info.id, %epoch, "rotated the document key");
+                        }
+                        Err(e) => tracing::warn!(doc = %info.id, "could not rotate the key: {e}"),
+                    }
                 }
             }
-            for (epoch, ks) in keys {
+            let grants = self.store.grants(info.id)?;
+            for (epoch, ks) in &keys {
                 let covered: BTreeSet<DeviceId> = grants
                     .iter()
-                    .filter(|g| g.epoch == epoch)
+                    .filter(|g| g.epoch == *epoch)
                     .flat_map(|g| g.recipients.iter().copied())
                     .collect();
                 let missing: Vec<(DeviceId, String)> = should
@@ -790,7 +1324,7 @@ impl Engine {
                     &self.secrets,
                     enrolment.facility,
                     info.id,
-                    epoch,
+                    *epoch,
                     key,
                     &missing,
                 )?;
@@ -798,6 +1332,70 @@ impl Engine {
                 self.store.queue(&PushItem::Grant { grant })?;
                 queued += 1;
             }
+            queued += self.reseal(&info, &keys, my_role)?;
+        }
+        Ok(queued)
+    }
+
+    /// Seals again, with the current key, the outbox bundles of `view` that were sealed in a
+    /// superseded epoch (or with a key that lost a rotation race), and drops stale grants. Returns
+    /// how many bundles it queued.
+    fn reseal(
+        &mut self,
+        view: &Membership,
+        keys: &BTreeMap<Epoch, Vec<DocumentKey>>,
+        my_role: Role,
+    ) -> Result<usize> {
+        let outdated = self.store.outdated(view.id, view.epoch)?;
+        if outdated.is_empty() {
+            return Ok(0);
+        }
+        let Some(current) = keys.get(&view.epoch).and_then(|k| k.first()).cloned() else {
+            return Ok(0); // the current key has not arrived yet
+        };
+        let all = self.all_keys(view.id)?;
+        let me = self.device_id();
+        let facility = self.enrolment()?.facility;
+        let mut queued = 0;
+        for row in outdated {
+            match &row.item {
+                PushItem::Bundle { envelope } => {
+                    let payload = all
+                        .iter()
+                        .filter(|(e, _)| *e == envelope.epoch)
+                        .find_map(|(_, k)| envelope.open(k).ok());
+                    self.store.drop_outbox(row.id)?;
+                    self.retracted.insert(row.id);
+                    let Some(payload) = payload else {
+                        tracing::warn!(doc = %view.id, "a queued bundle in a superseded epoch cannot be opened here; it is left to its author");
+                        continue;
+                    };
+                    if !my_role.can_write() {
+                        continue;
+                    }
+                    let env = Envelope::seal(
+                        &self.secrets,
+                        facility,
+                        view.id,
+                        view.epoch,
+                        &current,
+                        &payload,
+                    )?;
+                    self.store.add_local_bundle(&env, now_ms(), false)?;
+                    if envelope.author == me {
+                        self.store.delete_bundle(&envelope.id())?;
+                    }
+                    queued += 1;
+                }
+                PushItem::Grant { .. } => {
+                    self.store.drop_outbox(row.id)?;
+                    self.retracted.insert(row.id);
+                }
+                _ => {}
+            }
+        }
+        if queued > 0 {
+            tracing::info!(doc = %view.id, bundles = queued, epoch = %view.epoch, "sealed queued bundles again with the current key");
         }
         Ok(queued)
     }
@@ -813,14 +1411,17 @@ pub struct ImportReport {
     /// Items of documents this facility is not a member of, left out (a file may carry documents
     /// for other facilities; the relay would refuse them from a non-member).
     pub skipped: u64,
+    /// Membership operations kept aside until the operations they follow arrive.
+    pub provisional: u64,
     /// Items refused, with the reason.
     pub refused: Vec<String>,
 }
 
 impl Engine {
-    /// Takes signed items that did not come from the relay: verifies each (signature, author in the
-    /// directory, the author's facility allowed by the document's operations), stores what is new,
-    /// and (with `queue_for_relay`) queues it so whichever device reaches the relay first uploads it.
+    /// Takes signed items that did not come from the relay: each passes the admission rule at
+    /// [`Point::Peer`] (signature, a current author, the document's verified membership), what is
+    /// new is stored, and (with `queue_for_relay`) queued so whichever device reaches the relay first
+    /// uploads it. Operations that do not follow this device's chain are kept aside, not applied.
     ///
     /// Operations come before grants and bundles so a document this device never saw is known first.
     pub fn import_items(
@@ -830,86 +1431,118 @@ impl Engine {
         queue_for_relay: bool,
     ) -> Result<ImportReport> {
         let dir = self.directory()?;
+        let me = self.enrolment()?.facility;
         let mut report = ImportReport::default();
-        let device_ok = |author: &DeviceId, facility: FacilityId| {
-            dir.device(author)
-                .is_some_and(|(f, d)| f.id == facility && !f.revoked && !d.revoked)
-        };
-        let (mut ops, mut rest): (Vec<_>, Vec<_>) = items
+        let (ops, mut rest): (Vec<_>, Vec<_>) = items
             .into_iter()
             .partition(|i| matches!(i, PushItem::Op { .. }));
         rest.sort_by_key(|i| matches!(i, PushItem::Bundle { .. }));
-        let me = self.enrolment()?.facility;
-        let mut touched = BTreeSet::new();
-        let mut verified: BTreeMap<DocumentId, Vec<DocOp>> = BTreeMap::new();
-        for item in ops.drain(..) {
+        // Operations by document, in the order given (a sender gives its chain in order).
+        let mut by_doc: Vec<(DocumentId, Vec<DocOp>)> = Vec::new();
+        for item in ops {
             let PushItem::Op { op } = item else { continue };
-            if op.verify().is_err() || !device_ok(&op.author, op.facility) {
-                report.refused.push(format!(
-                    "operation on {}: signature or author does not verify",
-                    op.doc
-                ));
-                continue;
-            }
-            verified.entry(op.doc).or_default().push(op);
-        }
-        // A document this device does not hold is taken only if its operations make this facility a member.
-        let mut foreign: BTreeSet<DocumentId> = BTreeSet::new();
-        for (doc, new_ops) in &verified {
-            if self.store.document(*doc)?.is_some() {
-                continue;
-            }
-            let mut all = self.store.ops(*doc)?;
-            all.extend(new_ops.iter().cloned());
-            if derive_info(&all).is_some_and(|i| !i.members.iter().any(|m| m.facility == me)) {
-                foreign.insert(*doc);
+            match by_doc.iter_mut().find(|(d, _)| *d == op.doc) {
+                Some((_, v)) => v.push(op),
+                None => by_doc.push((op.doc, vec![op])),
             }
         }
-        for op in verified.into_values().flatten() {
-            if foreign.contains(&op.doc) {
-                report.skipped += 1;
-                continue;
-            }
-            if self.store.put_op(&op)? {
-                report.new += 1;
-                touched.insert(op.doc);
-                if queue_for_relay {
-                    self.store.queue(&PushItem::Op { op })?;
-                }
-            } else {
-                report.known += 1;
-            }
-        }
-        for doc in touched {
-            if let Some(info) = derive_info(&self.store.ops(doc)?) {
-                match self.store.document(doc)? {
-                    Some(local) => {
-                        let mut merged = local.info;
-                        merged.epoch = merged.epoch.max(info.epoch);
-                        for m in info.members {
-                            if !merged.members.iter().any(|x| x.facility == m.facility) {
-                                merged.members.push(m);
+        for (doc, ops) in by_doc {
+            if self.store.document(doc)?.is_none() {
+                // A document new here is taken only when its chain, replayed from its Create,
+                // names this facility.
+                let r = membership::replay(&ops, &dir, Point::Peer);
+                match r.view {
+                    Some(view) if view.role_of(me).is_some() => {
+                        self.store.replace_chain(doc, 0, &ops[..r.valid], 0)?;
+                        self.store.put_document(&view)?;
+                        report.new += r.valid as u64;
+                        if queue_for_relay {
+                            for op in &ops[..r.valid] {
+                                self.store.queue(&PushItem::Op { op: op.clone() })?;
                             }
                         }
-                        self.store.put_document(&merged)?;
+                        if let Some(e) = r.refused {
+                            report
+                                .refused
+                                .push(format!("operation on {doc}: {}", e.message));
+                        }
                     }
-                    None => self.store.put_document(&info)?,
+                    Some(_) => report.skipped += ops.len() as u64,
+                    None => match r.refused {
+                        Some(e) if e.code != ErrorCode::UnknownDocument => report
+                            .refused
+                            .push(format!("operation on {doc}: {}", e.message)),
+                        _ => report.skipped += ops.len() as u64,
+                    },
+                }
+                continue;
+            }
+            for op in ops {
+                if self.store.has_op(&op.hash())? {
+                    report.known += 1;
+                    continue;
+                }
+                let row = self
+                    .store
+                    .document(doc)?
+                    .ok_or_else(|| EngineError::UnknownDocument(doc.to_string()))?;
+                match membership::admit_op(&op, Some(&row.info), &dir, Point::Peer) {
+                    Ok(next) => {
+                        self.store.replace_chain(
+                            doc,
+                            row.info.ops,
+                            std::slice::from_ref(&op),
+                            row.relay_ops,
+                        )?;
+                        self.store.put_document(&next)?;
+                        report.new += 1;
+                        if queue_for_relay {
+                            self.store.queue(&PushItem::Op { op: op.clone() })?;
+                        }
+                        self.settle_ops(doc)?;
+                    }
+                    Err(e) if e.code == ErrorCode::Stale => {
+                        if self.store.put_provisional_op(&op)? {
+                            report.provisional += 1;
+                        } else {
+                            report.known += 1;
+                        }
+                    }
+                    Err(e) => report
+                        .refused
+                        .push(format!("operation on {doc}: {}", e.message)),
                 }
             }
         }
         for item in rest {
-            if self.store.document(item.doc())?.is_none() {
+            let Some(doc) = item.doc() else {
+                report
+                    .refused
+                    .push("an invite or approval belongs to no document".into());
+                continue;
+            };
+            let Some(row) = self.store.document(doc)? else {
                 report.skipped += 1;
+                continue;
+            };
+            if row.info.role_of(me).is_none() {
+                report.skipped += 1;
+                continue;
+            }
+            if let Err(e) = membership::admit(&item, Some(&row.info), &dir, Point::Peer) {
+                report.refused.push(format!(
+                    "{} of {doc}: {}",
+                    match item {
+                        PushItem::Grant { .. } => "key grant",
+                        _ => "bundle",
+                    },
+                    e.message
+                ));
                 continue;
             }
             match item {
                 PushItem::Grant { grant } => {
-                    if grant.verify().is_err() || !device_ok(&grant.author, grant.facility) {
-                        report.refused.push(format!(
-                            "key grant of {}: signature or author does not verify",
-                            grant.doc
-                        ));
-                    } else if self.store.put_grant(&grant)? {
+                    if self.store.put_grant(&grant)? {
                         report.new += 1;
                         if queue_for_relay {
                             self.store.queue(&PushItem::Grant { grant })?;
@@ -919,23 +1552,7 @@ impl Engine {
                     }
                 }
                 PushItem::Bundle { envelope } => {
-                    let writer = self.store.document(envelope.doc)?.is_some_and(|d| {
-                        d.info
-                            .members
-                            .iter()
-                            .any(|m| m.facility == envelope.facility && m.role.can_write())
-                    });
-                    if envelope.check().is_err()
-                        || envelope.verify_signature().is_err()
-                        || !device_ok(&envelope.author, envelope.facility)
-                        || !writer
-                    {
-                        report.refused.push(format!(
-                            "bundle {} of {}: signature, author or membership does not verify",
-                            envelope.id(),
-                            envelope.doc
-                        ));
-                    } else if self.store.add_foreign_bundle(
+                    if self.store.add_foreign_bundle(
                         &envelope,
                         origin,
                         queue_for_relay,
@@ -946,13 +1563,14 @@ impl Engine {
                         report.known += 1;
                     }
                 }
-                PushItem::Op { .. } => {}
+                _ => {}
             }
         }
         Ok(report)
     }
 
-    /// Everything this device holds of a document, as push items (operations, grants, bundles).
+    /// Everything this device holds of a document, as push items (its operation chain in order,
+    /// grants, bundles), leaving out bundles held back because they wait to be sealed again.
     pub fn export_items(&self, doc: DocumentId) -> Result<Vec<PushItem>> {
         let mut out: Vec<PushItem> = self
             .store
@@ -968,7 +1586,7 @@ impl Engine {
         );
         out.extend(
             self.store
-                .bundles(doc)?
+                .shareable_bundles(doc)?
                 .into_iter()
                 .map(|b| PushItem::Bundle {
                     envelope: b.envelope,
@@ -976,64 +1594,193 @@ impl Engine {
         );
         Ok(out)
     }
+
+    /// This facility's certificate and device chain, from the signed directory held.
+    fn own_chain(&self) -> Result<Vec<DeviceLink>> {
+        let enrolment = self.enrolment()?;
+        let Some(signed) = self.signed_directory()? else {
+            return Err(EngineError::NotEnrolled);
+        };
+        let body = signed
+            .open(&enrolment.relay)
+            .map_err(|e| EngineError::Trust(e.to_string()))?;
+        Ok(body
+            .facilities
+            .into_iter()
+            .find(|f| f.cert.facility == enrolment.facility)
+            .map(|f| f.links)
+            .unwrap_or_default())
+    }
+
+    /// Issues an invite for another device of this facility, valid for `expires`: the code to hand
+    /// over in person. The secret stays here (sealed to this device); the relay learns the invite's
+    /// id at the next sync, and this device approves the join at the sync after the new device asked.
+    ///
+    /// Errors: [`EngineError::InvalidExpiry`]; not enrolled.
+    pub fn device_invite(&mut self, expires: std::time::Duration) -> Result<InviteCode> {
+        if expires.is_zero() || expires.as_secs() > INVITE_EXPIRES_SECS_MAX {
+            return Err(EngineError::InvalidExpiry);
+        }
+        let enrolment = self.enrolment()?;
+        let secret: [u8; INVITE_SECRET_BYTES] = random();
+        let expires_at_ms = now_ms().saturating_add(expires.as_millis() as u64);
+        let invite = InviteId::of_secret(&secret);
+        let recipient = self.secrets.age_identity().to_public();
+        let sealed_secret = crypto::seal_to(&[recipient], &secret)?;
+        self.store.put_device_invite(
+            &DeviceInviteRow {
+                invite,
+                sealed_secret,
+                expires_at_ms,
+                used_by: None,
+            },
+            now_ms(),
+        )?;
+        let registration =
+            InviteRegistration::sign(&self.secrets, invite, enrolment.facility, expires_at_ms);
+        self.store.queue(&PushItem::Invite { registration })?;
+        Ok(InviteCode {
+            deployment: enrolment.deployment,
+            relay: enrolment.relay,
+            addrs: enrolment.relay_addrs,
+            authority: enrolment.authority,
+            invite: InviteFor::Device {
+                facility: enrolment.facility,
+                facility_name: enrolment.facility_name,
+            },
+            expires_at_ms,
+            secret: secret.to_vec(),
+        })
+    }
+
+    /// Approves join requests for invites this device issued: checks each proof against the kept
+    /// secret, signs the next link of the facility's device chain adding the device, seals the
+    /// pseudonym secret to it, and queues the approval. Requests for other devices' invites are left
+    /// to them; expired or used invites and bad proofs are refused.
+    pub fn approve_joins(&mut self, requests: &[JoinRequest]) -> Result<Approvals> {
+        let enrolment = self.enrolment()?;
+        let mut out = Approvals::default();
+        let mut links = self.own_chain()?;
+        for r in requests {
+            let Some(invite) = self.store.device_invite(&r.invite)? else {
+                continue;
+            };
+            if invite.used_by.is_some() {
+                continue;
+            }
+            if invite.expires_at_ms <= now_ms() {
+                out.refused.push(format!(
+                    "{} ({}): the invite expired",
+                    r.name, r.device.device
+                ));
+                continue;
+            }
+            let secret: [u8; INVITE_SECRET_BYTES] =
+                crypto::open_with(self.secrets.age_identity(), &invite.sealed_secret, 32)?
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("invite secret length".into()))?;
+            if let Err(e) = r.verify(&secret, None) {
+                tracing::warn!(device = %r.device.device, "refusing a join request: {e}");
+                out.refused
+                    .push(format!("{} ({}): {e}", r.name, r.device.device));
+                continue;
+            }
+            let link = DeviceLink::sign(
+                &self.secrets,
+                enrolment.facility,
+                links.last(),
+                DeviceChange::Add {
+                    device: r.device.device,
+                    age_recipient: r.device.age_recipient.clone(),
+                },
+                now_ms(),
+            );
+            let recipient = crypto::parse_recipient(&r.device.age_recipient)?;
+            let sealed_pseudonym = crypto::seal_to(&[recipient], &self.pseudonym_secret()?)?;
+            self.store
+                .set_device_invite_used(&r.invite, Some(&r.device.device.to_string()))?;
+            self.store.queue(&PushItem::Approve {
+                link: link.clone(),
+                sealed_pseudonym,
+            })?;
+            links.push(link);
+            tracing::info!(device = %r.device.device, name = %r.name, "approved a new device of this facility");
+            out.approved
+                .push((r.device.device.to_string(), r.name.clone()));
+        }
+        Ok(out)
+    }
+
+    /// The relay refused an approval as made against an older chain (another device of this
+    /// facility approved someone meanwhile): the invite may be approved again.
+    pub fn approval_stale(&mut self, link: &DeviceLink) -> Result<()> {
+        if let DeviceChange::Add { device, .. } = &link.change {
+            let id: Option<Vec<u8>> = self
+                .store
+                .conn()
+                .query_row(
+                    "SELECT invite_id FROM device_invites WHERE used_by = ?1",
+                    [device.to_string()],
+                    |r| r.get(0),
+                )
+                .ok();
+            if let Some(id) = id.and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                self.store.set_device_invite_used(&InviteId(id), None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Revokes a device of this facility (a lost laptop): queues the next link of the facility's
+    /// device chain. Key upkeep then rotates the key of every document this facility writes.
+    ///
+    /// Errors: the device is not a current device of this facility.
+    pub fn revoke_device(&mut self, device: &str) -> Result<()> {
+        let enrolment = self.enrolment()?;
+        let target: DeviceId = device
+            .parse()
+            .map_err(|_| EngineError::UnknownFacility(device.to_owned()))?;
+        let dir = self.directory()?;
+        if dir.device_status(&target).current() != Some(enrolment.facility) {
+            return Err(EngineError::Trust(format!(
+                "{target} is not a current device of this facility"
+            )));
+        }
+        let links = self.own_chain()?;
+        let link = DeviceLink::sign(
+            &self.secrets,
+            enrolment.facility,
+            links.last(),
+            DeviceChange::Revoke { device: target },
+            now_ms(),
+        );
+        self.store.queue(&PushItem::Approve {
+            link,
+            sealed_pseudonym: vec![],
+        })?;
+        Ok(())
+    }
 }
 
-/// A document's kind, members and epoch as its signed operations say (the relay applies the same rules).
-///
-/// `None` when no valid `Create` is among them. Operations by non-owners are ignored.
-pub fn derive_info(ops: &[DocOp]) -> Option<DocumentInfo> {
-    let create = ops
-        .iter()
-        .find(|o| matches!(o.body, DocOpBody::Create { .. }))?;
-    let DocOpBody::Create { kind, members } = &create.body else {
-        return None;
-    };
-    let mut info = DocumentInfo {
-        id: create.doc,
-        kind: *kind,
-        members: std::iter::once(Member {
-            facility: create.facility,
-            role: Role::Owner,
-        })
-        .chain(
-            members
-                .iter()
-                .copied()
-                .filter(|m| m.facility != create.facility),
-        )
-        .collect(),
-        epoch: Epoch(0),
-        head: Default::default(),
-    };
-    let mut rest: Vec<&DocOp> = ops.iter().filter(|o| !std::ptr::eq(*o, create)).collect();
-    rest.sort_by_key(|o| o.at_ms);
-    for op in rest {
-        let owner = info
-            .members
-            .iter()
-            .any(|m| m.facility == op.facility && m.role == Role::Owner);
-        if !owner {
-            continue;
-        }
-        match &op.body {
-            DocOpBody::SetMember { facility, role } => {
-                info.members.retain(|m| m.facility != *facility);
-                if let Some(role) = role {
-                    info.members.push(Member {
-                        facility: *facility,
-                        role: *role,
-                    });
+/// Every device this device counts as revoked: the relay's revocations it saw, chain revocations,
+/// devices of revoked facilities.
+fn revocations(dir: &Option<Directory>, pins: &Pins) -> BTreeSet<DeviceId> {
+    let mut out: BTreeSet<DeviceId> = pins.revoked_devices.clone();
+    if let Some(d) = dir {
+        for f in &d.facilities {
+            for dev in &f.devices {
+                if dev.revoked || f.revoked {
+                    out.insert(dev.device);
                 }
             }
-            DocOpBody::NewEpoch { epoch } => info.epoch = info.epoch.max(*epoch),
-            DocOpBody::Create { .. } => {}
         }
     }
-    Some(info)
+    out
 }
 
-/// Current devices of the document's member facilities, with their age recipients.
-fn member_devices(dir: &Directory, info: &DocumentInfo) -> Vec<(DeviceId, String)> {
+/// Current devices of the document's member facilities (verified chain, not revoked, root key as
+/// pinned), with their age recipients.
+fn member_devices(dir: &Directory, info: &Membership) -> Vec<(DeviceId, String)> {
     info.members
         .iter()
         .filter_map(|m| dir.facility(m.facility))

@@ -1,6 +1,12 @@
 //! LAN sync: facility devices on the same network find each other by mDNS, authenticate each other
-//! against the directory (enrolled, not revoked, same deployment: the directory is the relay's and
-//! only lists this deployment), and exchange the bundles of documents both are members of.
+//! against the verified directory (a current device of a certified facility, not revoked), and
+//! exchange the bundles of documents both are members of.
+//!
+//! Revocations travel too: every offer carries the offerer's directory version, and a device that
+//! knows of a revocation newer than it answers [`ErrorCode::StaleDirectory`] and nothing else; the
+//! offerer then fetches that device's directory (`GetDirectory`, verified like one from the relay) and
+//! offers again. So a laptop revoked while its facility was offline gets nothing from a peer that
+//! heard of it, and a peer that had not heard of it learns before it exchanges.
 //!
 //! The exchange is anti-entropy over `/musubi/sync/1`: `Offer` lists the bundle ids one side holds
 //! of a document (with its operations and grants); the answer `Exchange` carries the bundles the
@@ -18,6 +24,8 @@ use musubi_transport::Behaviour;
 use musubi_transport::libp2p::request_response::OutboundRequestId;
 use musubi_transport::libp2p::swarm::dial_opts::DialOpts;
 use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm};
+
+use musubi_crdt::directory::Devices as _;
 
 use crate::engine::{Engine, Result};
 use crate::store::Origin;
@@ -37,17 +45,19 @@ pub struct Lan {
     peers: HashMap<PeerId, LanPeer>,
     offers: HashMap<OutboundRequestId, (PeerId, DocumentId)>,
     delivers: HashMap<OutboundRequestId, PeerId>,
+    directories: HashMap<OutboundRequestId, PeerId>,
     last_round: Option<Instant>,
 }
 
-/// The facility of a current (enrolled, not revoked) device, if `peer` is one and is not this device.
+/// The facility of a current device (verified chain, not revoked, trusted facility), if `peer` is
+/// one and is not this device.
 fn peer_facility(engine: &Engine, peer: &PeerId) -> Option<FacilityId> {
     if *peer == engine.device_id().0 {
         return None;
     }
     let dir = engine.directory().ok()?;
-    let (f, d) = dir.device(&musubi_crdt::ids::DeviceId(*peer))?;
-    (!f.revoked && !d.revoked).then_some(f.id)
+    dir.device_status(&musubi_crdt::ids::DeviceId(*peer))
+        .current()
 }
 
 /// The documents whose members include both this device's facility and `facility`.
@@ -57,10 +67,7 @@ pub fn shared_docs(engine: &Engine, facility: FacilityId) -> Result<Vec<Document
         .store()
         .documents(None)?
         .into_iter()
-        .filter(|d| {
-            d.info.members.iter().any(|m| m.facility == facility)
-                && d.info.members.iter().any(|m| m.facility == me)
-        })
+        .filter(|d| d.info.role_of(facility).is_some() && d.info.role_of(me).is_some())
         .map(|d| d.info.id)
         .collect())
 }
@@ -83,7 +90,7 @@ fn bundles_for(
 ) -> Result<(Vec<musubi_crdt::bundle::Envelope>, bool)> {
     let mut out = Vec::new();
     let mut bytes = 0;
-    for b in engine.store().bundles(doc)? {
+    for b in engine.store().shareable_bundles(doc)? {
         if !pick(&b.id) {
             continue;
         }
@@ -157,6 +164,7 @@ impl Lan {
         }
         self.offers.retain(|_, (p, _)| p != peer);
         self.delivers.retain(|_, p| p != peer);
+        self.directories.retain(|_, p| p != peer);
     }
 
     /// Offers every shared document to connected peers, at most every [`LAN_ROUND_INTERVAL`] unless `force`.
@@ -217,12 +225,45 @@ impl Lan {
             ));
         };
         match request {
+            Request::GetDirectory { known_version } => {
+                let directory = engine
+                    .signed_directory()?
+                    .filter(|d| d.claimed_version().is_some_and(|v| v > known_version));
+                Ok((Response::Directory { directory }, vec![]))
+            }
+            Request::Offer {
+                directory_version, ..
+            } if directory_version < engine.revocation_version()? => Ok((
+                Response::error(
+                    ErrorCode::StaleDirectory,
+                    "this device knows of a revocation your directory does not have; fetch its directory first",
+                ),
+                vec![],
+            )),
             Request::Offer {
                 doc,
                 have,
                 ops,
                 grants,
+                ..
             } => {
+                let is_member = |engine: &Engine| -> Result<bool> {
+                    Ok(engine
+                        .store()
+                        .document(doc)?
+                        .is_some_and(|d| d.info.role_of(facility).is_some()))
+                };
+                let known = engine.store().document(doc)?.is_some();
+                if known && !is_member(engine)? {
+                    // Nothing a non-member offers is taken, not even its operations.
+                    return Ok((
+                        Response::error(
+                            ErrorCode::NotMember,
+                            "your facility is not a member of this document",
+                        ),
+                        vec![],
+                    ));
+                }
                 let mut items: Vec<PushItem> =
                     ops.iter().cloned().map(|op| PushItem::Op { op }).collect();
                 items.extend(
@@ -231,12 +272,13 @@ impl Lan {
                         .cloned()
                         .map(|grant| PushItem::Grant { grant }),
                 );
-                engine.import_items(items, Origin::Lan, true)?;
-                let member = engine
-                    .store()
-                    .document(doc)?
-                    .is_some_and(|d| d.info.members.iter().any(|m| m.facility == facility));
-                if !member {
+                // Each item passes the admission rule; a document unknown here is taken only when
+                // its signed operations name this facility.
+                let report = engine.import_items(items, Origin::Lan, true)?;
+                for r in &report.refused {
+                    tracing::warn!(%peer, "LAN item refused: {r}");
+                }
+                if !is_member(engine)? {
                     return Ok((
                         Response::error(
                             ErrorCode::NotMember,
@@ -275,7 +317,7 @@ impl Lan {
                 let member = engine
                     .store()
                     .document(doc)?
-                    .is_some_and(|d| d.info.members.iter().any(|m| m.facility == facility));
+                    .is_some_and(|d| d.info.role_of(facility).is_some());
                 if !member {
                     return Ok((
                         Response::error(
@@ -305,7 +347,9 @@ impl Lan {
 
     /// Whether `id` is one of this LAN's outbound requests.
     pub fn owns(&self, id: &OutboundRequestId) -> bool {
-        self.offers.contains_key(id) || self.delivers.contains_key(id)
+        self.offers.contains_key(id)
+            || self.delivers.contains_key(id)
+            || self.directories.contains_key(id)
     }
 
     /// A LAN answer arrived; returns the documents it changed.
@@ -317,6 +361,16 @@ impl Lan {
         bytes: &[u8],
     ) -> Result<Vec<DocumentId>> {
         if self.delivers.remove(&id).is_some() {
+            return Ok(vec![]);
+        }
+        if let Some(peer) = self.directories.remove(&id) {
+            if let Ok(Response::Directory { directory: Some(d) }) = protocol::decode_response(bytes)
+                && engine.update_directory(&d)?
+            {
+                tracing::info!(%peer, "took a newer directory from a LAN peer");
+                engine.maintain()?;
+            }
+            self.last_round = None;
             return Ok(vec![]);
         }
         let Some((peer, doc)) = self.offers.remove(&id) else {
@@ -337,6 +391,20 @@ impl Lan {
                     self.last_round = None;
                 }
                 Ok(vec![doc])
+            }
+            Ok(Response::Error {
+                code: ErrorCode::StaleDirectory,
+                ..
+            }) => {
+                if !self.directories.values().any(|p| *p == peer) {
+                    let known_version = engine.pins()?.version;
+                    let rid = swarm.behaviour_mut().sync.send_request(
+                        &peer,
+                        protocol::encode_request(&Request::GetDirectory { known_version }),
+                    );
+                    self.directories.insert(rid, peer);
+                }
+                Ok(vec![])
             }
             Ok(Response::Error { code, message }) => {
                 tracing::debug!(%peer, %doc, ?code, "LAN offer refused: {message}");
@@ -393,6 +461,7 @@ impl Lan {
     pub fn on_failure(&mut self, id: &OutboundRequestId) {
         self.offers.remove(id);
         self.delivers.remove(id);
+        self.directories.remove(id);
     }
 }
 
@@ -406,6 +475,7 @@ pub fn offer(engine: &Engine, doc: DocumentId) -> Result<Request> {
     let (ops, grants) = ops_and_grants(engine, doc)?;
     Ok(Request::Offer {
         doc,
+        directory_version: engine.pins()?.version,
         have,
         ops,
         grants,

@@ -3,6 +3,7 @@
 //! - [`engine`]: device keys (passphrase-wrapped), documents, bundles, membership and key upkeep.
 //! - [`store`]: the SQLite store of ciphertext bundles, grants, outbox and cursors.
 //! - [`net`]: the sync driver that runs the sans-IO `musubi_crdt::sync::Session` over libp2p.
+//! - [`offline`]: a stand-in authority and relay that enrol devices in process (tests, exercises).
 //! - [`card`]: IC cards through PC/SC (reader watch, My Number card, contactless cards) → pseudonymous ids.
 //! - [`staff`]: staff accounts of this device (password, or staff card + PIN), sealed at rest.
 //! - [`mail`]: relatives' e-mail notifications: the sealed outbox and SMTP delivery (lettre).
@@ -18,6 +19,7 @@ pub mod engine;
 pub mod lan;
 pub mod mail;
 pub mod net;
+pub mod offline;
 pub mod pdf;
 pub mod services;
 pub mod staff;

@@ -10,17 +10,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use std::collections::BTreeSet;
+
+use musubi_crdt::directory::{DeviceStatus, Devices as _};
 use musubi_crdt::ids::{DocumentId, Seq};
-use musubi_crdt::invite::InviteCode;
-use musubi_crdt::protocol::{self, ErrorCode, PushResult, Request, Response};
-use musubi_crdt::sync::{Event, OutboxId, RequestId, Session, SessionConfig};
+use musubi_crdt::invite::{InviteCode, JoinRequest};
+use musubi_crdt::membership::{self, Point};
+use musubi_crdt::protocol::{self, ErrorCode, PushItem, PushResult, Request, Response};
+use musubi_crdt::sync::{Event, Known, OutboxId, RequestId, Session, SessionConfig};
 use musubi_transport::libp2p::request_response::{self, OutboundRequestId};
 use musubi_transport::libp2p::swarm::SwarmEvent;
 use musubi_transport::libp2p::swarm::dial_opts::DialOpts;
 use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm, mdns};
 use musubi_transport::{Behaviour, BehaviourEvent, build_swarm};
 
-use crate::engine::{Engine, EngineError, Enrolment, now_ms};
+use crate::engine::{Engine, EngineError, Enrolment, Joined, now_ms};
 use crate::lan::Lan;
 use crate::services;
 
@@ -50,6 +54,13 @@ pub struct SyncReport {
     pub pulled: u64,
     /// Items the relay refused for good: (document, reason).
     pub rejected: Vec<(String, String)>,
+    /// Documents the relay held less of than this device knew it acknowledged (a rollback), whose
+    /// items were offered again.
+    pub rolled_back: u64,
+    /// Whether the relay's store turned out to be another generation (restored from a backup).
+    pub relay_restored: bool,
+    /// Devices this device approved to join its facility.
+    pub approved: u64,
 }
 
 /// Errors of a sync run.
@@ -135,23 +146,40 @@ fn dial(swarm: &mut Swarm<Behaviour>, peer: PeerId, addrs: &[Multiaddr]) {
     }
 }
 
-/// Enrols this device with an invite code: dials the relay, sends `Join`, records the answer.
+/// How often `join` asks again while its request waits for the inviter's approval.
+pub const JOIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Asks to join with an invite code: dials the relay, sends the signed join request with its proof
+/// of the invite's secret, and (with `wait`) asks again every [`JOIN_POLL_INTERVAL`] until the inviter
+/// approved or `timeout` passed. On approval the directory is verified against the authority the
+/// invite names (the device pins it) and the enrolment recorded.
+///
+/// Errors: [`SyncError::InviteRefused`] (unknown, used or expired invite, or an answer that does not
+/// verify), [`SyncError::Unreachable`], already enrolled.
 pub async fn join(
     engine: &mut Engine,
     code: &str,
     timeout: Duration,
-) -> Result<Enrolment, SyncError> {
+    wait: bool,
+) -> Result<Joined, SyncError> {
     if let Ok(e) = engine.enrolment() {
         return Err(EngineError::AlreadyEnrolled(e.facility_name).into());
     }
     let invite = InviteCode::decode(code)?;
+    if invite.expires_at_ms <= now_ms() {
+        return Err(SyncError::InviteRefused(
+            "this invite has expired; ask for a new one".into(),
+        ));
+    }
+    let request = JoinRequest::make(&invite, engine.secrets(), &engine.local_name()?, now_ms());
     let target = Enrolment {
         deployment: invite.deployment,
-        facility: musubi_crdt::ids::FacilityId::from_random_bytes([0; 16]),
+        facility: invite.facility(),
         facility_name: String::new(),
         role: musubi_crdt::ids::FacilityRole::Clinic,
         relay: invite.relay,
         relay_addrs: invite.addrs.clone(),
+        authority: invite.authority,
     };
     let (peer, addrs) = relay_target(&target);
     let mut swarm = build_swarm(engine.secrets().keypair().clone(), false)
@@ -160,12 +188,23 @@ pub async fn join(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("no answer");
     let mut sent: Option<OutboundRequestId> = None;
+    let mut connected = false;
+    let mut pending_until: Option<u64> = None;
+    let mut again: Option<tokio::time::Instant> = None;
+    let join_frame = protocol::encode_request(&Request::Join { request });
     loop {
         tokio::select! {
             ev = swarm.select_next_some() => match ev {
-                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == peer && sent.is_none() => {
-                    let req = Request::Join { secret: invite.secret.clone(), device: engine.secrets().public() };
-                    sent = Some(swarm.behaviour_mut().sync.send_request(&peer, protocol::encode_request(&req)));
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == peer => {
+                    connected = true;
+                    if sent.is_none() {
+                        sent = Some(swarm.behaviour_mut().sync.send_request(&peer, join_frame.clone()));
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id == peer => {
+                    connected = false;
+                    sent = None;
+                    dial(&mut swarm, peer, &addrs);
                 }
                 SwarmEvent::OutgoingConnectionError { error, .. } => {
                     last = error.to_string();
@@ -173,18 +212,29 @@ pub async fn join(
                     dial(&mut swarm, peer, &addrs);
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message { message: request_response::Message::Response { request_id, response }, .. })) if Some(request_id) == sent => {
-                    return match protocol::decode_response(&response) {
-                        Ok(Response::Joined { deployment, facility, facility_name, role, directory, pseudonym_secret }) => {
-                            directory.verify(&invite.relay).map_err(|e| SyncError::InviteRefused(format!("the relay's directory does not verify: {e}")))?;
-                            let enrolment = Enrolment { deployment, facility, facility_name, role, relay: invite.relay, relay_addrs: invite.addrs.clone() };
-                            engine.record_enrolment(&enrolment, &directory)?;
-                            engine.store().set_meta("pseudonym_secret", &pseudonym_secret)?;
-                            Ok(enrolment)
+                    sent = None;
+                    match protocol::decode_response(&response) {
+                        Ok(Response::Joined { deployment, facility, facility_name, role, directory, sealed_pseudonym }) => {
+                            if deployment != invite.deployment || facility != invite.facility() {
+                                return Err(SyncError::InviteRefused("the relay answered for another deployment or facility than the invite names".into()));
+                            }
+                            let enrolment = Enrolment { deployment, facility, facility_name, role, relay: invite.relay, relay_addrs: invite.addrs.clone(), authority: invite.authority };
+                            let enrolment = engine
+                                .record_enrolment(&enrolment, &directory, &sealed_pseudonym)
+                                .map_err(|e| SyncError::InviteRefused(e.to_string()))?;
+                            return Ok(Joined::Enrolled(enrolment));
                         }
-                        Ok(Response::Error { message, .. }) => Err(SyncError::InviteRefused(message)),
-                        Ok(other) => Err(SyncError::InviteRefused(format!("unexpected answer {other:?}"))),
-                        Err(e) => Err(SyncError::InviteRefused(e.to_string())),
-                    };
+                        Ok(Response::JoinPending { expires_at_ms }) => {
+                            if !wait {
+                                return Ok(Joined::Pending { expires_at_ms });
+                            }
+                            pending_until = Some(expires_at_ms);
+                            again = Some(tokio::time::Instant::now() + JOIN_POLL_INTERVAL);
+                        }
+                        Ok(Response::Error { message, .. }) => return Err(SyncError::InviteRefused(message)),
+                        Ok(other) => return Err(SyncError::InviteRefused(format!("unexpected answer {}", response_kind(&other)))),
+                        Err(e) => return Err(SyncError::InviteRefused(e.to_string())),
+                    }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure { error, .. })) => {
                     last = error.to_string();
@@ -193,10 +243,38 @@ pub async fn join(
                 }
                 _ => {}
             },
+            _ = async { match again { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                again = None;
+                if connected && sent.is_none() {
+                    sent = Some(swarm.behaviour_mut().sync.send_request(&peer, join_frame.clone()));
+                } else {
+                    dial(&mut swarm, peer, &addrs);
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => {
+                if let Some(expires_at_ms) = pending_until {
+                    return Ok(Joined::Pending { expires_at_ms });
+                }
                 return Err(SyncError::Unreachable { addrs: invite.addrs.join(", "), secs: timeout.as_secs(), last });
             }
         }
+    }
+}
+
+fn response_kind(r: &Response) -> &'static str {
+    match r {
+        Response::Joined { .. } => "joined",
+        Response::JoinPending { .. } => "join-pending",
+        Response::JoinRequests { .. } => "join-requests",
+        Response::Ops { .. } => "ops",
+        Response::Directory { .. } => "directory",
+        Response::Documents { .. } => "documents",
+        Response::Pushed { .. } => "pushed",
+        Response::Bundles { .. } => "bundles",
+        Response::KeyGrants { .. } => "key-grants",
+        Response::Exchange { .. } => "exchange",
+        Response::Ack => "ack",
+        Response::Error { .. } => "error",
     }
 }
 
@@ -229,6 +307,9 @@ pub enum SyncEvent {
     Listed,
     /// The relay acknowledged outbox items: the count of unsent items went down.
     Pushed,
+    /// The relay went back in time (its store was restored, or it rolled back): what this device
+    /// holds was offered to it again.
+    RelayBehind,
     /// In step with the relay: everything queued was sent and everything announced was pulled.
     CaughtUp,
 }
@@ -298,11 +379,12 @@ pub async fn sync_with(
         }
         while let Some(ev) = session.poll_event() {
             let observed = match &ev {
-                Event::Pulled { doc, .. } | Event::KeyGrants { doc, .. } => {
-                    Some(SyncEvent::Changed(*doc))
-                }
+                Event::Pulled { doc, .. }
+                | Event::KeyGrants { doc, .. }
+                | Event::Ops { doc, .. } => Some(SyncEvent::Changed(*doc)),
                 Event::Documents(_) => Some(SyncEvent::Listed),
                 Event::Pushed { .. } => Some(SyncEvent::Pushed),
+                Event::Behind { .. } | Event::RelayRestored { .. } => Some(SyncEvent::RelayBehind),
                 Event::CaughtUp => Some(SyncEvent::CaughtUp),
                 _ => None,
             };
@@ -392,8 +474,8 @@ pub async fn sync_with(
                         }
                         request_response::Message::Response { request_id, response } => {
                             if let Some(id) = requests.remove(&request_id) {
-                                match protocol::decode_response(&response) {
-                                    Ok(r) => session.handle_response(id, r, Instant::now()),
+                                match protocol::decode_response_frame(&response) {
+                                    Ok((generation, r)) => session.handle_response_frame(id, generation, r, Instant::now()),
                                     Err(e) => {
                                         tracing::warn!("undecodable answer from the relay: {e}");
                                         session.handle_failure(id, Instant::now());
@@ -408,6 +490,10 @@ pub async fn sync_with(
                                 match protocol::decode_request(&request) {
                                     Ok(Request::Notify { doc, head, epoch }) => {
                                         session.handle_notify(doc, head, epoch, Instant::now());
+                                        Response::Ack
+                                    }
+                                    Ok(Request::NotifyJoin) => {
+                                        session.handle_notify_join();
                                         Response::Ack
                                     }
                                     Ok(_) => Response::error(ErrorCode::Forbidden, "facilities answer only notifications"),
@@ -478,14 +564,32 @@ pub async fn sync_with(
     }
 }
 
-/// A session for this device: its directory version, cursors and key epochs, with every pending
-/// outbox item queued in order of urgency. Returns the session and the last outbox id queued.
+/// A session for this device: its directory version, cursors, key epochs, the operations the relay
+/// confirmed and the relay's store generation, with every pending outbox item queued in order of
+/// urgency. Returns the session and the last outbox id queued.
 pub fn start_session(engine: &mut Engine) -> Result<(Session, u64), SyncError> {
-    let dir_version = engine.directory().map(|d| d.version).unwrap_or(0);
+    let directory_version = engine.pins().map(|p| p.version).unwrap_or(0);
     let cursors: HashMap<_, _> = engine.store().cursors()?.into_iter().collect();
     let epochs: HashMap<_, _> = engine.key_epochs()?.into_iter().collect();
-    let mut session = Session::new(SessionConfig::default(), dir_version, cursors, epochs);
+    let ops: HashMap<_, _> = engine
+        .store()
+        .documents(None)?
+        .into_iter()
+        .map(|r| (r.info.id, r.relay_ops))
+        .collect();
+    let generation = engine.store().meta_cbor("relay_generation")?;
+    let mut session = Session::new(
+        SessionConfig::default(),
+        Known {
+            directory_version,
+            cursors,
+            epochs,
+            ops,
+            generation,
+        },
+    );
     engine.maintain()?;
+    engine.take_retracted();
     // The queue drains in order of urgency: shelter rosters before referrals before care plans;
     // a stable sort keeps each document's own items in the order they were made.
     let mut last_outbox = 0u64;
@@ -494,7 +598,12 @@ pub fn start_session(engine: &mut Engine) -> Result<(Session, u64), SyncError> {
     for row in engine.store().documents(None)? {
         urgency.insert(row.info.id, urgency_of(row.info.kind));
     }
-    initial.sort_by_key(|r| urgency.get(&r.item.doc()).copied().unwrap_or(u8::MAX));
+    initial.sort_by_key(|r| {
+        r.item
+            .doc()
+            .and_then(|d| urgency.get(&d).copied())
+            .unwrap_or(0)
+    });
     for row in initial {
         last_outbox = last_outbox.max(row.id);
         session.push(OutboxId(row.id), row.item);
@@ -528,8 +637,9 @@ pub enum Applied {
     CaughtUp,
 }
 
-/// Applies one session event to the engine: stores what arrived (each in one transaction),
-/// acknowledges or rejects outbox items, and runs key upkeep after directory or document changes.
+/// Applies one session event to the engine: verifies what arrived with the admission rule and stores
+/// it (each in one transaction), acknowledges or rejects outbox items, approves join requests, offers
+/// the relay again what it lost, and runs key upkeep after directory, operation or grant changes.
 ///
 /// Errors: [`SyncError::Refused`] when the relay refused this device; store failures.
 pub fn apply_event(
@@ -550,13 +660,44 @@ pub fn apply_event(
             Applied::Continue
         }
         Event::Documents(docs) => {
-            engine.update_documents(&docs)?;
+            for doc in engine.update_documents(&docs)? {
+                tracing::warn!(%doc, "the relay no longer lists a document it acknowledged; offering it again");
+                let ids = engine.relay_behind(doc, Seq(0), Some(0))?;
+                session.offer(doc, ids);
+                report.rolled_back += 1;
+                mark_relay_behind(engine, false)?;
+            }
             changed = true;
             Applied::Continue
         }
+        Event::Ops {
+            doc,
+            from,
+            ops,
+            total: _,
+        } => {
+            let served = from.saturating_add(ops.len() as u32);
+            let confirmed = engine.apply_relay_ops(doc, from, &ops)?;
+            // An operation the relay served that does not verify is not asked for again.
+            session.handle_ops(doc, confirmed.max(served));
+            session.want_grants(doc);
+            changed = true;
+            services::after_sync(engine, doc)?;
+            Applied::Continue
+        }
         Event::KeyGrants { doc, grants } => {
-            for g in grants.iter().filter(|g| g.verify().is_ok()) {
-                engine.store().put_grant(g)?;
+            if let Some(row) = engine.store().document(doc)? {
+                let dir = engine.directory()?;
+                for g in grants {
+                    match membership::admit_grant(&g, &row.info, &dir, Point::Pulled) {
+                        Ok(()) => {
+                            engine.store().put_grant(&g)?;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%doc, epoch = %g.epoch, "ignoring a key grant the relay served: {e}")
+                        }
+                    }
+                }
             }
             if let Some(epoch) = engine.keys(doc)?.keys().next_back() {
                 session.handle_key(doc, *epoch);
@@ -567,50 +708,175 @@ pub fn apply_event(
         }
         Event::Pulled { doc, items } => {
             let dir = engine.directory()?;
+            let row = engine.store().document(doc)?;
             let mut good: Vec<(Seq, _)> = Vec::with_capacity(items.len());
             for p in items {
-                let signed = p.envelope.doc == doc && p.envelope.verify_signature().is_ok();
-                let known = dir.device(&p.envelope.author).is_some();
-                if signed && !known && session.handle_unknown_author(doc, p.seq) {
-                    // Written by a device enrolled after this directory: fetch it, then pull again
-                    // from here (the cursor stays before this bundle).
-                    tracing::info!(%doc, seq = %p.seq, "a bundle by a device the directory does not list yet; fetching the directory");
-                    break;
+                let verdict = match &row {
+                    Some(r) => membership::admit_bundle(&p.envelope, &r.info, &dir, Point::Pulled),
+                    None => Err(membership::Refusal {
+                        code: ErrorCode::Stale,
+                        message: "the document's operations have not arrived".into(),
+                    }),
+                };
+                match verdict {
+                    Ok(()) => good.push((p.seq, p.envelope)),
+                    Err(e)
+                        if (e.code == ErrorCode::Stale
+                            || dir.device_status(&p.envelope.author) == DeviceStatus::Unknown)
+                            && p.envelope.verify_signature().is_ok()
+                            && session.handle_unknown_author(doc, p.seq) =>
+                    {
+                        // Written by a device enrolled after this directory, or in an epoch whose
+                        // operation has not arrived: fetch both, then pull again from here.
+                        tracing::info!(%doc, seq = %p.seq, "a bundle this device cannot place yet ({}); fetching the directory and operations", e.message);
+                        let known = row.as_ref().map_or(0, |r| r.relay_ops);
+                        session.want_ops(doc, known);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%doc, seq = %p.seq, "dropping a bundle that is not admitted: {}", e.message);
+                    }
                 }
-                if !(signed && known) {
-                    tracing::warn!(%doc, seq = %p.seq, "dropping a bundle whose signature or author does not verify");
-                    continue;
-                }
-                good.push((p.seq, p.envelope));
             }
             report.pulled += good.len() as u64;
             engine.store_mut().store_pulled(doc, &good, now_ms())?;
             services::after_sync(engine, doc)?;
             Applied::Progress
         }
-        Event::Pushed { item, result } => match result {
-            PushResult::Accepted { seq } | PushResult::Duplicate { seq } => {
-                engine.store_mut().acknowledge(item.0, seq)?;
-                report.pushed += 1;
-                Applied::Progress
+        Event::Pushed { item, result } => {
+            let pushed = engine.store().outbox_item(item.0)?;
+            match result {
+                PushResult::Accepted { seq } | PushResult::Duplicate { seq } => {
+                    engine.store_mut().acknowledge(item.0, seq)?;
+                    match &pushed {
+                        Some(PushItem::Op { op }) => {
+                            if let Some((doc, n)) = engine.confirm_op(op)? {
+                                session.handle_ops(doc, n);
+                            }
+                        }
+                        Some(PushItem::Approve { .. }) => {
+                            session.want_directory();
+                            report.approved += 1;
+                        }
+                        _ => {}
+                    }
+                    report.pushed += 1;
+                    Applied::Progress
+                }
+                PushResult::Rejected {
+                    code: ErrorCode::Stale,
+                    message,
+                } => {
+                    engine.store().mark_stale(item.0, &message)?;
+                    tracing::info!(
+                        "the relay refused item {} as made against another membership state; fetching and trying again: {message}",
+                        item.0
+                    );
+                    match &pushed {
+                        Some(PushItem::Approve { link, .. }) => {
+                            engine.approval_stale(link)?;
+                            engine.store().drop_outbox(item.0)?;
+                            session.want_directory();
+                            session.handle_notify_join();
+                        }
+                        Some(other) => {
+                            if let Some(doc) = other.doc() {
+                                let known =
+                                    engine.store().document(doc)?.map_or(0, |r| r.relay_ops);
+                                session.want_ops(doc, known);
+                                session.want_grants(doc);
+                            }
+                        }
+                        None => {}
+                    }
+                    changed = true;
+                    Applied::Continue
+                }
+                PushResult::Rejected { code, message } => {
+                    let row_doc = format!("item {}", item.0);
+                    engine
+                        .store()
+                        .reject(item.0, &format!("{code:?}: {message}"))?;
+                    tracing::warn!("the relay refused {row_doc}: {message}");
+                    report.rejected.push((row_doc, message));
+                    Applied::Continue
+                }
             }
-            PushResult::Rejected { code, message } => {
-                let row_doc = format!("item {}", item.0);
-                engine
-                    .store()
-                    .reject(item.0, &format!("{code:?}: {message}"))?;
-                tracing::warn!("the relay refused {row_doc}: {message}");
-                report.rejected.push((row_doc, message));
-                Applied::Continue
+        }
+        Event::JoinRequests(requests) => {
+            let a = engine.approve_joins(&requests)?;
+            for r in &a.refused {
+                tracing::warn!("join request refused: {r}");
             }
-        },
+            Applied::Continue
+        }
+        Event::Wanted { doc, ids } => {
+            let n = engine.requeue_bundles(doc, &ids)?;
+            tracing::info!(%doc, bundles = n, "the relay lacked bundles this device holds; queued again");
+            Applied::Continue
+        }
+        Event::Behind { doc, head, ops } => {
+            tracing::warn!(%doc, %head, ops = ?ops, "the relay holds less of this document than it acknowledged before (rolled back?); offering it again");
+            let ids = engine.relay_behind(doc, head, ops)?;
+            session.offer(doc, ids);
+            report.rolled_back += 1;
+            mark_relay_behind(engine, false)?;
+            changed = true;
+            Applied::Continue
+        }
+        Event::RelayRestored { previous, now } => {
+            tracing::warn!(previous = %hex::encode(previous), now = %hex::encode(now), "the relay's store is another generation (restored from a backup); pulling everything again and offering what this device holds");
+            engine.store().set_meta_cbor("relay_generation", &now)?;
+            engine.relay_restored()?;
+            for row in engine.store().documents(None)? {
+                let ids = engine.store().bundle_ids(row.info.id)?;
+                session.offer(row.info.id, ids);
+            }
+            report.relay_restored = true;
+            mark_relay_behind(engine, true)?;
+            Applied::Continue
+        }
         Event::Refused { code, message } => return Err(SyncError::Refused { code, message }),
         Event::CaughtUp => Applied::CaughtUp,
     };
+    if let Some(g) = session.generation() {
+        let known: Option<musubi_crdt::protocol::Generation> =
+            engine.store().meta_cbor("relay_generation")?;
+        if known != Some(g) {
+            engine.store().set_meta_cbor("relay_generation", &g)?;
+        }
+    }
     if changed {
         engine.maintain()?;
     }
+    let retracted: BTreeSet<OutboxId> = engine.take_retracted().into_iter().map(OutboxId).collect();
+    if !retracted.is_empty() {
+        session.retract(&retracted);
+    }
     Ok(applied)
+}
+
+/// What `status` says about the relay going back in time.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RelayBehind {
+    /// When this device last noticed, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Whether the relay's store was another generation (restored) rather than rolled back.
+    pub restored: bool,
+    /// How many times this device noticed.
+    pub times: u64,
+}
+
+fn mark_relay_behind(engine: &Engine, restored: bool) -> Result<(), SyncError> {
+    let mut r: RelayBehind = engine
+        .store()
+        .meta_cbor("relay_behind")?
+        .unwrap_or_default();
+    r.at_ms = now_ms();
+    r.restored |= restored;
+    r.times += 1;
+    engine.store().set_meta_cbor("relay_behind", &r)?;
+    Ok(())
 }
 
 /// Lower drains first: rosters and medical notes of shelters, then referrals, then care plans.

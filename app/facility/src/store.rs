@@ -1,10 +1,14 @@
 //! The facility's local store: one SQLite database (`DATA/facility.db`, WAL) holding only
 //! ciphertext bundles, signed grants and operations, and public metadata (DESIGN invariant 2).
 //!
-//! Tables: `meta` (enrolment and the signed directory), `documents` (the relay's view of each
-//! document: kind, members, epoch, head), `bundles` (encrypted envelopes by BLAKE3 id with the relay's
-//! sequence number once acknowledged or pulled), `outbox` (items waiting for the relay, in order),
-//! `cursors` (last pulled sequence number per document), `grants` (sealed document keys).
+//! Tables: `meta` (enrolment, the signed directory, its verified view and this device's pins),
+//! `documents` (each document's membership as its verified operation chain leaves it, and how many of
+//! those operations the relay confirmed), `ops` (each document's signed operation chain, by position;
+//! operations that do not chain yet are kept aside as provisional), `bundles` (encrypted envelopes by
+//! BLAKE3 id with the relay's sequence number once acknowledged or pulled), `outbox` (items waiting for
+//! the relay, in order; `stale` ones wait to be signed or sealed again), `cursors` (last pulled sequence
+//! number per document), `grants` (sealed document keys), `device_invites` (invites this device issued
+//! for another device of its facility; the secret sealed to the device's own key).
 //! Several processes (the CLI and `sync --watch`) share it; each write is one transaction, begun
 //! IMMEDIATE so it waits for the write lock (busy timeout) instead of failing when another process
 //! committed between its first read and its first write.
@@ -13,13 +17,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use musubi_crdt::bundle::Envelope;
-use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Seq};
-use musubi_crdt::ops::{DocOp, KeyGrant};
-use musubi_crdt::protocol::{DocumentInfo, PushItem};
+use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Epoch, Seq};
+use musubi_crdt::invite::InviteId;
+use musubi_crdt::membership::Membership;
+use musubi_crdt::ops::{DocOp, KeyGrant, OpHash};
+use musubi_crdt::protocol::PushItem;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-/// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+/// Schema version written to `PRAGMA user_version`. Versions 1 to 3 (before the deployment authority)
+/// are not upgraded: a device made by them joins again.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Errors of the local store.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +42,11 @@ pub enum StoreError {
         "the local database has schema version {0}, newer than this program understands ({SCHEMA_VERSION}); update Musubi"
     )]
     TooNew(i64),
+    /// The database was written before the deployment authority existed.
+    #[error(
+        "the local database has schema version {0}, from before the deployment authority; make a new data directory (`musubi init`) and join again"
+    )]
+    TooOld(i64),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -59,6 +71,9 @@ fn uncbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 pub enum Origin {
     /// Written on this device.
     Local,
+    /// Written on this device in an epoch it knows is superseded (the new key had not arrived):
+    /// kept here, never offered or exported, sealed again when the key arrives.
+    Held,
     /// Pulled from the relay.
     Relay,
     /// Received from a facility device on the same LAN.
@@ -72,6 +87,7 @@ impl Origin {
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Local => "local",
+            Origin::Held => "held",
             Origin::Relay => "relay",
             Origin::Lan => "lan",
             Origin::File => "file",
@@ -104,8 +120,34 @@ pub struct BundleRow {
 /// A document as stored locally.
 #[derive(Clone, Debug)]
 pub struct DocumentRow {
-    /// What the relay said last (or what this device created).
-    pub info: DocumentInfo,
+    /// Its membership, from its verified operation chain.
+    pub info: Membership,
+    /// How many of its operations the relay served or acknowledged.
+    pub relay_ops: u32,
+}
+
+/// One operation of a document's local chain.
+#[derive(Clone, Debug)]
+pub struct ChainOp {
+    /// Its position (0: the `Create`).
+    pub idx: u32,
+    /// The operation.
+    pub op: DocOp,
+    /// Whether the relay served or acknowledged it.
+    pub confirmed: bool,
+}
+
+/// An invite this device issued for another device of its facility.
+#[derive(Clone, Debug)]
+pub struct DeviceInviteRow {
+    /// Its id.
+    pub invite: InviteId,
+    /// The secret, sealed to this device's age recipient.
+    pub sealed_secret: Vec<u8>,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// The device that used it, once approved.
+    pub used_by: Option<String>,
 }
 
 /// The open store.
@@ -125,39 +167,36 @@ impl Store {
         if version > SCHEMA_VERSION {
             return Err(StoreError::TooNew(version));
         }
-        if version < 1 {
+        if version > 0 && version < SCHEMA_VERSION {
+            return Err(StoreError::TooOld(version));
+        }
+        if version == 0 {
             conn.execute_batch(
-                "BEGIN;
+                "BEGIN IMMEDIATE;
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-                 CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, kind TEXT NOT NULL, info BLOB NOT NULL);
+                 CREATE TABLE IF NOT EXISTS documents (
+                    id TEXT PRIMARY KEY, kind TEXT NOT NULL, view BLOB NOT NULL,
+                    relay_ops INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE IF NOT EXISTS ops (
+                    hash BLOB PRIMARY KEY, doc TEXT NOT NULL, idx INTEGER, op_cbor BLOB NOT NULL,
+                    confirmed INTEGER NOT NULL DEFAULT 0);
+                 CREATE UNIQUE INDEX IF NOT EXISTS ops_chain ON ops(doc, idx);
                  CREATE TABLE IF NOT EXISTS bundles (
                     id BLOB PRIMARY KEY, doc TEXT NOT NULL, seq INTEGER, envelope BLOB NOT NULL,
                     origin TEXT NOT NULL, stored_at_ms INTEGER NOT NULL);
                  CREATE INDEX IF NOT EXISTS bundles_doc ON bundles(doc, seq);
                  CREATE TABLE IF NOT EXISTS outbox (
-                    id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL, bundle BLOB, item BLOB NOT NULL,
-                    state TEXT NOT NULL DEFAULT 'pending', error TEXT);
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT, bundle BLOB, epoch INTEGER,
+                    item BLOB NOT NULL, state TEXT NOT NULL DEFAULT 'pending', error TEXT);
+                 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, id);
                  CREATE TABLE IF NOT EXISTS cursors (doc TEXT PRIMARY KEY, seq INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS grants (hash BLOB PRIMARY KEY, doc TEXT NOT NULL, epoch INTEGER NOT NULL, grant_cbor BLOB NOT NULL);
                  CREATE INDEX IF NOT EXISTS grants_doc ON grants(doc, epoch);
-                 PRAGMA user_version = 1;
-                 COMMIT;",
-            )?;
-        }
-        if version < 2 {
-            conn.execute_batch(
-                "BEGIN;
                  CREATE TABLE IF NOT EXISTS snapshots (doc TEXT PRIMARY KEY, upto_rowid INTEGER NOT NULL, sealed BLOB NOT NULL);
-                 PRAGMA user_version = 2;
-                 COMMIT;",
-            )?;
-        }
-        if version < 3 {
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE IF NOT EXISTS ops (hash BLOB PRIMARY KEY, doc TEXT NOT NULL, op_cbor BLOB NOT NULL);
-                 CREATE INDEX IF NOT EXISTS ops_doc ON ops(doc);
-                 PRAGMA user_version = 3;
+                 CREATE TABLE IF NOT EXISTS device_invites (
+                    invite_id BLOB PRIMARY KEY, sealed_secret BLOB NOT NULL, expires_at_ms INTEGER NOT NULL,
+                    created_at_ms INTEGER NOT NULL, used_by TEXT);
+                 PRAGMA user_version = 4;
                  COMMIT;",
             )?;
         }
@@ -204,63 +243,95 @@ impl Store {
         self.set_meta(key, &cbor(value))
     }
 
-    /// Inserts or replaces a document's info.
-    pub fn put_document(&self, info: &DocumentInfo) -> Result<()> {
+    /// Inserts or replaces a document's membership (keeping the relay's confirmed count).
+    pub fn put_document(&self, view: &Membership) -> Result<()> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO documents (id, kind, info) VALUES (?1, ?2, ?3)",
-            params![info.id.to_string(), info.kind.to_string(), cbor(info)],
+            "INSERT INTO documents (id, kind, view) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET view = excluded.view",
+            params![view.id.to_string(), view.kind.to_string(), cbor(view)],
         )?;
         Ok(())
     }
 
-    /// A document's info.
+    /// Records how many operations of a document the relay served or acknowledged.
+    pub fn set_relay_ops(&self, doc: DocumentId, count: u32) -> Result<()> {
+        self.conn.execute(
+            "UPDATE documents SET relay_ops = ?2 WHERE id = ?1",
+            params![doc.to_string(), count],
+        )?;
+        Ok(())
+    }
+
+    /// A document's row.
     pub fn document(&self, id: DocumentId) -> Result<Option<DocumentRow>> {
-        let b: Option<Vec<u8>> = self
+        let b: Option<(Vec<u8>, u32)> = self
             .conn
             .query_row(
-                "SELECT info FROM documents WHERE id = ?1",
+                "SELECT view, relay_ops FROM documents WHERE id = ?1",
                 [id.to_string()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        b.map(|b| Ok(DocumentRow { info: uncbor(&b)? })).transpose()
+        b.map(|(b, relay_ops)| {
+            Ok(DocumentRow {
+                info: uncbor(&b)?,
+                relay_ops,
+            })
+        })
+        .transpose()
     }
 
     /// Every document, optionally of one kind.
     pub fn documents(&self, kind: Option<DocumentKind>) -> Result<Vec<DocumentRow>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT info, kind FROM documents ORDER BY rowid")?;
+            .prepare("SELECT view, kind, relay_ops FROM documents ORDER BY rowid")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (b, k) = row?;
+            let (b, k, relay_ops) = row?;
             if kind.is_some_and(|kind| kind.to_string() != k) {
                 continue;
             }
-            out.push(DocumentRow { info: uncbor(&b)? });
+            out.push(DocumentRow {
+                info: uncbor(&b)?,
+                relay_ops,
+            });
         }
         Ok(out)
     }
 
-    /// Stores a bundle written here and queues it (one transaction). Returns the outbox id.
-    pub fn add_local_bundle(&mut self, env: &Envelope, now_ms: u64) -> Result<u64> {
+    /// Stores a bundle written here and queues it (one transaction). Returns the outbox id. A
+    /// `held` bundle (sealed in a superseded epoch) is kept from the relay, LAN peers and files: its
+    /// outbox row waits as stale until it is sealed again.
+    pub fn add_local_bundle(&mut self, env: &Envelope, now_ms: u64, held: bool) -> Result<u64> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = env.id();
+        let origin = if held { Origin::Held } else { Origin::Local };
         tx.execute(
             "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
-            params![&id.0[..], env.doc.to_string(), env.encode(), Origin::Local.as_str(), now_ms as i64],
+            params![&id.0[..], env.doc.to_string(), env.encode(), origin.as_str(), now_ms as i64],
         )?;
         let item = PushItem::Bundle {
             envelope: env.clone(),
         };
         tx.execute(
-            "INSERT INTO outbox (doc, bundle, item) VALUES (?1, ?2, ?3)",
-            params![env.doc.to_string(), &id.0[..], cbor(&item)],
+            "INSERT INTO outbox (doc, bundle, epoch, item, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                env.doc.to_string(),
+                &id.0[..],
+                env.epoch.0,
+                cbor(&item),
+                if held { "stale" } else { "pending" }
+            ],
         )?;
         let row = tx.last_insert_rowid() as u64;
         tx.commit()?;
@@ -289,19 +360,54 @@ impl Store {
                 envelope: env.clone(),
             };
             tx.execute(
-                "INSERT INTO outbox (doc, bundle, item) VALUES (?1, ?2, ?3)",
-                params![env.doc.to_string(), &id.0[..], cbor(&item)],
+                "INSERT INTO outbox (doc, bundle, epoch, item) VALUES (?1, ?2, ?3, ?4)",
+                params![env.doc.to_string(), &id.0[..], env.epoch.0, cbor(&item)],
             )?;
         }
         tx.commit()?;
         Ok(new)
     }
 
-    /// Ids of every bundle of a document.
+    /// Queues a stored bundle for the relay again (after the relay lost it). Returns the outbox id.
+    pub fn requeue_bundle(&self, env: &Envelope) -> Result<u64> {
+        let item = PushItem::Bundle {
+            envelope: env.clone(),
+        };
+        self.conn.execute(
+            "INSERT INTO outbox (doc, bundle, epoch, item) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                env.doc.to_string(),
+                &env.id().0[..],
+                env.epoch.0,
+                cbor(&item)
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Deletes a bundle this device wrote and the relay never took (it was sealed again).
+    pub fn delete_bundle(&self, id: &BundleId) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM bundles WHERE id = ?1 AND seq IS NULL",
+            [&id.0[..]],
+        )?;
+        Ok(())
+    }
+
+    /// A stored bundle by id.
+    pub fn bundle(&self, id: &BundleId) -> Result<Option<BundleRow>> {
+        Ok(self
+            .query_bundles("WHERE id = ?1", [&id.0[..]])?
+            .into_iter()
+            .next()
+            .map(|(_, b)| b))
+    }
+
+    /// Ids of every bundle of a document this device may share (held-back bundles left out).
     pub fn bundle_ids(&self, doc: DocumentId) -> Result<Vec<BundleId>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id FROM bundles WHERE doc = ?1 ORDER BY rowid")?;
+            .prepare("SELECT id FROM bundles WHERE doc = ?1 AND origin != 'held' ORDER BY rowid")?;
         let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for row in rows {
@@ -325,28 +431,132 @@ impl Store {
             .optional()?)
     }
 
-    /// Pending outbox items of a document.
+    /// Pending (and stale) outbox items of a document.
     pub fn pending_for(&self, doc: DocumentId) -> Result<u64> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND doc = ?1",
+            "SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'stale') AND doc = ?1",
             [doc.to_string()],
             |r| r.get::<_, i64>(0),
         )? as u64)
     }
 
-    /// Stores a document operation (idempotent); returns whether it was new.
-    pub fn put_op(&self, op: &DocOp) -> Result<bool> {
+    /// Whether an operation is stored (in the chain or aside).
+    pub fn has_op(&self, hash: &OpHash) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM ops WHERE hash = ?1)",
+            [&hash[..]],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Replaces a document's chain from position `from` on with `ops` (the rest of the chain is
+    /// dropped; operations set aside stay), marking the first `confirmed` positions of the whole
+    /// chain as confirmed by the relay. One transaction.
+    pub fn replace_chain(
+        &mut self,
+        doc: DocumentId,
+        from: u32,
+        ops: &[DocOp],
+        confirmed: u32,
+    ) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM ops WHERE doc = ?1 AND idx >= ?2",
+            params![doc.to_string(), from],
+        )?;
+        for (i, op) in ops.iter().enumerate() {
+            let idx = from + i as u32;
+            // An operation kept aside that now chains moves into the chain.
+            tx.execute("DELETE FROM ops WHERE hash = ?1", [&op.hash()[..]])?;
+            tx.execute(
+                "INSERT INTO ops (hash, doc, idx, op_cbor, confirmed) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    &op.hash()[..],
+                    doc.to_string(),
+                    idx,
+                    cbor(op),
+                    idx < confirmed
+                ],
+            )?;
+        }
+        tx.execute(
+            "UPDATE ops SET confirmed = (idx < ?2) WHERE doc = ?1 AND idx IS NOT NULL",
+            params![doc.to_string(), confirmed],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The relay acknowledged an operation of the chain: marks it (and every one before it) confirmed
+    /// and returns its document and the confirmed count, if it is in a chain.
+    pub fn confirm_op(&self, hash: &OpHash) -> Result<Option<(DocumentId, u32)>> {
+        let row: Option<(String, Option<u32>)> = self
+            .conn
+            .query_row(
+                "SELECT doc, idx FROM ops WHERE hash = ?1",
+                [&hash[..]],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((doc, Some(idx))) = row else {
+            return Ok(None);
+        };
+        self.conn.execute(
+            "UPDATE ops SET confirmed = 1 WHERE doc = ?1 AND idx <= ?2",
+            params![doc, idx],
+        )?;
+        self.conn.execute(
+            "UPDATE documents SET relay_ops = MAX(relay_ops, ?2) WHERE id = ?1",
+            params![doc, idx + 1],
+        )?;
+        Ok(Some((parse_doc(&doc)?, idx + 1)))
+    }
+
+    /// Keeps an operation aside (it does not chain yet: it came from a LAN peer or a file before
+    /// the operations it follows). Returns whether it was new.
+    pub fn put_provisional_op(&self, op: &DocOp) -> Result<bool> {
         Ok(self.conn.execute(
-            "INSERT OR IGNORE INTO ops (hash, doc, op_cbor) VALUES (?1, ?2, ?3)",
+            "INSERT OR IGNORE INTO ops (hash, doc, idx, op_cbor, confirmed) VALUES (?1, ?2, NULL, ?3, 0)",
             params![&op.hash()[..], op.doc.to_string(), cbor(op)],
         )? == 1)
     }
 
-    /// Every stored operation of a document, in the order stored.
+    /// A document's chain, first operation first.
+    pub fn chain(&self, doc: DocumentId) -> Result<Vec<ChainOp>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT idx, op_cbor, confirmed FROM ops WHERE doc = ?1 AND idx IS NOT NULL ORDER BY idx",
+        )?;
+        let rows = stmt.query_map([doc.to_string()], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, bool>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (idx, b, confirmed) = row?;
+            out.push(ChainOp {
+                idx,
+                op: uncbor(&b)?,
+                confirmed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A document's chain as operations only.
     pub fn ops(&self, doc: DocumentId) -> Result<Vec<DocOp>> {
+        Ok(self.chain(doc)?.into_iter().map(|c| c.op).collect())
+    }
+
+    /// Operations of a document kept aside.
+    pub fn provisional_ops(&self, doc: DocumentId) -> Result<Vec<DocOp>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT op_cbor FROM ops WHERE doc = ?1 ORDER BY rowid")?;
+            .prepare("SELECT op_cbor FROM ops WHERE doc = ?1 AND idx IS NULL ORDER BY rowid")?;
         let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for row in rows {
@@ -355,13 +565,142 @@ impl Store {
         Ok(out)
     }
 
-    /// Queues a non-bundle item (operation or grant). Returns the outbox id.
+    /// Drops an operation kept aside.
+    pub fn drop_provisional_op(&self, hash: &OpHash) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM ops WHERE hash = ?1 AND idx IS NULL",
+            [&hash[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Queues a non-bundle item (operation, grant, invite, approval). Returns the outbox id.
     pub fn queue(&self, item: &PushItem) -> Result<u64> {
         self.conn.execute(
             "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
-            params![item.doc().to_string(), cbor(item)],
+            params![item.doc().map(|d| d.to_string()), cbor(item)],
         )?;
         Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Outbox rows of a document waiting to be signed or sealed again, or pending bundles sealed in
+    /// an epoch before `epoch`: (outbox id, item).
+    pub fn outdated(&self, doc: DocumentId, epoch: Epoch) -> Result<Vec<OutboxRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, item FROM outbox WHERE doc = ?1
+             AND (state = 'stale' OR (state = 'pending' AND epoch IS NOT NULL AND epoch < ?2))
+             ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![doc.to_string(), epoch.0], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, b) = row?;
+            out.push(OutboxRow {
+                id: id as u64,
+                item: uncbor(&b)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops an outbox row (replaced by another, or no longer needed).
+    pub fn drop_outbox(&self, id: u64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM outbox WHERE id = ?1", [id as i64])?;
+        Ok(())
+    }
+
+    /// Marks an outbox row stale: the relay refused it as made against another membership state;
+    /// it waits to be signed or sealed again.
+    pub fn mark_stale(&self, id: u64, error: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE outbox SET state = 'stale', error = ?2 WHERE id = ?1",
+            params![id as i64, error],
+        )?;
+        Ok(())
+    }
+
+    /// The document of an outbox row.
+    pub fn outbox_doc(&self, id: u64) -> Result<Option<DocumentId>> {
+        let d: Option<Option<String>> = self
+            .conn
+            .query_row("SELECT doc FROM outbox WHERE id = ?1", [id as i64], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        d.flatten().map(|d| parse_doc(&d)).transpose()
+    }
+
+    /// The item of an outbox row.
+    pub fn outbox_item(&self, id: u64) -> Result<Option<PushItem>> {
+        let b: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT item FROM outbox WHERE id = ?1", [id as i64], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        b.map(|b| uncbor(&b)).transpose()
+    }
+
+    /// Sets a document's cursor (after the relay went back in time).
+    pub fn set_cursor(&self, doc: DocumentId, seq: Seq) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO cursors (doc, seq) VALUES (?1, ?2) ON CONFLICT(doc) DO UPDATE SET seq = excluded.seq",
+            params![doc.to_string(), seq.0 as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Sets every cursor to 0 (the relay was restored: pull everything again).
+    pub fn reset_cursors(&self) -> Result<()> {
+        self.conn.execute("UPDATE cursors SET seq = 0", [])?;
+        Ok(())
+    }
+
+    /// Deletes a grant (one this device made for an epoch that did not become part of the chain).
+    pub fn delete_grant(&self, grant: &KeyGrant) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM grants WHERE hash = ?1", [&grant.hash()[..]])?;
+        Ok(())
+    }
+
+    /// Records an invite this device issued.
+    pub fn put_device_invite(&self, row: &DeviceInviteRow, now_ms: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO device_invites (invite_id, sealed_secret, expires_at_ms, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![&row.invite.0[..], row.sealed_secret, row.expires_at_ms as i64, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The invite this device issued with this id.
+    pub fn device_invite(&self, invite: &InviteId) -> Result<Option<DeviceInviteRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT sealed_secret, expires_at_ms, used_by FROM device_invites WHERE invite_id = ?1",
+                [&invite.0[..]],
+                |r| {
+                    Ok(DeviceInviteRow {
+                        invite: *invite,
+                        sealed_secret: r.get(0)?,
+                        expires_at_ms: r.get::<_, i64>(1)? as u64,
+                        used_by: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Marks an invite used by `device` (or unused again, with `None`).
+    pub fn set_device_invite_used(&self, invite: &InviteId, device: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE device_invites SET used_by = ?2 WHERE invite_id = ?1",
+            params![&invite.0[..], device],
+        )?;
+        Ok(())
     }
 
     /// Pending outbox rows with id greater than `after`, in order.
@@ -383,10 +722,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Number of pending outbox items.
+    /// Number of outbox items not yet taken by the relay (pending, or waiting to be sealed again).
     pub fn pending_count(&self) -> Result<u64> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM outbox WHERE state = 'pending'",
+            "SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'stale')",
             [],
             |r| r.get::<_, i64>(0),
         )? as u64)
@@ -400,7 +739,7 @@ impl Store {
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)? as u64,
-                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(1)?.unwrap_or_default(),
                 r.get::<_, Option<String>>(2)?.unwrap_or_default(),
             ))
         })?;
@@ -477,6 +816,19 @@ impl Store {
             out.push((parse_doc(&d)?, Seq(s as u64)));
         }
         Ok(out)
+    }
+
+    /// Every bundle of a document this device may share (held-back bundles left out), in the order
+    /// stored.
+    pub fn shareable_bundles(&self, doc: DocumentId) -> Result<Vec<BundleRow>> {
+        Ok(self
+            .query_bundles(
+                "WHERE doc = ?1 AND origin != 'held'",
+                params![doc.to_string()],
+            )?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect())
     }
 
     /// Every bundle of a document, in the order stored.

@@ -108,6 +108,7 @@ pub fn export(
         deployment: enrolment.deployment,
         device: engine.device_id(),
         created_at_ms: now_ms(),
+        directory: engine.signed_directory()?,
     };
     let (mut enc, start) = TransferEncoder::start(&header);
     w.write_all(&start).map_err(io)?;
@@ -157,6 +158,7 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
             total.new += r.new;
             total.known += r.known;
             total.skipped += r.skipped;
+            total.provisional += r.provisional;
             total.refused.extend(r.refused);
             Ok(())
         };
@@ -170,7 +172,17 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
                 Decoded::Header(h) if h.deployment != deployment => {
                     return Err(TransferFileError::OtherDeployment(h.deployment.to_string()));
                 }
-                Decoded::Header(_) | Decoded::End { .. } => {}
+                Decoded::Header(h) => {
+                    // Revocations travel with the file: a newer directory that verifies is taken
+                    // before any item is checked.
+                    if let Some(d) = &h.directory
+                        && engine.update_directory(d)?
+                    {
+                        tracing::info!("took a newer directory from the file");
+                        engine.maintain()?;
+                    }
+                }
+                Decoded::End { .. } => {}
                 Decoded::Item(item) => {
                     chunk.push(*item);
                     if chunk.len() >= IMPORT_CHUNK_ITEMS {

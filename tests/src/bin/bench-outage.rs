@@ -253,6 +253,12 @@ fn lan_latency_netns(samples: usize) -> Option<Vec<Duration>> {
     serve
         .args(["serve", "--data"])
         .arg(&relay.data)
+        .arg("--authority")
+        .arg(relay.authority_dir())
+        .env(
+            "MUSUBI_AUTHORITY_PASSPHRASE",
+            musubi_tests::AUTHORITY_PASSPHRASE,
+        )
         .args(["--listen", &format!("/ip4/{}/tcp/7000", internet.gateway())]);
     let mut serve = internet.ns.wrap(&serve);
     let relay_out = logs.join("relay.out");
@@ -291,7 +297,11 @@ fn lan_latency_netns(samples: usize) -> Option<Vec<Duration>> {
         "join",
         &[&relay.invite_facility("公民館", "shelter")],
     );
-    net(&l2, &f2, "join", &[&relay.invite_device("公民館")]);
+    let device_code = net(&l1, &f1, "device invite", &[]).trim().to_owned();
+    net(&l1, &f1, "sync", &["--once", "--timeout", "60"]);
+    net(&l2, &f2, "join", &[&device_code, "--no-wait"]);
+    net(&l1, &f1, "sync", &["--once", "--timeout", "60"]);
+    net(&l2, &f2, "join", &[&device_code]);
     for (ns, f) in [(&l1, &f1), (&l2, &f2)] {
         net(ns, f, "sync", &["--once", "--timeout", "60"]);
     }

@@ -7,7 +7,7 @@
 //!
 //! Everything runs in this process on one facility device's real encrypted store (SQLite, WAL,
 //! `synchronous=FULL`, every commit sealed with the document key): the device is enrolled offline
-//! with a directory this program signs as the relay, so no network is involved. "Check-in latency" is
+//! by an in-process authority and relay (`musubi_facility::offline`), so no network is involved. "Check-in latency" is
 //! `services::shelter::checkin` from the call to its return, when the bundle is durable on disk:
 //! it loads the document (sealed snapshot plus newer bundles), finds a known person, writes the
 //! record and the stay event, seals and stores the bundle, and looks for the person in the facility's
@@ -15,12 +15,10 @@
 
 use std::time::Instant;
 
-use musubi_crdt::crypto::DeviceSecrets;
-use musubi_crdt::directory::{DeviceEntry, Directory, FacilityEntry, SignedDirectory};
 use musubi_crdt::documents::shelter::{self as schema, Method, NewEvacuee, StayKind};
-use musubi_crdt::ids::{DeploymentId, DocumentId, FacilityId, FacilityRole};
+use musubi_crdt::ids::{DocumentId, FacilityRole};
 use musubi_facility::Engine;
-use musubi_facility::engine::{Enrolment, random};
+use musubi_facility::offline::OfflineDeployment;
 use musubi_facility::services::hq;
 use musubi_facility::services::shelter::{self, CheckIn, Desk, OpenShelter};
 use musubi_tests::measure::{human_bytes, ms, percentile};
@@ -39,51 +37,21 @@ fn person(tag: &str, i: usize) -> NewEvacuee {
     }
 }
 
-fn device(secrets: &DeviceSecrets) -> DeviceEntry {
-    DeviceEntry {
-        device: secrets.device_id(),
-        age_recipient: secrets.age_identity().to_public().to_string(),
-        revoked: false,
-    }
-}
-
-/// An enrolled community-centre device in `dir`, with an HQ facility in its directory.
+/// An enrolled community-centre device in `dir`, with an HQ facility in its directory (certified by
+/// an in-process authority, as after a real join).
 fn centre(dir: &std::path::Path) -> Engine {
     let e = Engine::init(dir, "bench-centre", "bench passphrase", 10).expect("init");
-    let relay = DeviceSecrets::from_seeds(random(), random());
-    let hq = DeviceSecrets::from_seeds(random(), random());
-    let me = FacilityId::from_random_bytes(random());
-    let deployment = DeploymentId::from_random_bytes(random());
-    let directory = Directory {
-        deployment,
-        version: 1,
-        facilities: vec![
-            FacilityEntry {
-                id: me,
-                name: "bench-centre".into(),
-                role: FacilityRole::Shelter,
-                revoked: false,
-                devices: vec![device(e.secrets())],
-            },
-            FacilityEntry {
-                id: FacilityId::from_random_bytes(random()),
-                name: "bench-hq".into(),
-                role: FacilityRole::Hq,
-                revoked: false,
-                devices: vec![device(&hq)],
-            },
-        ],
-    };
-    let enrolment = Enrolment {
-        deployment,
-        facility: me,
-        facility_name: "bench-centre".into(),
-        role: FacilityRole::Shelter,
-        relay: relay.device_id(),
-        relay_addrs: vec![],
-    };
-    e.record_enrolment(&enrolment, &SignedDirectory::sign(&directory, &relay))
-        .expect("enrol");
+    let hq = Engine::init(
+        &dir.with_extension("hq"),
+        "bench-hq",
+        "bench passphrase",
+        10,
+    )
+    .expect("init HQ");
+    let mut deployment = OfflineDeployment::new(21);
+    let me = deployment.add_facility(&e, "bench-centre", FacilityRole::Shelter);
+    deployment.add_facility(&hq, "bench-hq", FacilityRole::Hq);
+    deployment.enrol(&e, me).expect("enrol");
     e
 }
 

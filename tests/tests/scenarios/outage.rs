@@ -18,7 +18,9 @@ use musubi_crdt::ids::DocumentId;
 use musubi_facility::Engine;
 use musubi_tests::netns::{self, INTERNET_PREFIX, LAN_PREFIX, Netns, Segment, Spawned};
 use musubi_tests::relay::stored_bundles;
-use musubi_tests::{COMMAND_TIMEOUT, Facility, World, bin, poll_every, run_command};
+use musubi_tests::{
+    AUTHORITY_PASSPHRASE, COMMAND_TIMEOUT, Facility, World, bin, poll_every, run_command,
+};
 use serde_json::Value;
 
 use super::{Story, serial};
@@ -71,16 +73,19 @@ impl Site {
     }
 }
 
-/// Starts `musubi-node serve` in the internet's namespace and waits until it listens.
-fn serve(ns: &Netns, data: &Path, logs: &Path, start: u32) -> Spawned {
+/// Starts `musubi-node serve --authority` in the internet's namespace and waits until it listens.
+fn serve(ns: &Netns, relay: &musubi_tests::Relay, logs: &Path, start: u32) -> Spawned {
     let mut cmd = Command::new(bin("musubi-node"));
     cmd.args(["serve", "--data"])
-        .arg(data)
+        .arg(&relay.data)
+        .arg("--authority")
+        .arg(relay.authority_dir())
         .args([
             "--listen",
             &format!("/ip4/{INTERNET_PREFIX}.1/tcp/{RELAY_PORT}"),
         ])
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .env("MUSUBI_AUTHORITY_PASSPHRASE", AUTHORITY_PASSPHRASE);
     let out = logs.join(format!("relay.{start}.out"));
     let mut cmd = ns.wrap(&cmd);
     cmd.stdin(Stdio::null())
@@ -194,22 +199,25 @@ fn shelter_lan_and_a_usb_stick_carry_the_roster_through_an_uplink_outage() {
 
     story.step("the relay serves on the internet; every device enrols over its uplink");
     let relay = musubi_tests::Relay::init(&world);
-    let mut relay_proc = serve(&internet.ns, &relay.data, &logs, 1);
+    let mut relay_proc = serve(&internet.ns, &relay, &logs, 1);
     let codes = [
         relay.invite_facility(CENTRE, "shelter"),
-        String::new(), // laptop-2: a device invite once the centre exists
+        String::new(), // laptop-2: a device invite from laptop 1 once the centre exists
         relay.invite_facility(CLINIC, "clinic"),
         relay.invite_facility(HQ, "hq"),
     ];
     for (k, site) in sites.iter_mut().enumerate() {
         site.f.init();
-        let code = if k == 1 {
-            relay.invite_device(CENTRE)
-        } else {
-            codes[k].clone()
-        };
-        site.run_net("join", &[&code]);
+        if k != 1 {
+            site.run_net("join", &[&codes[k]]);
+        }
     }
+    // Laptop 1 invites laptop 2 and approves it at its next sync.
+    let device_code = sites[0].run_net("device invite", &[]).trim().to_owned();
+    sites[0].run_net("sync", &["--once", "--timeout", "60"]);
+    sites[1].run_net("join", &[&device_code, "--no-wait"]);
+    sites[0].run_net("sync", &["--once", "--timeout", "60"]);
+    sites[1].run_net("join", &[&device_code]);
     for site in &sites {
         site.run_net("sync", &["--once", "--timeout", "60"]);
     }
@@ -255,7 +263,7 @@ fn shelter_lan_and_a_usb_stick_carry_the_roster_through_an_uplink_outage() {
 
     story.step("the relay is restarted meanwhile (every connection to it breaks)");
     drop(relay_proc);
-    relay_proc = serve(&internet.ns, &relay.data, &logs, 2);
+    relay_proc = serve(&internet.ns, &relay, &logs, 2);
 
     story.step("both desks check people in; one person comes to both");
     let at_1 = [

@@ -747,7 +747,7 @@ fn medical_notes_inquiry_exports_and_confidentiality() {
         .parse()
         .expect("a document id");
     let roster_doc: DocumentId = sid.parse().expect("shelter id is a document id");
-    let nosy = RawClient::join_with(&relay.invite_device(hq.id()));
+    let nosy = RawClient::join_device_of(&hq);
     assert!(
         nosy.pull_all(roster_doc, Seq(0))
             .is_ok_and(|b| !b.is_empty()),

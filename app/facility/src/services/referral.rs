@@ -23,7 +23,7 @@ use crate::services::careplan::PdfExportError;
 use musubi_crdt::documents::DocumentError;
 use musubi_crdt::documents::referral::StatusTimes;
 use musubi_crdt::ids::FacilityId;
-use musubi_crdt::protocol::DocumentInfo;
+use musubi_crdt::membership::Membership;
 
 /// A letter as shown to users: its document id and the 様式11 fields.
 #[derive(Clone, Debug, Serialize)]
@@ -125,7 +125,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> EngineError {
 }
 
 /// This facility's role in the document.
-fn my_role(info: &DocumentInfo, me: FacilityId) -> Option<Role> {
+fn my_role(info: &Membership, me: FacilityId) -> Option<Role> {
     info.members
         .iter()
         .find(|m| m.facility == me)
@@ -134,7 +134,7 @@ fn my_role(info: &DocumentInfo, me: FacilityId) -> Option<Role> {
 
 /// Direction and the other facility (id) of a letter, from its members and recorded recipient.
 fn direction_of(
-    info: &DocumentInfo,
+    info: &Membership,
     me: FacilityId,
     recipient: Option<FacilityId>,
 ) -> (Direction, Option<FacilityId>) {
@@ -159,7 +159,7 @@ fn direction_of(
 /// Everything read from one letter document, for the list and the detail.
 struct Read {
     view: LetterView,
-    info: DocumentInfo,
+    info: Membership,
     times: StatusTimes,
     recipient: Option<FacilityId>,
 }

@@ -4,55 +4,24 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use musubi_crdt::crypto::DeviceSecrets;
-use musubi_crdt::directory::{DeviceEntry, Directory, FacilityEntry, SignedDirectory};
 use musubi_crdt::documents::shelter::{
     self as schema, CareFlag, Method, NewEvacuee, Presence, ShelterStatus, StayKind,
 };
-use musubi_crdt::ids::{DeploymentId, FacilityId, FacilityRole};
+use musubi_crdt::ids::FacilityRole;
 use musubi_facility::Engine;
-use musubi_facility::engine::Enrolment;
+use musubi_facility::offline::OfflineDeployment;
 use musubi_facility::services::hq::{self, World};
 use musubi_facility::services::shelter::{self, CheckIn, Desk, OpenShelter, search_fold};
 
-/// A device of a new facility named `name`, enrolled in a deployment of its own: the directory
-/// lists only it, signed by a relay key made here, and the deployment's pseudonym secret is set.
+/// A device of a new facility named `name`, enrolled in a deployment of its own (certified by an
+/// in-process authority), with the deployment's pseudonym secret.
 fn enrolled(dir: &Path, name: &str, role: FacilityRole) -> Engine {
     let engine = Engine::init(dir, name, "correct horse battery", 10).expect("init a device");
-    let relay = DeviceSecrets::from_seeds([1; 32], [2; 32]);
-    let public = engine.secrets().public();
-    let facility = FacilityId::from_random_bytes([3; 16]);
-    let deployment = DeploymentId::from_random_bytes([4; 16]);
-    let directory = Directory {
-        deployment,
-        version: 1,
-        facilities: vec![FacilityEntry {
-            id: facility,
-            name: name.into(),
-            role,
-            revoked: false,
-            devices: vec![DeviceEntry {
-                device: public.device,
-                age_recipient: public.age_recipient,
-                revoked: false,
-            }],
-        }],
-    };
-    let enrolment = Enrolment {
-        deployment,
-        facility,
-        facility_name: name.into(),
-        role,
-        relay: relay.device_id(),
-        relay_addrs: vec![],
-    };
-    engine
-        .record_enrolment(&enrolment, &SignedDirectory::sign(&directory, &relay))
+    let mut deployment = OfflineDeployment::new(4);
+    let facility = deployment.add_facility(&engine, name, role);
+    deployment
+        .enrol(&engine, facility)
         .expect("record the enrolment");
-    engine
-        .store()
-        .set_meta("pseudonym_secret", &[5; 32])
-        .expect("record the pseudonym secret");
     engine
 }
 

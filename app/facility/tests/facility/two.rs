@@ -1,15 +1,14 @@
 //! Two facilities of one deployment in-process: each a real enrolled [`Engine`] whose directory
-//! lists both (signed by a stand-in relay key), and a way to carry what one holds of a document to
+//! lists both (certified by an in-process authority, signed by a stand-in relay key), and a way to carry what one holds of a document to
 //! the other, as the relay or a USB stick would (`export_items` → `import_items`), then run the
 //! same after-sync step as the sync driver.
 
 use std::path::Path;
 
-use musubi_crdt::crypto::DeviceSecrets;
-use musubi_crdt::directory::{DeviceEntry, Directory, FacilityEntry, SignedDirectory};
-use musubi_crdt::ids::{DeploymentId, DocumentId, FacilityId, FacilityRole};
+use musubi_crdt::ids::{DocumentId, FacilityId, FacilityRole};
 use musubi_facility::Engine;
-use musubi_facility::engine::{Enrolment, ImportReport};
+use musubi_facility::engine::ImportReport;
+use musubi_facility::offline::OfflineDeployment;
 use musubi_facility::services;
 use musubi_facility::store::Origin;
 
@@ -23,65 +22,36 @@ pub struct Site {
     pub name: String,
 }
 
-/// Two facilities (`a`, `b`) in one deployment, each with one device in `root`.
+/// Two facilities (`a`, `b`) in one deployment, each with one device in `root`, certified by an
+/// in-process authority.
 pub fn pair(root: &Path, a: (&str, FacilityRole), b: (&str, FacilityRole)) -> (Site, Site) {
-    let relay = DeviceSecrets::from_seeds([7; 32], [8; 32]);
-    let deployment = DeploymentId::from_random_bytes([9; 16]);
-    let specs = [(a, [11u8; 16]), (b, [12u8; 16])];
-    let engines: Vec<Engine> = specs
+    let mut deployment = OfflineDeployment::new(9);
+    let engines: Vec<(Engine, &str, FacilityRole)> = [a, b]
         .iter()
-        .map(|((name, _), _)| {
-            Engine::init(&root.join(name), name, "correct horse battery", 10)
-                .expect("init a device")
+        .map(|(name, role)| {
+            (
+                Engine::init(&root.join(name), name, "correct horse battery", 10)
+                    .expect("init a device"),
+                *name,
+                *role,
+            )
         })
         .collect();
-    let directory = Directory {
-        deployment,
-        version: 2,
-        facilities: specs
-            .iter()
-            .zip(&engines)
-            .map(|(((name, role), seed), engine)| {
-                let public = engine.secrets().public();
-                FacilityEntry {
-                    id: FacilityId::from_random_bytes(*seed),
-                    name: (*name).into(),
-                    role: *role,
-                    revoked: false,
-                    devices: vec![DeviceEntry {
-                        device: public.device,
-                        age_recipient: public.age_recipient,
-                        revoked: false,
-                    }],
-                }
-            })
-            .collect(),
-    };
-    let signed = SignedDirectory::sign(&directory, &relay);
-    let mut sites = specs
+    let ids: Vec<FacilityId> = engines
         .iter()
-        .zip(engines)
-        .map(|(((name, role), seed), engine)| {
-            let facility = FacilityId::from_random_bytes(*seed);
-            let enrolment = Enrolment {
-                deployment,
-                facility,
-                facility_name: (*name).into(),
-                role: *role,
-                relay: relay.device_id(),
-                relay_addrs: vec![],
-            };
-            engine
-                .record_enrolment(&enrolment, &signed)
+        .map(|(e, name, role)| deployment.add_facility(e, name, *role))
+        .collect();
+    let mut sites = engines
+        .into_iter()
+        .zip(ids)
+        .map(|((engine, name, _), facility)| {
+            deployment
+                .enrol(&engine, facility)
                 .expect("record the enrolment");
-            engine
-                .store()
-                .set_meta("pseudonym_secret", &[5; 32])
-                .expect("record the pseudonym secret");
             Site {
                 engine,
                 facility,
-                name: (*name).into(),
+                name: name.into(),
             }
         })
         .collect::<Vec<_>>();

@@ -5,6 +5,7 @@
 mod bundle;
 mod card;
 mod careplan;
+mod device;
 mod hq;
 mod referral;
 mod shelter;
@@ -18,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use musubi_crdt::crypto::PASSPHRASE_LOG_N_DEFAULT;
 use musubi_crdt::ids::Role;
-use musubi_facility::engine::{Engine, EngineError};
+use musubi_facility::engine::{Engine, EngineError, Joined};
 use musubi_facility::net::{self, Mode};
 
 /// Musubi facility device: encrypted documents that sync through the relay when a network exists.
@@ -47,6 +48,17 @@ pub(crate) struct Json {
 }
 
 #[derive(Subcommand)]
+enum FacilitiesAction {
+    /// Accept a facility's new root key after reading its safety number with it by phone.
+    Confirm {
+        /// The facility (id or exact name).
+        facility: String,
+        /// Its new safety number, as `musubi facilities` shows it (30 digits).
+        safety_number: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Create a facility device: new keys, wrapped by the passphrase.
     Init {
@@ -59,23 +71,34 @@ enum Command {
         #[arg(long, default_value_t = PASSPHRASE_LOG_N_DEFAULT, value_parser = clap::value_parser!(u8).range(10..=22))]
         scrypt_log_n: u8,
     },
-    /// Join a deployment with an invite code from the relay operator.
+    /// Join a deployment with an invite code: from `musubi-node invite` (a new facility) or from
+    /// `musubi device invite` at a current device (another device of that facility). Waits until the
+    /// inviter approved.
     Join {
         #[command(flatten)]
         data: Data,
-        /// The code printed by `musubi-node invite`.
+        /// The invite code.
         code: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Send the join request and return at once if it waits for approval (`musubi join` again
+        /// later finishes it).
+        #[arg(long)]
+        no_wait: bool,
     },
-    /// The facilities of the deployment, as last synced.
+    /// The facilities of the deployment as this device verified them, with each one's safety number.
     Facilities {
         #[command(flatten)]
         data: Data,
         #[command(flatten)]
         json: Json,
+        #[command(subcommand)]
+        action: Option<FacilitiesAction>,
     },
+    /// This facility's devices: invite another one, revoke a lost one.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
     /// Sync with the relay.
     Sync {
         #[command(flatten)]
@@ -225,47 +248,60 @@ fn run(cli: Cli) -> Result<()> {
             data,
             code,
             timeout,
+            no_wait,
         } => {
             let mut e = open(pf, &data.data)?;
-            let enrolment =
-                runtime()?.block_on(net::join(&mut e, &code, Duration::from_secs(timeout)))?;
-            let local = e.local_name()?;
-            if !local.is_empty() && local != enrolment.facility_name {
+            if let Ok(invite) = musubi_crdt::invite::InviteCode::decode(&code) {
                 eprintln!(
-                    "note: the relay enrolled this device as {:?} (init named it {local:?})",
-                    enrolment.facility_name
+                    "the invite names the deployment authority with fingerprint {}; compare it with the one your municipality published",
+                    musubi_crdt::directory::authority_fingerprint(&invite.authority)
                 );
             }
-            println!("{}", enrolment.facility);
-        }
-        Command::Facilities { data, json } => {
-            let e = open(pf, &data.data)?;
-            let dir = e.directory()?;
-            if json.json {
-                let v: Vec<_> = dir
-                    .facilities
-                    .iter()
-                    .map(|f| {
-                        serde_json::json!({
-                            "id": f.id.to_string(), "name": f.name, "role": f.role.to_string(), "revoked": f.revoked,
-                            "devices": f.devices.iter().map(|d| serde_json::json!({"device": d.device.to_string(), "revoked": d.revoked})).collect::<Vec<_>>(),
-                        })
-                    })
-                    .collect();
-                print_json(&v)?;
-            } else {
-                for f in &dir.facilities {
-                    let current = f.current_devices().count();
-                    println!(
-                        "{}  {}  {}  {} device(s){}",
-                        f.id,
-                        f.name,
-                        f.role,
-                        current,
-                        if f.revoked { "  REVOKED" } else { "" }
+            let joined = runtime()?.block_on(net::join(
+                &mut e,
+                &code,
+                Duration::from_secs(timeout),
+                !no_wait,
+            ))?;
+            match joined {
+                Joined::Enrolled(enrolment) => {
+                    let local = e.local_name()?;
+                    if !local.is_empty() && local != enrolment.facility_name {
+                        eprintln!(
+                            "note: this device is now a device of {:?} (init named it {local:?})",
+                            enrolment.facility_name
+                        );
+                    }
+                    println!("{}", enrolment.facility);
+                }
+                Joined::Pending { expires_at_ms } if no_wait => {
+                    println!("pending");
+                    eprintln!(
+                        "the join request waits for the inviter's approval (the invite expires {}); run `musubi join` again to finish",
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_millis(expires_at_ms)
+                        )
                     );
                 }
+                Joined::Pending { .. } => bail!(
+                    "the join request still waits for approval after {timeout} s: for a new facility the deployment authority approves (`musubi-node approve`); for another device, the inviting device approves at its next sync. Run `musubi join` again to finish"
+                ),
             }
+        }
+        Command::Facilities { data, json, action } => {
+            let mut e = open(pf, &data.data)?;
+            if let Some(FacilitiesAction::Confirm {
+                facility,
+                safety_number,
+            }) = action
+            {
+                e.confirm_root(&facility, &safety_number)?;
+                println!(
+                    "confirmed the new root key of {facility}; its devices get keys from now on"
+                );
+                return Ok(());
+            }
+            device::print_facilities(&e, json.json)?;
         }
         Command::Sync {
             data,
@@ -338,12 +374,18 @@ fn run(cli: Cli) -> Result<()> {
             let enrolment = e.enrolment().ok();
             let mut docs = Vec::new();
             for d in e.store().documents(None)? {
+                let warning: Option<String> =
+                    e.store().meta_cbor(&format!("doc_warning:{}", d.info.id))?;
                 docs.push(serde_json::json!({
                     "id": d.info.id.to_string(), "kind": d.info.kind.to_string(), "epoch": d.info.epoch.0,
-                    "head": d.info.head.0, "pending": e.store().pending_for(d.info.id)?,
+                    "operations": d.info.ops, "relay_operations": d.relay_ops,
+                    "members": d.info.members.iter().map(|m| serde_json::json!({"facility": m.facility.to_string(), "role": m.role.to_string()})).collect::<Vec<_>>(),
+                    "pending": e.store().pending_for(d.info.id)?,
                     "last_path": e.store().last_path(d.info.id)?,
+                    "warning": warning,
                 }));
             }
+            let behind: Option<net::RelayBehind> = e.store().meta_cbor("relay_behind")?;
             let rejected: Vec<_> = e
                 .store()
                 .rejected()?
@@ -356,6 +398,9 @@ fn run(cli: Cli) -> Result<()> {
                 "relay": enrolment.as_ref().map(|x| x.relay_addrs.clone()),
                 "pending": e.store().pending_count()?,
                 "rejected": rejected,
+                "relay_behind": behind.as_ref().map(|b| serde_json::json!({
+                    "at_ms": b.at_ms, "restored": b.restored, "times": b.times,
+                })),
                 "documents": docs,
             });
             if json.json {
@@ -376,8 +421,22 @@ fn run(cli: Cli) -> Result<()> {
                     "documents {}",
                     v["documents"].as_array().map_or(0, Vec::len)
                 );
+                if let Some(b) = &behind {
+                    println!(
+                        "relay    went back in time at {} ({}); what this device holds was offered to it again",
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_millis(b.at_ms)
+                        ),
+                        if b.restored {
+                            "its store was restored from a backup"
+                        } else {
+                            "it held less than it had acknowledged"
+                        }
+                    );
+                }
             }
         }
+        Command::Device(cmd) => device::run(pf, cmd)?,
         Command::Bundle(cmd) => bundle::run(pf, cmd)?,
         Command::Referral(cmd) => referral::run(pf, cmd)?,
         Command::Careplan(cmd) => careplan::run(pf, cmd)?,
