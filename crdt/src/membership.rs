@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BundleError, Envelope};
 use crate::directory::{DeviceStatus, Devices, FacilityStatus};
-use crate::ids::{DocumentId, DocumentKind, Epoch, FacilityId, Role};
-use crate::limits::{DOCUMENT_MEMBERS_MAX, DOCUMENT_OPS_MAX};
+use crate::ids::{DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, Role};
+use crate::limits::{DOCUMENT_MEMBERS_MAX, DOCUMENT_OPS_MAX, GRANT_RECIPIENTS_MAX};
 use crate::ops::{DocOp, DocOpBody, KeyGrant, Member, OpError, OpHash};
 use crate::protocol::{ErrorCode, PushItem};
 
@@ -37,6 +37,10 @@ pub struct Membership {
     /// Every member of each epoch (index = epoch) at any time during it, with its highest role then:
     /// what history (bundles the relay accepted earlier) is checked against.
     pub members_by_epoch: Vec<Vec<Member>>,
+    /// Devices excluded by an `Exclude` operation, with the epoch current when they were: they may
+    /// sign nothing for the document from that point of the chain on.
+    #[serde(default)]
+    pub excluded: Vec<(DeviceId, Epoch)>,
     /// The hash of the last operation.
     pub head: OpHash,
     /// How many operations the chain has.
@@ -64,6 +68,11 @@ impl Membership {
             .iter()
             .find(|m| m.facility == facility)
             .map(|m| m.role)
+    }
+
+    /// Whether `device` was excluded from the document.
+    pub fn is_excluded(&self, device: &DeviceId) -> bool {
+        self.excluded.iter().any(|(d, _)| d == device)
     }
 
     /// Whether `facility` was ever a member.
@@ -164,14 +173,21 @@ pub fn admit(
     }
 }
 
-/// Checks that `author` may act for `facility` at `point`.
+/// Checks that `author` may act for `facility` at `point`, and is not excluded from the document.
 fn author_ok(
     devices: &dyn Devices,
-    author: &crate::ids::DeviceId,
+    view: Option<&Membership>,
+    author: &DeviceId,
     facility: FacilityId,
     point: Point,
     what: &str,
 ) -> Result<(), Refusal> {
+    if view.is_some_and(|v| v.is_excluded(author)) {
+        return refuse(
+            ErrorCode::Revoked,
+            format!("the {what} is signed by {author}, a device excluded from this document"),
+        );
+    }
     match (devices.device_status(author), point) {
         (DeviceStatus::Current(f), _) if f == facility => Ok(()),
         (DeviceStatus::Former(f), Point::Pulled) if f == facility => Ok(()),
@@ -217,7 +233,7 @@ pub fn admit_op(
             "the operation's signature does not verify",
         );
     }
-    author_ok(devices, &op.author, op.facility, point, "operation")?;
+    author_ok(devices, view, &op.author, op.facility, point, "operation")?;
     let doc = op.doc;
     match (&op.body, view) {
         (DocOpBody::Create { .. }, Some(_)) => refuse(
@@ -271,6 +287,7 @@ pub fn admit_op(
                 epoch: Epoch(0),
                 commitments: vec![*key_commitment],
                 members_by_epoch: vec![all],
+                excluded: Vec::new(),
                 head: op.hash(),
                 ops: 1,
             })
@@ -351,6 +368,40 @@ pub fn admit_op(
                         next.note_member(m);
                     }
                 }
+                DocOpBody::Exclude { devices: excluded } => {
+                    if !role.is_some_and(Role::can_write) {
+                        return refuse(
+                            ErrorCode::Forbidden,
+                            format!(
+                                "only a writer or owner can exclude devices; facility {} is not one",
+                                op.facility
+                            ),
+                        );
+                    }
+                    if excluded.is_empty() || excluded.len() > GRANT_RECIPIENTS_MAX {
+                        return refuse(
+                            ErrorCode::Malformed,
+                            "an exclusion names 1 to the most recipients of a grant",
+                        );
+                    }
+                    for d in excluded {
+                        // A device still current in a member facility may not be excluded (that
+                        // would only deny it service); history cannot be rechecked.
+                        let current_member = matches!(
+                            devices.device_status(d),
+                            DeviceStatus::Current(f) if view.role_of(f).is_some()
+                        );
+                        if current_member && point != Point::Pulled {
+                            return refuse(
+                                ErrorCode::Forbidden,
+                                format!("{d} is a current device of a member facility"),
+                            );
+                        }
+                        if !next.is_excluded(d) {
+                            next.excluded.push((*d, view.epoch));
+                        }
+                    }
+                }
                 DocOpBody::NewEpoch {
                     epoch,
                     key_commitment,
@@ -415,7 +466,14 @@ pub fn admit_grant(
             "the key grant is for another document",
         );
     }
-    author_ok(devices, &grant.author, grant.facility, point, "key grant")?;
+    author_ok(
+        devices,
+        Some(view),
+        &grant.author,
+        grant.facility,
+        point,
+        "key grant",
+    )?;
     let member = match point {
         Point::Pulled => view.ever_member(grant.facility),
         Point::Relay | Point::Peer => view.role_of(grant.facility).is_some(),
@@ -442,6 +500,12 @@ pub fn admit_grant(
         return refuse(ErrorCode::Malformed, "the key grant names no recipients");
     }
     for r in &grant.recipients {
+        if view.is_excluded(r) {
+            return refuse(
+                ErrorCode::Forbidden,
+                format!("recipient {r} is excluded from document {}", view.id),
+            );
+        }
         let ok = match (devices.device_status(r), point) {
             (DeviceStatus::Current(f), Point::Relay | Point::Peer) => view.role_of(f).is_some(),
             (DeviceStatus::Current(f) | DeviceStatus::Former(f), Point::Pulled) => {
@@ -483,8 +547,12 @@ pub fn admit_bundle(
     if envelope.doc != view.id {
         return refuse(ErrorCode::Malformed, "the bundle is for another document");
     }
+    // An excluded device's bundles from before its exclusion are history (a device pulling the
+    // relay's order takes them); at the relay and from peers it is not current anyway.
+    let history = point == Point::Pulled;
     author_ok(
         devices,
+        if history { None } else { Some(view) },
         &envelope.author,
         envelope.facility,
         point,

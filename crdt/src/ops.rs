@@ -47,6 +47,14 @@ pub enum DocOpBody {
         /// Its new role, or `None` to remove it.
         role: Option<Role>,
     },
+    /// Devices that held a key of the document and are no longer current devices of a member
+    /// facility (revoked, or of a facility removed): from this point of the chain on they may sign
+    /// nothing for it. Made by a writer before the `NewEpoch` that rotates their key away, so a
+    /// device that replays the chain later refuses what they sign after it.
+    Exclude {
+        /// The devices (at most [`crate::limits::GRANT_RECIPIENTS_MAX`]).
+        devices: Vec<DeviceId>,
+    },
     /// Starts a new key epoch (after a removal or a revocation); must be the current epoch plus one.
     NewEpoch {
         /// The new epoch.

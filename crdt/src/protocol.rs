@@ -36,7 +36,7 @@ pub enum Request {
     /// [`Response::JoinPending`] until the inviter approved, then [`Response::Joined`].
     Join {
         /// The request, with its proof of the invite's secret.
-        request: JoinRequest,
+        request: Box<JoinRequest>,
     },
     /// The join requests waiting for approval by the caller's facility (invites its devices issued).
     GetJoinRequests,

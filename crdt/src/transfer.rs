@@ -115,7 +115,7 @@ impl TransferEncoder {
 #[derive(Debug, PartialEq)]
 pub enum Decoded {
     /// The header (always first).
-    Header(TransferHeader),
+    Header(Box<TransferHeader>),
     /// An item.
     Item(Box<PushItem>),
     /// The trailer verified: the file is complete.
@@ -212,7 +212,7 @@ impl TransferDecoder {
         let out = if self.header_done {
             Decoded::Item(Box::new(ciborium::from_reader(body).map_err(damaged)?))
         } else {
-            Decoded::Header(ciborium::from_reader(body).map_err(damaged)?)
+            Decoded::Header(Box::new(ciborium::from_reader(body).map_err(damaged)?))
         };
         self.header_done = true;
         self.pos += 4 + len;

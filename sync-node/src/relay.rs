@@ -301,7 +301,7 @@ impl Relay {
                     Lookup::Current(c) => Some(c),
                     _ => None,
                 };
-                return self.join(peer, caller, request, now);
+                return self.join(peer, caller, *request, now);
             }
             (Lookup::Unknown, _) => {
                 return answer(Response::error(
@@ -358,6 +358,31 @@ impl Relay {
         }
         if let Err(e) = request.verify_signature() {
             return answer(Response::error(ErrorCode::BadSignature, e.to_string()));
+        }
+        if let Some(c) = caller {
+            // Enrolled already: a device that lost the answer asks again (with this invite or
+            // another one of the same facility the approver used).
+            let approved: Option<Vec<u8>> = self
+                .store
+                .conn
+                .query_row(
+                    "SELECT j.invite_id FROM join_requests j WHERE j.device = ?1 AND j.approved_at IS NOT NULL
+                     AND (j.invite_id = ?2 OR j.facility = (SELECT facility FROM invites WHERE invite_id = ?2))
+                     ORDER BY j.approved_at LIMIT 1",
+                    params![peer.to_string(), request.invite.0.as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(invite) = approved {
+                return self.joined(&invite, &peer);
+            }
+            return answer(Response::error(
+                ErrorCode::Conflict,
+                format!(
+                    "this device is already enrolled as a device of facility {}; it needs no invite",
+                    c.facility
+                ),
+            ));
         }
         let tx = self
             .store
@@ -1095,26 +1120,41 @@ fn push_approve(
         ));
     }
     if let DeviceChange::Add { device, .. } = &link.change {
-        let changed = conn.execute(
-            "UPDATE join_requests SET approved_at = ?1, sealed_pseudonym = ?2
-             WHERE device = ?3 AND facility = ?4 AND approved_at IS NULL",
-            params![
-                unix_ms(now),
-                sealed_pseudonym,
-                device.to_string(),
-                link.facility.to_string()
-            ],
+        let enrolled: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE peer_id = ?1)",
+            [device.to_string()],
+            |r| r.get(0),
         )?;
-        if changed != 1 {
+        if enrolled {
             return Ok(reject(
-                ErrorCode::Forbidden,
-                format!("no device {device} is waiting to join this facility"),
+                ErrorCode::Conflict,
+                format!("device {device} is enrolled already"),
             ));
         }
+        // The oldest unexpired request of this device for an invite of this facility.
+        let waiting: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT j.invite_id FROM join_requests j JOIN invites i ON i.invite_id = j.invite_id
+                 WHERE j.device = ?1 AND j.facility = ?2 AND j.approved_at IS NULL
+                   AND i.kind = 'device' AND i.expires_at > ?3
+                 ORDER BY j.received_at LIMIT 1",
+                params![device.to_string(), link.facility.to_string(), unix_ms(now)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(invite) = waiting else {
+            return Ok(reject(
+                ErrorCode::Forbidden,
+                format!("no device {device} is waiting to join this facility with an unexpired invite"),
+            ));
+        };
         conn.execute(
-            "UPDATE invites SET used_at = ?1, used_by = ?2
-             WHERE invite_id = (SELECT invite_id FROM join_requests WHERE device = ?2 AND facility = ?3)",
-            params![unix_ms(now), device.to_string(), link.facility.to_string()],
+            "UPDATE join_requests SET approved_at = ?1, sealed_pseudonym = ?2 WHERE invite_id = ?3",
+            params![unix_ms(now), sealed_pseudonym, invite],
+        )?;
+        conn.execute(
+            "UPDATE invites SET used_at = ?1, used_by = ?2 WHERE invite_id = ?3",
+            params![unix_ms(now), device.to_string(), invite],
         )?;
         info!(facility = %link.facility, %device, by = %link.signer, "device approved");
     } else {

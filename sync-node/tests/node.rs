@@ -1,118 +1,397 @@
-//! The relay's story: an operator enrols clinics, a care office and HQ; their devices push, pull and get
-//! refused exactly as the protocol says, and nothing readable ever reaches the relay's disk.
+//! The relay's story: the municipality's authority certifies clinics, a care office and HQ; their
+//! devices join, push, pull and get refused exactly as the protocol says; a second laptop of a
+//! facility joins only when a current device of that facility approves it; a relay that tries to read
+//! finds nothing readable on its own disk, and a device that tries what it may not is refused.
 //!
 //! Most tests drive `Relay::handle` directly (frames in, frames out, no sockets, fixed clock);
 //! the last ones run the real swarm in-process and the real `musubi-node` binary.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use musubi_crdt::bundle::{Envelope, Payload};
-use musubi_crdt::crypto::{DeviceSecrets, DocumentKey};
-use musubi_crdt::directory::Directory;
-use musubi_crdt::ids::{
-    DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role, Seq,
+use musubi_crdt::crypto::{self, DevicePublic, DeviceSecrets, DocumentKey};
+use musubi_crdt::directory::{
+    DeviceChange, DeviceLink, DeviceStatus, Devices as _, Directory, Pins, SignedDirectory, Trust,
 };
-use musubi_crdt::limits::{PULL_RESPONSE_BYTES_TARGET, PUSH_ITEMS_MAX};
+use musubi_crdt::ids::{
+    BundleId, DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole,
+    Role, Seq,
+};
+use musubi_crdt::invite::{InviteCode, InviteFor, InviteId, InviteRegistration, JoinRequest};
+use musubi_crdt::limits::{OFFER_IDS_MAX, PULL_RESPONSE_BYTES_TARGET, PUSH_ITEMS_MAX};
+use musubi_crdt::membership::{self, Point};
 use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member};
 use musubi_crdt::protocol::{self, ErrorCode, PushItem, PushResult, Request, Response};
-use musubi_sync_node::invite::InviteCode;
-use musubi_sync_node::store::InviteKind;
+use musubi_sync_node::authority::{Authority, AuthorityDir, AuthorityInvite};
 use musubi_sync_node::{Notification, Relay, Store};
+
+/// The authority's passphrase in these tests (at least 8 characters).
+const PASSPHRASE: &str = "柏崎市の認証局パスフレーズ";
+/// A cheap scrypt work factor for tests.
+const LOG_N: u8 = 10;
 
 /// A fixed clock: 2027-01-15T08:00:00Z.
 fn t0() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000)
 }
 
+/// [`t0`] in milliseconds: when the devices of these stories sign.
+const AT_MS: u64 = 1_800_000_000_000;
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
 fn device(n: u8) -> DeviceSecrets {
     DeviceSecrets::from_seeds([n; 32], [n ^ 0x5a; 32])
 }
 
-/// A relay in a temporary directory, driven through `Relay::handle` with encoded frames.
+fn unlock(adir: &Path) -> Authority {
+    AuthorityDir::open(adir)
+        .expect("open the authority")
+        .unlock(PASSPHRASE)
+        .expect("unlock the authority")
+}
+
+fn open_pseudonym(who: &DeviceSecrets, sealed: &[u8]) -> Vec<u8> {
+    crypto::open_with(who.age_identity(), sealed, 32)
+        .expect("the device opens its pseudonym secret")
+}
+
+/// An enrolled device: its secrets, its facility, and the deployment's pseudonym secret it opened.
+#[derive(Clone)]
+struct Device {
+    secrets: DeviceSecrets,
+    facility: FacilityId,
+    facility_name: String,
+    pseudonym: Vec<u8>,
+}
+
+impl std::ops::Deref for Device {
+    type Target = DeviceSecrets;
+    fn deref(&self) -> &DeviceSecrets {
+        &self.secrets
+    }
+}
+
+/// A deployment: the authority's directory (off the relay host in real life), and a relay in a
+/// temporary directory, driven through `Relay::handle` with encoded frames.
 struct World {
     tmp: tempfile::TempDir,
     relay: Relay,
+    authority: AuthorityDir,
+    /// Whether the authority runs beside the relay (`serve --authority`) and approves new facilities.
+    beside: bool,
     now: SystemTime,
     next_secret: u8,
+    /// Every invite secret handed out (the relay must never hold one).
+    secrets_issued: Vec<[u8; 32]>,
 }
 
 impl World {
+    /// A relay with the authority beside it: new facilities are approved as they join.
     fn new() -> Self {
+        Self::with_authority_beside(true)
+    }
+
+    /// A relay alone: new facilities wait for `musubi-node approve`.
+    fn without_authority() -> Self {
+        Self::with_authority_beside(false)
+    }
+
+    fn with_authority_beside(beside: bool) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::init(&tmp.path().join("relay"), "柏崎市", t0()).expect("init");
-        let relay = Relay::new(store).expect("relay");
+        let adir = tmp.path().join("authority");
+        let authority =
+            AuthorityDir::init(&adir, "柏崎市", PASSPHRASE, LOG_N).expect("authority init");
+        let store =
+            Store::init(&tmp.path().join("relay"), authority.public(), None, t0()).expect("init");
+        let relay =
+            Relay::with_authority(store, beside.then(|| unlock(&adir))).expect("relay handler");
         Self {
             tmp,
             relay,
+            authority,
+            beside,
             now: t0(),
             next_secret: 1,
+            secrets_issued: vec![],
         }
     }
 
-    fn data(&self) -> std::path::PathBuf {
+    /// Stops the relay, runs `between` on its data directory, and starts it again.
+    fn reopen(self, between: impl FnOnce(&Path)) -> Self {
+        let data = self.data();
+        let adir = self.tmp.path().join("authority");
+        let World {
+            tmp,
+            relay,
+            authority,
+            beside,
+            now,
+            next_secret,
+            secrets_issued,
+        } = self;
+        drop(relay);
+        between(&data);
+        let store = Store::open(&data).expect("reopen the store");
+        let relay = Relay::with_authority(store, beside.then(|| unlock(&adir))).expect("relay");
+        Self {
+            tmp,
+            relay,
+            authority,
+            beside,
+            now,
+            next_secret,
+            secrets_issued,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
         self.tmp.path().join("relay")
     }
 
-    fn invite(&mut self, kind: InviteKind, expires: Duration) -> [u8; 32] {
-        let secret = [self.next_secret; 32];
+    fn relay_id(&self) -> DeviceId {
+        self.relay.secrets().device_id()
+    }
+
+    fn deployment(&self) -> DeploymentId {
+        self.authority.public().deployment
+    }
+
+    fn authority_key(&self) -> DeviceId {
+        self.authority.public().key
+    }
+
+    fn now_ms(&self) -> u64 {
+        ms(self.now)
+    }
+
+    /// A new invite secret (deterministic, but as varied as a random one).
+    fn fresh_secret(&mut self) -> [u8; 32] {
+        let secret = *blake3::hash(&[b's', self.next_secret]).as_bytes();
         self.next_secret += 1;
-        self.relay
-            .store_mut()
-            .issue_invite(kind, secret, self.now, expires)
-            .expect("issue invite");
+        self.secrets_issued.push(secret);
         secret
     }
 
-    fn invite_facility(&mut self, name: &str, role: FacilityRole) -> [u8; 32] {
-        self.invite(
-            InviteKind::NewFacility {
+    /// The operator issues a new-facility invite; the authority keeps its secret.
+    fn invite_facility(&mut self, name: &str, role: FacilityRole) -> InviteCode {
+        let secret = self.fresh_secret();
+        let code = self
+            .relay
+            .store_mut()
+            .issue_facility_invite(secret, name, role, self.now, Duration::from_secs(72 * 3600))
+            .expect("issue invite");
+        self.authority
+            .record_invite(&AuthorityInvite {
+                secret,
                 name: name.into(),
                 role,
-            },
-            Duration::from_secs(72 * 3600),
-        )
+                expires_at_ms: code.expires_at_ms,
+            })
+            .expect("the authority keeps the invite");
+        code
     }
 
+    /// Sends `request` over `who`'s connection.
     fn ask(&mut self, who: &DeviceSecrets, request: Request) -> (Response, Vec<Notification>) {
         self.raw(who.device_id(), &protocol::encode_request(&request))
     }
 
+    /// Sends a raw frame from `peer`; every answer must decode and carry the store's generation.
     fn raw(&mut self, peer: DeviceId, frame: &[u8]) -> (Response, Vec<Notification>) {
         let (bytes, notes) = self.relay.handle(peer, frame, self.now);
-        (
-            protocol::decode_response(&bytes).expect("the relay always answers a decodable frame"),
-            notes,
-        )
+        let (generation, response) = protocol::decode_response_frame(&bytes)
+            .expect("the relay always answers a decodable frame");
+        assert_eq!(
+            generation,
+            Some(self.relay.generation()),
+            "every answer carries the store's generation"
+        );
+        (response, notes)
     }
 
-    fn join(&mut self, who: &DeviceSecrets, secret: [u8; 32]) -> Response {
-        self.ask(
-            who,
-            Request::Join {
-                secret: secret.to_vec(),
-                device: who.public(),
-            },
-        )
-        .0
+    /// `who` asks to join with `code`.
+    fn join(&mut self, who: &DeviceSecrets, code: &InviteCode) -> Response {
+        let request = JoinRequest::make(code, who, "受付PC", self.now_ms());
+        self.ask(who, Request::Join { request: Box::new(request) }).0
     }
 
-    /// Enrols `who` with a fresh new-facility invite and returns the facility id.
-    fn enrol(&mut self, who: &DeviceSecrets, name: &str, role: FacilityRole) -> FacilityId {
-        let secret = self.invite_facility(name, role);
-        match self.join(who, secret) {
-            Response::Joined { facility, .. } => facility,
+    /// Enrols device `n` as the first device of a new facility, approved by the authority beside the relay.
+    fn enrol(&mut self, n: u8, name: &str, role: FacilityRole) -> Device {
+        let secrets = device(n);
+        let code = self.invite_facility(name, role);
+        match self.join(&secrets, &code) {
+            Response::Joined {
+                facility,
+                facility_name,
+                sealed_pseudonym,
+                ..
+            } => {
+                assert_eq!(
+                    facility,
+                    code.facility(),
+                    "the facility id derives from the invite"
+                );
+                let pseudonym = open_pseudonym(&secrets, &sealed_pseudonym);
+                Device {
+                    secrets,
+                    facility,
+                    facility_name,
+                    pseudonym,
+                }
+            }
             other => panic!("join failed: {other:?}"),
         }
     }
 
-    /// Enrols `who` as another device of `facility`.
-    fn enrol_device(&mut self, who: &DeviceSecrets, facility: FacilityId) {
-        let secret = self.invite(InviteKind::Device { facility }, Duration::from_secs(3600));
-        assert!(
-            matches!(self.join(who, secret), Response::Joined { facility: f, .. } if f == facility)
+    /// `by` invites another device of its facility: it registers the invite at the relay (keeping the
+    /// secret) and hands out the code.
+    fn device_invite(&mut self, by: &Device) -> InviteCode {
+        let secret = self.fresh_secret();
+        let expires_at_ms = self.now_ms() + 3_600_000;
+        let registration =
+            InviteRegistration::sign(by, InviteId::of_secret(&secret), by.facility, expires_at_ms);
+        assert_eq!(
+            self.push_one(by, PushItem::Invite { registration }),
+            PushResult::Accepted { seq: None }
         );
+        InviteCode {
+            deployment: self.deployment(),
+            relay: self.relay_id(),
+            addrs: vec![],
+            authority: self.authority_key(),
+            invite: InviteFor::Device {
+                facility: by.facility,
+                facility_name: by.facility_name.clone(),
+            },
+            expires_at_ms,
+            secret: secret.to_vec(),
+        }
+    }
+
+    fn signed_directory(&mut self, who: &DeviceSecrets) -> SignedDirectory {
+        match self.ask(who, Request::GetDirectory { known_version: 0 }).0 {
+            Response::Directory { directory: Some(d) } => d,
+            other => panic!("expected a directory: {other:?}"),
+        }
+    }
+
+    /// The directory as `who` verifies it (against the authority it pinned at join).
+    fn directory(&mut self, who: &DeviceSecrets) -> Directory {
+        let signed = self.signed_directory(who);
+        signed
+            .verify(
+                &self.relay_id(),
+                self.deployment(),
+                &self.authority_key(),
+                &Pins::default(),
+            )
+            .expect("the directory verifies")
+            .0
+    }
+
+    /// `facility`'s device chain as the relay serves it to `who`.
+    fn chain(&mut self, who: &DeviceSecrets, facility: FacilityId) -> Vec<DeviceLink> {
+        let signed = self.signed_directory(who);
+        signed
+            .open(&self.relay_id())
+            .expect("signed by the relay")
+            .facilities
+            .into_iter()
+            .find(|r| r.cert.facility == facility)
+            .expect("the facility is listed")
+            .links
+    }
+
+    /// The join request of `new` as `approver` fetches it, checked against the secret it kept.
+    fn waiting_request(
+        &mut self,
+        approver: &Device,
+        code: &InviteCode,
+        new: &DeviceSecrets,
+    ) -> JoinRequest {
+        let Response::JoinRequests { requests } = self.ask(approver, Request::GetJoinRequests).0
+        else {
+            panic!("join requests")
+        };
+        let request = requests
+            .into_iter()
+            .find(|r| r.device.device == new.device_id())
+            .expect("the request waits for the facility");
+        request
+            .verify(&code.secret(), None)
+            .expect("the request proves the invite's secret");
+        request
+    }
+
+    /// `approver` approves `new`'s join request for `code`: the next link of its facility's chain.
+    fn approve(&mut self, approver: &Device, code: &InviteCode, new: &DeviceSecrets) -> PushResult {
+        let request = self.waiting_request(approver, code, new);
+        let chain = self.chain(approver, approver.facility);
+        let item = approval(
+            approver,
+            chain.last().expect("a chain"),
+            &request.device,
+            self.now_ms(),
+        );
+        self.push_one(approver, item)
+    }
+
+    /// Enrols device `n` as another device of `by`'s facility: invite, join (waits), approval, join.
+    fn enrol_device_of(&mut self, n: u8, by: &Device) -> Device {
+        let secrets = device(n);
+        let code = self.device_invite(by);
+        let r = self.join(&secrets, &code);
+        assert!(matches!(r, Response::JoinPending { .. }), "{r:?}");
+        assert_eq!(
+            self.approve(by, &code, &secrets),
+            PushResult::Accepted { seq: None }
+        );
+        match self.join(&secrets, &code) {
+            Response::Joined {
+                facility,
+                facility_name,
+                sealed_pseudonym,
+                ..
+            } => {
+                assert_eq!(facility, by.facility);
+                let pseudonym = open_pseudonym(&secrets, &sealed_pseudonym);
+                Device {
+                    secrets,
+                    facility,
+                    facility_name,
+                    pseudonym,
+                }
+            }
+            other => panic!("join failed after approval: {other:?}"),
+        }
+    }
+
+    /// `by` revokes `lost`, a device of its own facility, with the next link of its chain.
+    fn revoke_by_chain(&mut self, by: &Device, lost: &DeviceSecrets) -> PushResult {
+        let chain = self.chain(by, by.facility);
+        let link = DeviceLink::sign(
+            by,
+            by.facility,
+            chain.last(),
+            DeviceChange::Revoke {
+                device: lost.device_id(),
+            },
+            self.now_ms(),
+        );
+        self.push_one(
+            by,
+            PushItem::Approve {
+                link,
+                sealed_pseudonym: vec![],
+            },
+        )
     }
 
     fn push(
@@ -144,48 +423,129 @@ impl World {
     }
 }
 
-fn op(author: &DeviceSecrets, facility: FacilityId, doc: DocumentId, body: DocOpBody) -> PushItem {
-    PushItem::Op {
-        op: DocOp::sign(author, facility, doc, 1_800_000_000_000, body).expect("sign op"),
+/// The next link of `approver`'s facility chain after `last`, adding `new`, with the deployment's
+/// pseudonym secret sealed to the new device.
+fn approval(approver: &Device, last: &DeviceLink, new: &DevicePublic, at_ms: u64) -> PushItem {
+    let link = DeviceLink::sign(
+        approver,
+        approver.facility,
+        Some(last),
+        DeviceChange::Add {
+            device: new.device,
+            age_recipient: new.age_recipient.clone(),
+        },
+        at_ms,
+    );
+    let recipient = crypto::parse_recipient(&new.age_recipient).expect("recipient");
+    PushItem::Approve {
+        link,
+        sealed_pseudonym: crypto::seal_to(&[recipient], &approver.pseudonym).expect("seal"),
     }
 }
 
-fn create(
-    author: &DeviceSecrets,
-    facility: FacilityId,
-    doc: DocumentId,
-    members: Vec<Member>,
-) -> PushItem {
-    op(
-        author,
-        facility,
-        doc,
-        DocOpBody::Create {
-            kind: DocumentKind::Referral,
-            members,
-        },
+/// Signs `request` again after a test changed it: a new proof under `secret` and a new signature by
+/// `who` (what a device that knows `secret`, or guesses one, can make; mirrors `JoinRequest::make`).
+fn resign(request: &mut JoinRequest, secret: &[u8; 32], who: &DeviceSecrets) {
+    let mut proven = Vec::new();
+    ciborium::into_writer(
+        &(
+            &request.invite,
+            &request.device,
+            &request.name,
+            &request.genesis,
+        ),
+        &mut proven,
     )
+    .expect("cbor");
+    let key = blake3::derive_key("musubi invite proof v1", secret);
+    request.proof = *blake3::keyed_hash(&key, &proven).as_bytes();
+    proven.extend_from_slice(&request.proof);
+    request.signature = who.sign(crypto::domain::JOIN_REQUEST, &proven);
 }
 
-fn bundle(
+/// The document key of `epoch` in these stories.
+fn key(epoch: u32) -> DocumentKey {
+    DocumentKey::from_seed(*blake3::hash(&epoch.to_le_bytes()).as_bytes())
+}
+
+fn create_body(members: Vec<Member>, nonce: u8) -> DocOpBody {
+    DocOpBody::Create {
+        kind: DocumentKind::Referral,
+        members,
+        key_commitment: key(0).commitment(),
+        nonce: [nonce; 16],
+    }
+}
+
+/// `author` creates a referral with `members` (its facility is the owner); the id derives from it.
+fn create(author: &Device, members: Vec<Member>) -> DocOp {
+    DocOp::create(author, author.facility, AT_MS, create_body(members, 1)).expect("create")
+}
+
+/// The operation after `prev` in its document's chain, by `author` for its own facility.
+fn after(author: &Device, prev: &DocOp, body: DocOpBody) -> DocOp {
+    DocOp::sign(
+        author,
+        author.facility,
+        prev.doc,
+        AT_MS,
+        Some(prev.hash()),
+        body,
+    )
+    .expect("sign op")
+}
+
+fn rotate(epoch: u32) -> DocOpBody {
+    DocOpBody::NewEpoch {
+        epoch: Epoch(epoch),
+        key_commitment: key(epoch).commitment(),
+    }
+}
+
+fn set_member(facility: FacilityId, role: Option<Role>) -> DocOpBody {
+    DocOpBody::SetMember { facility, role }
+}
+
+fn op(op: DocOp) -> PushItem {
+    PushItem::Op { op }
+}
+
+fn grant(grant: KeyGrant) -> PushItem {
+    PushItem::Grant { grant }
+}
+
+fn sealed(envelope: Envelope) -> PushItem {
+    PushItem::Bundle { envelope }
+}
+
+/// A bundle of `text` by `author` claiming `facility`, sealed with the key of `epoch`.
+fn bundle_as(
     author: &DeviceSecrets,
     facility: FacilityId,
     doc: DocumentId,
     epoch: u32,
     text: &str,
 ) -> Envelope {
-    let key = DocumentKey::from_seed([epoch as u8 + 40; 32]);
     Envelope::seal(
         author,
         facility,
         doc,
         Epoch(epoch),
-        &key,
+        &key(epoch),
         &Payload::Changes {
             data: text.as_bytes().to_vec(),
         },
     )
     .expect("seal bundle")
+}
+
+/// A bundle of `text` by `author` for its own facility.
+fn bundle(author: &Device, doc: DocumentId, epoch: u32, text: &str) -> Envelope {
+    bundle_as(author, author.facility, doc, epoch, text)
+}
+
+fn recipient(d: &DeviceSecrets) -> (DeviceId, String) {
+    (d.device_id(), d.public().age_recipient)
 }
 
 fn code(r: &Response) -> Option<ErrorCode> {
@@ -209,35 +569,35 @@ fn targets(notes: &[Notification]) -> BTreeSet<DeviceId> {
 /// A referral between two clinics, with HQ as a reader, and a second device at the sending clinic.
 struct Referral {
     w: World,
-    a1: DeviceSecrets,
-    a2: DeviceSecrets,
-    b1: DeviceSecrets,
-    hq: DeviceSecrets,
-    fa: FacilityId,
-    fb: FacilityId,
-    fhq: FacilityId,
+    a1: Device,
+    a2: Device,
+    b1: Device,
+    hq: Device,
     doc: DocumentId,
+    create: DocOp,
 }
 
 fn referral() -> Referral {
     let mut w = World::new();
-    let (a1, a2, b1, hq) = (device(1), device(2), device(3), device(4));
-    let fa = w.enrol(&a1, "港診療所", FacilityRole::Clinic);
-    w.enrol_device(&a2, fa);
-    let fb = w.enrol(&b1, "柏崎総合病院", FacilityRole::Clinic);
-    let fhq = w.enrol(&hq, "災害対策本部", FacilityRole::Hq);
-    let doc = DocumentId::from_random_bytes([7; 16]);
-    let members = vec![
-        Member {
-            facility: fb,
-            role: Role::Writer,
-        },
-        Member {
-            facility: fhq,
-            role: Role::Reader,
-        },
-    ];
-    let (results, notes) = w.push(&a1, vec![create(&a1, fa, doc, members)]);
+    let a1 = w.enrol(1, "港診療所", FacilityRole::Clinic);
+    let a2 = w.enrol_device_of(2, &a1);
+    let b1 = w.enrol(3, "柏崎総合病院", FacilityRole::Clinic);
+    let hq = w.enrol(4, "災害対策本部", FacilityRole::Hq);
+    let create = create(
+        &a1,
+        vec![
+            Member {
+                facility: b1.facility,
+                role: Role::Writer,
+            },
+            Member {
+                facility: hq.facility,
+                role: Role::Reader,
+            },
+        ],
+    );
+    let doc = create.doc;
+    let (results, notes) = w.push(&a1, vec![op(create.clone())]);
     assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
     assert_eq!(
         targets(&notes),
@@ -249,10 +609,8 @@ fn referral() -> Referral {
         a2,
         b1,
         hq,
-        fa,
-        fb,
-        fhq,
         doc,
+        create,
     }
 }
 
@@ -260,16 +618,21 @@ fn referral() -> Referral {
 fn a_device_joins_once_with_a_valid_invite_and_gets_the_signed_directory() {
     let mut w = World::new();
     let a1 = device(1);
-    let secret = w.invite_facility("港診療所", FacilityRole::Clinic);
-    let relay = w.relay.secrets().device_id();
+    let invite = w.invite_facility("港診療所", FacilityRole::Clinic);
+    let relay = w.relay_id();
+    assert_eq!(
+        (invite.relay, invite.authority, invite.deployment),
+        (relay, w.authority_key(), w.deployment()),
+        "the code says where to go and whom to trust"
+    );
     let Response::Joined {
         facility,
         facility_name,
         role,
         directory,
         deployment,
-        pseudonym_secret,
-    } = w.join(&a1, secret)
+        sealed_pseudonym,
+    } = w.join(&a1, &invite)
     else {
         panic!("join refused")
     };
@@ -277,34 +640,40 @@ fn a_device_joins_once_with_a_valid_invite_and_gets_the_signed_directory() {
         (facility_name.as_str(), role),
         ("港診療所", FacilityRole::Clinic)
     );
+    assert_eq!(deployment, w.deployment());
     assert_eq!(
-        deployment,
-        w.relay.store().deployment().expect("deployment")
+        facility,
+        invite.facility(),
+        "the id derives from the invite"
     );
-    assert_eq!(pseudonym_secret.len(), 32);
-    assert_eq!(
-        pseudonym_secret,
-        w.relay.store().pseudonym_secret().expect("secret").to_vec(),
-        "every device of the deployment gets the same pseudonym secret"
-    );
-    let dir: Directory = directory
-        .verify(&relay)
-        .expect("directory signed by the relay");
+    let pseudonym = open_pseudonym(&a1, &sealed_pseudonym);
+    assert_eq!(pseudonym.len(), 32);
+
+    // The directory verifies against the authority the device pins, and names it with its age key.
+    let (dir, pins) = directory
+        .verify(&relay, deployment, &w.authority_key(), &Pins::default())
+        .expect("the directory verifies");
     assert_eq!(
         dir.device(&a1.device_id())
             .map(|(f, d)| (f.id, d.age_recipient.clone())),
         Some((facility, a1.public().age_recipient))
     );
+    let entry = dir.facility(facility).expect("listed");
+    assert_eq!(
+        (entry.name.as_str(), entry.role, entry.root, &entry.trust),
+        (
+            "港診療所",
+            FacilityRole::Clinic,
+            a1.device_id(),
+            &Trust::Verified
+        )
+    );
+    assert!(dir.is_current(&a1.device_id()));
+    assert_eq!(pins.roots.get(&facility), Some(&a1.device_id()));
 
     // The same device asking again (its answer was lost) gets the same answer; anyone else is refused.
-    assert!(matches!(w.join(&a1, secret), Response::Joined { facility: f, .. } if f == facility));
-    let (r, _) = w.ask(
-        &device(9),
-        Request::Join {
-            secret: secret.to_vec(),
-            device: device(9).public(),
-        },
-    );
+    assert!(matches!(w.join(&a1, &invite), Response::Joined { facility: f, .. } if f == facility));
+    let r = w.join(&device(9), &invite);
     assert!(
         matches!(&r, Response::Error { code: ErrorCode::InviteInvalid, message } if message.contains("already used")),
         "{r:?}"
@@ -312,53 +681,110 @@ fn a_device_joins_once_with_a_valid_invite_and_gets_the_signed_directory() {
 
     // An enrolled device does not spend another invite.
     let other = w.invite_facility("本部", FacilityRole::Hq);
-    assert_eq!(code(&w.join(&a1, other)), Some(ErrorCode::Conflict));
-    assert!(
-        matches!(w.join(&device(5), other), Response::Joined { .. }),
-        "the invite is still unused"
+    assert_eq!(code(&w.join(&a1, &other)), Some(ErrorCode::Conflict));
+    let Response::Joined {
+        sealed_pseudonym, ..
+    } = w.join(&device(5), &other)
+    else {
+        panic!("the invite is still unused")
+    };
+    assert_eq!(
+        open_pseudonym(&device(5), &sealed_pseudonym),
+        pseudonym,
+        "every device of the deployment gets the same pseudonym secret, sealed by the authority"
     );
 
-    // Unknown secrets and a device id that is not the connection's are refused.
-    assert_eq!(
-        code(&w.join(&device(6), [0xee; 32])),
-        Some(ErrorCode::InviteInvalid)
-    );
-    let fresh = w.invite(InviteKind::Device { facility }, Duration::from_secs(60));
-    let (r, _) = w.ask(
-        &device(6),
-        Request::Join {
-            secret: fresh.to_vec(),
-            device: device(7).public(),
-        },
-    );
-    assert_eq!(code(&r), Some(ErrorCode::BadSignature));
-    let mut bad = device(6).public();
-    bad.age_recipient = "age1nonsense".into();
-    let (r, _) = w.ask(
-        &device(6),
-        Request::Join {
-            secret: fresh.to_vec(),
-            device: bad,
-        },
-    );
-    assert_eq!(code(&r), Some(ErrorCode::Malformed));
+    // A secret nobody issued is refused.
+    let mut unknown = invite.clone();
+    unknown.secret = vec![0xee; 32];
+    let r = w.join(&device(6), &unknown);
     assert!(
-        matches!(w.join(&device(6), fresh), Response::Joined { facility: f, .. } if f == facility)
+        matches!(&r, Response::Error { code: ErrorCode::InviteInvalid, message } if message.contains("not known")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_join_request_is_the_connected_devices_own_and_an_invite_serves_once() {
+    let mut w = World::new();
+    let a1 = w.enrol(1, "港診療所", FacilityRole::Clinic);
+    let invite = w.device_invite(&a1);
+    let (six, seven) = (device(6), device(7));
+
+    // Device 7's genuine request, replayed over device 6's connection.
+    let request = JoinRequest::make(&invite, &seven, "受付2", w.now_ms());
+    let r = w.ask(&six, Request::Join { request: Box::new(request) }).0;
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::BadSignature, message } if message.contains("connection")),
+        "{r:?}"
+    );
+
+    // A request changed after it was signed.
+    let mut renamed = JoinRequest::make(&invite, &six, "受付2", w.now_ms());
+    renamed.name = "院長室".into();
+    let r = w.ask(&six, Request::Join { request: Box::new(renamed) }).0;
+    assert_eq!(code(&r), Some(ErrorCode::BadSignature));
+
+    // A request signed properly but naming an age key that is not one.
+    let mut broken = JoinRequest::make(&invite, &six, "受付2", w.now_ms());
+    broken.device.age_recipient = "age1nonsense".into();
+    resign(&mut broken, &invite.secret(), &six);
+    let r = w.ask(&six, Request::Join { request: Box::new(broken) }).0;
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::BadSignature, message } if message.contains("age recipient")),
+        "{r:?}"
+    );
+
+    // None of these spent or blocked the invite: device 6's own request waits for its facility.
+    assert_eq!(
+        w.join(&six, &invite),
+        Response::JoinPending {
+            expires_at_ms: invite.expires_at_ms
+        }
+    );
+    // While it waits, nobody else may use the invite.
+    let r = w.join(&seven, &invite);
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::InviteInvalid, message } if message.contains("another device")),
+        "{r:?}"
+    );
+    assert_eq!(
+        w.approve(&a1, &invite, &six),
+        PushResult::Accepted { seq: None }
+    );
+    assert!(
+        matches!(w.join(&six, &invite), Response::Joined { facility, .. } if facility == a1.facility)
+    );
+
+    // A used invite is refused to anyone else.
+    let r = w.join(&seven, &invite);
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::InviteInvalid, message } if message.contains("already used")),
+        "{r:?}"
+    );
+    assert_eq!(
+        code(&w.ask(&seven, Request::ListDocuments).0),
+        Some(ErrorCode::NotEnrolled)
     );
 }
 
 #[test]
 fn an_expired_invite_says_when_it_expired() {
     let mut w = World::new();
-    let secret = w.invite(
-        InviteKind::NewFacility {
-            name: "港診療所".into(),
-            role: FacilityRole::Clinic,
-        },
-        Duration::from_secs(3600),
-    );
+    let secret = w.fresh_secret();
+    let invite = w
+        .relay
+        .store_mut()
+        .issue_facility_invite(
+            secret,
+            "港診療所",
+            FacilityRole::Clinic,
+            t0(),
+            Duration::from_secs(3600),
+        )
+        .expect("invite");
     w.now = t0() + Duration::from_secs(2 * 3600);
-    let r = w.join(&device(1), secret);
+    let r = w.join(&device(1), &invite);
     assert!(
         matches!(&r, Response::Error { code: ErrorCode::InviteInvalid, message } if message.contains("expired at 2027-01-15T09:00:00Z")),
         "{r:?}"
@@ -366,68 +792,404 @@ fn an_expired_invite_says_when_it_expired() {
 }
 
 #[test]
+fn a_new_facility_waits_for_the_authority_when_it_is_not_beside_the_relay() {
+    let mut w = World::without_authority();
+    let a1 = device(1);
+    let invite = w.invite_facility("港診療所", FacilityRole::Clinic);
+
+    // The relay cannot certify anyone: the device waits, however often it asks, and may do nothing else.
+    for _ in 0..2 {
+        assert_eq!(
+            w.join(&a1, &invite),
+            Response::JoinPending {
+                expires_at_ms: invite.expires_at_ms
+            }
+        );
+    }
+    assert_eq!(
+        code(&w.ask(&a1, Request::ListDocuments).0),
+        Some(ErrorCode::NotEnrolled)
+    );
+
+    // Someone who learnt the invite's id but not its secret asks too: the relay cannot tell, the authority can.
+    let other = w.invite_facility("本部", FacilityRole::Hq);
+    let thief = device(9);
+    let mut guess = other.clone();
+    guess.secret = vec![0xee; 32];
+    let mut forged = JoinRequest::make(&guess, &thief, "本部PC", w.now_ms());
+    forged.invite = other.id();
+    resign(&mut forged, &guess.secret(), &thief);
+    let r = w
+        .ask(
+            &thief,
+            Request::Join {
+                request: Box::new(forged.clone()),
+            },
+        )
+        .0;
+    assert!(matches!(r, Response::JoinPending { .. }), "{r:?}");
+
+    // `musubi-node approve`: the authority, unlocked off the relay, checks each waiting request.
+    let authority = unlock(&w.tmp.path().join("authority"));
+    let pending = w.relay.store().pending_facility_joins().expect("pending");
+    assert_eq!(pending.len(), 2);
+    let mut approved = 0;
+    for p in &pending {
+        let kept = authority
+            .invite(p.request.invite)
+            .expect("read")
+            .expect("the authority issued it");
+        match authority.approve(&p.request, &kept, w.now_ms()) {
+            Ok(approval) => {
+                assert_eq!(p.request.device.device, a1.device_id());
+                assert_eq!(p.name.as_deref(), Some("港診療所"));
+                assert_eq!(approval.cert.root, a1.device_id());
+                assert_eq!(approval.cert.facility, invite.facility());
+                approval
+                    .cert
+                    .verify(&w.authority_key(), w.deployment())
+                    .expect("the certificate verifies");
+                w.relay
+                    .store_mut()
+                    .store_approval(&p.request, &approval, w.now)
+                    .expect("store the approval");
+                authority.mark_used(p.request.invite).expect("mark used");
+                approved += 1;
+            }
+            Err(e) => {
+                assert_eq!(p.request.device.device, thief.device_id());
+                assert!(e.to_string().contains("secret"), "{e}");
+            }
+        }
+    }
+    assert_eq!(approved, 1);
+    assert_eq!(
+        w.relay
+            .store()
+            .pending_facility_joins()
+            .expect("pending")
+            .len(),
+        1,
+        "only the thief's request still waits"
+    );
+
+    let Response::Joined {
+        facility,
+        sealed_pseudonym,
+        ..
+    } = w.join(&a1, &invite)
+    else {
+        panic!("joined after approval")
+    };
+    assert_eq!(facility, invite.facility());
+    assert_eq!(open_pseudonym(&a1, &sealed_pseudonym).len(), 32);
+    assert!(w.directory(&a1).is_current(&a1.device_id()));
+    assert!(matches!(
+        w.ask(&thief, Request::Join { request: Box::new(forged) }).0,
+        Response::JoinPending { .. }
+    ));
+    assert_eq!(
+        code(&w.ask(&thief, Request::ListDocuments).0),
+        Some(ErrorCode::NotEnrolled)
+    );
+}
+
+#[test]
+fn another_device_of_a_facility_joins_only_when_a_current_device_of_it_approves() {
+    let mut w = World::new();
+    let a1 = w.enrol(1, "港診療所", FacilityRole::Clinic);
+    let b1 = w.enrol(3, "柏崎総合病院", FacilityRole::Clinic);
+    let hour = w.now_ms() + 3_600_000;
+
+    // A device registers invites for its own facility only, signed, and for a bounded time.
+    let id = InviteId::of_secret(&[0x77; 32]);
+    let foreign = InviteRegistration::sign(&b1, id, a1.facility, hour);
+    assert_eq!(
+        rejected(&w.push_one(
+            &b1,
+            PushItem::Invite {
+                registration: foreign
+            }
+        )),
+        Some(ErrorCode::Forbidden)
+    );
+    let mut tampered = InviteRegistration::sign(&a1, id, a1.facility, hour);
+    tampered.expires_at_ms += 1;
+    assert_eq!(
+        rejected(&w.push_one(
+            &a1,
+            PushItem::Invite {
+                registration: tampered
+            }
+        )),
+        Some(ErrorCode::BadSignature)
+    );
+    for expires in [w.now_ms(), w.now_ms() + 31 * 86_400_000] {
+        let reg = InviteRegistration::sign(&a1, id, a1.facility, expires);
+        assert_eq!(
+            rejected(&w.push_one(&a1, PushItem::Invite { registration: reg })),
+            Some(ErrorCode::InviteInvalid)
+        );
+    }
+
+    // A third laptop joined once, then was lost: the facility revoked it in its own chain.
+    let a3 = w.enrol_device_of(5, &a1);
+    assert_eq!(
+        w.revoke_by_chain(&a1, &a3),
+        PushResult::Accepted { seq: None }
+    );
+
+    // The reception desk's second laptop asks to join: its facility's current devices are told.
+    let invite = w.device_invite(&a1);
+    let a2 = device(2);
+    let request = JoinRequest::make(&invite, &a2, "受付2", w.now_ms());
+    let (r, notes) = w.ask(&a2, Request::Join { request: Box::new(request) });
+    assert_eq!(
+        r,
+        Response::JoinPending {
+            expires_at_ms: invite.expires_at_ms
+        }
+    );
+    assert_eq!(targets(&notes), BTreeSet::from([a1.device_id()]));
+    assert!(notes.iter().all(|n| n.request == Request::NotifyJoin));
+
+    // The relay does not approve it itself: asking again still waits, and it may do nothing else.
+    assert!(matches!(w.join(&a2, &invite), Response::JoinPending { .. }));
+    assert_eq!(
+        code(&w.ask(&a2, Request::ListDocuments).0),
+        Some(ErrorCode::NotEnrolled)
+    );
+
+    // Only its facility sees the request.
+    assert_eq!(
+        w.ask(&b1, Request::GetJoinRequests).0,
+        Response::JoinRequests { requests: vec![] }
+    );
+    let request = w.waiting_request(&a1, &invite, &a2);
+    let chain = w.chain(&a1, a1.facility);
+    let last = chain.last().expect("a chain").clone();
+    let add_a2 = DeviceChange::Add {
+        device: a2.device_id(),
+        age_recipient: a2.public().age_recipient,
+    };
+
+    // A device of another facility signs the link: refused, pushed by itself or forwarded.
+    let by_b = PushItem::Approve {
+        link: DeviceLink::sign(&b1, a1.facility, Some(&last), add_a2.clone(), w.now_ms()),
+        sealed_pseudonym: vec![],
+    };
+    assert_eq!(
+        rejected(&w.push_one(&b1, by_b.clone())),
+        Some(ErrorCode::Forbidden)
+    );
+    assert_eq!(rejected(&w.push_one(&a1, by_b)), Some(ErrorCode::Forbidden));
+    // Nor can b1 add it to its own facility: nobody asked to join there.
+    let b_chain = w.chain(&b1, b1.facility);
+    let to_b = PushItem::Approve {
+        link: DeviceLink::sign(&b1, b1.facility, b_chain.last(), add_a2.clone(), w.now_ms()),
+        sealed_pseudonym: vec![],
+    };
+    let r = w.push_one(&b1, to_b);
+    assert!(
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains("waiting")),
+        "{r:?}"
+    );
+
+    // The revoked laptop signs the link: it is refused at the door, and its link when forwarded.
+    let by_revoked = PushItem::Approve {
+        link: DeviceLink::sign(&a3, a1.facility, Some(&last), add_a2.clone(), w.now_ms()),
+        sealed_pseudonym: vec![],
+    };
+    let (r, _) = w.ask(
+        &a3,
+        Request::Push {
+            items: vec![by_revoked.clone()],
+        },
+    );
+    assert_eq!(code(&r), Some(ErrorCode::Revoked));
+    assert_eq!(
+        rejected(&w.push_one(&a1, by_revoked)),
+        Some(ErrorCode::Forbidden)
+    );
+
+    // Links that do not extend the chain: made against an older head, or after another link.
+    let old = PushItem::Approve {
+        link: DeviceLink::sign(
+            &a1,
+            a1.facility,
+            Some(&chain[0]),
+            add_a2.clone(),
+            w.now_ms(),
+        ),
+        sealed_pseudonym: vec![],
+    };
+    assert_eq!(rejected(&w.push_one(&a1, old)), Some(ErrorCode::Stale));
+    let mut forked = DeviceLink::sign(&a1, a1.facility, Some(&last), add_a2.clone(), w.now_ms());
+    forked.prev = Some([0; 32]);
+    forked.signature = a1.sign(crypto::domain::DEVICE_LINK, &forked.signed_bytes());
+    let r = w.push_one(
+        &a1,
+        PushItem::Approve {
+            link: forked,
+            sealed_pseudonym: vec![],
+        },
+    );
+    assert!(
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains("does not follow")),
+        "{r:?}"
+    );
+    // A link adding a device that never asked.
+    let uninvited = DeviceChange::Add {
+        device: device(8).device_id(),
+        age_recipient: device(8).public().age_recipient,
+    };
+    let r = w.push_one(
+        &a1,
+        PushItem::Approve {
+            link: DeviceLink::sign(&a1, a1.facility, Some(&last), uninvited, w.now_ms()),
+            sealed_pseudonym: vec![],
+        },
+    );
+    assert!(
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains("waiting")),
+        "{r:?}"
+    );
+    assert!(matches!(w.join(&a2, &invite), Response::JoinPending { .. }));
+
+    // A current device of the facility approves: the laptop is enrolled, and the same approval again changes nothing.
+    let item = approval(&a1, &last, &request.device, w.now_ms());
+    assert_eq!(
+        w.push_one(&a1, item.clone()),
+        PushResult::Accepted { seq: None }
+    );
+    assert_eq!(w.push_one(&a1, item), PushResult::Duplicate { seq: None });
+    let Response::Joined {
+        facility,
+        facility_name,
+        role,
+        sealed_pseudonym,
+        directory,
+        ..
+    } = w.join(&a2, &invite)
+    else {
+        panic!("joined")
+    };
+    assert_eq!(
+        (facility, facility_name.as_str(), role),
+        (a1.facility, "港診療所", FacilityRole::Clinic)
+    );
+    assert_eq!(open_pseudonym(&a2, &sealed_pseudonym), a1.pseudonym);
+    let (dir, _) = directory
+        .verify(
+            &w.relay_id(),
+            w.deployment(),
+            &w.authority_key(),
+            &Pins::default(),
+        )
+        .expect("verifies");
+    assert_eq!(
+        dir.device_status(&a2.device_id()),
+        DeviceStatus::Current(a1.facility)
+    );
+    assert_eq!(
+        dir.device_status(&a3.device_id()),
+        DeviceStatus::Former(a1.facility)
+    );
+    assert_eq!(
+        dir.facility(a1.facility)
+            .expect("listed")
+            .current_devices()
+            .map(|d| d.device)
+            .collect::<Vec<_>>(),
+        vec![a1.device_id(), a2.device_id()]
+    );
+    assert_eq!(
+        w.ask(&a1, Request::GetJoinRequests).0,
+        Response::JoinRequests { requests: vec![] }
+    );
+    assert!(matches!(
+        w.ask(&a2, Request::ListDocuments).0,
+        Response::Documents { .. }
+    ));
+}
+
+#[test]
 fn an_unenrolled_peer_may_only_join() {
     let mut w = World::new();
     let stranger = device(9);
+    let doc = DocumentId::from_random_bytes([1; 16]);
     for request in [
         Request::ListDocuments,
         Request::GetDirectory { known_version: 0 },
-        Request::Pull {
-            doc: DocumentId::from_random_bytes([1; 16]),
-            after: Seq(0),
-        },
+        Request::GetJoinRequests,
+        Request::GetOps { doc, from: 0 },
+        Request::GetKeyGrants { doc },
+        Request::Pull { doc, after: Seq(0) },
         Request::Push { items: vec![] },
+        Request::Offer {
+            doc,
+            directory_version: 0,
+            have: vec![],
+            ops: vec![],
+            grants: vec![],
+        },
     ] {
         assert_eq!(
             code(&w.ask(&stranger, request).0),
             Some(ErrorCode::NotEnrolled)
         );
     }
-    let a1 = device(1);
-    w.enrol(&a1, "港診療所", FacilityRole::Clinic);
-    let notify = Request::Notify {
-        doc: DocumentId::from_random_bytes([1; 16]),
-        head: Seq(1),
-        epoch: Epoch(0),
-    };
-    assert_eq!(code(&w.ask(&a1, notify).0), Some(ErrorCode::Forbidden));
+    let a1 = w.enrol(1, "港診療所", FacilityRole::Clinic);
+    for request in [
+        Request::Notify {
+            doc,
+            head: Seq(1),
+            epoch: Epoch(0),
+        },
+        Request::NotifyJoin,
+        Request::Deliver { doc, items: vec![] },
+    ] {
+        assert_eq!(code(&w.ask(&a1, request).0), Some(ErrorCode::Forbidden));
+    }
 }
 
 #[test]
 fn the_directory_is_sent_only_when_the_caller_lacks_this_version() {
     let mut w = World::new();
-    let a1 = device(1);
-    w.enrol(&a1, "港診療所", FacilityRole::Clinic);
-    let Response::Directory {
-        directory: Some(signed),
-    } = w.ask(&a1, Request::GetDirectory { known_version: 0 }).0
-    else {
-        panic!("expected a directory")
+    let a1 = w.enrol(1, "港診療所", FacilityRole::Clinic);
+    let dir = w.directory(&a1);
+    let lacks = |w: &mut World, version: u64| -> bool {
+        match w
+            .ask(
+                &a1,
+                Request::GetDirectory {
+                    known_version: version,
+                },
+            )
+            .0
+        {
+            Response::Directory { directory } => directory.is_some(),
+            other => panic!("directory: {other:?}"),
+        }
     };
-    let dir = signed
-        .verify(&w.relay.secrets().device_id())
-        .expect("verify");
-    assert_eq!(
-        w.ask(
-            &a1,
-            Request::GetDirectory {
-                known_version: dir.version
-            }
-        )
-        .0,
-        Response::Directory { directory: None }
+    assert!(!lacks(&mut w, dir.version));
+    assert!(
+        lacks(&mut w, dir.version + 1),
+        "any other version gets the current one"
     );
-    w.enrol(&device(2), "本部", FacilityRole::Hq);
-    assert!(matches!(
-        w.ask(
-            &a1,
-            Request::GetDirectory {
-                known_version: dir.version
-            }
-        )
-        .0,
-        Response::Directory { directory: Some(_) }
-    ));
+
+    // A new facility, a new device and a revocation each make a new version.
+    w.enrol(2, "本部", FacilityRole::Hq);
+    assert!(lacks(&mut w, dir.version));
+    let v1 = w.directory(&a1).version;
+    let a2 = w.enrol_device_of(3, &a1);
+    assert!(lacks(&mut w, v1));
+    let v2 = w.directory(&a1).version;
+    assert_eq!(
+        w.revoke_by_chain(&a1, &a2),
+        PushResult::Accepted { seq: None }
+    );
+    assert!(lacks(&mut w, v2));
 }
 
 #[test]
@@ -438,18 +1200,11 @@ fn bundles_get_sequence_numbers_duplicates_keep_theirs_and_members_are_notified(
         a2,
         b1,
         hq,
-        fa,
-        fb,
         doc,
-        ..
+        create,
     } = referral();
-    let e1 = bundle(&a1, fa, doc, 0, "紹介目的: 精査依頼");
-    let (results, notes) = w.push(
-        &a1,
-        vec![PushItem::Bundle {
-            envelope: e1.clone(),
-        }],
-    );
+    let e1 = bundle(&a1, doc, 0, "紹介目的: 精査依頼");
+    let (results, notes) = w.push(&a1, vec![sealed(e1.clone())]);
     assert_eq!(results, vec![PushResult::Accepted { seq: Some(Seq(1)) }]);
     assert_eq!(
         targets(&notes),
@@ -464,20 +1219,15 @@ fn bundles_get_sequence_numbers_duplicates_keep_theirs_and_members_are_notified(
 
     // Pushing it again, even by another member (a LAN peer forwarding it), is harmless.
     assert_eq!(
-        w.push_one(
-            &b1,
-            PushItem::Bundle {
-                envelope: e1.clone()
-            }
-        ),
+        w.push_one(&b1, sealed(e1)),
         PushResult::Duplicate { seq: Some(Seq(1)) }
     );
-    let e2 = bundle(&b1, fb, doc, 0, "返書");
     assert_eq!(
-        w.push_one(&b1, PushItem::Bundle { envelope: e2 }),
+        w.push_one(&b1, sealed(bundle(&b1, doc, 0, "返書"))),
         PushResult::Accepted { seq: Some(Seq(2)) }
     );
 
+    // The list gives hints of what to fetch, never a member list.
     let Response::Documents { docs } = w.ask(&hq, Request::ListDocuments).0 else {
         panic!("documents")
     };
@@ -485,16 +1235,54 @@ fn bundles_get_sequence_numbers_duplicates_keep_theirs_and_members_are_notified(
     assert_eq!(
         (
             docs[0].id,
+            docs[0].kind,
             docs[0].head,
             docs[0].epoch,
-            docs[0].members.len()
+            docs[0].ops,
+            docs[0].ops_head
         ),
-        (doc, Seq(2), Epoch(0), 3)
+        (
+            doc,
+            DocumentKind::Referral,
+            Seq(2),
+            Epoch(0),
+            1,
+            Some(create.hash())
+        )
     );
-    assert!(docs[0].members.contains(&Member {
-        facility: fa,
-        role: Role::Owner
-    }));
+
+    // Each member replays the signed operations itself to learn who the members are.
+    let Response::Ops { ops, total, .. } = w.ask(&hq, Request::GetOps { doc, from: 0 }).0 else {
+        panic!("ops")
+    };
+    assert_eq!((ops.clone(), total), (vec![create.clone()], 1));
+    let dir = w.directory(&hq);
+    let replay = membership::replay(&ops, &dir, Point::Pulled);
+    assert_eq!(
+        replay.view.expect("the chain replays").members,
+        vec![
+            Member {
+                facility: a1.facility,
+                role: Role::Owner
+            },
+            Member {
+                facility: b1.facility,
+                role: Role::Writer
+            },
+            Member {
+                facility: hq.facility,
+                role: Role::Reader
+            },
+        ]
+    );
+    assert_eq!(
+        w.ask(&hq, Request::GetOps { doc, from: 1 }).0,
+        Response::Ops {
+            doc,
+            ops: vec![],
+            total: 1
+        }
+    );
 }
 
 #[test]
@@ -504,83 +1292,65 @@ fn hostile_pushes_are_refused_with_the_right_code_and_the_relay_keeps_answering(
         a1,
         b1,
         hq,
-        fa,
-        fb,
-        fhq,
         doc,
+        create,
         ..
     } = referral();
 
     // A tampered ciphertext.
-    let mut forged = bundle(&a1, fa, doc, 0, "処方");
+    let mut forged = bundle(&a1, doc, 0, "処方");
     forged.ciphertext[30] ^= 1;
     assert_eq!(
-        rejected(&w.push_one(&a1, PushItem::Bundle { envelope: forged })),
+        rejected(&w.push_one(&a1, sealed(forged))),
         Some(ErrorCode::BadSignature)
     );
 
     // A reader facility writing.
-    let r = w.push_one(
-        &hq,
-        PushItem::Bundle {
-            envelope: bundle(&hq, fhq, doc, 0, "x"),
-        },
-    );
+    let r = w.push_one(&hq, sealed(bundle(&hq, doc, 0, "x")));
     assert!(
         matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains("is a reader")),
         "{r:?}"
     );
 
     // A bundle claiming to come from a facility its author does not belong to.
-    let r = w.push_one(
-        &b1,
-        PushItem::Bundle {
-            envelope: bundle(&b1, fa, doc, 0, "x"),
-        },
-    );
+    let r = w.push_one(&b1, sealed(bundle_as(&b1, a1.facility, doc, 0, "x")));
     assert_eq!(rejected(&r), Some(ErrorCode::Forbidden));
 
     // A document nobody created; a facility that is not a member.
     let ghost = DocumentId::from_random_bytes([9; 16]);
     assert_eq!(
-        rejected(&w.push_one(
-            &a1,
-            PushItem::Bundle {
-                envelope: bundle(&a1, fa, ghost, 0, "x")
-            }
-        )),
+        rejected(&w.push_one(&a1, sealed(bundle(&a1, ghost, 0, "x")))),
         Some(ErrorCode::UnknownDocument)
     );
-    let c1 = device(8);
-    let fc = w.enrol(&c1, "ケアプランセンター", FacilityRole::CareOffice);
+    let c1 = w.enrol(8, "ケアプランセンター", FacilityRole::CareOffice);
     assert_eq!(
-        rejected(&w.push_one(
-            &c1,
-            PushItem::Bundle {
-                envelope: bundle(&c1, fc, doc, 0, "x")
-            }
-        )),
+        rejected(&w.push_one(&c1, sealed(bundle(&c1, doc, 0, "x")))),
         Some(ErrorCode::NotMember)
     );
 
     // A tampered operation; an operation naming a facility its signer does not belong to.
-    let add_c = DocOpBody::SetMember {
-        facility: fc,
-        role: Some(Role::Reader),
-    };
-    let mut forged = DocOp::sign(&a1, fa, doc, 1, add_c.clone()).expect("sign");
-    forged.body = DocOpBody::SetMember {
-        facility: fc,
-        role: Some(Role::Owner),
-    };
+    let add_c = set_member(c1.facility, Some(Role::Reader));
+    let mut forged = after(&a1, &create, add_c.clone());
+    forged.body = set_member(c1.facility, Some(Role::Owner));
     assert_eq!(
-        rejected(&w.push_one(&a1, PushItem::Op { op: forged })),
+        rejected(&w.push_one(&a1, op(forged))),
         Some(ErrorCode::BadSignature)
     );
-    let r = w.push_one(&b1, op(&b1, fa, doc, add_c.clone()));
-    assert_eq!(rejected(&r), Some(ErrorCode::Forbidden));
+    let as_a = DocOp::sign(
+        &b1,
+        a1.facility,
+        doc,
+        AT_MS,
+        Some(create.hash()),
+        add_c.clone(),
+    )
+    .expect("sign");
+    assert_eq!(
+        rejected(&w.push_one(&b1, op(as_a))),
+        Some(ErrorCode::Forbidden)
+    );
     // A genuine operation of the owner, forwarded by another member (a LAN peer), is accepted once.
-    let forwarded = op(&a1, fa, doc, add_c);
+    let forwarded = op(after(&a1, &create, add_c));
     assert_eq!(
         w.push_one(&b1, forwarded.clone()),
         PushResult::Accepted { seq: None }
@@ -590,35 +1360,51 @@ fn hostile_pushes_are_refused_with_the_right_code_and_the_relay_keeps_answering(
         PushResult::Duplicate { seq: None }
     );
 
+    // An invite registration or approval in an offline file is not a document item.
+    let (results, _) = w
+        .relay
+        .import(
+            vec![PushItem::Invite {
+                registration: InviteRegistration::sign(
+                    &a1,
+                    InviteId::of_secret(&[0x66; 32]),
+                    a1.facility,
+                    w.now_ms() + 1000,
+                ),
+            }],
+            w.now,
+        )
+        .expect("import");
+    assert_eq!(rejected(&results[0]), Some(ErrorCode::Forbidden));
+
     // Too many items; a malformed frame; a frame of another protocol version.
-    let items = vec![
-        PushItem::Bundle {
-            envelope: bundle(&a1, fa, doc, 0, "x")
-        };
-        PUSH_ITEMS_MAX + 1
-    ];
+    let items = vec![sealed(bundle(&a1, doc, 0, "x")); PUSH_ITEMS_MAX + 1];
     assert_eq!(
         code(&w.ask(&a1, Request::Push { items }).0),
         Some(ErrorCode::TooLarge)
     );
     assert_eq!(
-        code(&w.raw(a1.device_id(), b"\xa2\x61v\x01\x64body\xff").0),
+        code(&w.raw(a1.device_id(), b"\xa2\x61v\x02\x64body\xff").0),
         Some(ErrorCode::Malformed)
     );
     assert_eq!(
         code(&w.raw(a1.device_id(), &[0xff; 64]).0),
         Some(ErrorCode::Malformed)
     );
+    let mut v1 = protocol::encode_request(&Request::ListDocuments);
+    assert_eq!(v1[..4], [0xa2, 0x61, b'v', 0x02], "{{v: 2, body: ...}}");
+    v1[3] = 0x01;
+    assert_eq!(
+        code(&w.raw(a1.device_id(), &v1).0),
+        Some(ErrorCode::UnsupportedVersion)
+    );
 
     // Items in one push are judged one by one; the good one is stored.
-    let good = bundle(&b1, fb, doc, 0, "ok");
     let (results, _) = w.push(
         &b1,
         vec![
-            PushItem::Bundle {
-                envelope: bundle(&b1, fa, doc, 0, "bad"),
-            },
-            PushItem::Bundle { envelope: good },
+            sealed(bundle_as(&b1, a1.facility, doc, 0, "bad")),
+            sealed(bundle(&b1, doc, 0, "ok")),
         ],
     );
     assert_eq!(rejected(&results[0]), Some(ErrorCode::Forbidden));
@@ -630,25 +1416,277 @@ fn hostile_pushes_are_refused_with_the_right_code_and_the_relay_keeps_answering(
 }
 
 #[test]
-fn pull_returns_bundles_after_a_sequence_number_to_members_only() {
+fn a_non_member_cannot_add_itself_rotate_or_take_over_a_document() {
     let Referral {
         mut w,
         a1,
         b1,
-        fa,
+        hq,
+        doc,
+        create,
+        ..
+    } = referral();
+    let c1 = w.enrol(8, "ケアプランセンター", FacilityRole::CareOffice);
+
+    // Even knowing the chain's head, an enrolled outsider cannot make itself a member ...
+    let add_self = after(&c1, &create, set_member(c1.facility, Some(Role::Owner)));
+    assert_eq!(
+        rejected(&w.push_one(&c1, op(add_self.clone()))),
+        Some(ErrorCode::NotMember)
+    );
+    assert_eq!(
+        rejected(&w.push_one(&a1, op(add_self))),
+        Some(ErrorCode::NotMember),
+        "forwarding does not help"
+    );
+    // ... nor start a new epoch with a key it chose ...
+    let r = w.push_one(&c1, op(after(&c1, &create, rotate(1))));
+    assert_eq!(rejected(&r), Some(ErrorCode::Forbidden));
+    // ... nor sign as the owner's facility.
+    let as_owner = DocOp::sign(
+        &c1,
+        a1.facility,
+        doc,
+        AT_MS,
+        Some(create.hash()),
+        set_member(c1.facility, Some(Role::Owner)),
+    )
+    .expect("sign");
+    assert_eq!(
+        rejected(&w.push_one(&c1, op(as_owner))),
+        Some(ErrorCode::Forbidden)
+    );
+    // A reader member may neither share nor rotate.
+    assert_eq!(
+        rejected(&w.push_one(
+            &hq,
+            op(after(
+                &hq,
+                &create,
+                set_member(c1.facility, Some(Role::Reader))
+            ))
+        )),
+        Some(ErrorCode::Forbidden)
+    );
+
+    // A Create that takes the document's id: refused as existing here ...
+    let takeover =
+        DocOp::sign(&c1, c1.facility, doc, AT_MS, None, create_body(vec![], 1)).expect("sign");
+    assert_eq!(
+        rejected(&w.push_one(&c1, op(takeover))),
+        Some(ErrorCode::Conflict)
+    );
+    // ... and a Create whose id its body does not derive, for a document not yet known.
+    let squat = DocOp::sign(
+        &c1,
+        c1.facility,
+        DocumentId::from_random_bytes([0x33; 16]),
+        AT_MS,
+        None,
+        create_body(vec![], 1),
+    )
+    .expect("sign");
+    assert_eq!(
+        rejected(&w.push_one(&c1, op(squat))),
+        Some(ErrorCode::Malformed)
+    );
+
+    // Nothing changed: c1 reads nothing, and the members replay the same single operation.
+    for request in [
+        Request::Pull { doc, after: Seq(0) },
+        Request::GetKeyGrants { doc },
+        Request::GetOps { doc, from: 0 },
+    ] {
+        assert_eq!(code(&w.ask(&c1, request).0), Some(ErrorCode::NotMember));
+    }
+    let Response::Documents { docs } = w.ask(&c1, Request::ListDocuments).0 else {
+        panic!("documents")
+    };
+    assert!(docs.is_empty());
+    let Response::Ops { ops, total, .. } = w.ask(&b1, Request::GetOps { doc, from: 0 }).0 else {
+        panic!("ops")
+    };
+    assert_eq!((ops, total), (vec![create], 1));
+}
+
+#[test]
+fn key_grants_come_from_member_devices_and_go_to_member_devices_only() {
+    let Referral {
+        mut w,
+        a1,
+        a2,
+        b1,
+        hq,
         doc,
         ..
     } = referral();
-    let sent: Vec<Envelope> = (0..5)
-        .map(|i| bundle(&a1, fa, doc, 0, &format!("支援経過 {i}")))
-        .collect();
-    let (results, _) = w.push(
-        &a1,
-        sent.iter()
-            .cloned()
-            .map(|envelope| PushItem::Bundle { envelope })
-            .collect(),
+    let c1 = w.enrol(8, "ケアプランセンター", FacilityRole::CareOffice);
+    let members: Vec<(DeviceId, String)> =
+        [&a1, &a2, &b1, &hq].iter().map(|d| recipient(d)).collect();
+
+    // An outsider plants a key of its own for the members: refused, pushed or forwarded.
+    let planted = KeyGrant::seal(
+        &c1,
+        c1.facility,
+        doc,
+        Epoch(0),
+        &DocumentKey::from_seed([99; 32]),
+        &members,
+    )
+    .expect("grant");
+    assert_eq!(
+        rejected(&w.push_one(&c1, grant(planted.clone()))),
+        Some(ErrorCode::NotMember)
     );
+    assert_eq!(
+        rejected(&w.push_one(&a1, grant(planted))),
+        Some(ErrorCode::NotMember)
+    );
+    // ... or signs it as a member facility.
+    let as_member =
+        KeyGrant::seal(&c1, a1.facility, doc, Epoch(0), &key(0), &members).expect("grant");
+    assert_eq!(
+        rejected(&w.push_one(&a1, grant(as_member))),
+        Some(ErrorCode::Forbidden)
+    );
+
+    // A member seals the key to a device of a non-member facility, or to a device nobody enrolled.
+    for outsider in [c1.secrets.clone(), device(9)] {
+        let mut to = members.clone();
+        to.push(recipient(&outsider));
+        let leak = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &to).expect("grant");
+        let r = w.push_one(&a1, grant(leak));
+        assert!(
+            matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains(&outsider.device_id().to_string())),
+            "{r:?}"
+        );
+    }
+    // A grant whose recipients were changed after signing.
+    let mut altered =
+        KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &members).expect("grant");
+    altered.recipients.pop();
+    assert_eq!(
+        rejected(&w.push_one(&a1, grant(altered))),
+        Some(ErrorCode::BadSignature)
+    );
+
+    // The members' grant is stored; every member device opens it; the outsider cannot fetch it.
+    let g0 = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &members).expect("grant");
+    assert_eq!(
+        w.push_one(&a1, grant(g0.clone())),
+        PushResult::Accepted { seq: None }
+    );
+    let Response::KeyGrants { grants, .. } = w.ask(&hq, Request::GetKeyGrants { doc }).0 else {
+        panic!("grants")
+    };
+    assert_eq!(grants, vec![g0]);
+    for d in [&a1, &a2, &b1, &hq] {
+        assert_eq!(
+            grants[0].open(d).expect("opens").commitment(),
+            key(0).commitment()
+        );
+    }
+    assert!(grants[0].open(&c1).is_err());
+    assert_eq!(
+        code(&w.ask(&c1, Request::GetKeyGrants { doc }).0),
+        Some(ErrorCode::NotMember)
+    );
+}
+
+#[test]
+fn after_a_rotation_old_epoch_bundles_are_stale_and_a_revoked_device_writes_nothing() {
+    let Referral {
+        mut w,
+        a1,
+        a2,
+        b1,
+        doc,
+        create,
+        ..
+    } = referral();
+    assert!(matches!(
+        w.push_one(&a2, sealed(bundle(&a2, doc, 0, "受付票"))),
+        PushResult::Accepted { .. }
+    ));
+
+    // The clinic's second laptop is lost: the clinic revokes it, and b1 (a writer) rotates the key.
+    assert_eq!(
+        w.revoke_by_chain(&a1, &a2),
+        PushResult::Accepted { seq: None }
+    );
+    let next = after(&b1, &create, rotate(1));
+    let (results, notes) = w.push(&b1, vec![op(next)]);
+    assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
+    assert!(!targets(&notes).contains(&a2.device_id()));
+    assert!(notes.iter().all(|n| matches!(
+        n.request,
+        Request::Notify {
+            epoch: Epoch(1),
+            ..
+        }
+    )));
+    let current: Vec<(DeviceId, String)> = [&a1, &b1].iter().map(|d| recipient(d)).collect();
+    let g1 = KeyGrant::seal(&b1, b1.facility, doc, Epoch(1), &key(1), &current).expect("grant");
+    assert_eq!(
+        w.push_one(&b1, grant(g1)),
+        PushResult::Accepted { seq: None }
+    );
+
+    // A member that was offline seals in the superseded epoch: stale, told to seal it again.
+    let r = w.push_one(&a1, sealed(bundle(&a1, doc, 0, "古い鍵で")));
+    assert!(
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Stale, message } if message.contains("superseded")),
+        "{r:?}"
+    );
+    assert_eq!(
+        w.push_one(&a1, sealed(bundle(&a1, doc, 1, "新しい鍵で"))),
+        PushResult::Accepted { seq: Some(Seq(2)) }
+    );
+
+    // The lost laptop writes nothing: not in the old epoch, not in the new one, not through a friend.
+    for epoch in [0, 1] {
+        let late = bundle(&a2, doc, epoch, "盗まれたPCから");
+        assert_eq!(
+            code(
+                &w.ask(
+                    &a2,
+                    Request::Push {
+                        items: vec![sealed(late.clone())]
+                    }
+                )
+                .0
+            ),
+            Some(ErrorCode::Revoked)
+        );
+        assert_eq!(
+            rejected(&w.push_one(&a1, sealed(late))),
+            Some(ErrorCode::Revoked)
+        );
+    }
+    // Nobody can seal the new key to it.
+    let to_lost =
+        KeyGrant::seal(&a1, a1.facility, doc, Epoch(1), &key(1), &[recipient(&a2)]).expect("grant");
+    assert_eq!(
+        rejected(&w.push_one(&a1, grant(to_lost))),
+        Some(ErrorCode::Forbidden)
+    );
+    // What it wrote before the loss stays as history.
+    let Response::Bundles { items, head, .. } = w.pull(&b1, doc, 0) else {
+        panic!("pull")
+    };
+    assert_eq!((items.len(), head), (2, Seq(2)));
+    assert_eq!(items[0].envelope.author, a2.device_id());
+}
+
+#[test]
+fn pull_returns_bundles_after_a_sequence_number_to_members_only() {
+    let Referral {
+        mut w, a1, b1, doc, ..
+    } = referral();
+    let sent: Vec<Envelope> = (0..5)
+        .map(|i| bundle(&a1, doc, 0, &format!("支援経過 {i}")))
+        .collect();
+    let (results, _) = w.push(&a1, sent.iter().cloned().map(sealed).collect());
     assert_eq!(
         results.last(),
         Some(&PushResult::Accepted { seq: Some(Seq(5)) })
@@ -668,8 +1706,7 @@ fn pull_returns_bundles_after_a_sequence_number_to_members_only() {
     };
     assert!(items.is_empty());
 
-    let c1 = device(8);
-    w.enrol(&c1, "ケアプランセンター", FacilityRole::CareOffice);
+    let c1 = w.enrol(8, "ケアプランセンター", FacilityRole::CareOffice);
     assert_eq!(code(&w.pull(&c1, doc, 0)), Some(ErrorCode::NotMember));
     assert_eq!(
         code(&w.ask(&c1, Request::GetKeyGrants { doc }).0),
@@ -684,18 +1721,13 @@ fn pull_returns_bundles_after_a_sequence_number_to_members_only() {
 #[test]
 fn a_pull_is_bounded_by_its_byte_target() {
     let Referral {
-        mut w,
-        a1,
-        b1,
-        fa,
-        doc,
-        ..
+        mut w, a1, b1, doc, ..
     } = referral();
     let big = "x".repeat(PULL_RESPONSE_BYTES_TARGET / 3);
     for i in 0..4 {
-        let e = bundle(&a1, fa, doc, 0, &format!("{i}{big}"));
+        let e = bundle(&a1, doc, 0, &format!("{i}{big}"));
         assert!(matches!(
-            w.push_one(&a1, PushItem::Bundle { envelope: e }),
+            w.push_one(&a1, sealed(e)),
             PushResult::Accepted { .. }
         ));
     }
@@ -724,18 +1756,12 @@ fn a_revoked_device_is_refused_at_once_while_its_facility_mate_works_on() {
         a1,
         a2,
         b1,
-        fa,
         doc,
         ..
     } = referral();
-    let early = bundle(&a2, fa, doc, 0, "before the laptop was lost");
+    let early = bundle(&a2, doc, 0, "before the laptop was lost");
     assert!(matches!(
-        w.push_one(
-            &a2,
-            PushItem::Bundle {
-                envelope: early.clone()
-            }
-        ),
+        w.push_one(&a2, sealed(early.clone())),
         PushResult::Accepted { .. }
     ));
 
@@ -757,24 +1783,25 @@ fn a_revoked_device_is_refused_at_once_while_its_facility_mate_works_on() {
         w.ask(&a1, Request::ListDocuments).0,
         Response::Documents { .. }
     ));
+    // Every facility learns it from the directory, which the relay signs.
+    let dir = w.directory(&b1);
+    assert_eq!(
+        dir.device_status(&a2.device_id()),
+        DeviceStatus::Former(a1.facility)
+    );
 
     // New bundles by the revoked device are refused even when another device forwards them;
     // the one stored before stays (pushing it again is a duplicate), and it is no longer notified.
-    let late = bundle(&a2, fa, doc, 0, "after");
+    let late = bundle(&a2, doc, 0, "after");
     assert_eq!(
-        rejected(&w.push_one(&a1, PushItem::Bundle { envelope: late })),
+        rejected(&w.push_one(&a1, sealed(late))),
         Some(ErrorCode::Revoked)
     );
     assert_eq!(
-        w.push_one(&b1, PushItem::Bundle { envelope: early }),
+        w.push_one(&b1, sealed(early)),
         PushResult::Duplicate { seq: Some(Seq(1)) }
     );
-    let (_, notes) = w.push(
-        &a1,
-        vec![PushItem::Bundle {
-            envelope: bundle(&a1, fa, doc, 0, "new"),
-        }],
-    );
+    let (_, notes) = w.push(&a1, vec![sealed(bundle(&a1, doc, 0, "new"))]);
     assert!(!targets(&notes).contains(&a2.device_id()));
 
     // Revoking the whole facility refuses its other device too.
@@ -790,124 +1817,193 @@ fn a_revoked_device_is_refused_at_once_while_its_facility_mate_works_on() {
 }
 
 #[test]
+fn a_facility_revokes_its_lost_laptop_through_its_own_chain_and_no_one_else_can() {
+    let Referral {
+        mut w,
+        a1,
+        a2,
+        b1,
+        doc,
+        ..
+    } = referral();
+    let early = bundle(&a2, doc, 0, "before");
+    assert!(matches!(
+        w.push_one(&a2, sealed(early.clone())),
+        PushResult::Accepted { .. }
+    ));
+
+    // Another facility cannot revoke the clinic's device, in the clinic's chain or in its own.
+    let chain = w.chain(&b1, a1.facility);
+    let revoke_a2 = DeviceChange::Revoke {
+        device: a2.device_id(),
+    };
+    let theirs = PushItem::Approve {
+        link: DeviceLink::sign(
+            &b1,
+            a1.facility,
+            chain.last(),
+            revoke_a2.clone(),
+            w.now_ms(),
+        ),
+        sealed_pseudonym: vec![],
+    };
+    assert_eq!(
+        rejected(&w.push_one(&b1, theirs)),
+        Some(ErrorCode::Forbidden)
+    );
+    let b_chain = w.chain(&b1, b1.facility);
+    let own = PushItem::Approve {
+        link: DeviceLink::sign(&b1, b1.facility, b_chain.last(), revoke_a2, w.now_ms()),
+        sealed_pseudonym: vec![],
+    };
+    let r = w.push_one(&b1, own);
+    assert!(
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains("not a device of it")),
+        "{r:?}"
+    );
+    assert!(matches!(
+        w.ask(&a2, Request::ListDocuments).0,
+        Response::Documents { .. }
+    ));
+
+    // The clinic's own current device revokes it: refused at once.
+    assert_eq!(
+        w.revoke_by_chain(&a1, &a2),
+        PushResult::Accepted { seq: None }
+    );
+    let r = w.ask(&a2, Request::ListDocuments).0;
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::Revoked, message } if message.contains("this device has been revoked")),
+        "{r:?}"
+    );
+    assert_eq!(
+        rejected(&w.push_one(&a1, sealed(bundle(&a2, doc, 0, "after")))),
+        Some(ErrorCode::Revoked)
+    );
+    assert_eq!(
+        w.push_one(&b1, sealed(early)),
+        PushResult::Duplicate { seq: Some(Seq(1)) }
+    );
+    let (_, notes) = w.push(&a1, vec![sealed(bundle(&a1, doc, 0, "new"))]);
+    assert!(!targets(&notes).contains(&a2.device_id()));
+
+    // Every facility verifies the revocation in the chain itself; the relay's word is not needed.
+    let dir = w.directory(&b1);
+    assert_eq!(
+        dir.device_status(&a2.device_id()),
+        DeviceStatus::Former(a1.facility)
+    );
+    assert!(dir.is_current(&a1.device_id()));
+    let facilities = w.relay.store().facilities().expect("facilities");
+    assert!(facilities[0].devices[1].revoked);
+}
+
+#[test]
 fn only_owners_change_members_and_a_document_keeps_an_owner() {
     let Referral {
         mut w,
         a1,
         b1,
-        fa,
-        fb,
-        fhq,
+        hq,
         doc,
+        create,
         ..
     } = referral();
-    let c1 = device(8);
-    let fc = w.enrol(&c1, "ケアプランセンター", FacilityRole::CareOffice);
+    let c1 = w.enrol(8, "ケアプランセンター", FacilityRole::CareOffice);
 
     let by_writer = w.push_one(
         &b1,
-        op(
+        op(after(
             &b1,
-            fb,
-            doc,
-            DocOpBody::SetMember {
-                facility: fc,
-                role: Some(Role::Reader),
-            },
-        ),
+            &create,
+            set_member(c1.facility, Some(Role::Reader)),
+        )),
     );
     assert_eq!(rejected(&by_writer), Some(ErrorCode::Forbidden));
 
-    let add = op(
-        &a1,
-        fa,
-        doc,
-        DocOpBody::SetMember {
-            facility: fc,
-            role: Some(Role::Reader),
-        },
-    );
-    let (results, notes) = w.push(&a1, vec![add.clone()]);
+    let add = after(&a1, &create, set_member(c1.facility, Some(Role::Reader)));
+    let (results, notes) = w.push(&a1, vec![op(add.clone())]);
     assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
     assert!(
         targets(&notes).contains(&c1.device_id()),
         "the added facility is told"
     );
-    assert_eq!(w.push_one(&a1, add), PushResult::Duplicate { seq: None });
+    assert_eq!(
+        w.push_one(&a1, op(add.clone())),
+        PushResult::Duplicate { seq: None }
+    );
     assert!(matches!(w.pull(&c1, doc, 0), Response::Bundles { .. }));
+
+    // An operation made against an older head (another owner's change crossed it) is stale.
+    let crossed = after(&a1, &create, set_member(hq.facility, None));
+    let r = w.push_one(&a1, op(crossed));
+    assert!(
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Stale, message } if message.contains("does not follow")),
+        "{r:?}"
+    );
 
     let orphan = w.push_one(
         &a1,
-        op(
+        op(after(
             &a1,
-            fa,
-            doc,
-            DocOpBody::SetMember {
-                facility: fa,
-                role: Some(Role::Writer),
-            },
-        ),
+            &add,
+            set_member(a1.facility, Some(Role::Writer)),
+        )),
     );
     assert_eq!(rejected(&orphan), Some(ErrorCode::Conflict));
-    let remove_self = w.push_one(
-        &a1,
-        op(
-            &a1,
-            fa,
-            doc,
-            DocOpBody::SetMember {
-                facility: fa,
-                role: None,
-            },
-        ),
-    );
+    let remove_self = w.push_one(&a1, op(after(&a1, &add, set_member(a1.facility, None))));
     assert_eq!(rejected(&remove_self), Some(ErrorCode::Conflict));
 
     // With a second owner, the first may step down; removing HQ takes its access away.
-    let promote = op(
-        &a1,
-        fa,
-        doc,
-        DocOpBody::SetMember {
-            facility: fb,
-            role: Some(Role::Owner),
-        },
+    let promote = after(&a1, &add, set_member(b1.facility, Some(Role::Owner)));
+    assert_eq!(
+        w.push_one(&a1, op(promote.clone())),
+        PushResult::Accepted { seq: None }
     );
-    assert_eq!(w.push_one(&a1, promote), PushResult::Accepted { seq: None });
-    let demote = op(
-        &a1,
-        fa,
-        doc,
-        DocOpBody::SetMember {
-            facility: fa,
-            role: Some(Role::Writer),
-        },
+    let demote = after(&a1, &promote, set_member(a1.facility, Some(Role::Writer)));
+    assert_eq!(
+        w.push_one(&a1, op(demote.clone())),
+        PushResult::Accepted { seq: None }
     );
-    assert_eq!(w.push_one(&a1, demote), PushResult::Accepted { seq: None });
-    let remove = op(
-        &b1,
-        fb,
-        doc,
-        DocOpBody::SetMember {
-            facility: fhq,
-            role: None,
-        },
+    let remove = after(&b1, &demote, set_member(hq.facility, None));
+    assert_eq!(
+        w.push_one(&b1, op(remove.clone())),
+        PushResult::Accepted { seq: None }
     );
-    assert_eq!(w.push_one(&b1, remove), PushResult::Accepted { seq: None });
-    let hq = device(4);
     assert_eq!(code(&w.pull(&hq, doc, 0)), Some(ErrorCode::NotMember));
+    let Response::Ops { ops, total, .. } = w.ask(&c1, Request::GetOps { doc, from: 0 }).0 else {
+        panic!("ops")
+    };
+    assert_eq!(total, 5);
+    let view = membership::replay(&ops, &w.directory(&c1), Point::Pulled)
+        .view
+        .expect("replays");
+    assert_eq!(view.head, remove.hash());
+    assert_eq!(view.role_of(a1.facility), Some(Role::Writer));
+    assert_eq!(view.role_of(hq.facility), None);
 
-    // A document cannot be created twice, nor with a member that is not enrolled.
-    let again = w.push_one(&a1, create(&a1, fa, doc, vec![]));
-    assert_eq!(rejected(&again), Some(ErrorCode::Conflict));
-    let doc2 = DocumentId::from_random_bytes([8; 16]);
+    // A document cannot be created twice, nor with a member the authority never certified.
+    assert_eq!(
+        w.push_one(&a1, op(create.clone())),
+        PushResult::Duplicate { seq: None },
+        "the same Create again is harmless"
+    );
+    let again =
+        DocOp::sign(&a1, a1.facility, doc, AT_MS, None, create_body(vec![], 2)).expect("sign");
+    assert_eq!(
+        rejected(&w.push_one(&a1, op(again))),
+        Some(ErrorCode::Conflict)
+    );
     let ghost = Member {
         facility: FacilityId::from_random_bytes([1; 16]),
         role: Role::Reader,
     };
-    let r = w.push_one(&a1, create(&a1, fa, doc2, vec![ghost]));
+    let r = w.push_one(
+        &a1,
+        op(DocOp::create(&a1, a1.facility, AT_MS, create_body(vec![ghost], 3)).expect("create")),
+    );
     assert!(
-        matches!(&r, PushResult::Rejected { code: ErrorCode::Conflict, message } if message.contains("not enrolled")),
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Conflict, message } if message.contains("no certificate")),
         "{r:?}"
     );
 }
@@ -919,46 +2015,30 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
         a1,
         b1,
         hq,
-        fa,
-        fb,
         doc,
+        create,
         ..
     } = referral();
-    let key0 = DocumentKey::from_seed([40; 32]);
-    let recipients: Vec<(DeviceId, String)> = [&a1, &b1]
-        .iter()
-        .map(|d| (d.device_id(), d.public().age_recipient))
-        .collect();
-    let g0 = KeyGrant::seal(&a1, fa, doc, Epoch(0), &key0, &recipients).expect("grant");
+    let recipients: Vec<(DeviceId, String)> = [&a1, &b1].iter().map(|d| recipient(d)).collect();
+    let g0 = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &recipients).expect("grant");
     assert_eq!(
-        w.push_one(&a1, PushItem::Grant { grant: g0.clone() }),
+        w.push_one(&a1, grant(g0.clone())),
         PushResult::Accepted { seq: None }
     );
     assert_eq!(
-        w.push_one(&a1, PushItem::Grant { grant: g0.clone() }),
+        w.push_one(&a1, grant(g0.clone())),
         PushResult::Duplicate { seq: None }
     );
 
-    let skip = w.push_one(
-        &a1,
-        op(&a1, fa, doc, DocOpBody::NewEpoch { epoch: Epoch(2) }),
-    );
-    assert_eq!(rejected(&skip), Some(ErrorCode::Conflict));
-    let by_writer = w.push_one(
-        &b1,
-        op(&b1, fb, doc, DocOpBody::NewEpoch { epoch: Epoch(1) }),
-    );
-    assert_eq!(rejected(&by_writer), Some(ErrorCode::Forbidden));
-    let early = w.push_one(
-        &b1,
-        PushItem::Bundle {
-            envelope: bundle(&b1, fb, doc, 1, "too early"),
-        },
-    );
-    assert_eq!(rejected(&early), Some(ErrorCode::Conflict));
+    let skip = w.push_one(&a1, op(after(&a1, &create, rotate(2))));
+    assert_eq!(rejected(&skip), Some(ErrorCode::Stale));
+    let by_reader = w.push_one(&hq, op(after(&hq, &create, rotate(1))));
+    assert_eq!(rejected(&by_reader), Some(ErrorCode::Forbidden));
+    let early = w.push_one(&b1, sealed(bundle(&b1, doc, 1, "too early")));
+    assert_eq!(rejected(&early), Some(ErrorCode::Stale));
 
-    let next = op(&a1, fa, doc, DocOpBody::NewEpoch { epoch: Epoch(1) });
-    let (results, notes) = w.push(&a1, vec![next.clone()]);
+    let next = after(&a1, &create, rotate(1));
+    let (results, notes) = w.push(&a1, vec![op(next.clone())]);
     assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
     assert!(notes.iter().all(|n| matches!(
         n.request,
@@ -967,32 +2047,44 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
             ..
         }
     )));
-    assert_eq!(w.push_one(&a1, next), PushResult::Duplicate { seq: None });
-
-    let key1 = DocumentKey::from_seed([41; 32]);
-    let g1 = KeyGrant::seal(&a1, fa, doc, Epoch(1), &key1, &recipients).expect("grant");
     assert_eq!(
-        w.push_one(&a1, PushItem::Grant { grant: g1.clone() }),
+        w.push_one(&a1, op(next.clone())),
+        PushResult::Duplicate { seq: None }
+    );
+    // A writer rotating at the same moment from the same head is told it is stale.
+    let crossed = DocOp::sign(
+        &b1,
+        b1.facility,
+        doc,
+        AT_MS + 1,
+        Some(create.hash()),
+        rotate(1),
+    )
+    .expect("sign");
+    assert_eq!(
+        rejected(&w.push_one(&b1, op(crossed))),
+        Some(ErrorCode::Stale)
+    );
+
+    let g1 = KeyGrant::seal(&a1, a1.facility, doc, Epoch(1), &key(1), &recipients).expect("grant");
+    assert_eq!(
+        w.push_one(&a1, grant(g1.clone())),
         PushResult::Accepted { seq: None }
     );
-    let stranger = vec![(device(9).device_id(), device(9).public().age_recipient)];
-    let leak = KeyGrant::seal(&a1, fa, doc, Epoch(1), &key1, &stranger).expect("grant");
+    let stranger = vec![recipient(&device(9))];
+    let leak = KeyGrant::seal(&a1, a1.facility, doc, Epoch(1), &key(1), &stranger).expect("grant");
     assert_eq!(
-        rejected(&w.push_one(&a1, PushItem::Grant { grant: leak })),
+        rejected(&w.push_one(&a1, grant(leak))),
         Some(ErrorCode::Forbidden)
     );
-    let future = KeyGrant::seal(&a1, fa, doc, Epoch(2), &key1, &recipients).expect("grant");
+    let future =
+        KeyGrant::seal(&a1, a1.facility, doc, Epoch(2), &key(1), &recipients).expect("grant");
     assert_eq!(
-        rejected(&w.push_one(&a1, PushItem::Grant { grant: future })),
-        Some(ErrorCode::Conflict)
+        rejected(&w.push_one(&a1, grant(future))),
+        Some(ErrorCode::Stale)
     );
     assert!(matches!(
-        w.push_one(
-            &b1,
-            PushItem::Bundle {
-                envelope: bundle(&b1, fb, doc, 1, "ok")
-            }
-        ),
+        w.push_one(&b1, sealed(bundle(&b1, doc, 1, "ok"))),
         PushResult::Accepted { .. }
     ));
 
@@ -1000,72 +2092,202 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
         panic!("grants")
     };
     assert_eq!(grants, vec![g0, g1]);
+    let opened = grants[1].open(&b1).expect("b1 opens its grant");
+    assert_eq!(opened.seed(), key(1).seed());
     assert_eq!(
-        grants[1].open(&b1).expect("b1 opens its grant").seed(),
-        key1.seed()
+        opened.commitment(),
+        key(1).commitment(),
+        "the key is the one the NewEpoch committed to"
     );
+
+    // Any writer, not only the owner, may start the next epoch.
+    assert_eq!(
+        w.push_one(&b1, op(after(&b1, &next, rotate(2)))),
+        PushResult::Accepted { seq: None }
+    );
+    let Response::Documents { docs } = w.ask(&a1, Request::ListDocuments).0 else {
+        panic!("documents")
+    };
+    assert_eq!((docs[0].epoch, docs[0].ops), (Epoch(2), 3));
 }
 
 #[test]
-fn everything_acknowledged_survives_reopening_and_no_plaintext_reaches_the_disk() {
+fn every_answer_carries_the_generation_of_the_relays_store() {
+    let mut w = World::new();
+    let a1 = w.enrol(1, "港診療所", FacilityRole::Clinic);
+    let generation = w.relay.generation();
+    assert_eq!(
+        Store::open(&w.data())
+            .expect("open")
+            .generation()
+            .expect("generation"),
+        generation
+    );
+    let frames = [
+        (
+            a1.device_id(),
+            protocol::encode_request(&Request::ListDocuments),
+        ),
+        (
+            device(9).device_id(),
+            protocol::encode_request(&Request::ListDocuments),
+        ),
+        (a1.device_id(), b"not cbor".to_vec()),
+    ];
+    for (peer, frame) in frames {
+        let (bytes, _) = w.relay.handle(peer, &frame, w.now);
+        let (got, _) = protocol::decode_response_frame(&bytes).expect("decodes");
+        assert_eq!(got, Some(generation));
+    }
+    // Another relay's store has another generation; this one keeps its own across restarts.
+    assert_ne!(World::new().relay.generation(), generation);
+    let w = w.reopen(|_| {});
+    assert_eq!(w.relay.generation(), generation);
+}
+
+#[test]
+fn after_a_rollback_an_offer_names_what_the_relay_lacks_and_devices_restore_it() {
+    let Referral {
+        mut w, a1, b1, doc, ..
+    } = referral();
+    let e: Vec<Envelope> = (1..=3)
+        .map(|i| bundle(&a1, doc, 0, &format!("支援経過 {i}")))
+        .collect();
+    assert_eq!(
+        w.push_one(&a1, sealed(e[0].clone())),
+        PushResult::Accepted { seq: Some(Seq(1)) }
+    );
+
+    // The operator backs the relay up, the relay takes two more bundles, then the backup is restored.
+    let backup = w.tmp.path().join("backup");
+    let mut w = w.reopen(|data| copy_dir(data, &backup));
+    let (results, _) = w.push(&a1, vec![sealed(e[1].clone()), sealed(e[2].clone())]);
+    assert_eq!(results[1], PushResult::Accepted { seq: Some(Seq(3)) });
+    let mut w = w.reopen(|data| {
+        std::fs::remove_dir_all(data).expect("remove");
+        copy_dir(&backup, data);
+    });
+    let Response::Bundles { head, .. } = w.pull(&b1, doc, 0) else {
+        panic!("pull")
+    };
+    assert_eq!(head, Seq(1), "the head fell below the devices' cursor");
+
+    // A device offers what it holds: the relay names the bundles it lost.
+    let version = w.relay.store().directory_version().expect("version");
+    let offer = |have: Vec<BundleId>| Request::Offer {
+        doc,
+        directory_version: version,
+        have,
+        ops: vec![],
+        grants: vec![],
+    };
+    let ids: Vec<BundleId> = e.iter().map(Envelope::id).collect();
+    let Response::Exchange { want, items, .. } = w.ask(&a1, offer(ids.clone())).0 else {
+        panic!("exchange")
+    };
+    assert_eq!(want, ids[1..].to_vec());
+    assert!(items.is_empty(), "the relay sends nothing back on an offer");
+
+    // It pushes them again: nothing acknowledged is lost while any device holds it.
+    let (results, _) = w.push(&a1, vec![sealed(e[1].clone()), sealed(e[2].clone())]);
+    assert_eq!(
+        results,
+        vec![
+            PushResult::Accepted { seq: Some(Seq(2)) },
+            PushResult::Accepted { seq: Some(Seq(3)) }
+        ]
+    );
+    let Response::Exchange { want, .. } = w.ask(&b1, offer(ids.clone())).0 else {
+        panic!("exchange")
+    };
+    assert!(want.is_empty());
+
+    // Offers are for members, and bounded.
+    let c1 = w.enrol(8, "ケアプランセンター", FacilityRole::CareOffice);
+    assert_eq!(code(&w.ask(&c1, offer(ids)).0), Some(ErrorCode::NotMember));
+    let flood = vec![BundleId::of_bytes(b"x"); OFFER_IDS_MAX + 1];
+    let (r, _) = w.relay.handle_request(a1.device_id(), offer(flood), w.now);
+    assert_eq!(code(&r), Some(ErrorCode::TooLarge));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("a name"));
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn everything_acknowledged_survives_reopening_and_no_secret_reaches_the_relays_disk() {
     const MARKER: &str = "MARKER-患者氏名-柏崎太郎";
     let Referral {
         mut w,
         a1,
+        a2,
         b1,
-        fa,
         doc,
         ..
     } = referral();
-    let e = bundle(&a1, fa, doc, 0, MARKER);
+    let e = bundle(&a1, doc, 0, MARKER);
     assert_eq!(
-        w.push_one(
-            &a1,
-            PushItem::Bundle {
-                envelope: e.clone()
-            }
-        ),
+        w.push_one(&a1, sealed(e.clone())),
         PushResult::Accepted { seq: Some(Seq(1)) }
     );
+    let recipients: Vec<(DeviceId, String)> = [&a1, &b1].iter().map(|d| recipient(d)).collect();
+    let g = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &recipients).expect("grant");
+    assert_eq!(
+        w.push_one(&a1, grant(g)),
+        PushResult::Accepted { seq: None }
+    );
     let data = w.data();
-    let World {
-        tmp, relay, now, ..
-    } = w;
-    drop(relay);
+    let mut w = w.reopen(|_| {});
 
+    // What the relay must never be able to read: the plaintext, the document key, the deployment's
+    // pseudonym secret (sealed by the authority and by an approving device), the invite secrets.
+    let mut forbidden: Vec<(String, Vec<u8>)> = vec![
+        ("plaintext".into(), MARKER.as_bytes().to_vec()),
+        ("document key".into(), key(0).seed().to_vec()),
+        ("pseudonym secret".into(), a1.pseudonym.clone()),
+    ];
+    assert_eq!(a2.pseudonym, a1.pseudonym);
+    for s in &w.secrets_issued {
+        forbidden.push(("invite secret".into(), s.to_vec()));
+    }
     let mut files = vec![];
     collect_files(&data, &mut files);
     assert!(files.iter().any(|p| p.ends_with("node.db")));
     for f in &files {
         let bytes = std::fs::read(f).expect("read");
-        assert!(
-            !bytes
-                .windows(MARKER.len())
-                .any(|win| win == MARKER.as_bytes()),
-            "{} holds plaintext",
-            f.display()
-        );
+        for (what, secret) in &forbidden {
+            assert!(
+                !bytes
+                    .windows(secret.len())
+                    .any(|win| win == secret.as_slice()),
+                "{} holds the {what}",
+                f.display()
+            );
+        }
     }
 
-    let relay = Relay::new(Store::open(&data).expect("reopen")).expect("relay");
-    let mut w = World {
-        tmp,
-        relay,
-        now,
-        next_secret: 100,
-    };
     let Response::Bundles { items, head, .. } = w.pull(&b1, doc, 0) else {
         panic!("pull")
     };
     assert_eq!((head, items.len()), (Seq(1), 1));
     assert_eq!(items[0].envelope, e);
     assert_eq!(
-        w.push_one(&a1, PushItem::Bundle { envelope: e }),
+        w.push_one(&a1, sealed(e)),
         PushResult::Duplicate { seq: Some(Seq(1)) }
     );
+    assert!(w.directory(&b1).is_current(&a2.device_id()));
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read dir") {
         let path = entry.expect("entry").path();
         if path.is_dir() {
@@ -1077,39 +2299,73 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 }
 
 #[test]
-fn operators_list_facilities_and_invite_codes_carry_the_relay() {
-    let Referral { mut w, a2, fa, .. } = referral();
-    let relay = w.relay.secrets().device_id();
+fn operators_list_facilities_and_invite_codes_carry_the_relay_and_the_authority() {
+    let Referral { mut w, a1, a2, .. } = referral();
+    let relay = w.relay_id();
     let addr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{relay}");
     let lan = format!("/ip4/192.0.2.10/tcp/4001/p2p/{relay}");
     w.relay
         .store_mut()
         .set_listen_addrs(&[addr.clone(), lan.clone()], w.now)
         .expect("addrs");
-    let issued = w
-        .relay
-        .store_mut()
-        .issue_invite(
-            InviteKind::Device { facility: fa },
-            [77; 32],
-            w.now,
-            Duration::from_secs(60),
-        )
-        .expect("invite");
-    let decoded = InviteCode::decode(&issued.code.encode()).expect("decode");
-    assert_eq!(decoded.relay, relay);
+    let issued = w.invite_facility("ケアプランセンター", FacilityRole::CareOffice);
+    let decoded = InviteCode::decode(&issued.encode()).expect("decode");
+    assert_eq!(decoded, issued);
+    assert_eq!(
+        (decoded.relay, decoded.authority, decoded.deployment),
+        (relay, w.authority_key(), w.deployment())
+    );
     assert_eq!(
         decoded.addrs,
         vec![lan, addr],
         "non-loopback addresses first"
     );
-    assert_eq!(decoded.secret, vec![77; 32]);
+    assert_eq!(
+        decoded.invite,
+        InviteFor::NewFacility {
+            name: "ケアプランセンター".into(),
+            role: FacilityRole::CareOffice
+        }
+    );
+    assert_eq!(decoded.expires_at_ms, w.now_ms() + 72 * 3_600_000);
+    assert_eq!(decoded.secret.len(), 32);
+
+    // A name that is taken, or waits on an open invite, is refused.
+    for name in ["港診療所", "ケアプランセンター"] {
+        let r = w.relay.store_mut().issue_facility_invite(
+            [0x99; 32],
+            name,
+            FacilityRole::Clinic,
+            w.now,
+            Duration::from_secs(60),
+        );
+        assert!(
+            matches!(r, Err(musubi_sync_node::StoreError::NameTaken(_))),
+            "{r:?}"
+        );
+    }
 
     let list = w.relay.store().facilities().expect("facilities");
     let names: Vec<&str> = list.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, vec!["港診療所", "柏崎総合病院", "災害対策本部"]);
-    assert_eq!(list[0].devices.len(), 2);
-    assert!(w.relay.store().find_facility(&fa.to_string()).is_ok());
+    assert_eq!(
+        list[0].devices.iter().map(|d| d.device).collect::<Vec<_>>(),
+        vec![a1.device_id(), a2.device_id()]
+    );
+    let dir = w.directory(&a1);
+    assert_eq!(
+        list[0].safety_number,
+        dir.facility(a1.facility).expect("listed").safety_number,
+        "the operator reads the same safety number the facilities verify"
+    );
+    assert_eq!(
+        w.relay
+            .store()
+            .find_facility(&a1.facility.to_string())
+            .expect("by id")
+            .name,
+        "港診療所"
+    );
     w.relay
         .store_mut()
         .revoke(&a2.device_id().to_string(), w.now)
@@ -1133,6 +2389,7 @@ mod network {
     use std::process::{Command, Stdio};
 
     use futures::StreamExt as _;
+    use musubi_crdt::protocol::Generation;
     use musubi_transport::libp2p::request_response::{self, Message, OutboundRequestId};
     use musubi_transport::libp2p::swarm::SwarmEvent;
     use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm};
@@ -1143,6 +2400,8 @@ mod network {
         swarm: Swarm<Behaviour>,
         relay: PeerId,
         notified: Vec<Request>,
+        /// The generation the last answer carried.
+        generation: Option<Generation>,
     }
 
     impl Client {
@@ -1162,6 +2421,7 @@ mod network {
                 swarm,
                 relay,
                 notified: vec![],
+                generation: None,
             }
         }
 
@@ -1193,10 +2453,12 @@ mod network {
                             response,
                         },
                     ..
-                } => Some((
-                    request_id,
-                    protocol::decode_response(&response).expect("response decodes"),
-                )),
+                } => {
+                    let (generation, response) =
+                        protocol::decode_response_frame(&response).expect("response decodes");
+                    self.generation = generation;
+                    Some((request_id, response))
+                }
                 request_response::Event::OutboundFailure { error, .. } => {
                     panic!("request failed: {error}")
                 }
@@ -1241,41 +2503,48 @@ mod network {
 
     fn join_request(who: &DeviceSecrets, code: &InviteCode) -> Request {
         Request::Join {
-            secret: code.secret.to_vec(),
-            device: who.public(),
+            request: Box::new(JoinRequest::make(code, who, "受付PC", ms(SystemTime::now()))),
         }
+    }
+
+    fn doc_create(author: &DeviceSecrets, facility: FacilityId, members: Vec<Member>) -> DocOp {
+        DocOp::create(
+            author,
+            facility,
+            ms(SystemTime::now()),
+            create_body(members, 7),
+        )
+        .expect("create")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connected_members_are_notified_of_new_bundles_over_the_wire() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("relay");
-        let mut store = Store::init(&data, "柏崎市", SystemTime::now()).expect("init");
+        let adir = tmp.path().join("authority");
+        let authority = AuthorityDir::init(&adir, "柏崎市", PASSPHRASE, LOG_N).expect("authority");
+        let mut store =
+            Store::init(&data, authority.public(), None, SystemTime::now()).expect("init");
         let relay = store.relay_device().expect("relay").0;
+        let generation = store.generation().expect("generation");
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
-        let ia = store
-            .issue_invite(
-                InviteKind::NewFacility {
-                    name: "港診療所".into(),
+        let mut invite = |secret: [u8; 32], name: &str| {
+            let code = store
+                .issue_facility_invite(secret, name, FacilityRole::Clinic, now, hour)
+                .expect("invite");
+            authority
+                .record_invite(&AuthorityInvite {
+                    secret,
+                    name: name.into(),
                     role: FacilityRole::Clinic,
-                },
-                [1; 32],
-                now,
-                hour,
-            )
-            .expect("invite");
-        let ib = store
-            .issue_invite(
-                InviteKind::NewFacility {
-                    name: "柏崎総合病院".into(),
-                    role: FacilityRole::Clinic,
-                },
-                [2; 32],
-                now,
-                hour,
-            )
-            .expect("invite");
+                    expires_at_ms: code.expires_at_ms,
+                })
+                .expect("record");
+            code
+        };
+        let ia = invite([1; 32], "港診療所");
+        let ib = invite([2; 32], "柏崎総合病院");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let config = musubi_sync_node::Config {
             print_listen_addrs: false,
@@ -1285,6 +2554,7 @@ mod network {
         let server = tokio::spawn(musubi_sync_node::serve_until(
             vec![listen],
             store,
+            Some(unlock(&adir)),
             config,
             async move {
                 let _ = stop_rx.await;
@@ -1303,34 +2573,33 @@ mod network {
         let (a1, b1) = (device(1), device(3));
         let mut ca = Client::connect(&a1, &addr, relay).await;
         let mut cb = Client::connect(&b1, &addr, relay).await;
-        let Response::Joined { facility: fa, .. } = ca.ask(&join_request(&a1, &ia.code)).await
-        else {
+        let Response::Joined { facility: fa, .. } = ca.ask(&join_request(&a1, &ia)).await else {
             panic!("join a")
         };
-        let Response::Joined { facility: fb, .. } = cb.ask(&join_request(&b1, &ib.code)).await
-        else {
+        assert_eq!(
+            ca.generation,
+            Some(generation),
+            "answers carry the generation"
+        );
+        let Response::Joined { facility: fb, .. } = cb.ask(&join_request(&b1, &ib)).await else {
             panic!("join b")
         };
         assert_eq!(
             code(&cb.ask_raw(b"not cbor".to_vec()).await),
             Some(ErrorCode::Malformed)
         );
+        assert_eq!(cb.generation, Some(generation));
 
-        let doc = DocumentId::from_random_bytes([7; 16]);
-        let items = vec![
-            create(
-                &a1,
-                fa,
-                doc,
-                vec![Member {
-                    facility: fb,
-                    role: Role::Writer,
-                }],
-            ),
-            PushItem::Bundle {
-                envelope: bundle(&a1, fa, doc, 0, "紹介状"),
-            },
-        ];
+        let create = doc_create(
+            &a1,
+            fa,
+            vec![Member {
+                facility: fb,
+                role: Role::Writer,
+            }],
+        );
+        let doc = create.doc;
+        let items = vec![op(create), sealed(bundle_as(&a1, fa, doc, 0, "紹介状"))];
         let Response::Pushed { results } = ca.ask(&Request::Push { items }).await else {
             panic!("push")
         };
@@ -1376,6 +2645,16 @@ mod network {
         Command::new(env!("CARGO_BIN_EXE_musubi-node"))
     }
 
+    fn run_ok(cmd: &mut Command, what: &str) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
     /// Starts `musubi-node serve` on a loopback port and returns it with its first "listening on" address.
     fn spawn_serve(data: &Path) -> (std::process::Child, Multiaddr) {
         let mut child = node()
@@ -1399,52 +2678,77 @@ mod network {
         (child, addr.parse().expect("a multiaddr"))
     }
 
-    fn invite_code(data: &Path, args: &[&str]) -> InviteCode {
-        let out = node()
-            .args(["invite", "--data"])
-            .arg(data)
-            .args(args)
-            .output()
-            .expect("run invite");
-        assert!(
-            out.status.success(),
-            "invite failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).expect("utf-8");
-        assert_eq!(text.lines().count(), 1, "invite prints one line");
-        InviteCode::decode(&text).expect("the printed code decodes")
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_binary_serves_invites_and_keeps_every_acknowledged_bundle_through_sigkill() {
+    async fn the_binary_enrols_through_the_authority_and_keeps_every_acknowledged_bundle_through_sigkill()
+     {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("relay");
-        let init = node()
-            .args(["init", "--data"])
-            .arg(&data)
-            .args(["--deployment", "柏崎市"])
-            .output()
-            .expect("init");
-        assert!(init.status.success());
+        let adir = tmp.path().join("authority");
+        let pass = tmp.path().join("passphrase");
+        std::fs::write(&pass, format!("{PASSPHRASE}\n")).expect("passphrase file");
+        run_ok(
+            node()
+                .args(["authority", "init", "--authority"])
+                .arg(&adir)
+                .args([
+                    "--deployment",
+                    "柏崎市",
+                    "--scrypt-log-n",
+                    "10",
+                    "--passphrase-file",
+                ])
+                .arg(&pass),
+            "authority init",
+        );
+        let authority_key = AuthorityDir::open(&adir).expect("authority").public().key;
+        run_ok(
+            node()
+                .args(["init", "--data"])
+                .arg(&data)
+                .arg("--authority")
+                .arg(&adir),
+            "init",
+        );
         let again = node()
             .args(["init", "--data"])
             .arg(&data)
+            .arg("--authority")
+            .arg(&adir)
             .output()
             .expect("init again");
         assert!(!again.status.success());
         assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
 
+        // Serve without the authority: new facilities wait for `musubi-node approve`.
         let (mut child, addr) = spawn_serve(&data);
         let relay = match addr.iter().last() {
             Some(musubi_transport::libp2p::multiaddr::Protocol::P2p(p)) => p,
             _ => panic!("the address ends in /p2p/PEERID: {addr}"),
         };
-        let code = invite_code(
-            &data,
-            &["--name", "港診療所", "--role", "clinic", "--expires", "10m"],
+        let gone = node()
+            .args(["invite", "--data"])
+            .arg(&data)
+            .args(["--facility", "港診療所"])
+            .output()
+            .expect("invite --facility");
+        assert!(!gone.status.success());
+        assert!(
+            String::from_utf8_lossy(&gone.stderr).contains("musubi device invite"),
+            "another device of a facility is invited at the facility"
         );
+        let text = run_ok(
+            node()
+                .args(["invite", "--data"])
+                .arg(&data)
+                .arg("--authority")
+                .arg(&adir)
+                .args(["--name", "港診療所", "--role", "clinic", "--expires", "10m"]),
+            "invite",
+        );
+        assert_eq!(text.lines().count(), 1, "invite prints one line");
+        let code = InviteCode::decode(&text).expect("the printed code decodes");
         assert_eq!(code.relay.0, relay);
+        assert_eq!(code.authority, authority_key);
         assert!(
             code.addrs.contains(&addr.to_string()),
             "{:?} lacks {addr}",
@@ -1453,33 +2757,48 @@ mod network {
 
         let a1 = device(1);
         let mut ca = Client::connect(&a1, &code.addrs[0].parse().expect("addr"), relay).await;
+        let r = ca.ask(&join_request(&a1, &code)).await;
+        assert!(matches!(r, Response::JoinPending { .. }), "{r:?}");
+        let approved = run_ok(
+            node()
+                .args(["approve", "--json", "--data"])
+                .arg(&data)
+                .arg("--authority")
+                .arg(&adir)
+                .arg("--passphrase-file")
+                .arg(&pass),
+            "approve",
+        );
+        let json: serde_json::Value = serde_json::from_str(&approved).expect("json");
+        assert_eq!(json["approved"][0]["name"], "港診療所");
+        assert_eq!(json["approved"][0]["device"], a1.device_id().to_string());
         let Response::Joined { facility: fa, .. } = ca.ask(&join_request(&a1, &code)).await else {
-            panic!("join")
+            panic!("join after approval")
         };
-        let list = node()
-            .args(["facilities", "--json", "--data"])
-            .arg(&data)
-            .output()
-            .expect("facilities");
-        let json: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+        assert_eq!(fa, code.facility());
+        let list = run_ok(
+            node().args(["facilities", "--json", "--data"]).arg(&data),
+            "facilities",
+        );
+        let json: serde_json::Value = serde_json::from_str(&list).expect("json");
         assert_eq!(json[0]["name"], "港診療所");
         assert_eq!(json[0]["devices"][0]["device"], a1.device_id().to_string());
 
-        let doc = DocumentId::from_random_bytes([7; 16]);
-        let Response::Pushed { .. } = ca
+        let create = doc_create(&a1, fa, vec![]);
+        let doc = create.doc;
+        let Response::Pushed { results } = ca
             .ask(&Request::Push {
-                items: vec![create(&a1, fa, doc, vec![])],
+                items: vec![op(create)],
             })
             .await
         else {
             panic!("create")
         };
+        assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
         // Push bundles one by one; kill the relay while more are in flight.
         let mut acked = Vec::new();
         for i in 0..12 {
-            let item = PushItem::Bundle {
-                envelope: bundle(&a1, fa, doc, 0, &format!("支援経過 {i}")),
-            };
+            let item = sealed(bundle_as(&a1, fa, doc, 0, &format!("支援経過 {i}")));
             if i == 8 {
                 let frame = protocol::encode_request(&Request::Push { items: vec![item] });
                 ca.swarm.behaviour_mut().sync.send_request(&relay, frame);

@@ -317,7 +317,9 @@ impl Sim {
                 }
             };
             let request = JoinRequest::make(&code, engine.secrets(), &spec.device, 1);
-            let join = Request::Join { request };
+            let join = Request::Join {
+                request: Box::new(request),
+            };
             let mut answer = handle(&mut relay, &engine, &join);
             if let (Response::JoinPending { .. }, Some(first)) =
                 (&answer, facilities.get(&spec.facility))

@@ -558,7 +558,7 @@ fn non_member_and_strangers_are_refused() {
         "stranger",
         musubi_tests::raw::now_ms(),
     );
-    match stranger.request(&Request::Join { request }) {
+    match stranger.request(&Request::Join { request: Box::new(request) }) {
         Response::Error {
             code: ErrorCode::InviteInvalid,
             ..

@@ -218,7 +218,7 @@ pub struct Engine {
 #[derive(Clone, Debug)]
 pub enum Joined {
     /// Enrolled.
-    Enrolled(Enrolment),
+    Enrolled(Box<Enrolment>),
     /// The join request waits for the inviter's approval (until `expires_at_ms`).
     Pending {
         /// When the invite expires, ms since the Unix epoch.
@@ -506,13 +506,12 @@ impl Engine {
         }
         let old_revocations = revocations(&self.directory().ok(), &pins);
         let new_revocations = revocations(&Some(dir.clone()), &next);
-        let revocation_version = if new_revocations.is_superset(&old_revocations)
-            && new_revocations.len() > old_revocations.len()
-        {
-            dir.version
-        } else {
-            0
-        };
+        let fresh: Vec<&DeviceId> = new_revocations.difference(&old_revocations).collect();
+        let revocation_version = if fresh.is_empty() { 0 } else { dir.version };
+        for d in fresh {
+            tracing::info!(device = %d, "learned of a revocation");
+            self.store.mark_revocation(&d.to_string())?;
+        }
         self.store_directory(signed, &dir, &next, revocation_version)?;
         Ok(true)
     }
@@ -921,6 +920,9 @@ impl Engine {
     /// and knows the relay once acknowledged, that the relay no longer lists (it went back in time).
     pub fn update_documents(&mut self, docs: &[DocumentInfo]) -> Result<Vec<DocumentId>> {
         let me = self.enrolment()?.facility;
+        for d in docs {
+            self.store.set_relay_head(d.id, d.head)?;
+        }
         let listed: BTreeSet<DocumentId> = docs.iter().map(|d| d.id).collect();
         Ok(self
             .store
@@ -948,6 +950,27 @@ impl Engine {
             .map(|c| c.op.clone())
             .collect();
         relay_chain.extend(ops.iter().cloned());
+        // An operation signed by a device after this device learned of its revocation came through
+        // a relay that should have refused it: the chain is taken only up to it.
+        for (i, op) in relay_chain.iter().enumerate().skip(from as usize) {
+            if let musubi_crdt::directory::DeviceStatus::Former(_) = dir.device_status(&op.author)
+                && let Some((_, ops_mark)) = self
+                    .store
+                    .revocation_mark(&op.author.to_string(), doc)?
+                && i as u32 >= ops_mark
+            {
+                tracing::warn!(%doc, position = i, author = %op.author, "the relay served a membership operation signed by a device after its revocation; it and those after it are ignored");
+                self.store.set_meta_cbor(
+                    &format!("doc_warning:{doc}"),
+                    &format!(
+                        "operation {i} served by the relay is signed by {} after its revocation",
+                        op.author
+                    ),
+                )?;
+                relay_chain.truncate(i);
+                break;
+            }
+        }
         let replay = membership::replay(&relay_chain, &dir, Point::Pulled);
         if let Some(e) = &replay.refused {
             tracing::warn!(%doc, position = replay.valid, "the relay served a membership operation that does not verify; it and those after it are ignored: {e}");
@@ -1049,6 +1072,19 @@ impl Engine {
                     Err(e) => {
                         tracing::warn!(%doc, "a membership change no longer applies after a concurrent one and is dropped: {e}")
                     }
+                }
+            }
+            DocOpBody::Exclude { devices } => {
+                let left: Vec<DeviceId> = devices
+                    .iter()
+                    .filter(|d| !row.info.is_excluded(d))
+                    .copied()
+                    .collect();
+                if !left.is_empty()
+                    && let Err(e) =
+                        self.append_own_op(&row.info, DocOpBody::Exclude { devices: left })
+                {
+                    tracing::warn!(%doc, "an exclusion no longer applies and is dropped: {e}");
                 }
             }
             DocOpBody::NewEpoch { epoch, .. } => {
@@ -1274,6 +1310,21 @@ impl Engine {
                     .filter(|g| g.epoch == held_epoch)
                     .flat_map(|g| g.recipients.iter().copied())
                     .collect();
+                let gone: Vec<DeviceId> = current_recipients
+                    .iter()
+                    .filter(|d| !should_ids.contains(d) && !info.is_excluded(d))
+                    .copied()
+                    .collect();
+                if !gone.is_empty() {
+                    // First the devices that lost their right may sign nothing more for it, then
+                    // the key they hold is rotated away.
+                    match self.append_own_op(&info, DocOpBody::Exclude { devices: gone }) {
+                        Ok(next) => info = next,
+                        Err(e) => {
+                            tracing::warn!(doc = %info.id, "could not exclude revoked devices: {e}")
+                        }
+                    }
+                }
                 if current_recipients.iter().any(|d| !should_ids.contains(d)) {
                     let epoch = Epoch(held_epoch.0 + 1);
                     let key = DocumentKey::from_seed(random());

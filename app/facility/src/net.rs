@@ -191,7 +191,7 @@ pub async fn join(
     let mut connected = false;
     let mut pending_until: Option<u64> = None;
     let mut again: Option<tokio::time::Instant> = None;
-    let join_frame = protocol::encode_request(&Request::Join { request });
+    let join_frame = protocol::encode_request(&Request::Join { request: Box::new(request) });
     loop {
         tokio::select! {
             ev = swarm.select_next_some() => match ev {
@@ -222,7 +222,7 @@ pub async fn join(
                             let enrolment = engine
                                 .record_enrolment(&enrolment, &directory, &sealed_pseudonym)
                                 .map_err(|e| SyncError::InviteRefused(e.to_string()))?;
-                            return Ok(Joined::Enrolled(enrolment));
+                            return Ok(Joined::Enrolled(Box::new(enrolment)));
                         }
                         Ok(Response::JoinPending { expires_at_ms }) => {
                             if !wait {
@@ -711,7 +711,19 @@ pub fn apply_event(
             let row = engine.store().document(doc)?;
             let mut good: Vec<(Seq, _)> = Vec::with_capacity(items.len());
             for p in items {
+                let author = p.envelope.author;
+                let after_revocation = matches!(dir.device_status(&author), DeviceStatus::Former(_))
+                    && engine
+                        .store()
+                        .revocation_mark(&author.to_string(), doc)?
+                        .is_some_and(|(mark, _)| p.seq > mark);
                 let verdict = match &row {
+                    _ if after_revocation => Err(membership::Refusal {
+                        code: ErrorCode::Revoked,
+                        message: format!(
+                            "written by {author} after this device learned of its revocation (a relay that should have refused it took it)"
+                        ),
+                    }),
                     Some(r) => membership::admit_bundle(&p.envelope, &r.info, &dir, Point::Pulled),
                     None => Err(membership::Refusal {
                         code: ErrorCode::Stale,

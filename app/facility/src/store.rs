@@ -176,7 +176,10 @@ impl Store {
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
                  CREATE TABLE IF NOT EXISTS documents (
                     id TEXT PRIMARY KEY, kind TEXT NOT NULL, view BLOB NOT NULL,
-                    relay_ops INTEGER NOT NULL DEFAULT 0);
+                    relay_ops INTEGER NOT NULL DEFAULT 0, relay_head INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE IF NOT EXISTS revocation_marks (
+                    device TEXT NOT NULL, doc TEXT NOT NULL, seq INTEGER NOT NULL, ops INTEGER NOT NULL,
+                    PRIMARY KEY (device, doc));
                  CREATE TABLE IF NOT EXISTS ops (
                     hash BLOB PRIMARY KEY, doc TEXT NOT NULL, idx INTEGER, op_cbor BLOB NOT NULL,
                     confirmed INTEGER NOT NULL DEFAULT 0);
@@ -260,6 +263,42 @@ impl Store {
             params![doc.to_string(), count],
         )?;
         Ok(())
+    }
+
+    /// Records the relay's newest sequence number of a document, as it listed it.
+    pub fn set_relay_head(&self, doc: DocumentId, head: Seq) -> Result<()> {
+        self.conn.execute(
+            "UPDATE documents SET relay_head = MAX(relay_head, ?2) WHERE id = ?1",
+            params![doc.to_string(), head.0 as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Marks, for every document, how far the relay's sequence went when this device first learned
+    /// that `device` was revoked: a bundle by it after that mark was taken by a relay that should
+    /// have refused it.
+    pub fn mark_revocation(&self, device: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO revocation_marks (device, doc, seq, ops)
+             SELECT ?1, d.id, MAX(d.relay_head, COALESCE(c.seq, 0)), d.relay_ops
+             FROM documents d LEFT JOIN cursors c ON c.doc = d.id",
+            [device],
+        )?;
+        Ok(())
+    }
+
+    /// The revocation mark of `device` for `doc` (see [`Store::mark_revocation`]): the relay's
+    /// sequence number and the count of confirmed operations then.
+    pub fn revocation_mark(&self, device: &str, doc: DocumentId) -> Result<Option<(Seq, u32)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT seq, ops FROM revocation_marks WHERE device = ?1 AND doc = ?2",
+                params![device, doc.to_string()],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, u32>(1)?)),
+            )
+            .optional()?
+            .map(|(s, o)| (Seq(s as u64), o)))
     }
 
     /// A document's row.
