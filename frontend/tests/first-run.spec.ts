@@ -12,7 +12,7 @@ test('a new clerk sets up the facility, joins the network and lands signed in', 
         return defaultHandlers.create_facility(args, app);
       },
       join: async (args, app) => {
-        if (String(args.invite).startsWith('musubi1')) await relay.promise;
+        if (String(args.invite).startsWith('musubi2')) await relay.promise;
         return defaultHandlers.join(args, app);
       },
     },
@@ -53,11 +53,12 @@ test('a new clerk sets up the facility, joins the network and lands signed in', 
   await page.locator('#invite').fill('hello-relay');
   await page.locator('#invite').press('Enter');
   await expect(page.getByRole('alert')).toContainText(
-    '招待コードが正しくないか、期限切れか、すでに使われています。中継サーバーの管理者に新しい招待コードを依頼してください。',
+    'これは結びの招待コードではありません。musubi2 で始まる招待コードを、途中で切れないよう1行すべて貼り付けてください。',
   );
 
-  // The right code: joining takes a while and says so.
-  await page.locator('#invite').fill('musubi1qWx3ZmFjaWxpdHk');
+  // The right code: what it enrols shows before joining; joining takes a while and says so.
+  await page.locator('#invite').fill('musubi2qWx3ZmFjaWxpdHk');
+  await expect(page.getByTestId('invite-kind')).toHaveText('新しい施設の登録');
   await page.locator('#invite').press('Enter');
   await expect(page.getByText('中継サーバーに問い合わせています(最大20秒かかります)…')).toBeVisible();
   relay.resolve();
@@ -76,7 +77,8 @@ test('a new clerk sets up the facility, joins the network and lands signed in', 
   await expect(page.getByTestId('staff-name')).toHaveText('佐藤 一郎 さん');
   await expect(page.getByTestId('nav-referral')).toBeVisible();
   await expect(page.getByTestId('sync-state')).toHaveText('オンライン');
-  expect(app.callsTo('join')).toEqual([{ invite: 'hello-relay' }, { invite: 'musubi1qWx3ZmFjaWxpdHk' }]);
+  // A code that is not an invite never reaches the relay.
+  expect(app.callsTo('join')).toEqual([{ invite: 'musubi2qWx3ZmFjaWxpdHk' }]);
   expect(app.callsTo('create_staff')).toEqual([{ login: 'sato', name: '佐藤 一郎', password: 'sato-password' }]);
   expect(app.callsTo('sign_in')).toEqual([{ login: 'sato', password: 'sato-password' }]);
 });
@@ -94,7 +96,7 @@ test('when the relay cannot be reached while joining, the clerk is told to check
     { join: () => { throw { kind: 'unreachable', message: 'the relay did not answer within 20 s' }; } },
     { phase: 'not_joined' },
   );
-  await page.locator('#invite').fill('musubi1abc');
+  await page.locator('#invite').fill('musubi2abc');
   await page.getByTestId('join').click();
   const alert = page.getByRole('alert');
   await expect(alert).toContainText('中継サーバーに接続できません。ネットワークを確認してください。');

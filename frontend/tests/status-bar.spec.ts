@@ -59,3 +59,29 @@ test('a computer that has never synced says so, in English too', async ({ page }
   await expect(page.getByTestId('sync-state')).toHaveText('Offline — 4 unsent');
   await expect(page.getByTestId('sync-now')).toHaveText('Sync now');
 });
+
+test('when the relay went back in time, the clerk is told once, with the time, and settings keep it', async ({ page }) => {
+  const app = await openApp(page, { referral_list: () => [] });
+  const notice = page.getByTestId('relay-behind');
+  await expect(notice).toHaveCount(0);
+
+  // The relay was rolled back; this computer offered what it holds again.
+  await app.setSync({ relay_behind: { at_ms: LAST_SYNC_MS, restored: false, times: 1 } });
+  await expect(notice).toContainText('中継サーバーが以前の状態に戻ったため、この端末のデータを再送しました(2025年1月9日 14:05)');
+  await page.screenshot({ path: 'test-results/screenshots/status-relay-behind.png' });
+  await page.getByTestId('relay-behind-ok').click();
+  await expect(notice).toHaveCount(0);
+
+  // Acknowledged: not shown again after a restart, but settings still say it happened.
+  await page.reload();
+  await expect(page.getByTestId('sync-state')).toHaveText('オンライン');
+  await expect(notice).toHaveCount(0);
+  await page.getByTestId('nav-settings').click();
+  await expect(page.getByTestId('settings-relay-behind')).toContainText('この端末のデータを再送しました(2025年1月9日 14:05)');
+  await expect(page.getByTestId('settings-relay-behind')).toContainText('これまでに 1 回');
+
+  // Later the relay is restored from a backup: told again.
+  await app.setSync({ relay_behind: { at_ms: Date.UTC(2025, 0, 10, 0, 30), restored: true, times: 2 } });
+  await expect(notice).toContainText('中継サーバーがバックアップから復元され以前の状態に戻ったため、この端末のデータを再送しました(2025年1月10日 09:30)');
+  await expect(page.getByTestId('settings-relay-behind')).toContainText('これまでに 2 回');
+});

@@ -26,8 +26,20 @@ pub enum ErrorKind {
     BadCredentials,
     /// This device has not joined a deployment (no invite accepted yet).
     NotEnrolled,
-    /// The invite code is malformed, expired or refused by the relay.
+    /// The text is not an invite code (not `musubi2...`, cut short, or mistyped).
     BadInvite,
+    /// The invite code's time ran out: ask whoever gave it for a new one.
+    InviteExpired,
+    /// The relay or the inviter refused the invite: unknown there (a device invite works once the
+    /// inviting device has synced), already used, or asked for by another device.
+    InviteRefused,
+    /// This device has already joined a deployment.
+    AlreadyEnrolled,
+    /// A certificate, device chain or directory does not verify, or a device is not what the
+    /// directory says: nothing was done.
+    Trust,
+    /// The safety number typed does not match the facility's new root key.
+    SafetyNumberMismatch,
     /// The relay could not be reached; work continues offline.
     Unreachable,
     /// The relay refused this device (revoked or unknown): ask the operator.
@@ -84,6 +96,10 @@ fn engine_kind(e: &EngineError) -> ErrorKind {
         E::AlreadyInitialised(_) => ErrorKind::AlreadyInitialised,
         E::WrongPassphrase => ErrorKind::WrongPassphrase,
         E::NotEnrolled => ErrorKind::NotEnrolled,
+        E::AlreadyEnrolled(_) => ErrorKind::AlreadyEnrolled,
+        E::Trust(_) => ErrorKind::Trust,
+        E::SafetyNumber { .. } => ErrorKind::SafetyNumberMismatch,
+        E::InvalidExpiry => ErrorKind::InvalidInput,
         E::UnknownFacility(_) | E::UnknownDocument(_) => ErrorKind::NotFound,
         E::NoKey(_) => ErrorKind::NoKey,
         E::ReadOnly(_) | E::NotOwner => ErrorKind::ReadOnly,
@@ -126,7 +142,8 @@ impl From<SyncError> for AppError {
         let kind = match &e {
             SyncError::Unreachable { .. } => ErrorKind::Unreachable,
             SyncError::Refused { .. } => ErrorKind::Refused,
-            SyncError::InviteRefused(_) | SyncError::Invite(_) => ErrorKind::BadInvite,
+            SyncError::Invite(_) => ErrorKind::BadInvite,
+            SyncError::InviteRefused(_) => ErrorKind::InviteRefused,
             SyncError::Engine(inner) => engine_kind(inner),
             SyncError::Store(_) => ErrorKind::Storage,
             _ => ErrorKind::Internal,

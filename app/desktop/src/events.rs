@@ -34,6 +34,21 @@ pub struct SyncStatus {
     pub lan_peers: u32,
     /// The relay's or the network's last word when refused or failing (English), else null.
     pub message: Option<String>,
+    /// The last time the relay was found to have gone back in time (restored from a backup, or
+    /// rolled back) and this device offered what it holds again; null if never.
+    pub relay_behind: Option<RelayBehindNotice>,
+}
+
+/// The relay went back in time and this device sent its data again (DESIGN "Rollback").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, specta::Type)]
+pub struct RelayBehindNotice {
+    /// When this device last noticed, in milliseconds since the Unix epoch.
+    pub at_ms: f64,
+    /// Whether the relay's store was another generation (restored from a backup) rather than
+    /// rolled back.
+    pub restored: bool,
+    /// How many times this device noticed.
+    pub times: u32,
 }
 
 /// A document's content changed here because bundles or keys arrived from another facility or

@@ -66,6 +66,7 @@ impl AppState {
                 last_sync_ms: None,
                 lan_peers: 0,
                 message: None,
+                relay_behind: None,
             }),
             nudge: Arc::new(tokio::sync::Notify::new()),
             sync_started: Mutex::new(false),

@@ -12,11 +12,15 @@ use musubi_facility::services::shelter::Desk;
 use tauri::AppHandle;
 use tauri_specta::Event as _;
 
-use crate::events::{DocumentChanged, SyncState, SyncStatus};
+use crate::events::{DocumentChanged, RelayBehindNotice, SyncState, SyncStatus};
 use crate::state::AppState;
 
 /// Store meta key of the last time this device was in step with the relay (ms since the epoch, decimal).
 pub const LAST_SYNC_META: &str = "desktop.last_sync_ms";
+
+/// Store meta key where the sync driver records the relay going back in time
+/// (`musubi_facility::net::RelayBehind`, CBOR).
+pub const RELAY_BEHIND_META: &str = "relay_behind";
 
 /// How long "connecting" is shown before the relay is declared out of reach.
 const CONNECTING_GRACE: Duration = Duration::from_secs(5);
@@ -85,6 +89,17 @@ impl Tracker {
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.parse::<f64>().ok());
+        let relay_behind = self
+            .observer
+            .store()
+            .meta_cbor::<net::RelayBehind>(RELAY_BEHIND_META)
+            .ok()
+            .flatten()
+            .map(|r| RelayBehindNotice {
+                at_ms: r.at_ms as f64,
+                restored: r.restored,
+                times: u32::try_from(r.times).unwrap_or(u32::MAX),
+            });
         let state = if self.refused {
             SyncState::Refused
         } else if self.relay {
@@ -102,6 +117,7 @@ impl Tracker {
             last_sync_ms,
             lan_peers: u32::try_from(self.lan_peers).unwrap_or(u32::MAX),
             message: self.message.clone(),
+            relay_behind,
         }
     }
 
@@ -166,7 +182,8 @@ impl Tracker {
             SyncEvent::LanPeers(n) => self.lan_peers = n,
             SyncEvent::Changed(doc) => self.changed(doc),
             SyncEvent::Listed => self.listed(),
-            SyncEvent::Pushed => {}
+            // The status read below carries the relay going back in time (the driver recorded it).
+            SyncEvent::Pushed | SyncEvent::RelayBehind => {}
             SyncEvent::CaughtUp => {
                 let _ = self
                     .observer

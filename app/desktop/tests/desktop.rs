@@ -37,6 +37,11 @@ fn committed_typescript_bindings_match_the_rust_commands_and_types() {
         "appStatus(",
         "createFacility(",
         "syncNow(",
+        "invitePreview(",
+        "deviceInvite(",
+        "revokeDevice(",
+        "trustDirectory(",
+        "confirmRoot(",
         "\"sync-status\"",
         "\"document-changed\"",
     ] {
@@ -206,4 +211,127 @@ fn referral_typescript_describes_the_json_serde_writes() {
         ts_type(&ts, "ReferralStatus")
             .contains("\"draft\" | \"sent\" | \"received\" | \"replied\"")
     );
+}
+
+fn invite(invite: musubi_crdt::invite::InviteFor, expires_at_ms: u64) -> String {
+    use musubi_crdt::crypto::DeviceSecrets;
+    let relay = DeviceSecrets::from_seeds([1; 32], [1; 32]).device_id();
+    musubi_crdt::invite::InviteCode {
+        deployment: musubi_crdt::ids::DeploymentId::from_random_bytes([2; 16]),
+        relay,
+        addrs: vec![format!("/ip4/127.0.0.1/tcp/4001/p2p/{relay}")],
+        authority: DeviceSecrets::from_seeds([3; 32], [3; 32]).device_id(),
+        invite,
+        expires_at_ms,
+        secret: vec![9; 32],
+    }
+    .encode()
+}
+
+/// The join screen shows what a pasted code enrols and the authority's fingerprint before anything
+/// is sent; codes that are not invites, or ran out, are named as such.
+#[test]
+fn a_pasted_invite_code_is_read_before_joining() {
+    use musubi_crdt::ids::{FacilityId, FacilityRole};
+    use musubi_crdt::invite::InviteFor;
+    use musubi_desktop::commands::session::{InviteKind, preview_invite};
+    use musubi_desktop::error::ErrorKind;
+
+    let authority = musubi_crdt::crypto::DeviceSecrets::from_seeds([3; 32], [3; 32]).device_id();
+    let fingerprint = musubi_crdt::directory::authority_fingerprint(&authority);
+
+    let clinic = invite(
+        InviteFor::NewFacility {
+            name: "七尾市立診療所".into(),
+            role: FacilityRole::Clinic,
+        },
+        2_000,
+    );
+    let p = preview_invite(&format!("  {clinic}\n"), 1_000).expect("a new facility's invite");
+    assert_eq!(p.kind, InviteKind::NewFacility);
+    assert_eq!(p.facility_name, "七尾市立診療所");
+    assert_eq!(p.role, Some(FacilityRole::Clinic));
+    assert_eq!(p.authority_fingerprint, fingerprint);
+    assert_eq!(p.expires_at_ms, 2_000.0);
+    assert_eq!(p.authority_fingerprint.split(' ').count(), 6);
+
+    let laptop = invite(
+        InviteFor::Device {
+            facility: FacilityId::from_random_bytes([4; 16]),
+            facility_name: "小丸山小学校 避難所".into(),
+        },
+        2_000,
+    );
+    let p = preview_invite(&laptop, 1_000).expect("a device invite");
+    assert_eq!(p.kind, InviteKind::Device);
+    assert_eq!(p.facility_name, "小丸山小学校 避難所");
+    assert_eq!(p.role, None);
+
+    let expired = preview_invite(&laptop, 2_000).expect_err("expired");
+    assert_eq!(expired.kind, ErrorKind::InviteExpired);
+    for garbage in ["hello", "musubi1abc", &clinic[..clinic.len() - 5]] {
+        let e = preview_invite(garbage, 1_000).expect_err(garbage);
+        assert_eq!(e.kind, ErrorKind::BadInvite, "{garbage}");
+    }
+}
+
+/// A safety number read out by phone is typed with or without spaces, or in full-width digits from
+/// a Japanese input method; anything but 30 digits is refused before the engine is asked.
+#[test]
+fn a_typed_safety_number_is_read_in_any_spacing_and_width() {
+    use musubi_desktop::commands::trust::normalize_safety_number;
+    use musubi_desktop::error::ErrorKind;
+
+    let want = "12345 67890 12345 67890 12345 67890";
+    for typed in [
+        want,
+        "123456789012345678901234567890",
+        "１２３４５　６７８９０　１２３４５　６７８９０　１２３４５　６７８９０",
+        " 12345-67890-12345-67890-12345-67890\n",
+    ] {
+        assert_eq!(
+            normalize_safety_number(typed).map_err(|e| e.kind),
+            Ok(want.to_owned()),
+            "{typed}"
+        );
+    }
+    for typed in ["", "12345 67890", "12345 67890 12345 67890 12345 6789O"] {
+        assert_eq!(
+            normalize_safety_number(typed).map_err(|e| e.kind),
+            Err(ErrorKind::InvalidInput),
+            "{typed}"
+        );
+    }
+}
+
+/// The new trust errors reach the UI as kinds it can branch on.
+#[test]
+fn trust_errors_cross_ipc_as_their_own_kinds() {
+    use musubi_desktop::error::{AppError, ErrorKind};
+    use musubi_facility::EngineError;
+    use musubi_facility::net::SyncError;
+
+    let mismatch = AppError::from(EngineError::SafetyNumber {
+        facility: "恵寿総合病院".into(),
+        given: "1".into(),
+        expected: "2".into(),
+    });
+    assert_eq!(mismatch.kind, ErrorKind::SafetyNumberMismatch);
+    assert_eq!(
+        AppError::from(EngineError::Trust("no".into())).kind,
+        ErrorKind::Trust
+    );
+    assert_eq!(
+        AppError::from(EngineError::InvalidExpiry).kind,
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        AppError::from(SyncError::InviteRefused(
+            "this invite was already used".into()
+        ))
+        .kind,
+        ErrorKind::InviteRefused
+    );
+    let json = serde_json::to_value(&mismatch).expect("serialise");
+    assert_eq!(json["kind"], "safety_number_mismatch");
 }

@@ -48,13 +48,30 @@ async unlock(passphrase: string) : Promise<Result<AppStatus, AppError>> {
 }
 },
 /**
- * Joins a deployment with the invite code the relay operator gave (`musubi1...`): asks the relay,
- * records the enrolment and starts syncing.
+ * What a pasted invite code enrols and the authority's fingerprint, before joining (no network).
  * 
- * Errors: `bad_invite` (malformed, expired, used, refused); `unreachable` (relay not reachable
- * within 20 s); `locked`.
+ * Errors: `bad_invite` (empty, or not an invite code); `invite_expired`.
  */
-async join(invite: string) : Promise<Result<AppStatus, AppError>> {
+async invitePreview(invite: string) : Promise<Result<InvitePreview, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("invite_preview", { invite }) };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Joins a deployment with an invite code (`musubi2...`) handed over in person: sends this device's
+ * join request with its proof of the code's secret. When the inviter has approved (the embedded
+ * authority approves a new facility at once), verifies the directory against the authority the code
+ * names, records the enrolment and starts syncing; otherwise answers `pending` at once, and the same
+ * code asked again later finishes the join.
+ * 
+ * Errors: `bad_invite` (not an invite code); `invite_expired`; `invite_refused` (unknown at the
+ * relay, used, taken by another device, or an approval that does not verify); `unreachable`
+ * (no answer within 20 s); `already_enrolled`; `locked`.
+ */
+async join(invite: string) : Promise<Result<JoinAnswer, AppError>> {
     try {
     return { status: "ok", data: await TAURI_INVOKE("join", { invite }) };
 } catch (e) {
@@ -157,6 +174,80 @@ async settings() : Promise<Result<Settings, AppError>> {
 async facilities() : Promise<Result<FacilityChoice[], AppError>> {
     try {
     return { status: "ok", data: await TAURI_INVOKE("facilities") };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * This facility's devices, in the order they were added, from the verified directory.
+ * 
+ * Errors: `locked`; `not_enrolled`.
+ */
+async facilityDevices() : Promise<Result<FacilityDevice[], AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("facility_devices") };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Makes an invite code for one more device of this facility, valid for `hours`, and wakes the sync
+ * so the relay learns of it at once. It works once this device has synced; this device approves the
+ * new device automatically at its next sync after the new device asked.
+ * 
+ * Errors: `invalid_input` (hours outside 1 to 720); `not_signed_in`; `not_enrolled`; `storage`.
+ */
+async deviceInvite(hours: number) : Promise<Result<DeviceInvite, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("device_invite", { hours }) };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Revokes another device of this facility (a lost or stolen laptop): queues the revocation and the
+ * key upkeep that follows (new keys for every document this facility writes), and wakes the sync.
+ * The revoked device reads nothing written after; the facility's other devices keep working.
+ * 
+ * Errors: `invalid_input` (this device itself); `not_found` (not a device id, or not a current
+ * device of this facility); `not_signed_in`; `storage`.
+ */
+async revokeDevice(device: string) : Promise<Result<null, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("revoke_device", { device }) };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Every facility with its safety number and trust state, the facilities left out, and the
+ * deployment authority's fingerprint.
+ * 
+ * Errors: `locked`; `not_enrolled`.
+ */
+async trustDirectory() : Promise<Result<TrustDirectory, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("trust_directory") };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Accepts a facility's new root key after a person heard its safety number by phone from the
+ * facility and typed it: the engine checks it against the new certificate, grants keys to the
+ * facility's devices again, and the sync is woken to send them.
+ * 
+ * Errors: `invalid_input` (not 30 digits); `safety_number_mismatch`; `not_found` (no such
+ * facility); `not_signed_in`; `trust`.
+ */
+async confirmRoot(facility: FacilityId, safetyNumber: string) : Promise<Result<null, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("confirm_root", { facility, safetyNumber }) };
 } catch (e) {
     if(e instanceof Error) throw e;
     else return { status: "error", error: e  as any };
@@ -1536,6 +1627,22 @@ needs: ShelterNeed[];
  */
 requests: SupplyRequest[] }
 /**
+ * A code for one more device of this facility.
+ */
+export type DeviceInvite = { 
+/**
+ * The invite code (`musubi2...`), to hand over in person; it is a secret until used.
+ */
+code: string; 
+/**
+ * When it stops working, in milliseconds since the Unix epoch.
+ */
+expires_at_ms: number; 
+/**
+ * This facility's name (what the new device's join screen will show).
+ */
+facility_name: string }
+/**
  * Which way a letter goes, seen from this facility.
  */
 export type Direction = 
@@ -1618,9 +1725,31 @@ export type ErrorKind =
  */
 "not_enrolled" | 
 /**
- * The invite code is malformed, expired or refused by the relay.
+ * The text is not an invite code (not `musubi2...`, cut short, or mistyped).
  */
 "bad_invite" | 
+/**
+ * The invite code's time ran out: ask whoever gave it for a new one.
+ */
+"invite_expired" | 
+/**
+ * The relay or the inviter refused the invite: unknown there (a device invite works once the
+ * inviting device has synced), already used, or asked for by another device.
+ */
+"invite_refused" | 
+/**
+ * This device has already joined a deployment.
+ */
+"already_enrolled" | 
+/**
+ * A certificate, device chain or directory does not verify, or a device is not what the
+ * directory says: nothing was done.
+ */
+"trust" | 
+/**
+ * The safety number typed does not match the facility's new root key.
+ */
+"safety_number_mismatch" | 
 /**
  * The relay could not be reached; work continues offline.
  */
@@ -1778,6 +1907,30 @@ role: FacilityRole;
  */
 is_self: boolean }
 /**
+ * One device of this facility.
+ */
+export type FacilityDevice = { 
+/**
+ * The device id (libp2p PeerId of its Ed25519 key).
+ */
+device_id: string; 
+/**
+ * Its key fingerprint: the one its own settings screen shows, to tell the laptops apart.
+ */
+fingerprint: string; 
+/**
+ * Whether it is this device.
+ */
+is_self: boolean; 
+/**
+ * Revoked by the facility's chain or by the operator.
+ */
+revoked: boolean; 
+/**
+ * A revocation made here waits in the outbox for the relay.
+ */
+revoking: boolean }
+/**
  * A facility (clinic, care office, community centre, HQ): an organisation with one or more devices.
  */
 export type FacilityId = string
@@ -1801,6 +1954,55 @@ export type FacilityRole =
  * 災害対策本部 (disaster headquarters).
  */
 "hq"
+/**
+ * A facility of the deployment with its safety number and trust state.
+ */
+export type FacilityTrust = { 
+/**
+ * Facility id.
+ */
+id: FacilityId; 
+/**
+ * Its name as the authority certified it.
+ */
+name: string; 
+/**
+ * What kind of facility it is.
+ */
+role: FacilityRole; 
+/**
+ * Whether it is this facility.
+ */
+is_self: boolean; 
+/**
+ * Revoked by the operator.
+ */
+revoked: boolean; 
+/**
+ * How far it is trusted.
+ */
+trust: TrustState; 
+/**
+ * The safety number of its root key (30 digits in six groups of five); null while its root key
+ * changed, since the person must hear the new one from the facility, not read it here.
+ */
+safety_number: string | null; 
+/**
+ * When the root key changed: the safety number of the key seen first.
+ */
+pinned_safety_number: string | null; 
+/**
+ * When its chain forked: why.
+ */
+problem: string | null; 
+/**
+ * Its devices that are not revoked.
+ */
+devices: number; 
+/**
+ * Device chain links the relay served that were refused, with the reason.
+ */
+refused: string[] }
 /**
  * How a field of 第1表 is entered (the editor's input type); see [`PlanField::input`].
  */
@@ -1868,6 +2070,22 @@ export type HouseworkReason =
  */
 "その他"
 /**
+ * A facility the relay listed without a valid certificate: left out, shown as a warning.
+ */
+export type IgnoredFacility = { 
+/**
+ * The facility id the relay gave.
+ */
+id: FacilityId; 
+/**
+ * The name the relay gave.
+ */
+name: string; 
+/**
+ * Why it was left out (English).
+ */
+reason: string }
+/**
  * An answer to a safety inquiry (only for evacuees who consented to disclosure).
  */
 export type InquiryAnswer = { 
@@ -1895,6 +2113,45 @@ presence: Presence;
  * When the last stay event happened (RFC 3339).
  */
 since: string }
+/**
+ * What an invite code enrols.
+ */
+export type InviteKind = 
+/**
+ * A new facility (新しい施設の登録), from the municipality's operator (`musubi-node invite`);
+ * the deployment authority approves it.
+ */
+"new_facility" | 
+/**
+ * One more device of an existing facility (この施設の端末の追加), from a current device of it
+ * (`musubi device invite`, or 設定 →「端末を追加」); that device approves it at its next sync.
+ */
+"device"
+/**
+ * What a pasted invite code says, shown before joining so the person can check it.
+ */
+export type InvitePreview = { 
+/**
+ * What the code enrols.
+ */
+kind: InviteKind; 
+/**
+ * The facility: the new one's name, or the one this device will join.
+ */
+facility_name: string; 
+/**
+ * The new facility's role (null for a device invite: the facility's certificate says).
+ */
+role: FacilityRole | null; 
+/**
+ * The deployment authority's fingerprint (30 digits in six groups of five): the person compares
+ * it with the one the municipality published before joining; the device pins this authority.
+ */
+authority_fingerprint: string; 
+/**
+ * When the code stops working, in milliseconds since the Unix epoch.
+ */
+expires_at_ms: number }
 /**
  * A field of an item of 第2表 or 第3表.
  */
@@ -1951,6 +2208,31 @@ label: string;
  * Its fields, in form order.
  */
 fields: ItemFieldInfo[] }
+/**
+ * What joining came to.
+ */
+export type JoinAnswer = { 
+/**
+ * Where the app stands now (`not_joined` while pending).
+ */
+status: AppStatus; 
+/**
+ * Set while the request waits for approval: call `join` again with the same code to finish.
+ */
+pending: JoinPending | null }
+/**
+ * A join request that waits for the inviter's approval.
+ */
+export type JoinPending = { 
+/**
+ * Who approves: for a device invite, the inviting device at its next sync; for a new facility,
+ * the deployment authority.
+ */
+kind: InviteKind; 
+/**
+ * When the invite (and so the request) expires, in milliseconds since the Unix epoch.
+ */
+expires_at_ms: number }
 /**
  * One letter with what the screen needs to decide what the user may do.
  */
@@ -2995,6 +3277,23 @@ name: string;
  */
 email: string }
 /**
+ * The relay went back in time and this device sent its data again (DESIGN "Rollback").
+ */
+export type RelayBehindNotice = { 
+/**
+ * When this device last noticed, in milliseconds since the Unix epoch.
+ */
+at_ms: number; 
+/**
+ * Whether the relay's store was another generation (restored from a backup) rather than
+ * rolled back.
+ */
+restored: boolean; 
+/**
+ * How many times this device noticed.
+ */
+times: number }
+/**
  * Status of a supply request; only moves forward: open < arranged < delivered < cancelled.
  */
 export type RequestStatus = 
@@ -3659,7 +3958,47 @@ lan_peers: number;
 /**
  * The relay's or the network's last word when refused or failing (English), else null.
  */
-message: string | null }
+message: string | null; 
+/**
+ * The last time the relay was found to have gone back in time (restored from a backup, or
+ * rolled back) and this device offered what it holds again; null if never.
+ */
+relay_behind: RelayBehindNotice | null }
+/**
+ * The deployment as this device verified it.
+ */
+export type TrustDirectory = { 
+/**
+ * The fingerprint of the deployment authority pinned at join (30 digits in six groups of five),
+ * to compare with the one the municipality published.
+ */
+authority_fingerprint: string; 
+/**
+ * Facilities whose certificate verifies: this one first, then by name.
+ */
+facilities: FacilityTrust[]; 
+/**
+ * Facilities the relay listed without a valid certificate.
+ */
+ignored: IgnoredFacility[] }
+/**
+ * How far a facility is trusted.
+ */
+export type TrustState = 
+/**
+ * Certified by the authority with the root key seen first, its device chain as seen before.
+ */
+"verified" | 
+/**
+ * The authority certified another root key than the one seen first: its devices receive no
+ * document key until a person confirms the new safety number by phone (`confirm_root`).
+ */
+"root_changed" | 
+/**
+ * The relay served a device chain that does not extend the one seen before: what was seen
+ * stays, nothing new is taken.
+ */
+"chain_forked"
 /**
  * 緊急度 of a supply request.
  */

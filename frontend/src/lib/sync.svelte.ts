@@ -1,7 +1,7 @@
 // The sync status: polled once, then kept current by the `SyncStatus` event.
 
-import { commands, events, onEvent, unwrap, type SyncStatus } from './api';
-import { t } from './i18n.svelte';
+import { commands, events, onEvent, unwrap, type RelayBehindNotice, type SyncStatus } from './api';
+import { formatDateTime, t } from './i18n.svelte';
 
 const state = $state<{ status: SyncStatus | null }>({ status: null });
 
@@ -17,6 +17,11 @@ export function syncWords(s: SyncStatus | null): string {
   if (!s) return t('status.unknown');
   if (s.state === 'offline') return t('status.offline', { n: s.pending });
   return t(`status.${s.state}`);
+}
+
+/** What happened when the relay went back in time (restored from a backup, or rolled back), with when. */
+export function relayBehindWords(n: RelayBehindNotice): string {
+  return t(n.restored ? 'status.relayRestored' : 'status.relayBehind', { time: formatDateTime(n.at_ms) });
 }
 
 /**

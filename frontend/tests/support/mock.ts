@@ -23,12 +23,18 @@
 import type { Page } from '@playwright/test';
 import type {
   AppStatus,
+  DeviceInvite,
   ErrorKind,
   FacilityChoice,
+  FacilityDevice,
   FacilityRole,
+  FacilityTrust,
+  InvitePreview,
+  JoinAnswer,
   Settings,
   Staff,
   SyncStatus,
+  TrustDirectory,
 } from '../../src/lib/bindings';
 
 /** The phases `appStatus()` reports. */
@@ -55,6 +61,14 @@ export type Handler = (args: Record<string, any>, app: MockApp) => unknown;
 /** Handlers by command name: the Rust name (`create_facility`) or the TS name (`createFacility`). */
 export type Handlers = Record<string, Handler>;
 
+/** An invite code the mocked engine knows: what it reads as, and how joining with it goes. */
+export interface MockInvite extends InvitePreview {
+  /** How many `join` calls answer "pending" before the join completes (default 0: at once). */
+  pending?: number;
+  /** The error every `join` with this code gets (used, unknown at the relay). */
+  refuse?: MockError;
+}
+
 /** The mocked engine's state that the default handlers read and change. */
 export interface MockState {
   phase: Phase;
@@ -68,11 +82,25 @@ export interface MockState {
   passwords: Record<string, string>;
   /** The passphrase `unlock` accepts. */
   passphrase: string;
-  /** Invite codes `join` accepts (any code starting with `musubi1` when empty). */
-  invites: string[];
+  /**
+   * Invite codes `invite_preview` and `join` know, by code. When empty, any code starting with
+   * `musubi2` reads as an invite for a new facility (this one, a clinic) that joins at once.
+   */
+  invites: Record<string, MockInvite>;
   sync: SyncStatus;
   settings: Settings;
   facilities: FacilityChoice[];
+  /** This facility's computers (`facility_devices`). */
+  devices: FacilityDevice[];
+  /** The verified directory (`trust_directory`). */
+  trust: TrustDirectory;
+  /**
+   * The safety numbers of new root keys, by facility id: what the facility would read out by
+   * phone, and what `confirm_root` accepts for a `root_changed` facility.
+   */
+  new_safety_numbers: Record<string, string>;
+  /** Device invites made (`device_invite`). */
+  device_invites: DeviceInvite[];
   data_dir: string;
 }
 
@@ -97,6 +125,12 @@ export interface OpenOptions {
   settings?: Partial<Settings>;
   /** The deployment's facilities (default: this one and three others, one per role). */
   facilities?: FacilityChoice[];
+  /** This facility's computers (default: this one and the reception's second laptop). */
+  devices?: FacilityDevice[];
+  /** The verified directory (default: `facilities`, all verified, with made-up safety numbers). */
+  trust?: Partial<TrustDirectory>;
+  /** Invite codes the engine knows (default: none, so any `musubi2...` code joins at once). */
+  invites?: Record<string, MockInvite>;
   /** UI language stored before the app starts (default: none stored, so Japanese). */
   lang?: 'ja' | 'en';
   /** The hash route to open, e.g. `#/careplan` (default: none, so the first screen). */
@@ -153,6 +187,33 @@ export const LAST_SYNC_MS = Date.UTC(2025, 0, 9, 5, 5);
 
 export const DEFAULT_STAFF: Staff = { id: 'staff-1', login: 'yamada', name: '山田 花子', card: null };
 export const DEFAULT_FACILITY_ID = '0194a3c2-7d1e-7c3a-9f00-0000000000c1';
+/** The certification authority's fingerprint the default invites and directory name. */
+export const AUTHORITY_FINGERPRINT = '40213 88710 05126 93384 71502 66049';
+/** This device's id and fingerprint (as `settings` reports them). */
+export const THIS_DEVICE_ID = '12D3KooWQm7zNfVhd3Lq5oZ6x2cYvM9t4kP8rW1sBaE3uJn5GhXy';
+export const THIS_DEVICE_FINGERPRINT = '3f2a 91c0 5be7 0d44 a1f9 7c3e 28b6 e05d';
+/** The reception's second laptop in the default device list. */
+export const OTHER_DEVICE_ID = '12D3KooWLaptop2ReceptionNanaoClinic00000000000000000';
+export const OTHER_DEVICE_FINGERPRINT = '9c41 07d2 e88a 1f30 5b6c d903 47ae 21f5';
+
+/** A made-up safety number (30 digits in six groups of five) for a facility id. */
+export function safetyNumberOf(id: string): string {
+  let h = 2166136261;
+  const out: string[] = [];
+  for (let g = 0; g < 6; g++) {
+    for (const c of `${id}/${g}`) h = Math.imul(h ^ c.charCodeAt(0), 16777619) >>> 0;
+    out.push(String(h % 100000).padStart(5, '0'));
+  }
+  return out.join(' ');
+}
+
+/** Only the digits of a typed safety number (full-width digits read as digits), as the shell does. */
+export function safetyDigits(typed: string): string {
+  return [...typed]
+    .map((c) => (c >= '０' && c <= '９' ? String.fromCharCode(c.charCodeAt(0) - 0xfee0) : c))
+    .filter((c) => c >= '0' && c <= '9')
+    .join('');
+}
 
 function snake(cmd: string): string {
   return cmd.includes('|') ? cmd : cmd.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
@@ -178,14 +239,15 @@ function initialState(o: OpenOptions): MockState {
     last_sync_ms: joined ? LAST_SYNC_MS : null,
     lan_peers: 0,
     message: null,
+    relay_behind: null,
     ...o.sync,
   };
   const settings: Settings = {
     facility_name: name,
     facility_id: joined ? id : null,
     facility_role: joined ? role : null,
-    device_id: '12D3KooWQm7zNfVhd3Lq5oZ6x2cYvM9t4kP8rW1sBaE3uJn5GhXy',
-    fingerprint: '3f2a 91c0 5be7 0d44 a1f9 7c3e 28b6 e05d',
+    device_id: THIS_DEVICE_ID,
+    fingerprint: THIS_DEVICE_FINGERPRINT,
     relay_id: joined ? '12D3KooWRelayNodeNanaoCity0000000000000000000000000' : null,
     relay_addrs: joined ? ['/dns4/relay.nanao.example.jp/udp/4433/quic-v1', '/ip4/10.20.0.5/tcp/4433'] : [],
     lan: true,
@@ -200,6 +262,30 @@ function initialState(o: OpenOptions): MockState {
     { id: '0194a3c2-7d1e-7c3a-9f00-0000000000c4', name: '七尾市立小丸山小学校 避難所', role: 'shelter', is_self: false },
     { id: '0194a3c2-7d1e-7c3a-9f00-0000000000c5', name: '七尾市災害対策本部', role: 'hq', is_self: false },
   ];
+  const devices: FacilityDevice[] = o.devices ?? [
+    { device_id: THIS_DEVICE_ID, fingerprint: THIS_DEVICE_FINGERPRINT, is_self: true, revoked: false, revoking: false },
+    { device_id: OTHER_DEVICE_ID, fingerprint: OTHER_DEVICE_FINGERPRINT, is_self: false, revoked: false, revoking: false },
+  ];
+  const trust: TrustDirectory = {
+    authority_fingerprint: AUTHORITY_FINGERPRINT,
+    facilities: facilities.map(
+      (f): FacilityTrust => ({
+        id: f.id,
+        name: f.name,
+        role: f.role,
+        is_self: f.is_self,
+        revoked: false,
+        trust: 'verified',
+        safety_number: safetyNumberOf(f.id),
+        pinned_safety_number: null,
+        problem: null,
+        devices: f.is_self ? devices.filter((d) => !d.revoked).length : 1,
+        refused: [],
+      }),
+    ),
+    ignored: [],
+    ...o.trust,
+  };
   return {
     phase,
     facility_name: phase === 'new' || phase === 'locked' ? null : name,
@@ -208,10 +294,14 @@ function initialState(o: OpenOptions): MockState {
     staff_list: staffList,
     passwords: o.passwords ?? { [staff.login]: 'password123' },
     passphrase: o.passphrase ?? 'correct horse battery',
-    invites: [],
+    invites: o.invites ?? {},
     sync,
     settings,
     facilities,
+    devices,
+    trust,
+    new_safety_numbers: {},
+    device_invites: [],
     data_dir,
   };
 }
@@ -238,6 +328,38 @@ function requireUnlocked(s: MockState) {
   if (s.phase === 'locked') fail('locked', 'the facility is locked');
 }
 
+/** What `invite_preview` answers for `code`, or the error it fails with. */
+function preview(s: MockState, text: string): InvitePreview {
+  const code = text.trim();
+  if (code === '') fail('bad_invite', 'the invite code is empty');
+  let known: MockInvite | undefined = s.invites[code];
+  if (!known && Object.keys(s.invites).length === 0 && code.startsWith('musubi2')) {
+    known = {
+      kind: 'new_facility',
+      facility_name: s.settings.facility_name,
+      role: 'clinic',
+      authority_fingerprint: AUTHORITY_FINGERPRINT,
+      expires_at_ms: Date.now() + 7 * 24 * 3600_000,
+    };
+  }
+  if (!known) {
+    fail(
+      'bad_invite',
+      'this is not a Musubi invite code (it should start with musubi2); copy the whole line that `musubi-node invite` or `musubi device invite` printed',
+    );
+  }
+  if (known.expires_at_ms <= Date.now()) {
+    fail('invite_expired', 'this invite has expired; ask whoever gave it for a new one');
+  }
+  const { kind, facility_name, role, authority_fingerprint, expires_at_ms } = known;
+  return { kind, facility_name, role, authority_fingerprint, expires_at_ms };
+}
+
+function requireStaff(s: MockState) {
+  requireUnlocked(s);
+  if (!s.staff) fail('not_signed_in', 'no staff member is signed in');
+}
+
 /** The default handlers: session, sync and settings commands over `app.state`, as the engine behaves. */
 export const defaultHandlers: Handlers = {
   app_status: (_a, { state }) => status(state),
@@ -261,22 +383,34 @@ export const defaultHandlers: Handlers = {
     }
     return status(state);
   },
+  invite_preview: ({ invite }, { state }) => preview(state, String(invite ?? '')),
   join: async ({ invite }, app) => {
     const { state } = app;
     requireUnlocked(state);
     const code = String(invite ?? '').trim();
-    const ok = state.invites.length > 0 ? state.invites.includes(code) : code.startsWith('musubi1');
-    if (!ok) fail('bad_invite', 'the invite code is not valid: bad prefix');
+    const known = preview(state, code);
+    const entry = state.invites[code];
+    if (entry?.refuse) fail(entry.refuse.kind, entry.refuse.message);
+    if (entry?.pending) {
+      entry.pending--;
+      const answer: JoinAnswer = {
+        status: status(state),
+        pending: { kind: known.kind, expires_at_ms: known.expires_at_ms },
+      };
+      return answer;
+    }
     const s = state.settings;
     s.facility_id = s.facility_id ?? DEFAULT_FACILITY_ID;
-    s.facility_role = s.facility_role ?? 'clinic';
+    s.facility_role = known.role ?? s.facility_role ?? 'clinic';
+    s.facility_name = known.facility_name;
     s.relay_id = s.relay_id ?? '12D3KooWRelayNodeNanaoCity0000000000000000000000000';
     if (s.relay_addrs.length === 0) s.relay_addrs = ['/ip4/10.20.0.5/tcp/4433'];
     state.facility_role = s.facility_role;
     state.facility_name = s.facility_name;
     state.phase = afterUnlock(state);
     state.sync = { ...state.sync, state: 'online', last_sync_ms: LAST_SYNC_MS };
-    return status(state);
+    const answer: JoinAnswer = { status: status(state), pending: null };
+    return answer;
   },
   create_staff: ({ login, name, password }, { state }) => {
     requireUnlocked(state);
@@ -320,6 +454,55 @@ export const defaultHandlers: Handlers = {
     requireUnlocked(state);
     if (!state.facility_role) fail('not_enrolled', 'this device has not joined a deployment');
     return state.facilities;
+  },
+  facility_devices: (_a, { state }) => {
+    requireUnlocked(state);
+    if (!state.facility_role) fail('not_enrolled', 'this device has not joined a deployment');
+    return state.devices;
+  },
+  device_invite: ({ hours }, { state }) => {
+    requireStaff(state);
+    const h = Number(hours);
+    if (!(h >= 1 && h <= 720)) fail('invalid_input', 'an invite lasts 1 to 720 hours');
+    const invite: DeviceInvite = {
+      code: `musubi2DeviceInvite${state.device_invites.length + 1}qWx3ZmFjaWxpdHktbGFwdG9wLW5hbmFvLWNsaW5pYw`,
+      expires_at_ms: Date.now() + h * 3600_000,
+      facility_name: state.settings.facility_name,
+    };
+    state.device_invites.push(invite);
+    return invite;
+  },
+  revoke_device: ({ device }, { state }) => {
+    requireStaff(state);
+    const d = state.devices.find((x) => x.device_id === device);
+    if (d?.is_self) fail('invalid_input', 'this device cannot revoke itself; revoke it from another device of the facility');
+    if (!d || d.revoked) fail('not_found', `${device} is not a current device of this facility`);
+    d.revoking = true;
+    return null;
+  },
+  trust_directory: (_a, { state }) => {
+    requireUnlocked(state);
+    if (!state.facility_role) fail('not_enrolled', 'this device has not joined a deployment');
+    return state.trust;
+  },
+  confirm_root: ({ facility, safetyNumber }, { state }) => {
+    requireStaff(state);
+    const digits = safetyDigits(String(safetyNumber ?? ''));
+    if (digits.length !== 30) fail('invalid_input', `a safety number has 30 digits; ${digits.length} were typed`);
+    const f = state.trust.facilities.find((x) => x.id === facility);
+    if (!f) fail('not_found', `no facility "${facility}" in the directory`);
+    const expected = state.new_safety_numbers[f.id] ?? f.safety_number ?? '';
+    const given = digits.replace(/(\d{5})(?=\d)/g, '$1 ');
+    if (safetyDigits(expected) !== digits) {
+      fail(
+        'safety_number_mismatch',
+        `the safety number ${given} does not match facility ${f.name}'s root key (see \`musubi facilities\`); read it again with the facility by phone`,
+      );
+    }
+    f.trust = 'verified';
+    f.safety_number = expected;
+    f.pinned_safety_number = null;
+    return null;
   },
 };
 

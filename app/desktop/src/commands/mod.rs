@@ -8,3 +8,4 @@ pub mod referral;
 pub mod session;
 pub mod shelter;
 pub mod sync;
+pub mod trust;

@@ -3,7 +3,11 @@
 use std::time::Duration;
 
 use musubi_crdt::crypto::PASSPHRASE_LOG_N_DEFAULT;
+use musubi_crdt::directory::authority_fingerprint;
+use musubi_crdt::ids::FacilityRole;
+use musubi_crdt::invite::{InviteCode, InviteFor};
 use musubi_facility::Engine;
+use musubi_facility::engine::{Joined, now_ms};
 use musubi_facility::staff::{self, Staff};
 use serde::{Deserialize, Serialize};
 use tauri::{AppHandle, State};
@@ -15,7 +19,7 @@ use crate::sync_task;
 /// Shortest passphrase accepted for a new facility, in characters.
 pub const PASSPHRASE_CHARS_MIN: usize = 8;
 
-/// How long joining waits for the relay's answer.
+/// How long one join attempt waits for the relay's answer (a pending join is asked again by the UI).
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where the app stands, which decides the screen shown.
@@ -44,7 +48,7 @@ pub struct AppStatus {
     /// This facility's name (known once unlocked).
     pub facility_name: Option<String>,
     /// This facility's role in the deployment (known once joined).
-    pub facility_role: Option<musubi_crdt::ids::FacilityRole>,
+    pub facility_role: Option<FacilityRole>,
     /// The signed-in staff member.
     pub staff: Option<Staff>,
     /// The data directory (shown in settings and in error help).
@@ -173,18 +177,112 @@ pub async fn unlock(
     Ok(status)
 }
 
-/// Joins a deployment with the invite code the relay operator gave (`musubi1...`): asks the relay,
-/// records the enrolment and starts syncing.
+/// What an invite code enrols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, specta::Type)]
+#[serde(rename_all = "snake_case")]
+pub enum InviteKind {
+    /// A new facility (新しい施設の登録), from the municipality's operator (`musubi-node invite`);
+    /// the deployment authority approves it.
+    NewFacility,
+    /// One more device of an existing facility (この施設の端末の追加), from a current device of it
+    /// (`musubi device invite`, or 設定 →「端末を追加」); that device approves it at its next sync.
+    Device,
+}
+
+/// What a pasted invite code says, shown before joining so the person can check it.
+#[derive(Clone, Debug, Serialize, Deserialize, specta::Type)]
+pub struct InvitePreview {
+    /// What the code enrols.
+    pub kind: InviteKind,
+    /// The facility: the new one's name, or the one this device will join.
+    pub facility_name: String,
+    /// The new facility's role (null for a device invite: the facility's certificate says).
+    pub role: Option<FacilityRole>,
+    /// The deployment authority's fingerprint (30 digits in six groups of five): the person compares
+    /// it with the one the municipality published before joining; the device pins this authority.
+    pub authority_fingerprint: String,
+    /// When the code stops working, in milliseconds since the Unix epoch.
+    pub expires_at_ms: f64,
+}
+
+/// Reads an invite code without using it (no network): what it enrols and whom it trusts.
 ///
-/// Errors: `bad_invite` (malformed, expired, used, refused); `unreachable` (relay not reachable
-/// within 20 s); `locked`.
+/// Errors: `bad_invite` (not an invite code); `invite_expired`.
+pub fn preview_invite(text: &str, now_ms: u64) -> AppResult<InvitePreview> {
+    let code =
+        InviteCode::decode(text).map_err(|e| AppError::new(ErrorKind::BadInvite, e.to_string()))?;
+    if code.expires_at_ms <= now_ms {
+        return Err(AppError::new(
+            ErrorKind::InviteExpired,
+            "this invite has expired; ask whoever gave it for a new one",
+        ));
+    }
+    let (kind, facility_name, role) = match &code.invite {
+        InviteFor::NewFacility { name, role } => {
+            (InviteKind::NewFacility, name.clone(), Some(*role))
+        }
+        InviteFor::Device { facility_name, .. } => {
+            (InviteKind::Device, facility_name.clone(), None)
+        }
+    };
+    Ok(InvitePreview {
+        kind,
+        facility_name,
+        role,
+        authority_fingerprint: authority_fingerprint(&code.authority),
+        expires_at_ms: code.expires_at_ms as f64,
+    })
+}
+
+/// What a pasted invite code enrols and the authority's fingerprint, before joining (no network).
+///
+/// Errors: `bad_invite` (empty, or not an invite code); `invite_expired`.
+#[tauri::command]
+#[specta::specta]
+pub async fn invite_preview(
+    state: State<'_, AppState>,
+    invite: String,
+) -> AppResult<InvitePreview> {
+    state
+        .blocking(move |_| preview_invite(invite.trim(), now_ms()))
+        .await
+}
+
+/// A join request that waits for the inviter's approval.
+#[derive(Clone, Debug, Serialize, Deserialize, specta::Type)]
+pub struct JoinPending {
+    /// Who approves: for a device invite, the inviting device at its next sync; for a new facility,
+    /// the deployment authority.
+    pub kind: InviteKind,
+    /// When the invite (and so the request) expires, in milliseconds since the Unix epoch.
+    pub expires_at_ms: f64,
+}
+
+/// What joining came to.
+#[derive(Clone, Debug, Serialize, Deserialize, specta::Type)]
+pub struct JoinAnswer {
+    /// Where the app stands now (`not_joined` while pending).
+    pub status: AppStatus,
+    /// Set while the request waits for approval: call `join` again with the same code to finish.
+    pub pending: Option<JoinPending>,
+}
+
+/// Joins a deployment with an invite code (`musubi2...`) handed over in person: sends this device's
+/// join request with its proof of the code's secret. When the inviter has approved (the embedded
+/// authority approves a new facility at once), verifies the directory against the authority the code
+/// names, records the enrolment and starts syncing; otherwise answers `pending` at once, and the same
+/// code asked again later finishes the join.
+///
+/// Errors: `bad_invite` (not an invite code); `invite_expired`; `invite_refused` (unknown at the
+/// relay, used, taken by another device, or an approval that does not verify); `unreachable`
+/// (no answer within 20 s); `already_enrolled`; `locked`.
 #[tauri::command]
 #[specta::specta]
 pub async fn join(
     app: AppHandle,
     state: State<'_, AppState>,
     invite: String,
-) -> AppResult<AppStatus> {
+) -> AppResult<JoinAnswer> {
     let code = invite.trim().to_owned();
     if code.is_empty() {
         return Err(AppError::new(
@@ -192,7 +290,8 @@ pub async fn join(
             "the invite code is empty",
         ));
     }
-    let status = state
+    let preview = preview_invite(&code, now_ms())?;
+    let answer = state
         .blocking(move |st| {
             let mut guard = st.session();
             let u = guard
@@ -202,17 +301,30 @@ pub async fn join(
                 .enable_all()
                 .build()
                 .map_err(|e| AppError::new(ErrorKind::Internal, e.to_string()))?;
-            rt.block_on(musubi_facility::net::join(
+            let joined = rt.block_on(musubi_facility::net::join(
                 &mut u.engine,
                 &code,
                 JOIN_TIMEOUT,
+                false,
             ))?;
             drop(guard);
-            phase_of(st)
+            let pending = match joined {
+                Joined::Enrolled(_) => None,
+                Joined::Pending { expires_at_ms } => Some(JoinPending {
+                    kind: preview.kind,
+                    expires_at_ms: expires_at_ms as f64,
+                }),
+            };
+            Ok(JoinAnswer {
+                status: phase_of(st)?,
+                pending,
+            })
         })
         .await?;
-    sync_task::start(app, state.inner().clone());
-    Ok(status)
+    if answer.pending.is_none() {
+        sync_task::start(app, state.inner().clone());
+    }
+    Ok(answer)
 }
 
 /// Creates a staff account on this device. The first account can be created without signing in

@@ -65,17 +65,8 @@ pub async fn settings(state: State<'_, AppState>) -> AppResult<Settings> {
     state
         .with_unlocked(move |u| {
             let public = u.engine.secrets().public();
-            let mut h = blake3::Hasher::new();
-            h.update(&public.device.0.to_bytes());
-            h.update(public.age_recipient.as_bytes());
-            let digest = h.finalize();
-            let hexed = hex::encode(&digest.as_bytes()[..16]);
-            let fingerprint = hexed
-                .as_bytes()
-                .chunks(4)
-                .map(|c| String::from_utf8_lossy(c).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ");
+            let fingerprint =
+                crate::commands::trust::device_fingerprint(&public.device, &public.age_recipient);
             let enrolment = u.engine.enrolment().ok();
             Ok(Settings {
                 facility_name: match &enrolment {
