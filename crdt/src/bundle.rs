@@ -10,7 +10,7 @@ use crate::ids::{BundleId, DeviceId, DocumentId, Epoch, FacilityId};
 use crate::limits::{ATTACHMENT_BYTES_MAX, BUNDLE_BYTES_MAX, BUNDLE_CHANGES_BYTES_MAX};
 
 /// The envelope format version this crate writes and reads.
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 
 /// Errors of sealing, decoding, verifying and opening bundles.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,11 @@ pub struct Envelope {
     pub doc: DocumentId,
     /// The key epoch the ciphertext is encrypted under.
     pub epoch: Epoch,
+    /// The commitment of the key it is sealed with ([`DocumentKey::commitment`]): a bundle sealed
+    /// with a key other than the one the document's chain commits to for `epoch` (a rotation that
+    /// lost a race) is refused where the chain is known, instead of being stored unreadable.
+    #[serde(with = "serde_bytes")]
+    pub key_commitment: [u8; 32],
     /// The facility whose device wrote it.
     pub facility: FacilityId,
     /// The device that wrote and signed it.
@@ -109,6 +114,8 @@ struct Signed<'a> {
     v: u8,
     doc: &'a DocumentId,
     epoch: Epoch,
+    #[serde(with = "serde_bytes")]
+    key_commitment: [u8; 32],
     facility: &'a FacilityId,
     author: &'a DeviceId,
     #[serde(with = "serde_bytes")]
@@ -135,6 +142,7 @@ impl Envelope {
             v: ENVELOPE_VERSION,
             doc,
             epoch,
+            key_commitment: key.commitment(),
             facility,
             author: author.device_id(),
             ciphertext,
@@ -148,12 +156,14 @@ impl Envelope {
         Ok(env)
     }
 
-    /// The bytes the signature covers: version, document, epoch, facility, author and the ciphertext's BLAKE3 hash.
+    /// The bytes the signature covers: version, document, epoch, key commitment, facility, author and
+    /// the ciphertext's BLAKE3 hash.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let s = Signed {
             v: self.v,
             doc: &self.doc,
             epoch: self.epoch,
+            key_commitment: self.key_commitment,
             facility: &self.facility,
             author: &self.author,
             ciphertext_blake3: *blake3::hash(&self.ciphertext).as_bytes(),

@@ -75,6 +75,14 @@ impl Membership {
         self.excluded.iter().any(|(d, _)| d == device)
     }
 
+    /// The epoch that was current when `device` was excluded (it held keys up to it, no later).
+    pub fn excluded_at(&self, device: &DeviceId) -> Option<Epoch> {
+        self.excluded
+            .iter()
+            .find(|(d, _)| d == device)
+            .map(|(_, e)| *e)
+    }
+
     /// Whether `facility` was ever a member.
     pub fn ever_member(&self, facility: FacilityId) -> bool {
         self.members_by_epoch
@@ -466,9 +474,21 @@ pub fn admit_grant(
             "the key grant is for another document",
         );
     }
+    // A device excluded while epoch E was current held keys up to E: a grant of such a key, by it
+    // or to it, is history; a grant of any later key is refused.
+    let later = |d: &DeviceId| view.excluded_at(d).is_some_and(|e| grant.epoch > e);
+    if later(&grant.author) {
+        return refuse(
+            ErrorCode::Revoked,
+            format!(
+                "the key grant is signed by {}, a device excluded from this document",
+                grant.author
+            ),
+        );
+    }
     author_ok(
         devices,
-        Some(view),
+        None,
         &grant.author,
         grant.facility,
         point,
@@ -496,19 +516,31 @@ pub fn admit_grant(
             ),
         );
     }
+    if view.commitment(grant.epoch) != Some(grant.key_commitment) {
+        return refuse(
+            ErrorCode::Stale,
+            format!(
+                "the key grant is for another key than the one document {} commits to for epoch {}",
+                view.id, grant.epoch
+            ),
+        );
+    }
     if grant.recipients.is_empty() {
         return refuse(ErrorCode::Malformed, "the key grant names no recipients");
     }
     for r in &grant.recipients {
-        if view.is_excluded(r) {
+        if later(r) {
             return refuse(
                 ErrorCode::Forbidden,
                 format!("recipient {r} is excluded from document {}", view.id),
             );
         }
+        // The relay takes new grants to current member devices only. A device taking a grant from
+        // the relay's history or from a peer also takes one that names a device revoked since (it
+        // was made before; a device excluded from the document is refused above for later keys).
         let ok = match (devices.device_status(r), point) {
-            (DeviceStatus::Current(f), Point::Relay | Point::Peer) => view.role_of(f).is_some(),
-            (DeviceStatus::Current(f) | DeviceStatus::Former(f), Point::Pulled) => {
+            (DeviceStatus::Current(f), Point::Relay) => view.role_of(f).is_some(),
+            (DeviceStatus::Current(f) | DeviceStatus::Former(f), Point::Pulled | Point::Peer) => {
                 view.ever_member(f)
             }
             _ => false,
@@ -558,6 +590,17 @@ pub fn admit_bundle(
         point,
         "bundle",
     )?;
+    // An epoch this device does not know yet is not a refusal of its author: the operations that
+    // start it have not arrived here.
+    if envelope.epoch > view.epoch {
+        return refuse(
+            ErrorCode::Stale,
+            format!(
+                "the bundle is in epoch {} but document {} is at epoch {}",
+                envelope.epoch, view.id, view.epoch
+            ),
+        );
+    }
     let role = match point {
         Point::Pulled => view.role_during(envelope.facility, envelope.epoch),
         Point::Relay | Point::Peer => view.role_of(envelope.facility),
@@ -583,12 +626,12 @@ pub fn admit_bundle(
         }
         Some(_) => {}
     }
-    if envelope.epoch > view.epoch {
+    if view.commitment(envelope.epoch) != Some(envelope.key_commitment) {
         return refuse(
             ErrorCode::Stale,
             format!(
-                "the bundle is in epoch {} but document {} is at epoch {}",
-                envelope.epoch, view.id, view.epoch
+                "the bundle is sealed with another key than the one document {} commits to for epoch {}; seal it again",
+                view.id, envelope.epoch
             ),
         );
     }

@@ -219,6 +219,11 @@ pub struct KeyGrant {
     pub doc: DocumentId,
     /// The epoch of the key.
     pub epoch: Epoch,
+    /// The commitment of the key sealed inside ([`DocumentKey::commitment`]); a grant whose
+    /// commitment is not the chain's for `epoch` is refused, and a key that does not match it is
+    /// not used.
+    #[serde(with = "serde_bytes")]
+    pub key_commitment: [u8; 32],
     /// The granting device's facility.
     pub facility: FacilityId,
     /// The granting device.
@@ -260,6 +265,7 @@ impl KeyGrant {
         let mut g = KeyGrant {
             doc,
             epoch,
+            key_commitment: key.commitment(),
             facility,
             author: author.device_id(),
             recipients: recipients.iter().map(|(d, _)| *d).collect(),
@@ -275,6 +281,7 @@ impl KeyGrant {
         cbor(&(
             &self.doc,
             self.epoch,
+            &self.key_commitment,
             &self.facility,
             &self.author,
             &self.recipients,
@@ -300,11 +307,16 @@ impl KeyGrant {
         Ok(())
     }
 
-    /// Opens the grant with this device's age identity.
+    /// Opens the grant with this device's age identity. Errors: [`OpError::Malformed`] when the key
+    /// inside is not the one the grant commits to.
     pub fn open(&self, device: &DeviceSecrets) -> Result<DocumentKey, OpError> {
         let seed = crypto::open_with(device.age_identity(), &self.sealed, 32)?;
         let seed: [u8; 32] = seed.try_into().map_err(|_| OpError::Malformed)?;
-        Ok(DocumentKey::from_seed(seed))
+        let key = DocumentKey::from_seed(seed);
+        if key.commitment() != self.key_commitment {
+            return Err(OpError::Malformed);
+        }
+        Ok(key)
     }
 
     /// BLAKE3 of the encoded grant (the relay's idempotency key).

@@ -105,6 +105,11 @@ pub enum Request {
     },
     /// Relay → facility: a device asked to join the facility with an invite; fetch the requests.
     NotifyJoin,
+    /// Relay → facility: the directory changed (an enrolment, an approval, a revocation); fetch it.
+    NotifyDirectory {
+        /// The directory's new version.
+        version: u64,
+    },
 }
 
 impl Request {
@@ -121,6 +126,7 @@ impl Request {
             Request::GetKeyGrants { .. } => "get-key-grants",
             Request::Notify { .. } => "notify",
             Request::NotifyJoin => "notify-join",
+            Request::NotifyDirectory { .. } => "notify-directory",
             Request::Offer { .. } => "offer",
             Request::Deliver { .. } => "deliver",
         }

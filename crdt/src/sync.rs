@@ -197,6 +197,9 @@ pub struct Session {
     caught_up_reported: bool,
     /// Documents whose pull was set back until a newer directory arrives ([`Session::handle_unknown_author`]).
     awaiting_directory: BTreeSet<DocumentId>,
+    /// Documents whose pull was set back until more operations arrive, with the operation count then
+    /// ([`Session::handle_unknown_epoch`]).
+    awaiting_ops: BTreeMap<DocumentId, u32>,
 }
 
 impl Session {
@@ -227,6 +230,7 @@ impl Session {
             events: VecDeque::new(),
             caught_up_reported: false,
             awaiting_directory: BTreeSet::new(),
+            awaiting_ops: BTreeMap::new(),
         }
     }
 
@@ -281,6 +285,14 @@ impl Session {
         self.caught_up_reported = false;
     }
 
+    /// The relay says its directory is now at `version` (a revocation, an enrolment, an approval).
+    pub fn handle_notify_directory(&mut self, version: u64) {
+        if version != self.directory_version {
+            self.want_directory = true;
+            self.caught_up_reported = false;
+        }
+    }
+
     /// The relay says a device asked to join this facility.
     pub fn handle_notify_join(&mut self) {
         self.want_joins = true;
@@ -313,6 +325,30 @@ impl Session {
         if !self.awaiting_directory.insert(doc) {
             return false;
         }
+        self.set_back(doc, from);
+        self.want_directory = true;
+        true
+    }
+
+    /// The driver could not place the bundle of `doc` at `from` (and those after it): it is in an
+    /// epoch, or sealed with a key, that the operations this device holds do not have yet. The
+    /// session sets the document's cursor back to before `from`, fetches the operations, and pulls
+    /// again once they arrived (as [`Session::handle_unknown_author`] does for the directory).
+    ///
+    /// Returns `false`, changing nothing, when this document already waits at the same operation
+    /// count: the operations it waited for did not come, and the driver drops the bundle.
+    pub fn handle_unknown_epoch(&mut self, doc: DocumentId, from: Seq) -> bool {
+        let known = self.ops.get(&doc).copied().unwrap_or_default();
+        if self.awaiting_ops.get(&doc) == Some(&known) {
+            return false;
+        }
+        self.awaiting_ops.insert(doc, known);
+        self.set_back(doc, from);
+        self.want_ops(doc, known);
+        true
+    }
+
+    fn set_back(&mut self, doc: DocumentId, from: Seq) {
         let back = Seq(from.0.saturating_sub(1));
         let cursor = self.cursors.entry(doc).or_default();
         *cursor = (*cursor).min(back);
@@ -322,9 +358,7 @@ impl Session {
             .retain(|e| !matches!(e, Event::Pulled { doc: d, .. } if *d == doc));
         let head = self.heads.entry(doc).or_default();
         *head = (*head).max(from);
-        self.want_directory = true;
         self.caught_up_reported = false;
-        true
     }
 
     /// Asks for the directory again (for example after this device's approval of a new device was

@@ -322,10 +322,12 @@ impl Relay {
             Request::Pull { doc, after } => self.pull(caller, doc, after),
             Request::GetKeyGrants { doc } => self.key_grants(caller, doc),
             Request::Offer { doc, have, .. } => self.offer(caller, doc, have),
-            Request::Notify { .. } | Request::NotifyJoin => answer(Response::error(
-                ErrorCode::Forbidden,
-                "the relay does not accept notifications",
-            )),
+            Request::Notify { .. } | Request::NotifyJoin | Request::NotifyDirectory { .. } => {
+                answer(Response::error(
+                    ErrorCode::Forbidden,
+                    "the relay does not accept notifications",
+                ))
+            }
             Request::Deliver { .. } => answer(Response::error(
                 ErrorCode::Forbidden,
                 "LAN delivery is between facilities; push to the relay",
@@ -1145,7 +1147,9 @@ fn push_approve(
         let Some(invite) = waiting else {
             return Ok(reject(
                 ErrorCode::Forbidden,
-                format!("no device {device} is waiting to join this facility with an unexpired invite"),
+                format!(
+                    "no device {device} is waiting to join this facility with an unexpired invite"
+                ),
             ));
         };
         conn.execute(

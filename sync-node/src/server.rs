@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
 use musubi_crdt::ids::DeviceId;
-use musubi_crdt::protocol::{self, ErrorCode, Response};
+use musubi_crdt::protocol::{self, ErrorCode, Request, Response};
 use musubi_transport::libp2p::multiaddr::Protocol;
 use musubi_transport::libp2p::request_response::{self, Message, ResponseChannel};
 use musubi_transport::libp2p::swarm::SwarmEvent;
@@ -95,6 +95,8 @@ enum Done {
         notes: Vec<Notification>,
     },
     Revoked(Vec<DeviceId>),
+    /// The directory's version changed: every connected device is told.
+    Directory(u64),
     Watched,
 }
 
@@ -169,6 +171,13 @@ pub async fn serve_until(
                                 let bytes = protocol::encode_request(&note.request);
                                 swarm.behaviour_mut().sync.send_request(&note.to.0, bytes);
                             }
+                        }
+                    }
+                    Done::Directory(version) => {
+                        let bytes = protocol::encode_request(&Request::NotifyDirectory { version });
+                        let peers: Vec<PeerId> = connected.keys().copied().collect();
+                        for p in peers {
+                            swarm.behaviour_mut().sync.send_request(&p, bytes.clone());
                         }
                     }
                     Done::Revoked(devices) => {
@@ -263,6 +272,7 @@ pub async fn serve_until(
 
 fn db_thread(mut relay: Relay, jobs: std_mpsc::Receiver<Job>, done: mpsc::UnboundedSender<Done>) {
     let mut data_version = relay.store().data_version().ok();
+    let mut directory_version = relay.store().directory_version().ok();
     let mut revoked: HashSet<DeviceId> = relay.store().revoked_devices().unwrap_or_default();
     while let Ok(job) = jobs.recv() {
         let out = match job {
@@ -296,6 +306,15 @@ fn db_thread(mut relay: Relay, jobs: std_mpsc::Receiver<Job>, done: mpsc::Unboun
                 None
             }
             Job::Watch => {
+                // The directory changes by requests this thread handled too (approvals, enrolments):
+                // its version is read each time, not only when another process committed.
+                let version = relay.store().directory_version().ok();
+                if version.is_some() && version != directory_version {
+                    directory_version = version;
+                    if let Some(v) = version {
+                        let _ = done.send(Done::Directory(v));
+                    }
+                }
                 let now = relay.store().data_version();
                 let changed = match (&now, data_version) {
                     (Ok(v), Some(old)) => *v != old,

@@ -219,7 +219,13 @@ impl World {
     /// `who` asks to join with `code`.
     fn join(&mut self, who: &DeviceSecrets, code: &InviteCode) -> Response {
         let request = JoinRequest::make(code, who, "受付PC", self.now_ms());
-        self.ask(who, Request::Join { request: Box::new(request) }).0
+        self.ask(
+            who,
+            Request::Join {
+                request: Box::new(request),
+            },
+        )
+        .0
     }
 
     /// Enrols device `n` as the first device of a new facility, approved by the authority beside the relay.
@@ -713,7 +719,14 @@ fn a_join_request_is_the_connected_devices_own_and_an_invite_serves_once() {
 
     // Device 7's genuine request, replayed over device 6's connection.
     let request = JoinRequest::make(&invite, &seven, "受付2", w.now_ms());
-    let r = w.ask(&six, Request::Join { request: Box::new(request) }).0;
+    let r = w
+        .ask(
+            &six,
+            Request::Join {
+                request: Box::new(request),
+            },
+        )
+        .0;
     assert!(
         matches!(&r, Response::Error { code: ErrorCode::BadSignature, message } if message.contains("connection")),
         "{r:?}"
@@ -722,14 +735,28 @@ fn a_join_request_is_the_connected_devices_own_and_an_invite_serves_once() {
     // A request changed after it was signed.
     let mut renamed = JoinRequest::make(&invite, &six, "受付2", w.now_ms());
     renamed.name = "院長室".into();
-    let r = w.ask(&six, Request::Join { request: Box::new(renamed) }).0;
+    let r = w
+        .ask(
+            &six,
+            Request::Join {
+                request: Box::new(renamed),
+            },
+        )
+        .0;
     assert_eq!(code(&r), Some(ErrorCode::BadSignature));
 
     // A request signed properly but naming an age key that is not one.
     let mut broken = JoinRequest::make(&invite, &six, "受付2", w.now_ms());
     broken.device.age_recipient = "age1nonsense".into();
     resign(&mut broken, &invite.secret(), &six);
-    let r = w.ask(&six, Request::Join { request: Box::new(broken) }).0;
+    let r = w
+        .ask(
+            &six,
+            Request::Join {
+                request: Box::new(broken),
+            },
+        )
+        .0;
     assert!(
         matches!(&r, Response::Error { code: ErrorCode::BadSignature, message } if message.contains("age recipient")),
         "{r:?}"
@@ -885,7 +912,13 @@ fn a_new_facility_waits_for_the_authority_when_it_is_not_beside_the_relay() {
     assert_eq!(open_pseudonym(&a1, &sealed_pseudonym).len(), 32);
     assert!(w.directory(&a1).is_current(&a1.device_id()));
     assert!(matches!(
-        w.ask(&thief, Request::Join { request: Box::new(forged) }).0,
+        w.ask(
+            &thief,
+            Request::Join {
+                request: Box::new(forged)
+            }
+        )
+        .0,
         Response::JoinPending { .. }
     ));
     assert_eq!(
@@ -943,7 +976,12 @@ fn another_device_of_a_facility_joins_only_when_a_current_device_of_it_approves(
     let invite = w.device_invite(&a1);
     let a2 = device(2);
     let request = JoinRequest::make(&invite, &a2, "受付2", w.now_ms());
-    let (r, notes) = w.ask(&a2, Request::Join { request: Box::new(request) });
+    let (r, notes) = w.ask(
+        &a2,
+        Request::Join {
+            request: Box::new(request),
+        },
+    );
     assert_eq!(
         r,
         Response::JoinPending {
@@ -2503,7 +2541,12 @@ mod network {
 
     fn join_request(who: &DeviceSecrets, code: &InviteCode) -> Request {
         Request::Join {
-            request: Box::new(JoinRequest::make(code, who, "受付PC", ms(SystemTime::now()))),
+            request: Box::new(JoinRequest::make(
+                code,
+                who,
+                "受付PC",
+                ms(SystemTime::now()),
+            )),
         }
     }
 

@@ -111,6 +111,23 @@ impl Facility {
         );
     }
 
+    /// This device's engine, opened in the test's process (to read what it holds, or to act as an
+    /// attacker who stole the laptop together with its passphrase).
+    pub fn engine(&self) -> musubi_facility::Engine {
+        musubi_facility::Engine::open(&self.data, &self.passphrase)
+            .unwrap_or_else(|e| panic!("cannot open {}'s engine: {e}", self.name))
+    }
+
+    /// This device's secrets (what a thief holding the laptop and its passphrase has).
+    pub fn secrets(&self) -> musubi_crdt::crypto::DeviceSecrets {
+        self.engine().secrets().clone()
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> musubi_crdt::ids::DeviceId {
+        self.secrets().device_id()
+    }
+
     /// `musubi device invite`: a code for one more device of this facility (it works once this
     /// device synced).
     pub fn device_invite(&self) -> String {
@@ -149,13 +166,20 @@ impl Facility {
 
     /// Starts `musubi sync --watch` in the background (stdout and stderr to `logs/NAME.watch.N.*`).
     pub fn start_watch(&mut self) {
+        self.start_watch_with(&[]);
+    }
+
+    /// Starts `musubi sync --watch ARGS...` in the background (e.g. `--lan --listen ADDR`).
+    pub fn start_watch_with(&mut self, extra: &[&str]) {
         assert!(
             self.watch.is_none(),
             "{} already runs sync --watch",
             self.name
         );
         self.watch_starts += 1;
-        let mut cmd = self.command("sync", &["--watch"]);
+        let mut args = vec!["--watch"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.command("sync", &args);
         let line = cmdline(&cmd);
         let base = self
             .logs

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 pub mod desktop;
 pub mod facility;
 pub mod files;
+pub mod hostile;
 pub mod measure;
 pub mod nanao;
 pub mod netns;

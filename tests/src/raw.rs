@@ -200,7 +200,9 @@ impl RawClient {
         let invite =
             InviteCode::decode(code).unwrap_or_else(|e| panic!("invite code does not decode: {e}"));
         let request = JoinRequest::make(&invite, &self.secrets, "raw client", now_ms());
-        let r = self.request(&Request::Join { request: Box::new(request) });
+        let r = self.request(&Request::Join {
+            request: Box::new(request),
+        });
         if let Response::Joined { facility, .. } = &r {
             self.facility = Some(*facility);
         }

@@ -44,7 +44,7 @@ pub const SIM_SCRYPT_LOG_N: u8 = musubi_crdt::crypto::PASSPHRASE_LOG_N_MIN;
 pub const SIM_PASSPHRASE: &str = "simulated device passphrase";
 
 /// Steps [`Sim::heal`] may take before it gives up (a livelock is a failure, not a hang).
-pub const HEAL_STEPS_MAX: usize = 20_000;
+pub const HEAL_STEPS_MAX: usize = 3_000;
 
 /// One device to create: its directory name, its facility, and the facility's role.
 #[derive(Clone, Debug)]
@@ -84,6 +84,8 @@ pub struct Node {
     /// Whether its link to the relay is up.
     pub link_up: bool,
     connected: bool,
+    /// Revoked by the operator (its link stays down; the checks leave it out).
+    pub revoked: bool,
 }
 
 impl Node {
@@ -333,6 +335,15 @@ impl Sim {
                 };
                 io("approve", first.approve_joins(&requests));
                 push_outbox(&mut relay, first);
+                // As after an acknowledged approval: the approver takes the directory with the new
+                // device, so its next approval follows the new link.
+                if let Response::Directory { directory: Some(d) } = handle(
+                    &mut relay,
+                    first,
+                    &Request::GetDirectory { known_version: 0 },
+                ) {
+                    io("take the directory", first.update_directory(&d));
+                }
                 answer = handle(&mut relay, &engine, &join);
             }
             let Response::Joined {
@@ -370,6 +381,7 @@ impl Sim {
                 report: SyncReport::default(),
                 link_up: false,
                 connected: false,
+                revoked: false,
             });
         }
         let mut sim = Sim {
@@ -463,6 +475,7 @@ impl Sim {
         for n in &mut self.nodes {
             if n.connected {
                 n.session.want_documents();
+                n.session.want_directory();
             }
         }
     }
@@ -487,6 +500,7 @@ impl Sim {
     /// Brings device `i`'s link to the relay up or down. Going down loses its frames in flight and
     /// tells its session; coming up (with the relay running) tells its session it is connected.
     pub fn set_link(&mut self, i: usize, up: bool) {
+        let up = up && !self.nodes[i].revoked;
         self.nodes[i].link_up = up;
         if up {
             self.connect(i);
@@ -542,9 +556,47 @@ impl Sim {
         }
     }
 
+    /// The operator revokes device `i` (`musubi-node revoke`): its link goes down for good and the
+    /// relay refuses it. Returns the device's key epochs per document at that moment.
+    pub fn revoke(&mut self, i: usize) -> BTreeMap<DocumentId, musubi_crdt::ids::Epoch> {
+        let device = self.nodes[i].device().to_string();
+        let wall = self.wall();
+        if self.relay.is_none() {
+            self.restart_relay();
+        }
+        io(
+            "revoke the device",
+            self.relay
+                .as_mut()
+                .expect("running")
+                .store_mut()
+                .revoke(&device, wall),
+        );
+        self.set_link(i, false);
+        self.nodes[i].revoked = true;
+        // As the server's database watch does: every connected device hears of the new directory.
+        let version = io(
+            "directory version",
+            self.relay
+                .as_ref()
+                .expect("running")
+                .store()
+                .directory_version(),
+        );
+        for n in self.nodes.iter_mut().filter(|n| n.connected) {
+            n.session.handle_notify_directory(version);
+        }
+        io("key epochs", self.nodes[i].engine.key_epochs())
+            .into_iter()
+            .collect()
+    }
+
     /// Runs device `i`'s driver until it has nothing more to do now: sends what its session wants
     /// to send, applies its session's events to its engine, and queues new outbox rows.
     pub fn pump(&mut self, i: usize) {
+        if self.nodes[i].revoked {
+            return;
+        }
         let now = self.now();
         loop {
             let n = &mut self.nodes[i];
@@ -763,7 +815,7 @@ impl Sim {
     /// outbox and nothing pending in any store.
     pub fn quiescent(&self) -> bool {
         self.flight.is_empty()
-            && self.nodes.iter().all(|n| {
+            && self.nodes.iter().filter(|n| !n.revoked).all(|n| {
                 n.session.is_caught_up()
                     && n.session.pending_pushes() == 0
                     && n.engine.store().pending_count().unwrap_or(1) == 0
@@ -825,7 +877,14 @@ impl Sim {
                 break;
             }
         }
-        panic!("the deployment did not settle:\n{}", self.describe());
+        let mut stuck: BTreeSet<DocumentId> = BTreeSet::new();
+        for n in self.nodes.iter().filter(|n| !n.revoked) {
+            for r in n.engine.store().pending(0).unwrap_or_default() {
+                stuck.extend(r.item.doc());
+            }
+        }
+        let docs: String = stuck.iter().map(|d| self.describe_doc(*d)).collect();
+        panic!("the deployment did not settle:\n{}{docs}", self.describe());
     }
 
     fn pending_total(&self) -> u64 {
@@ -854,6 +913,46 @@ impl Sim {
                 n.engine.store().pending_count().unwrap_or(0),
                 n.engine.store().rejected().unwrap_or_default(),
             ));
+            if let Ok(mut st) = n
+                .engine
+                .store()
+                .conn()
+                .prepare("SELECT id, doc, state, error, item FROM outbox ORDER BY id")
+            {
+                let rows = st
+                    .query_map([], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Option<String>>(3)?,
+                            r.get::<_, Vec<u8>>(4)?,
+                        ))
+                    })
+                    .and_then(|r| r.collect::<Result<Vec<_>, _>>())
+                    .unwrap_or_default();
+                for (id, doc, state, error, item) in rows {
+                    let item: Option<musubi_crdt::protocol::PushItem> =
+                        ciborium::from_reader(item.as_slice()).ok();
+                    let what = match item {
+                        Some(musubi_crdt::protocol::PushItem::Op { op }) => {
+                            format!("op {:?}", op.body)
+                        }
+                        Some(musubi_crdt::protocol::PushItem::Grant { grant }) => {
+                            format!("grant epoch {}", grant.epoch)
+                        }
+                        Some(musubi_crdt::protocol::PushItem::Bundle { envelope }) => {
+                            format!("bundle epoch {}", envelope.epoch)
+                        }
+                        Some(other) => format!("{:?}", std::mem::discriminant(&other)),
+                        None => "?".into(),
+                    };
+                    s.push_str(&format!(
+                        "    outbox {id} {doc:?} {state} {what} {}\n",
+                        error.unwrap_or_default()
+                    ));
+                }
+            }
         }
         s
     }
@@ -880,6 +979,159 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// A document's membership chain and key grants at the relay, and each device's view of it:
+    /// what a failing seed prints.
+    pub fn describe_doc(&self, doc: DocumentId) -> String {
+        let db = self.relay_db();
+        let name = |d: &DeviceId| {
+            self.nodes
+                .iter()
+                .find(|n| n.device() == *d)
+                .map_or_else(|| d.to_string(), |n| n.name.clone())
+        };
+        let mut out = format!("document {doc} at the relay:\n");
+        let mut st = io(
+            "select ops",
+            db.prepare("SELECT idx, encoded FROM ops WHERE doc = ?1 ORDER BY idx"),
+        );
+        let ops: Vec<(i64, Vec<u8>)> = io(
+            "read ops",
+            st.query_map([doc.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|r| r.collect::<Result<Vec<_>, _>>()),
+        );
+        for (i, b) in ops {
+            let op: musubi_crdt::ops::DocOp = io("an op", ciborium::from_reader(b.as_slice()));
+            out.push_str(&format!(
+                "  op {i} by {}: {:?}\n",
+                name(&op.author),
+                op.body
+            ));
+        }
+        let mut st = io(
+            "select grants",
+            db.prepare("SELECT encoded FROM grants WHERE doc = ?1 ORDER BY rowid"),
+        );
+        let grants: Vec<Vec<u8>> = io(
+            "read grants",
+            st.query_map([doc.to_string()], |r| r.get(0))
+                .and_then(|r| r.collect::<Result<Vec<_>, _>>()),
+        );
+        let mut st = io(
+            "select bundles",
+            db.prepare(
+                "SELECT seq, bundle_id, epoch, author FROM bundles WHERE doc = ?1 ORDER BY seq",
+            ),
+        );
+        let rows: Vec<(i64, Vec<u8>, i64, String)> = io(
+            "read bundles",
+            st.query_map([doc.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .and_then(|r| r.collect::<Result<Vec<_>, _>>()),
+        );
+        out.push_str("  bundles:");
+        for (seq, id, epoch, author) in rows {
+            let author: DeviceId = io("a device id", author.parse());
+            out.push_str(&format!(
+                " {}@{seq}:e{epoch}:{}",
+                &hex::encode(id)[..6],
+                name(&author)
+            ));
+        }
+        out.push('\n');
+        for b in grants {
+            let g: musubi_crdt::ops::KeyGrant = io("a grant", ciborium::from_reader(b.as_slice()));
+            out.push_str(&format!(
+                "  grant epoch {} by {} to {:?}\n",
+                g.epoch,
+                name(&g.author),
+                g.recipients.iter().map(name).collect::<Vec<_>>()
+            ));
+        }
+        for n in &self.nodes {
+            let row = n.engine.store().document(doc).ok().flatten();
+            let keys: Vec<_> = n
+                .engine
+                .keys(doc)
+                .map(|k| k.keys().copied().collect())
+                .unwrap_or_default();
+            let bundles: Vec<String> = n
+                .engine
+                .store()
+                .bundles(doc)
+                .unwrap_or_default()
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{}@{}:e{}:{}",
+                        &b.id.to_string()[..6],
+                        b.seq.map_or("-".into(), |s| s.0.to_string()),
+                        b.envelope.epoch,
+                        name(&b.envelope.author)
+                    )
+                })
+                .collect();
+            let chain: Vec<String> = n
+                .engine
+                .store()
+                .chain(doc)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    let what = match &c.op.body {
+                        musubi_crdt::ops::DocOpBody::Create { .. } => "create".to_owned(),
+                        musubi_crdt::ops::DocOpBody::SetMember { .. } => "set-member".to_owned(),
+                        musubi_crdt::ops::DocOpBody::Exclude { .. } => "exclude".to_owned(),
+                        musubi_crdt::ops::DocOpBody::NewEpoch { epoch, .. } => {
+                            format!("epoch{epoch}")
+                        }
+                    };
+                    format!(
+                        "{}:{what}:{}{}",
+                        c.idx,
+                        name(&c.op.author),
+                        if c.confirmed { "" } else { "?" }
+                    )
+                })
+                .collect();
+            let aside = n
+                .engine
+                .store()
+                .provisional_ops(doc)
+                .map(|v| v.len())
+                .unwrap_or(0);
+            let cursor = n
+                .engine
+                .store()
+                .cursors()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|(d, _)| *d == doc)
+                .map(|(_, s)| s.0);
+            let warning: Option<String> = n
+                .engine
+                .store()
+                .meta_cbor(&format!("doc_warning:{doc}"))
+                .ok()
+                .flatten();
+            out.push_str(&format!(
+                "    chain [{}], aside {aside}, cursor {cursor:?}, warning {warning:?}\n",
+                chain.join(" ")
+            ));
+            out.push_str(&format!(
+                "  {}{}: epoch {:?}, ops {:?} (relay confirmed {:?}), keys {keys:?}, pending {}\n    bundles {}\n",
+                n.name,
+                if n.revoked { " (revoked)" } else { "" },
+                row.as_ref().map(|r| r.info.epoch),
+                row.as_ref().map(|r| r.info.ops),
+                row.as_ref().map(|r| r.relay_ops),
+                n.engine.store().pending_for(doc).unwrap_or(0),
+                bundles.join(" "),
+            ));
+        }
+        out
     }
 
     /// The relay's database, opened read-only.
@@ -938,7 +1190,7 @@ impl Sim {
             let doc: DocumentId = io("a document id", doc.parse());
             let members = docs.entry(doc).or_default();
             for (i, node) in self.nodes.iter().enumerate() {
-                if node.facility().to_string() == facility {
+                if !node.revoked && node.facility().to_string() == facility {
                     members.push(i);
                 }
             }
@@ -946,22 +1198,28 @@ impl Sim {
         for (doc, members) in &docs {
             let mut first: Option<(usize, Vec<ChangeHash>)> = None;
             for &i in members {
-                let heads = self
-                    .heads(i, *doc)
-                    .map_err(|e| format!("{} cannot read {doc}: {e}", self.nodes[i].name))?;
+                let heads = self.heads(i, *doc).map_err(|e| {
+                    format!(
+                        "{} cannot read {doc}: {e}\n{}",
+                        self.nodes[i].name,
+                        self.describe_doc(*doc)
+                    )
+                })?;
                 match &first {
                     None => first = Some((i, heads)),
                     Some((j, h)) if *h != heads => {
                         return Err(format!(
-                            "{doc}: {} has heads {h:?}, {} has {heads:?}",
-                            self.nodes[*j].name, self.nodes[i].name
+                            "{doc}: {} has heads {h:?}, {} has {heads:?}\n{}",
+                            self.nodes[*j].name,
+                            self.nodes[i].name,
+                            self.describe_doc(*doc)
                         ));
                     }
                     Some(_) => {}
                 }
             }
         }
-        for n in &self.nodes {
+        for n in self.nodes.iter().filter(|n| !n.revoked) {
             for b in io("list bundles", n.engine.store().all_bundles()) {
                 if !at_relay.contains(&b.id.to_string()) {
                     return Err(format!(

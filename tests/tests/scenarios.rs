@@ -26,6 +26,8 @@ use musubi_tests::relay::count_bundles;
 use musubi_tests::{Facility, World, files, poll_every, referral_bundle_path};
 use serde_json::Value;
 
+#[path = "scenarios/attacks.rs"]
+mod attacks;
 #[path = "scenarios/card.rs"]
 mod card;
 #[path = "scenarios/careplan.rs"]
@@ -558,7 +560,9 @@ fn non_member_and_strangers_are_refused() {
         "stranger",
         musubi_tests::raw::now_ms(),
     );
-    match stranger.request(&Request::Join { request: Box::new(request) }) {
+    match stranger.request(&Request::Join {
+        request: Box::new(request),
+    }) {
         Response::Error {
             code: ErrorCode::InviteInvalid,
             ..
@@ -672,6 +676,7 @@ fn hostile_input_is_rejected() {
         v: musubi_crdt::bundle::ENVELOPE_VERSION,
         doc,
         epoch: Epoch(0),
+        key_commitment: key.commitment(),
         facility: evil.facility(),
         author: evil.device(),
         ciphertext: (0..BUNDLE_BYTES_MAX + 1)

@@ -100,7 +100,7 @@ fn engine_kind(e: &EngineError) -> ErrorKind {
         E::Trust(_) => ErrorKind::Trust,
         E::SafetyNumber { .. } => ErrorKind::SafetyNumberMismatch,
         E::InvalidExpiry => ErrorKind::InvalidInput,
-        E::UnknownFacility(_) | E::UnknownDocument(_) => ErrorKind::NotFound,
+        E::UnknownFacility(_) | E::UnknownDocument(_) | E::UnknownDevice(_) => ErrorKind::NotFound,
         E::NoKey(_) => ErrorKind::NoKey,
         E::ReadOnly(_) | E::NotOwner => ErrorKind::ReadOnly,
         E::Store(_) | E::Io { .. } => ErrorKind::Storage,

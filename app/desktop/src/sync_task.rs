@@ -18,10 +18,6 @@ use crate::state::AppState;
 /// Store meta key of the last time this device was in step with the relay (ms since the epoch, decimal).
 pub const LAST_SYNC_META: &str = "desktop.last_sync_ms";
 
-/// Store meta key where the sync driver records the relay going back in time
-/// (`musubi_facility::net::RelayBehind`, CBOR).
-pub const RELAY_BEHIND_META: &str = "relay_behind";
-
 /// How long "connecting" is shown before the relay is declared out of reach.
 const CONNECTING_GRACE: Duration = Duration::from_secs(5);
 
@@ -89,17 +85,15 @@ impl Tracker {
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.parse::<f64>().ok());
-        let relay_behind = self
-            .observer
-            .store()
-            .meta_cbor::<net::RelayBehind>(RELAY_BEHIND_META)
-            .ok()
-            .flatten()
-            .map(|r| RelayBehindNotice {
-                at_ms: r.at_ms as f64,
-                restored: r.restored,
-                times: u32::try_from(r.times).unwrap_or(u32::MAX),
-            });
+        let relay_behind =
+            net::relay_behind(&self.observer)
+                .ok()
+                .flatten()
+                .map(|r| RelayBehindNotice {
+                    at_ms: r.at_ms as f64,
+                    restored: r.restored,
+                    times: u32::try_from(r.times).unwrap_or(u32::MAX),
+                });
         let state = if self.refused {
             SyncState::Refused
         } else if self.relay {
@@ -183,7 +177,7 @@ impl Tracker {
             SyncEvent::Changed(doc) => self.changed(doc),
             SyncEvent::Listed => self.listed(),
             // The status read below carries the relay going back in time (the driver recorded it).
-            SyncEvent::Pushed | SyncEvent::RelayBehind => {}
+            SyncEvent::Pushed | SyncEvent::RelayBehind | SyncEvent::Directory => {}
             SyncEvent::CaughtUp => {
                 let _ = self
                     .observer

@@ -314,9 +314,12 @@ fn trust_errors_cross_ipc_as_their_own_kinds() {
     let mismatch = AppError::from(EngineError::SafetyNumber {
         facility: "恵寿総合病院".into(),
         given: "1".into(),
-        expected: "2".into(),
     });
     assert_eq!(mismatch.kind, ErrorKind::SafetyNumberMismatch);
+    assert_eq!(
+        AppError::from(EngineError::UnknownDevice("12D3KooW...".into())).kind,
+        ErrorKind::NotFound
+    );
     assert_eq!(
         AppError::from(EngineError::Trust("no".into())).kind,
         ErrorKind::Trust

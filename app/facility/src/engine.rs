@@ -90,16 +90,17 @@ pub enum EngineError {
     Trust(String),
     /// The safety number given does not match the facility's new root key.
     #[error(
-        "the safety number {given} does not match facility {facility}'s root key ({expected}); read it again with the facility by phone"
+        "the safety number {given} does not match facility {facility}'s new root key; read it again with the facility by phone"
     )]
     SafetyNumber {
         /// The facility.
         facility: String,
         /// What was given.
         given: String,
-        /// What its root key gives.
-        expected: String,
     },
+    /// No current device of this facility has that id.
+    #[error("{0} is not a current device of this facility (see the devices this facility lists)")]
+    UnknownDevice(String),
     /// An invite's lifetime is zero or too long.
     #[error("an invite must expire after more than 0 seconds and at most {} days", INVITE_EXPIRES_SECS_MAX / 86_400)]
     InvalidExpiry,
@@ -530,7 +531,6 @@ impl Engine {
             return Err(EngineError::SafetyNumber {
                 facility: f.name,
                 given,
-                expected: "see `musubi facilities`".into(),
             });
         }
         let mut pins = self.pins()?;
@@ -950,27 +950,6 @@ impl Engine {
             .map(|c| c.op.clone())
             .collect();
         relay_chain.extend(ops.iter().cloned());
-        // An operation signed by a device after this device learned of its revocation came through
-        // a relay that should have refused it: the chain is taken only up to it.
-        for (i, op) in relay_chain.iter().enumerate().skip(from as usize) {
-            if let musubi_crdt::directory::DeviceStatus::Former(_) = dir.device_status(&op.author)
-                && let Some((_, ops_mark)) = self
-                    .store
-                    .revocation_mark(&op.author.to_string(), doc)?
-                && i as u32 >= ops_mark
-            {
-                tracing::warn!(%doc, position = i, author = %op.author, "the relay served a membership operation signed by a device after its revocation; it and those after it are ignored");
-                self.store.set_meta_cbor(
-                    &format!("doc_warning:{doc}"),
-                    &format!(
-                        "operation {i} served by the relay is signed by {} after its revocation",
-                        op.author
-                    ),
-                )?;
-                relay_chain.truncate(i);
-                break;
-            }
-        }
         let replay = membership::replay(&relay_chain, &dir, Point::Pulled);
         if let Some(e) = &replay.refused {
             tracing::warn!(%doc, position = replay.valid, "the relay served a membership operation that does not verify; it and those after it are ignored: {e}");
@@ -1284,6 +1263,18 @@ impl Engine {
     /// - Bundles waiting in the outbox sealed in a superseded epoch are sealed again with the
     ///   current key.
     pub fn maintain(&mut self) -> Result<usize> {
+        self.maintain_with(true)
+    }
+
+    /// [`Engine::maintain`] without starting a new epoch: what runs after a LAN exchange or a file,
+    /// where a rotation could not be ordered against a concurrent one (the relay orders them; this
+    /// device rotates at its next sync with it). Grants to missing devices and sealing queued
+    /// bundles again still happen.
+    pub fn maintain_offline(&mut self) -> Result<usize> {
+        self.maintain_with(false)
+    }
+
+    fn maintain_with(&mut self, rotate: bool) -> Result<usize> {
         let Ok(enrolment) = self.enrolment() else {
             return Ok(0);
         };
@@ -1304,7 +1295,7 @@ impl Engine {
             let should_ids: BTreeSet<DeviceId> = should.iter().map(|(d, _)| *d).collect();
             let grants = self.store.grants(info.id)?;
             let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
-            if my_role.can_write() && held_epoch == info.epoch {
+            if rotate && my_role.can_write() && held_epoch == info.epoch {
                 let current_recipients: BTreeSet<DeviceId> = grants
                     .iter()
                     .filter(|g| g.epoch == held_epoch)
@@ -1405,7 +1396,6 @@ impl Engine {
             return Ok(0); // the current key has not arrived yet
         };
         let all = self.all_keys(view.id)?;
-        let me = self.device_id();
         let facility = self.enrolment()?.facility;
         let mut queued = 0;
         for row in outdated {
@@ -1433,9 +1423,10 @@ impl Engine {
                         &payload,
                     )?;
                     self.store.add_local_bundle(&env, now_ms(), false)?;
-                    if envelope.author == me {
-                        self.store.delete_bundle(&envelope.id())?;
-                    }
+                    // The original never reached the relay and never will: its changes live on in
+                    // the copy (Automerge changes keep their own actors), so it is not kept or
+                    // offered (a revoked device holds its key).
+                    self.store.supersede_bundle(&envelope.id(), view.id)?;
                     queued += 1;
                 }
                 PushItem::Grant { .. } => {
@@ -1464,6 +1455,10 @@ pub struct ImportReport {
     pub skipped: u64,
     /// Membership operations kept aside until the operations they follow arrive.
     pub provisional: u64,
+    /// Grants and bundles made against another membership state than this device's (an epoch it
+    /// does not know yet, or a rotation that lost a race): not taken now; they come again by the
+    /// relay, sealed for the chain's key.
+    pub stale: u64,
     /// Items refused, with the reason.
     pub refused: Vec<String>,
 }
@@ -1581,6 +1576,10 @@ impl Engine {
                 continue;
             }
             if let Err(e) = membership::admit(&item, Some(&row.info), &dir, Point::Peer) {
+                if e.code == ErrorCode::Stale {
+                    report.stale += 1;
+                    continue;
+                }
                 report.refused.push(format!(
                     "{} of {doc}: {}",
                     match item {
@@ -1620,6 +1619,31 @@ impl Engine {
         Ok(report)
     }
 
+    /// The grants of `doc` worth handing on: those for a key the document's chain commits to (a
+    /// grant of this device's own rotation that lost a race is kept only to open its own bundles).
+    pub fn shareable_grants(&self, doc: DocumentId) -> Result<Vec<KeyGrant>> {
+        let Some(row) = self.store.document(doc)? else {
+            return Ok(vec![]);
+        };
+        Ok(self
+            .store
+            .grants(doc)?
+            .into_iter()
+            .filter(|g| row.info.commitment(g.epoch) == Some(g.key_commitment))
+            .collect())
+    }
+
+    /// The relay refused, for good, a bundle this device took from a LAN peer or a file and never
+    /// got a sequence number for (its author was revoked, or its facility is no longer a writer):
+    /// it is taken out of this device's copy, and not taken again, so this device ends with what
+    /// every other member has.
+    pub fn drop_refused_bundle(&mut self, envelope: &Envelope) -> Result<()> {
+        self.store.supersede_bundle(&envelope.id(), envelope.doc)?;
+        self.store.drop_snapshot(envelope.doc)?;
+        tracing::info!(doc = %envelope.doc, bundle = %envelope.id(), author = %envelope.author, "took out a bundle the relay refused for good");
+        Ok(())
+    }
+
     /// Everything this device holds of a document, as push items (its operation chain in order,
     /// grants, bundles), leaving out bundles held back because they wait to be sealed again.
     pub fn export_items(&self, doc: DocumentId) -> Result<Vec<PushItem>> {
@@ -1630,8 +1654,7 @@ impl Engine {
             .map(|op| PushItem::Op { op })
             .collect();
         out.extend(
-            self.store
-                .grants(doc)?
+            self.shareable_grants(doc)?
                 .into_iter()
                 .map(|grant| PushItem::Grant { grant }),
         );
@@ -1790,12 +1813,10 @@ impl Engine {
         let enrolment = self.enrolment()?;
         let target: DeviceId = device
             .parse()
-            .map_err(|_| EngineError::UnknownFacility(device.to_owned()))?;
+            .map_err(|_| EngineError::UnknownDevice(device.to_owned()))?;
         let dir = self.directory()?;
         if dir.device_status(&target).current() != Some(enrolment.facility) {
-            return Err(EngineError::Trust(format!(
-                "{target} is not a current device of this facility"
-            )));
+            return Err(EngineError::UnknownDevice(target.to_string()));
         }
         let links = self.own_chain()?;
         let link = DeviceLink::sign(

@@ -79,7 +79,7 @@ fn ops_and_grants(
     Vec<musubi_crdt::ops::DocOp>,
     Vec<musubi_crdt::ops::KeyGrant>,
 )> {
-    Ok((engine.store().ops(doc)?, engine.store().grants(doc)?))
+    Ok((engine.store().ops(doc)?, engine.shareable_grants(doc)?))
 }
 
 /// Bundles of `doc` with the given ids (or not in `except`), up to about the pull byte target.
@@ -288,8 +288,10 @@ impl Lan {
                     ));
                 }
                 let have: BTreeSet<BundleId> = have.into_iter().collect();
-                let mine: BTreeSet<BundleId> =
+                let mut mine: BTreeSet<BundleId> =
                     engine.store().bundle_ids(doc)?.into_iter().collect();
+                // Bundles sealed again here are not wanted back.
+                mine.extend(engine.store().superseded_ids(doc)?);
                 let (items, more) = bundles_for(engine, doc, |id| !have.contains(id))?;
                 let want: Vec<BundleId> = have.difference(&mine).copied().collect();
                 let their_ops: BTreeSet<[u8; 32]> = ops.iter().map(|o| o.hash()).collect();
@@ -368,7 +370,7 @@ impl Lan {
                 && engine.update_directory(&d)?
             {
                 tracing::info!(%peer, "took a newer directory from a LAN peer");
-                engine.maintain()?;
+                engine.maintain_offline()?;
             }
             self.last_round = None;
             return Ok(vec![]);

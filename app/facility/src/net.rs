@@ -191,7 +191,9 @@ pub async fn join(
     let mut connected = false;
     let mut pending_until: Option<u64> = None;
     let mut again: Option<tokio::time::Instant> = None;
-    let join_frame = protocol::encode_request(&Request::Join { request: Box::new(request) });
+    let join_frame = protocol::encode_request(&Request::Join {
+        request: Box::new(request),
+    });
     loop {
         tokio::select! {
             ev = swarm.select_next_some() => match ev {
@@ -308,8 +310,10 @@ pub enum SyncEvent {
     /// The relay acknowledged outbox items: the count of unsent items went down.
     Pushed,
     /// The relay went back in time (its store was restored, or it rolled back): what this device
-    /// holds was offered to it again.
+    /// holds was offered to it again ([`relay_behind`] says when).
     RelayBehind,
+    /// A directory arrived (facilities, devices, revocations may have changed).
+    Directory,
     /// In step with the relay: everything queued was sent and everything announced was pulled.
     CaughtUp,
 }
@@ -383,6 +387,7 @@ pub async fn sync_with(
                 | Event::KeyGrants { doc, .. }
                 | Event::Ops { doc, .. } => Some(SyncEvent::Changed(*doc)),
                 Event::Documents(_) => Some(SyncEvent::Listed),
+                Event::Directory(_) => Some(SyncEvent::Directory),
                 Event::Pushed { .. } => Some(SyncEvent::Pushed),
                 Event::Behind { .. } | Event::RelayRestored { .. } => Some(SyncEvent::RelayBehind),
                 Event::CaughtUp => Some(SyncEvent::CaughtUp),
@@ -456,7 +461,12 @@ pub async fn sync_with(
                 SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => match ev {
                     request_response::Event::Message { peer, message, .. } => match message {
                         request_response::Message::Response { request_id, response } if lan.owns(&request_id) => {
-                            for doc in lan.on_response(engine, &mut swarm, request_id, &response)? {
+                            let touched = lan.on_response(engine, &mut swarm, request_id, &response)?;
+                            if !touched.is_empty() {
+                                engine.maintain_offline()?;
+                                retract(engine, &mut session);
+                            }
+                            for doc in touched {
                                 services::after_sync(engine, doc)?;
                                 emit(SyncEvent::Changed(doc));
                             }
@@ -467,6 +477,10 @@ pub async fn sync_with(
                                 Err(e) => (Response::error(e.code(), e.to_string()), vec![]),
                             };
                             let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&answer));
+                            if !touched.is_empty() {
+                                engine.maintain_offline()?;
+                                retract(engine, &mut session);
+                            }
                             for doc in touched {
                                 services::after_sync(engine, doc)?;
                                 emit(SyncEvent::Changed(doc));
@@ -494,6 +508,10 @@ pub async fn sync_with(
                                     }
                                     Ok(Request::NotifyJoin) => {
                                         session.handle_notify_join();
+                                        Response::Ack
+                                    }
+                                    Ok(Request::NotifyDirectory { version }) => {
+                                        session.handle_notify_directory(version);
                                         Response::Ack
                                     }
                                     Ok(_) => Response::error(ErrorCode::Forbidden, "facilities answer only notifications"),
@@ -544,6 +562,7 @@ pub async fn sync_with(
                 if connected && last_list.elapsed() >= RELIST_INTERVAL {
                     last_list = tokio::time::Instant::now();
                     session.want_documents();
+                    session.want_directory();
                 }
                 if let Some(t) = redial_at
                     && tokio::time::Instant::now() >= t
@@ -712,37 +731,60 @@ pub fn apply_event(
             let mut good: Vec<(Seq, _)> = Vec::with_capacity(items.len());
             for p in items {
                 let author = p.envelope.author;
-                let after_revocation = matches!(dir.device_status(&author), DeviceStatus::Former(_))
+                // A bundle by a revoked device the relay gave a sequence number this device had not
+                // seen when it learned of the revocation: the relay may have taken it after the
+                // revocation (a relay that lies), or just before (this device had not pulled that far).
+                // It cannot tell, so it keeps the bundle (history) and says so.
+                if matches!(dir.device_status(&author), DeviceStatus::Former(_))
                     && engine
                         .store()
                         .revocation_mark(&author.to_string(), doc)?
-                        .is_some_and(|(mark, _)| p.seq > mark);
-                let verdict = match &row {
-                    _ if after_revocation => Err(membership::Refusal {
-                        code: ErrorCode::Revoked,
-                        message: format!(
-                            "written by {author} after this device learned of its revocation (a relay that should have refused it took it)"
+                        .is_some_and(|(mark, _)| p.seq > mark)
+                {
+                    tracing::warn!(%doc, seq = %p.seq, %author, "the relay served a bundle by a revoked device that this device had not seen before learning of the revocation");
+                    engine.store().set_meta_cbor(
+                        &format!("doc_warning:{doc}"),
+                        &format!(
+                            "bundle {} (relay seq {}) is by {author}, a revoked device, and arrived after this device learned of the revocation; if it was written after it, the relay should have refused it",
+                            p.envelope.id(),
+                            p.seq
                         ),
-                    }),
+                    )?;
+                }
+                let verdict = match &row {
                     Some(r) => membership::admit_bundle(&p.envelope, &r.info, &dir, Point::Pulled),
                     None => Err(membership::Refusal {
                         code: ErrorCode::Stale,
                         message: "the document's operations have not arrived".into(),
                     }),
                 };
+                tracing::debug!(
+                    %doc,
+                    seq = %p.seq,
+                    epoch = %p.envelope.epoch,
+                    refused = ?verdict.as_ref().err().map(|e| &e.message),
+                    "pulled a bundle"
+                );
                 match verdict {
                     Ok(()) => good.push((p.seq, p.envelope)),
                     Err(e)
-                        if (e.code == ErrorCode::Stale
-                            || dir.device_status(&p.envelope.author) == DeviceStatus::Unknown)
+                        if e.code == ErrorCode::Stale
+                            && p.envelope.verify_signature().is_ok()
+                            && session.handle_unknown_epoch(doc, p.seq) =>
+                    {
+                        // In an epoch (or sealed with a key) whose operation has not arrived:
+                        // fetch the operations, then pull again from here.
+                        tracing::info!(%doc, seq = %p.seq, "a bundle in an epoch this device does not know yet; fetching the operations");
+                        break;
+                    }
+                    Err(_)
+                        if dir.device_status(&p.envelope.author) == DeviceStatus::Unknown
                             && p.envelope.verify_signature().is_ok()
                             && session.handle_unknown_author(doc, p.seq) =>
                     {
-                        // Written by a device enrolled after this directory, or in an epoch whose
-                        // operation has not arrived: fetch both, then pull again from here.
-                        tracing::info!(%doc, seq = %p.seq, "a bundle this device cannot place yet ({}); fetching the directory and operations", e.message);
-                        let known = row.as_ref().map_or(0, |r| r.relay_ops);
-                        session.want_ops(doc, known);
+                        // Written by a device enrolled after this directory: fetch it, then pull
+                        // again from here (the cursor stays before this bundle).
+                        tracing::info!(%doc, seq = %p.seq, "a bundle by a device the directory does not list yet; fetching the directory");
                         break;
                     }
                     Err(e) => {
@@ -802,6 +844,28 @@ pub fn apply_event(
                         None => {}
                     }
                     changed = true;
+                    Applied::Continue
+                }
+                PushResult::Rejected { code, message }
+                    if pushed.as_ref().and_then(item_author) != Some(engine.device_id()) =>
+                {
+                    // Another device's item this device forwarded (from a LAN peer or a file): the
+                    // relay's refusal is its author's concern, not this device's; it is dropped.
+                    // A refused bundle is also taken out of this device's copy, so it ends with what
+                    // every other member has.
+                    tracing::info!(
+                        ?code,
+                        "the relay refused an item this device forwarded: {message}"
+                    );
+                    engine.store().drop_outbox(item.0)?;
+                    if let Some(PushItem::Bundle { envelope }) = &pushed
+                        && engine
+                            .store()
+                            .bundle(&envelope.id())?
+                            .is_some_and(|b| b.seq.is_none())
+                    {
+                        engine.drop_refused_bundle(envelope)?;
+                    }
                     Applied::Continue
                 }
                 PushResult::Rejected { code, message } => {
@@ -868,6 +932,25 @@ pub fn apply_event(
     Ok(applied)
 }
 
+/// The device that signed an outbox item.
+fn item_author(item: &PushItem) -> Option<musubi_crdt::ids::DeviceId> {
+    match item {
+        PushItem::Op { op } => Some(op.author),
+        PushItem::Grant { grant } => Some(grant.author),
+        PushItem::Bundle { envelope } => Some(envelope.author),
+        PushItem::Invite { registration } => Some(registration.author),
+        PushItem::Approve { link, .. } => Some(link.signer),
+    }
+}
+
+/// Drops from the session the outbox items the engine replaced (sealed or signed again).
+fn retract(engine: &mut Engine, session: &mut Session) {
+    let retracted: BTreeSet<OutboxId> = engine.take_retracted().into_iter().map(OutboxId).collect();
+    if !retracted.is_empty() {
+        session.retract(&retracted);
+    }
+}
+
 /// What `status` says about the relay going back in time.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct RelayBehind {
@@ -879,15 +962,22 @@ pub struct RelayBehind {
     pub times: u64,
 }
 
+/// The store key of [`RelayBehind`].
+const RELAY_BEHIND_META: &str = "relay_behind";
+
+/// When this device last noticed the relay going back in time, if it ever did.
+///
+/// Errors: the store's.
+pub fn relay_behind(engine: &Engine) -> Result<Option<RelayBehind>, SyncError> {
+    Ok(engine.store().meta_cbor(RELAY_BEHIND_META)?)
+}
+
 fn mark_relay_behind(engine: &Engine, restored: bool) -> Result<(), SyncError> {
-    let mut r: RelayBehind = engine
-        .store()
-        .meta_cbor("relay_behind")?
-        .unwrap_or_default();
+    let mut r: RelayBehind = relay_behind(engine)?.unwrap_or_default();
     r.at_ms = now_ms();
     r.restored |= restored;
     r.times += 1;
-    engine.store().set_meta_cbor("relay_behind", &r)?;
+    engine.store().set_meta_cbor(RELAY_BEHIND_META, &r)?;
     Ok(())
 }
 

@@ -177,6 +177,7 @@ impl Store {
                  CREATE TABLE IF NOT EXISTS documents (
                     id TEXT PRIMARY KEY, kind TEXT NOT NULL, view BLOB NOT NULL,
                     relay_ops INTEGER NOT NULL DEFAULT 0, relay_head INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE IF NOT EXISTS superseded (id BLOB PRIMARY KEY, doc TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS revocation_marks (
                     device TEXT NOT NULL, doc TEXT NOT NULL, seq INTEGER NOT NULL, ops INTEGER NOT NULL,
                     PRIMARY KEY (device, doc));
@@ -390,6 +391,14 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = env.id();
+        let superseded: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM superseded WHERE id = ?1)",
+            [&id.0[..]],
+            |r| r.get(0),
+        )?;
+        if superseded {
+            return Ok(false);
+        }
         let new = tx.execute(
             "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
             params![&id.0[..], env.doc.to_string(), env.encode(), origin.as_str(), now_ms as i64],
@@ -424,13 +433,35 @@ impl Store {
         Ok(self.conn.last_insert_rowid() as u64)
     }
 
-    /// Deletes a bundle this device wrote and the relay never took (it was sealed again).
-    pub fn delete_bundle(&self, id: &BundleId) -> Result<()> {
+    /// Replaces a bundle the relay never took and never will (sealed in a superseded epoch; its
+    /// changes were sealed again in a new bundle): the row goes, and its id is remembered, so the same
+    /// bundle offered again by a LAN peer or a file is not taken (and sealed) once more.
+    pub fn supersede_bundle(&self, id: &BundleId, doc: DocumentId) -> Result<()> {
         self.conn.execute(
             "DELETE FROM bundles WHERE id = ?1 AND seq IS NULL",
             [&id.0[..]],
         )?;
+        self.conn.execute(
+            "INSERT OR IGNORE INTO superseded (id, doc) VALUES (?1, ?2)",
+            params![&id.0[..], doc.to_string()],
+        )?;
         Ok(())
+    }
+
+    /// Ids of a document's superseded bundles (see [`Store::supersede_bundle`]).
+    pub fn superseded_ids(&self, doc: DocumentId) -> Result<Vec<BundleId>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM superseded WHERE doc = ?1")?;
+        let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id: [u8; 32] = row?
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("bundle id length".into()))?;
+            out.push(BundleId(id));
+        }
+        Ok(out)
     }
 
     /// A stored bundle by id.
@@ -935,6 +966,14 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)
+    }
+
+    /// Forgets a document's local snapshot (a bundle it covered was taken out; the next load
+    /// rebuilds it from the bundles).
+    pub fn drop_snapshot(&self, doc: DocumentId) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM snapshots WHERE doc = ?1", [doc.to_string()])?;
+        Ok(())
     }
 
     /// Replaces the sealed snapshot of a document.

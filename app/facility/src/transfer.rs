@@ -159,6 +159,7 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
             total.known += r.known;
             total.skipped += r.skipped;
             total.provisional += r.provisional;
+            total.stale += r.stale;
             total.refused.extend(r.refused);
             Ok(())
         };
@@ -179,7 +180,6 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
                         && engine.update_directory(d)?
                     {
                         tracing::info!("took a newer directory from the file");
-                        engine.maintain()?;
                     }
                 }
                 Decoded::End { .. } => {}
@@ -196,6 +196,8 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
         }
     }
     apply(engine, &mut chunk)?;
+    // Keys the file brought go to devices that lack them; bundles waiting for a key are sealed.
+    engine.maintain_offline()?;
     dec.finish()?;
     Ok(total)
 }

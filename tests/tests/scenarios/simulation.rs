@@ -199,6 +199,172 @@ fn random_faults_converge_to_identical_heads() {
     );
 }
 
+/// One seed of the revocation test: the random faults and edits of [`run_seed`], with a third
+/// reception laptop that the operator revokes at a random step. Every other replica converges; the
+/// laptop holds no key newer than what it held when revoked; every document it could read was
+/// rotated exactly once (concurrent rotations by several writers resolve to one).
+fn run_revocation_seed(seed: u64) -> Result<Outcome, String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut specs = sim::outage_specs();
+    specs.push(sim::DeviceSpec::new(
+        "centre-laptop-3",
+        "中央公民館",
+        musubi_crdt::ids::FacilityRole::Shelter,
+    ));
+    let stolen = specs.len() - 1;
+    let mut sim = Sim::new(&specs);
+    let lan = sim.add_lan(0, 1);
+    let lan_thief = sim.add_lan(1, stolen);
+    sim::settle_directory(&mut sim, &mut rng);
+    let docs = sim::make_documents(&mut sim);
+    // Every device holds the keys before the theft.
+    sim.heal(&mut rng);
+    let steps = rng.random_range(30..60);
+    let revoke_at = rng.random_range(0..steps);
+    let mut held_at_revocation = None;
+    let n = sim.nodes.len();
+    for step in 0..steps {
+        if step == revoke_at {
+            held_at_revocation = Some(sim.revoke(stolen));
+        }
+        match rng.random_range(0..100) {
+            0..30 => {
+                for _ in 0..rng.random_range(1..8) {
+                    sim.deliver_random(&mut rng);
+                }
+            }
+            30..50 => {
+                let i = rng.random_range(0..n);
+                if !sim.nodes[i].revoked {
+                    sim::random_edit(&mut sim, i, &docs, &mut rng);
+                }
+            }
+            50..60 => {
+                let i = rng.random_range(0..n);
+                let up = !sim.nodes[i].link_up;
+                sim.set_link(i, up);
+            }
+            60..66 => sim.lan_round(lan, rng.random_bool(0.2)),
+            66..70 => sim.lan_round(lan_thief, false),
+            70..74 => {
+                if sim.relay_up() {
+                    sim.crash_relay();
+                } else {
+                    sim.restart_relay();
+                    sim.check_relay_kept()?;
+                }
+            }
+            74..78 => {
+                let a = rng.random_range(0..n);
+                let b = (a + rng.random_range(1..n)) % n;
+                if !sim.nodes[a].revoked && !sim.nodes[b].revoked {
+                    sim.carry_file(a, b);
+                }
+            }
+            78..82 => sim.lose_random(&mut rng),
+            _ => sim.advance(Duration::from_millis(rng.random_range(0..3_000))),
+        }
+        sim.pump_all();
+    }
+    sim.heal(&mut rng);
+    let checked = sim.check()?;
+    let held = held_at_revocation.expect("revoked during the steps");
+    let thief_now: std::collections::BTreeMap<_, _> = sim.nodes[stolen]
+        .engine
+        .key_epochs()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    for (doc, epoch) in &thief_now {
+        let before = held.get(doc).copied().unwrap_or_default();
+        if *epoch > before {
+            return Err(format!(
+                "the revoked laptop holds a key of epoch {epoch} of {doc}, newer than its {before}"
+            ));
+        }
+    }
+    let db = sim.relay_db();
+    for doc in held.keys() {
+        let epoch: u32 = db
+            .query_row(
+                "SELECT epoch FROM documents WHERE id = ?1",
+                [doc.to_string()],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())?;
+        if epoch != held[doc].0 + 1 {
+            return Err(format!(
+                "{doc} is at epoch {epoch} after one revocation (the laptop held {})\n{}",
+                held[doc],
+                sim.describe_doc(*doc)
+            ));
+        }
+    }
+    Ok(Outcome {
+        steps,
+        docs: checked,
+        stats: sim.stats.clone(),
+        simulated: sim.elapsed(),
+    })
+}
+
+/// The operator revokes a stolen reception laptop in the middle of random faults (relay crashes,
+/// partitions, LAN exchanges, including with the thief, and files): every writer that notices
+/// rotates, the relay keeps one rotation per document, queued edits are sealed again, every other
+/// replica converges, and the laptop never holds a key made after its revocation. Seeds print as
+/// `seed=N`; `MUSUBI_SEED=N` replays one, `MUSUBI_REVOCATION_SEEDS=K` runs K (default 40).
+#[test]
+fn a_laptop_revoked_amid_faults_gets_no_new_key_and_nothing_is_lost() {
+    let _serial = serial();
+    let story = Story::new("a_laptop_revoked_amid_faults_gets_no_new_key_and_nothing_is_lost");
+    let seeds: Vec<u64> = if std::env::var("MUSUBI_SEED").is_ok() {
+        seeds()
+    } else {
+        let n = std::env::var("MUSUBI_REVOCATION_SEEDS")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40);
+        (0..n).collect()
+    };
+    let mut failures = Vec::new();
+    for seed in &seeds {
+        match catch_unwind(AssertUnwindSafe(|| run_revocation_seed(*seed))) {
+            Ok(Ok(o)) => eprintln!(
+                "seed={seed} ok: {} steps, {} docs, {} edits, {} files, {} relay crashes",
+                o.steps, o.docs, o.stats.edits, o.stats.files, o.stats.crashes
+            ),
+            Ok(Err(why)) => {
+                eprintln!("seed={seed} FAILED: {why}");
+                failures.push((*seed, why));
+            }
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into());
+                eprintln!("seed={seed} PANICKED: {why}");
+                failures.push((*seed, why));
+            }
+        }
+    }
+    story.step(&format!(
+        "{} of {} seed(s) passed",
+        seeds.len() - failures.len(),
+        seeds.len()
+    ));
+    assert!(
+        failures.is_empty(),
+        "{} seed(s) failed (replay one with MUSUBI_SEED=N):\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .map(|(s, w)| format!("  seed={s}: {w}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 /// A community centre offline for the equivalent of three days of shelter operation: 10,000 check-ins
 /// and check-outs at one laptop, each its own bundle, while HQ and the relay carry on. It reconnects
 /// and is fully synced: nothing pending, and the relay, the other laptop and HQ hold the same heads.

@@ -7,11 +7,10 @@ use std::time::Duration;
 use musubi_crdt::directory::{DeviceChange, FacilityEntry, Trust, authority_fingerprint};
 use musubi_crdt::ids::{DeviceId, FacilityId, FacilityRole};
 use musubi_crdt::protocol::PushItem;
-use musubi_facility::EngineError;
 use serde::{Deserialize, Serialize};
 use tauri::State;
 
-use crate::error::{AppError, AppResult, ErrorKind};
+use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 
 /// Digits in a safety number (six groups of five).
@@ -189,12 +188,7 @@ pub async fn revoke_device(state: State<'_, AppState>, device: String) -> AppRes
                     "this device cannot revoke itself; revoke it from another device of the facility",
                 ));
             }
-            // The engine's trust error here means the device is no longer a current device of this
-            // facility (revoked already, or never its own): for the clerk, it is not found.
-            engine.revoke_device(&device).map_err(|e| match e {
-                EngineError::Trust(m) => AppError::new(ErrorKind::NotFound, m),
-                e => e.into(),
-            })?;
+            engine.revoke_device(&device)?;
             engine.maintain()?;
             Ok(())
         })

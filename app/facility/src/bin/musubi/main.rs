@@ -385,7 +385,7 @@ fn run(cli: Cli) -> Result<()> {
                     "warning": warning,
                 }));
             }
-            let behind: Option<net::RelayBehind> = e.store().meta_cbor("relay_behind")?;
+            let behind = net::relay_behind(&e)?;
             let rejected: Vec<_> = e
                 .store()
                 .rejected()?

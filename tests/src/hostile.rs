@@ -1,0 +1,335 @@
+//! A relay that lies, and a device that forges: what the attacker stories of the scenario tests do.
+//!
+//! [`LyingRelay`] is the real `musubi-node` whose database the test edits underneath it, as modified
+//! relay code would: it then serves, and signs, whatever its tables hold (a device in another
+//! facility's chain, a facility without the authority's certificate, an extra member, a planted key
+//! grant or operation, a bundle it should have refused). [`forged_file`] writes a transfer file of
+//! the attacker's choosing. Nothing here goes through the relay's or the facilities' checks: that
+//! is the point.
+
+use std::path::Path;
+use std::time::Duration;
+
+use musubi_crdt::bundle::Envelope;
+use musubi_crdt::crypto::DeviceSecrets;
+use musubi_crdt::directory::{DeviceLink, FacilityCert};
+use musubi_crdt::ids::{DeploymentId, DocumentId, FacilityId, Role};
+use musubi_crdt::ops::{DocOp, KeyGrant};
+use musubi_crdt::protocol::PushItem;
+use musubi_crdt::transfer::{TransferEncoder, TransferHeader};
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use crate::Relay;
+
+fn cbor<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+/// The relay's database, opened read-write by the attacker (the relay may be running).
+pub struct LyingRelay {
+    conn: Connection,
+}
+
+impl LyingRelay {
+    /// Opens `relay`'s database for writing.
+    pub fn of(relay: &Relay) -> Self {
+        let conn = Connection::open(relay.data.join("node.db")).expect("open the relay's database");
+        conn.busy_timeout(Duration::from_secs(20))
+            .expect("set busy timeout");
+        Self { conn }
+    }
+
+    fn bump_directory(&self) {
+        self.conn
+            .execute(
+                "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'directory_version'",
+                [],
+            )
+            .expect("bump the directory version");
+    }
+
+    /// Lists `device` as a device of `facility`: a devices row, and a link at the end of the
+    /// facility's chain signed by `signer` (whoever the attacker is).
+    pub fn add_device(&self, facility: FacilityId, device: &DeviceSecrets, signer: &DeviceSecrets) {
+        let last: Vec<u8> = self
+            .conn
+            .query_row(
+                "SELECT link FROM device_links WHERE facility = ?1 ORDER BY seq DESC LIMIT 1",
+                [facility.to_string()],
+                |r| r.get(0),
+            )
+            .expect("the facility has a chain");
+        let last: DeviceLink = ciborium::from_reader(last.as_slice()).expect("a link");
+        let p = device.public();
+        let link = DeviceLink::sign(
+            signer,
+            facility,
+            Some(&last),
+            musubi_crdt::directory::DeviceChange::Add {
+                device: p.device,
+                age_recipient: p.age_recipient.clone(),
+            },
+            crate::raw::now_ms(),
+        );
+        self.conn
+            .execute(
+                "INSERT INTO device_links (facility, seq, link) VALUES (?1, ?2, ?3)",
+                params![facility.to_string(), link.seq, cbor(&link)],
+            )
+            .expect("insert a link");
+        self.conn
+            .execute(
+                "INSERT INTO devices (peer_id, facility, age_recipient, enrolled_at) VALUES (?1, ?2, ?3, 0)",
+                params![p.device.to_string(), facility.to_string(), p.age_recipient],
+            )
+            .expect("insert a device");
+        self.bump_directory();
+    }
+
+    /// Adds a facility whose certificate `cert` (signed by whoever the attacker is) names `root`,
+    /// with `root` as its first device.
+    pub fn add_facility(&self, cert: &FacilityCert, root: &DeviceSecrets) {
+        self.conn
+            .execute(
+                "INSERT INTO facilities (id, name, role, cert, enrolled_at) VALUES (?1, ?2, ?3, ?4, 0)",
+                params![
+                    cert.facility.to_string(),
+                    cert.name,
+                    cert.role.to_string(),
+                    cbor(cert)
+                ],
+            )
+            .expect("insert a facility");
+        let genesis = DeviceLink::genesis(root, cert.facility, crate::raw::now_ms());
+        let p = root.public();
+        self.conn
+            .execute(
+                "INSERT INTO device_links (facility, seq, link) VALUES (?1, 1, ?2)",
+                params![cert.facility.to_string(), cbor(&genesis)],
+            )
+            .expect("insert a link");
+        self.conn
+            .execute(
+                "INSERT INTO devices (peer_id, facility, age_recipient, enrolled_at) VALUES (?1, ?2, ?3, 0)",
+                params![p.device.to_string(), cert.facility.to_string(), p.age_recipient],
+            )
+            .expect("insert a device");
+        self.bump_directory();
+    }
+
+    /// Replaces a facility's certificate and chain (and its devices) with `cert` and `root`'s genesis.
+    pub fn replace_facility(&self, cert: &FacilityCert, root: &DeviceSecrets) {
+        let f = cert.facility.to_string();
+        self.conn
+            .execute("DELETE FROM device_links WHERE facility = ?1", [&f])
+            .expect("delete links");
+        self.conn
+            .execute(
+                "UPDATE devices SET chain_revoked = 1 WHERE facility = ?1",
+                [&f],
+            )
+            .expect("retire devices");
+        self.conn
+            .execute(
+                "UPDATE facilities SET cert = ?2, name = ?3 WHERE id = ?1",
+                params![f, cbor(cert), cert.name],
+            )
+            .expect("replace the certificate");
+        let genesis = DeviceLink::genesis(root, cert.facility, crate::raw::now_ms());
+        let p = root.public();
+        self.conn
+            .execute(
+                "INSERT INTO device_links (facility, seq, link) VALUES (?1, 1, ?2)",
+                params![f, cbor(&genesis)],
+            )
+            .expect("insert a link");
+        self.conn
+            .execute(
+                "INSERT INTO devices (peer_id, facility, age_recipient, enrolled_at) VALUES (?1, ?2, ?3, 0)",
+                params![p.device.to_string(), f, p.age_recipient],
+            )
+            .expect("insert a device");
+        self.bump_directory();
+    }
+
+    /// Lists `facility` as a member of `doc` in the relay's own view (its members table and the
+    /// membership it checks requests against), with no operation behind it.
+    pub fn add_member(&self, doc: DocumentId, facility: FacilityId, role: Role) {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO members (doc, facility, role) VALUES (?1, ?2, ?3)",
+                params![doc.to_string(), facility.to_string(), role.to_string()],
+            )
+            .expect("insert a member");
+        let view: Vec<u8> = self
+            .conn
+            .query_row(
+                "SELECT view FROM documents WHERE id = ?1",
+                [doc.to_string()],
+                |r| r.get(0),
+            )
+            .expect("a known document");
+        let mut view: musubi_crdt::membership::Membership =
+            ciborium::from_reader(view.as_slice()).expect("a membership");
+        view.members
+            .push(musubi_crdt::ops::Member { facility, role });
+        self.conn
+            .execute(
+                "UPDATE documents SET view = ?2 WHERE id = ?1",
+                params![doc.to_string(), cbor(&view)],
+            )
+            .expect("rewrite the view");
+    }
+
+    /// Stores a key grant as if it had been accepted.
+    pub fn plant_grant(&self, grant: &KeyGrant) {
+        self.conn
+            .execute(
+                "INSERT INTO grants (hash, doc, epoch, author, encoded, received_at) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+                params![
+                    grant.hash().as_slice(),
+                    grant.doc.to_string(),
+                    grant.epoch.0,
+                    grant.author.to_string(),
+                    cbor(grant)
+                ],
+            )
+            .expect("plant a grant");
+    }
+
+    /// Appends an operation to a document's chain as if it had been accepted, and says so in the
+    /// document list (so devices fetch it).
+    pub fn plant_op(&self, op: &DocOp) {
+        let (ops,): (u32,) = self
+            .conn
+            .query_row(
+                "SELECT ops FROM documents WHERE id = ?1",
+                [op.doc.to_string()],
+                |r| Ok((r.get(0)?,)),
+            )
+            .expect("a known document");
+        self.conn
+            .execute(
+                "INSERT INTO ops (doc, idx, hash, author, encoded, received_at) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+                params![
+                    op.doc.to_string(),
+                    ops,
+                    op.hash().as_slice(),
+                    op.author.to_string(),
+                    cbor(op)
+                ],
+            )
+            .expect("plant an operation");
+        self.conn
+            .execute(
+                "UPDATE documents SET ops = ?2, ops_head = ?3 WHERE id = ?1",
+                params![op.doc.to_string(), ops + 1, op.hash().as_slice()],
+            )
+            .expect("advance the chain");
+    }
+
+    /// Stores a bundle as if it had been accepted (the next sequence number); returns it.
+    pub fn plant_bundle(&self, env: &Envelope) -> u64 {
+        let head: i64 = self
+            .conn
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM bundles WHERE doc = ?1",
+                [env.doc.to_string()],
+                |r| r.get(0),
+            )
+            .expect("head");
+        let encoded = env.encode();
+        self.conn
+            .execute(
+                "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
+                params![
+                    env.doc.to_string(),
+                    head + 1,
+                    env.id().0.as_slice(),
+                    encoded,
+                    env.author.to_string(),
+                    env.facility.to_string(),
+                    env.epoch.0,
+                    encoded.len() as i64
+                ],
+            )
+            .expect("plant a bundle");
+        (head + 1) as u64
+    }
+
+    /// The operations the relay holds of `doc`, in chain order.
+    pub fn ops(&self, doc: DocumentId) -> Vec<DocOp> {
+        let mut st = self
+            .conn
+            .prepare("SELECT encoded FROM ops WHERE doc = ?1 ORDER BY idx")
+            .expect("select ops");
+        st.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))
+            .expect("query ops")
+            .map(|b| ciborium::from_reader(b.expect("row").as_slice()).expect("an op"))
+            .collect()
+    }
+
+    /// The key grants the relay holds of `doc`.
+    pub fn grants(&self, doc: DocumentId) -> Vec<KeyGrant> {
+        let mut st = self
+            .conn
+            .prepare("SELECT encoded FROM grants WHERE doc = ?1 ORDER BY rowid")
+            .expect("select grants");
+        st.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))
+            .expect("query grants")
+            .map(|b| ciborium::from_reader(b.expect("row").as_slice()).expect("a grant"))
+            .collect()
+    }
+
+    /// The bundles the relay holds of `doc`, in sequence order.
+    pub fn bundles(&self, doc: DocumentId) -> Vec<(u64, Envelope)> {
+        let mut st = self
+            .conn
+            .prepare("SELECT seq, envelope FROM bundles WHERE doc = ?1 ORDER BY seq")
+            .expect("select bundles");
+        st.query_map([doc.to_string()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .expect("query bundles")
+        .map(|row| {
+            let (seq, b) = row.expect("row");
+            (seq as u64, Envelope::decode(&b).expect("an envelope"))
+        })
+        .collect()
+    }
+
+    /// The store generation the relay answers with.
+    pub fn generation(&self) -> String {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = 'generation'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .expect("meta")
+            .expect("a generation")
+    }
+}
+
+/// Writes a transfer file at `path` holding `items`, as a device of `deployment` with `secrets`
+/// would (no directory in it).
+pub fn forged_file(
+    path: &Path,
+    deployment: DeploymentId,
+    secrets: &DeviceSecrets,
+    items: &[PushItem],
+) {
+    let (mut enc, mut bytes) = TransferEncoder::start(&TransferHeader {
+        deployment,
+        device: secrets.device_id(),
+        created_at_ms: crate::raw::now_ms(),
+        directory: None,
+    });
+    for item in items {
+        bytes.extend(enc.item(item).expect("an item fits a record"));
+    }
+    bytes.extend(enc.finish());
+    std::fs::write(path, bytes).expect("write the forged file");
+}
