@@ -35,6 +35,16 @@ app="$target_dir/debug/musubi-desktop"
 home=${MUSUBI_HOME:-$HOME/.local/share/musubi-demo}
 mkdir -p "$home"
 relay_dir="$home/relay"
+authority_dir="$home/authority"
+# A relay made before the deployment authority existed cannot be upgraded: start over.
+if [[ -f $relay_dir/relay.key && ! -f $authority_dir/authority.pub ]]; then
+    step "$home was made by an older Musubi (before the deployment authority); starting over"
+    rm -rf "$home"
+    mkdir -p "$home"
+fi
+# The embedded default: the authority's key beside the relay, unlocked with this passphrase, so the
+# relay approves facilities as they join (a city keeps the authority on a USB stick instead).
+export MUSUBI_AUTHORITY_PASSPHRASE=${MUSUBI_AUTHORITY_PASSPHRASE:-"musubi demo authority passphrase"}
 port=${MUSUBI_RELAY_PORT:-4747}
 relay_pid=
 clinic_pid=
@@ -44,11 +54,12 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 if [[ ! -f $relay_dir/relay.key ]]; then
-    step "creating the relay (deployment 'demo') in $relay_dir"
-    "$node" init --data "$relay_dir" --deployment demo >/dev/null
+    step "creating the deployment authority and the relay (deployment 'demo') in $home"
+    "$node" authority init --authority "$authority_dir" --deployment demo | tee "$home/authority.txt"
+    "$node" init --data "$relay_dir" --authority "$authority_dir" >/dev/null
 fi
-step "starting the relay on /ip4/127.0.0.1/tcp/$port"
-"$node" serve --data "$relay_dir" --listen "/ip4/127.0.0.1/tcp/$port" >"$home/relay.out" 2>"$home/relay.log" &
+step "starting the relay on /ip4/127.0.0.1/tcp/$port (it approves facilities as they join)"
+"$node" serve --data "$relay_dir" --authority "$authority_dir" --listen "/ip4/127.0.0.1/tcp/$port" >"$home/relay.out" 2>"$home/relay.log" &
 relay_pid=$!
 for _ in $(seq 300); do
     grep -q '^listening on ' "$home/relay.out" 2>/dev/null && break
@@ -61,14 +72,15 @@ clinic="$home/clinic"
 export MUSUBI_PASSPHRASE="musubi demo clinic passphrase"
 if [[ ! -f $clinic/device.age ]]; then
     "$musubi" init --data "$clinic" --name 港診療所 >/dev/null
-    "$musubi" join --data "$clinic" "$("$node" invite --data "$relay_dir" --name 港診療所 --role clinic)" >/dev/null
+    "$musubi" join --data "$clinic" "$("$node" invite --data "$relay_dir" --authority "$authority_dir" --name 港診療所 --role clinic 2>/dev/null)" >/dev/null
 fi
 
 desktop="$home/desktop"
 if [[ ! -f $desktop/device.age ]]; then
-    "$node" invite --data "$relay_dir" --name みなと公民館 --role shelter --expires 7days >"$home/invite.txt"
+    "$node" invite --data "$relay_dir" --authority "$authority_dir" --name みなと公民館 --role shelter --expires 7days >"$home/invite.txt" 2>/dev/null
     step "first run: in the app, create the facility (any name, a passphrase of 8+ characters), then paste this invite code:"
     cat "$home/invite.txt"
+    echo "the app shows the deployment authority's fingerprint before joining; it must read: $(sed -n 's/^authority fingerprint: //p' "$home/authority.txt")"
 fi
 
 bundle=../shared/data/fhir-ereferral/Bundle-BundleReferralExample01.json

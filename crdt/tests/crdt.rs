@@ -14,7 +14,7 @@
 //! `MUSUBI_SEEDS=K` runs K seeds instead of the default.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use musubi_crdt::bundle::{Envelope, Payload};
 use musubi_crdt::crypto::{DeviceSecrets, DocumentKey};
 use musubi_crdt::directory::{DirectoryBody, SignedDirectory};
 use musubi_crdt::ids::{BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, Seq};
+use musubi_crdt::ops::{DocOp, DocOpBody};
 use musubi_crdt::protocol::{
     DocumentInfo, ErrorCode, Pulled, PushItem, PushResult, Request, Response,
 };
@@ -2145,4 +2146,282 @@ fn a_hand_back_asks_for_a_directory_newer_than_the_last_one_received() {
         );
         Default::default()
     });
+}
+
+// --- the session against a relay that goes back in time, and the trust-model requests ---------------
+
+/// A session that was connected and answered the relay's opening questions; returns it and `now`.
+fn opened(known: Known) -> (Session, Instant) {
+    let now = Instant::now();
+    let mut s = Session::new(session_config(), known);
+    s.handle_connected(now);
+    (s, now)
+}
+
+/// Sends what the session wants and answers with `answer`, in a frame carrying `generation`.
+fn exchange(
+    s: &mut Session,
+    now: Instant,
+    generation: Option<[u8; 16]>,
+    mut answer: impl FnMut(&Request) -> Response,
+) -> Vec<Request> {
+    let mut sent = Vec::new();
+    while let Some(t) = s.poll_transmit(now) {
+        let r = answer(&t.request);
+        sent.push(t.request.clone());
+        s.handle_response_frame(t.id, generation, r, now);
+    }
+    sent
+}
+
+fn info(doc: DocumentId, head: u64, ops: u32) -> DocumentInfo {
+    DocumentInfo {
+        id: doc,
+        kind: DocumentKind::Referral,
+        epoch: Epoch(0),
+        head: Seq(head),
+        ops,
+        ops_head: None,
+    }
+}
+
+fn plain(docs: Vec<DocumentInfo>) -> impl FnMut(&Request) -> Response {
+    move |r| match r {
+        Request::GetDirectory { .. } => Response::Directory { directory: None },
+        Request::ListDocuments => Response::Documents { docs: docs.clone() },
+        Request::GetJoinRequests => Response::JoinRequests { requests: vec![] },
+        Request::GetOps { doc, .. } => Response::Ops {
+            doc: *doc,
+            ops: vec![],
+            total: 0,
+        },
+        Request::GetKeyGrants { doc } => Response::KeyGrants {
+            doc: *doc,
+            grants: vec![],
+        },
+        Request::Pull { doc, after } => Response::Bundles {
+            doc: *doc,
+            items: vec![],
+            head: *after,
+        },
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn drain(s: &mut Session) -> Vec<Event> {
+    std::iter::from_fn(|| s.poll_event()).collect()
+}
+
+/// The relay lists a document with a head below what this device pulled, and fewer operations than
+/// it confirmed: the session says the relay is behind and sets its cursor back to the relay's head,
+/// so bundles the relay numbers afresh after a rollback are pulled, not skipped.
+#[test]
+fn a_relay_that_holds_less_than_it_acknowledged_is_noticed_and_the_cursor_set_back() {
+    let doc = DocumentId::from_random_bytes([1; 16]);
+    let (mut s, now) = opened(Known {
+        cursors: HashMap::from([(doc, Seq(10))]),
+        ops: HashMap::from([(doc, 3)]),
+        ..Known::default()
+    });
+    exchange(&mut s, now, Some([7; 16]), plain(vec![info(doc, 4, 2)]));
+    let events = drain(&mut s);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::Behind { doc: d, head: Seq(4), ops: Some(2) } if *d == doc
+        )),
+        "{events:?}"
+    );
+    // The next bundle the relay gives sequence 5 is pulled.
+    let pulls = exchange(&mut s, now, Some([7; 16]), plain(vec![info(doc, 5, 2)]));
+    assert!(
+        pulls.is_empty()
+            || pulls
+                .iter()
+                .all(|r| !matches!(r, Request::Pull { after, .. } if *after > Seq(4)))
+    );
+    s.handle_notify(doc, Seq(5), Epoch(0), now);
+    let sent = exchange(&mut s, now, Some([7; 16]), plain(vec![]));
+    assert!(
+        sent.iter()
+            .any(|r| matches!(r, Request::Pull { doc: d, after: Seq(4) } if *d == doc)),
+        "the pull starts after the relay's head, not after the old cursor: {sent:?}"
+    );
+}
+
+/// Another store generation in a relay's answer (a restore from a backup): the session reports it,
+/// forgets every cursor (the relay numbers bundles afresh) and asks for the directory and the
+/// document list again; the answer computed by the restored store is not applied.
+#[test]
+fn a_new_store_generation_resets_the_cursors_and_starts_over() {
+    let doc = DocumentId::from_random_bytes([2; 16]);
+    let (mut s, now) = opened(Known {
+        cursors: HashMap::from([(doc, Seq(40))]),
+        ops: HashMap::from([(doc, 2)]),
+        generation: Some([1; 16]),
+        ..Known::default()
+    });
+    let sent = exchange(&mut s, now, Some([2; 16]), plain(vec![info(doc, 3, 2)]));
+    let events = drain(&mut s);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::RelayRestored { previous, now } if *previous == [1; 16] && *now == [2; 16]
+        )),
+        "{events:?}"
+    );
+    assert_eq!(s.generation(), Some([2; 16]));
+    assert!(
+        sent.iter().any(|r| matches!(r, Request::ListDocuments)),
+        "the document list is asked for: {sent:?}"
+    );
+    s.handle_notify(doc, Seq(3), Epoch(0), now);
+    let sent = exchange(&mut s, now, Some([2; 16]), plain(vec![]));
+    assert!(
+        sent.iter()
+            .any(|r| matches!(r, Request::Pull { after: Seq(0), .. })),
+        "everything is pulled again from the start: {sent:?}"
+    );
+}
+
+/// Operations the relay lists beyond what the device holds are fetched, page by page, before any
+/// push; a bundle in an epoch the device cannot place yet hands the pull back once per operation
+/// count (so a relay that never sends the operations cannot make it loop).
+#[test]
+fn operations_are_fetched_before_pushing_and_an_unknown_epoch_hands_the_pull_back_once() {
+    let doc = DocumentId::from_random_bytes([3; 16]);
+    let (mut s, now) = opened(Known::default());
+    let device = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+    let op = DocOp::sign(
+        &device,
+        FacilityId::from_random_bytes([1; 16]),
+        doc,
+        1,
+        None,
+        DocOpBody::SetMember {
+            facility: FacilityId::from_random_bytes([2; 16]),
+            role: None,
+        },
+    )
+    .expect("sign");
+    let key = DocumentKey::from_seed([5; 32]);
+    s.push(
+        OutboxId(1),
+        PushItem::Bundle {
+            envelope: Envelope::seal(
+                &device,
+                FacilityId::from_random_bytes([1; 16]),
+                doc,
+                Epoch(0),
+                &key,
+                &Payload::Changes { data: vec![1] },
+            )
+            .expect("seal"),
+        },
+    );
+    let mut order = Vec::new();
+    let mut pages = 0;
+    exchange(&mut s, now, None, |r| {
+        order.push(r.kind());
+        match r {
+            Request::ListDocuments => Response::Documents {
+                docs: vec![info(doc, 0, 2)],
+            },
+            Request::GetOps { from, .. } => {
+                pages += 1;
+                Response::Ops {
+                    doc,
+                    ops: vec![op.clone()],
+                    total: 2 - from + from,
+                }
+            }
+            Request::Push { items } => Response::Pushed {
+                results: items
+                    .iter()
+                    .map(|_| PushResult::Accepted { seq: Some(Seq(1)) })
+                    .collect(),
+            },
+            other => plain(vec![])(other),
+        }
+    });
+    assert_eq!(pages, 2, "two pages of one operation each");
+    let first_ops = order.iter().position(|k| *k == "get-ops").expect("ops");
+    let push = order.iter().position(|k| *k == "push").expect("push");
+    assert!(first_ops < push, "operations before the push: {order:?}");
+    s.handle_ops(doc, 2);
+    assert!(s.handle_unknown_epoch(doc, Seq(1)), "the first hand-back");
+    assert!(
+        !s.handle_unknown_epoch(doc, Seq(1)),
+        "no second hand-back at the same operation count"
+    );
+    s.handle_ops(doc, 3);
+    assert!(
+        s.handle_unknown_epoch(doc, Seq(1)),
+        "a new operation allows one more"
+    );
+}
+
+/// A relay's join notification makes the session ask for the join requests; a directory
+/// notification of another version asks for the directory; an offer's answer says which bundles the
+/// relay lacks; retracted outbox items are not sent.
+#[test]
+fn join_and_directory_notifications_offers_and_retraction() {
+    let doc = DocumentId::from_random_bytes([4; 16]);
+    let (mut s, now) = opened(Known {
+        directory_version: 5,
+        ..Known::default()
+    });
+    exchange(&mut s, now, None, plain(vec![]));
+    drain(&mut s);
+    s.handle_notify_join();
+    s.handle_notify_directory(5);
+    let sent = exchange(&mut s, now, None, plain(vec![]));
+    assert_eq!(
+        sent.iter().map(Request::kind).collect::<Vec<_>>(),
+        ["get-join-requests"],
+        "the same directory version asks for nothing more"
+    );
+    s.handle_notify_directory(6);
+    let sent = exchange(&mut s, now, None, plain(vec![]));
+    assert!(
+        sent.iter()
+            .any(|r| matches!(r, Request::GetDirectory { known_version: 5 }))
+    );
+    let lost = BundleId::of_bytes(b"lost");
+    s.offer(doc, vec![lost, BundleId::of_bytes(b"kept")]);
+    exchange(&mut s, now, None, |r| match r {
+        Request::Offer { have, .. } => Response::Exchange {
+            doc,
+            items: vec![],
+            more: false,
+            want: have.iter().copied().filter(|id| *id == lost).collect(),
+            ops: vec![],
+            grants: vec![],
+        },
+        other => plain(vec![])(other),
+    });
+    assert!(
+        drain(&mut s)
+            .iter()
+            .any(|e| matches!(e, Event::Wanted { ids, .. } if ids == &vec![lost]))
+    );
+    let device = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+    let item = PushItem::Bundle {
+        envelope: Envelope::seal(
+            &device,
+            FacilityId::from_random_bytes([1; 16]),
+            doc,
+            Epoch(0),
+            &DocumentKey::from_seed([5; 32]),
+            &Payload::Changes { data: vec![1] },
+        )
+        .expect("seal"),
+    };
+    s.push(OutboxId(7), item);
+    s.retract(&BTreeSet::from([OutboxId(7)]));
+    let sent = exchange(&mut s, now, None, plain(vec![]));
+    assert!(
+        !sent.iter().any(|r| matches!(r, Request::Push { .. })),
+        "a retracted item is not pushed: {sent:?}"
+    );
 }
