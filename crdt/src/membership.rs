@@ -895,6 +895,96 @@ mod tests {
         assert_eq!(r.view.as_ref(), Some(&v2));
     }
 
+    /// A writer excludes a revoked laptop; nothing the laptop signs after that point is taken by
+    /// anyone, while a reader cannot exclude, and nobody can exclude a current device of a member
+    /// (that would only deny it service).
+    #[test]
+    fn an_exclusion_names_revoked_devices_only_and_shuts_them_out_from_that_point() {
+        let mut who = Who::default();
+        let (a, b, r) = (party(&mut who, 1), party(&mut who, 2), party(&mut who, 4));
+        let laptop = DeviceSecrets::from_seeds([7; 32], [57; 32]);
+        who.devices
+            .insert(laptop.device_id(), DeviceStatus::Current(b.facility));
+        let k0 = DocumentKey::from_seed([9; 32]);
+        let c = create(
+            &a,
+            vec![
+                Member {
+                    facility: b.facility,
+                    role: Role::Writer,
+                },
+                Member {
+                    facility: r.facility,
+                    role: Role::Reader,
+                },
+            ],
+            &k0,
+        );
+        let v0 = admit_op(&c, None, &who, Point::Relay).expect("create");
+        let exclude = |by: &Party, view: &Membership| {
+            next(
+                by,
+                view,
+                DocOpBody::Exclude {
+                    devices: vec![laptop.device_id()],
+                },
+            )
+        };
+        assert_eq!(
+            admit_op(&exclude(&a, &v0), Some(&v0), &who, Point::Relay)
+                .expect_err("a current device")
+                .code,
+            ErrorCode::Forbidden
+        );
+        who.devices
+            .insert(laptop.device_id(), DeviceStatus::Former(b.facility));
+        assert_eq!(
+            admit_op(&exclude(&r, &v0), Some(&v0), &who, Point::Relay)
+                .expect_err("a reader")
+                .code,
+            ErrorCode::Forbidden
+        );
+        let v1 = admit_op(&exclude(&b, &v0), Some(&v0), &who, Point::Peer).expect("a writer");
+        assert!(v1.is_excluded(&laptop.device_id()));
+        // A bundle the laptop signs in the epoch it still knows is refused by the relay and from
+        // peers; served by a relay, it cannot be told from one signed before (history, kept).
+        let late = Envelope::seal(
+            &laptop,
+            b.facility,
+            c.doc,
+            Epoch(0),
+            &k0,
+            &Payload::Changes { data: vec![1] },
+        )
+        .expect("seal");
+        for point in [Point::Relay, Point::Peer] {
+            assert!(
+                admit_bundle(&late, &v1, &who, point).is_err(),
+                "taken at {point:?}"
+            );
+        }
+        assert!(admit_bundle(&late, &v1, &who, Point::Pulled).is_ok());
+        // An operation it signs after the exclusion has a place in the chain: refused everywhere.
+        let lp = Party {
+            facility: b.facility,
+            device: laptop.clone(),
+        };
+        let rot = next(
+            &lp,
+            &v1,
+            DocOpBody::NewEpoch {
+                epoch: Epoch(1),
+                key_commitment: [3; 32],
+            },
+        );
+        for point in [Point::Relay, Point::Pulled, Point::Peer] {
+            assert!(
+                admit_op(&rot, Some(&v1), &who, point).is_err(),
+                "taken at {point:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_grant_from_a_non_member_or_to_a_non_member_is_refused() {
         let mut who = Who::default();
