@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, CryptoError, DeviceSecrets};
-use crate::ids::{DeploymentId, DeviceId, FacilityId, FacilityRole};
+use crate::ids::{DeploymentId, DeviceId, DocumentId, FacilityId, FacilityRole};
 use crate::limits::{
     DIRECTORY_FACILITIES_MAX, FACILITY_LINKS_MAX, FACILITY_NAME_BYTES_MAX, REVOCATIONS_MAX,
 };
@@ -371,6 +371,36 @@ pub struct DirectoryBody {
     pub revoked_facilities: Vec<FacilityId>,
 }
 
+impl DirectoryBody {
+    /// Adds what `seen` (records verified before) has that this body lacks: a facility it leaves
+    /// out, and the longer chain of a facility whose served chain is a prefix of the one seen (a
+    /// relay put back to an older copy). A chain that differs, or another certificate, stays as
+    /// served, for verification to report ([`Trust::ChainForked`], [`Trust::RootChanged`]).
+    pub fn add_seen(&mut self, seen: &[FacilityRecord]) {
+        for old in seen {
+            match self
+                .facilities
+                .iter_mut()
+                .find(|f| f.cert.facility == old.cert.facility)
+            {
+                None => {
+                    if self.facilities.len() < DIRECTORY_FACILITIES_MAX {
+                        self.facilities.push(old.clone());
+                    }
+                }
+                Some(f) => {
+                    if f.cert == old.cert
+                        && old.links.len() > f.links.len()
+                        && old.links.starts_with(&f.links)
+                    {
+                        f.links = old.links.clone();
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A [`DirectoryBody`] signed by the relay's key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedDirectory {
@@ -554,6 +584,13 @@ pub trait Devices {
     fn device_status(&self, device: &DeviceId) -> DeviceStatus;
     /// A facility's status.
     fn facility_status(&self, facility: FacilityId) -> FacilityStatus;
+    /// How many operations `doc`'s chain had when this party learned that `device` was revoked
+    /// (`None`: it has no such record, as the relay, or a device that learned of the revocation
+    /// before it knew the document). An operation by `device` at that position or later was signed,
+    /// or spliced in by a relay, after this party knew it was revoked.
+    fn revocation_learned(&self, _device: &DeviceId, _doc: DocumentId) -> Option<u32> {
+        None
+    }
     /// A certified, trusted facility that is not revoked, with its role; `None` otherwise.
     fn current_facility(&self, facility: FacilityId) -> Option<FacilityRole> {
         match self.facility_status(facility) {
@@ -587,6 +624,46 @@ impl Devices for Directory {
 }
 
 impl Directory {
+    /// This directory with what `earlier` (the view held before it) showed and it does not: nothing a
+    /// relay serves later takes away what was verified, only revocations do (DESIGN "Trust roots").
+    ///
+    /// - A facility this directory leaves out (a relay put back to an older copy, or one that lies)
+    ///   is kept as it was.
+    /// - A facility whose chain is [`Trust::ChainForked`] keeps the devices seen before.
+    /// - A device seen before in a facility's chain that this one does not list is kept: as it was
+    ///   while the facility is not trusted, revoked once a verified chain under another root key (a
+    ///   person confirmed it) replaced the old chain.
+    /// - `pins`' revocations apply to everything kept.
+    pub fn merged(mut self, earlier: &Directory, pins: &Pins) -> Directory {
+        for old in &earlier.facilities {
+            match self.facilities.iter_mut().find(|f| f.id == old.id) {
+                None => self.facilities.push(old.clone()),
+                Some(f) => {
+                    if matches!(f.trust, Trust::ChainForked { .. }) {
+                        f.devices = old.devices.clone();
+                    }
+                    // A verified chain extends the one seen before, so a device it lacks is of
+                    // a chain under an earlier root key: that chain is over.
+                    let replaced = f.trust == Trust::Verified;
+                    for d in &old.devices {
+                        if !f.devices.iter().any(|n| n.device == d.device) {
+                            let mut d = d.clone();
+                            d.revoked |= replaced;
+                            f.devices.push(d);
+                        }
+                    }
+                }
+            }
+        }
+        for f in &mut self.facilities {
+            f.revoked |= pins.revoked_facilities.contains(&f.id);
+            for d in &mut f.devices {
+                d.revoked |= pins.revoked_devices.contains(&d.device);
+            }
+        }
+        self
+    }
+
     /// Finds a facility by id or by exact name; `None` when there is none, or two share the name.
     pub fn find(&self, id_or_name: &str) -> Option<&FacilityEntry> {
         if let Ok(id) = id_or_name.parse::<FacilityId>() {
@@ -716,7 +793,22 @@ impl SignedDirectory {
         authority: &DeviceId,
         pins: &Pins,
     ) -> Result<(Directory, Pins), DirectoryError> {
-        let body = self.open(relay)?;
+        self.open(relay)?.verify(deployment, authority, pins)
+    }
+}
+
+impl DirectoryBody {
+    /// [`SignedDirectory::verify`] of a body already opened (the relay's signature checked), for
+    /// example after [`DirectoryBody::add_seen`].
+    ///
+    /// Errors: another deployment or authority.
+    pub fn verify(
+        self,
+        deployment: DeploymentId,
+        authority: &DeviceId,
+        pins: &Pins,
+    ) -> Result<(Directory, Pins), DirectoryError> {
+        let body = self;
         if body.deployment != deployment {
             return Err(DirectoryError::WrongDeployment {
                 expected: deployment.to_string(),
@@ -1054,6 +1146,64 @@ mod tests {
             pins2.revoked_devices.contains(&second.device_id()),
             "a revocation once seen stays"
         );
+    }
+
+    #[test]
+    fn a_directory_served_later_takes_away_nothing_seen_before() {
+        let mut f = fixture();
+        let second = dev(5);
+        let root = f.root.clone();
+        f.add(&root, &second);
+        let first = f.signed(2, vec![]);
+        let seen = first.open(&f.relay.device_id()).expect("opens").facilities;
+        let (earlier, pins) = f.verify(&first, &Pins::default());
+        assert!(earlier.is_current(&second.device_id()));
+
+        // A relay put back to an older copy serves the chain before `second` was added, and then
+        // a directory that leaves the facility out altogether.
+        let mut older = fixture();
+        older.links.truncate(1);
+        let mut none = older
+            .signed(3, vec![])
+            .open(&f.relay.device_id())
+            .expect("opens");
+        none.facilities.clear();
+        for body in [
+            older
+                .signed(3, vec![])
+                .open(&f.relay.device_id())
+                .expect("opens"),
+            none,
+        ] {
+            let mut body = body;
+            body.add_seen(&seen);
+            let (dir, next) = body
+                .verify(f.deployment, &f.authority.device_id(), &pins)
+                .expect("verifies");
+            let dir = dir.merged(&earlier, &next);
+            assert_eq!(
+                dir.facility(f.facility).map(|e| e.trust.clone()),
+                Some(Trust::Verified)
+            );
+            assert!(
+                dir.is_current(&second.device_id()) && dir.is_current(&root.device_id()),
+                "both devices seen before are still current"
+            );
+        }
+
+        // A revocation served later applies to what was kept.
+        let mut body = f
+            .signed(4, vec![second.device_id()])
+            .open(&f.relay.device_id())
+            .expect("opens");
+        body.facilities.clear();
+        body.add_seen(&seen);
+        let (dir, next) = body
+            .verify(f.deployment, &f.authority.device_id(), &pins)
+            .expect("verifies");
+        let dir = dir.merged(&earlier, &next);
+        assert!(!dir.is_current(&second.device_id()), "the revocation holds");
+        assert!(dir.is_current(&root.device_id()));
     }
 
     #[test]

@@ -161,6 +161,33 @@ impl FromStr for BundleId {
     }
 }
 
+/// A running hash of a document's bundle ids in the relay's sequence order: the log of sequence
+/// number 0 is [`LogHash::ZERO`], the log of `s` is [`LogHash::next`] of the log of `s - 1` and the
+/// id of bundle `s`. A relay that gave sequence number `s` to another bundle than before (it went back
+/// in time and took new ones) gives `s` another log, which is how a device notices.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct LogHash(#[serde(with = "serde_bytes")] pub [u8; 32]);
+
+impl LogHash {
+    /// The log before any bundle.
+    pub const ZERO: LogHash = LogHash([0; 32]);
+
+    /// The log after `id` follows this one (BLAKE3 in derive-key mode, context
+    /// `"musubi bundle log v1"`, over this log then the id).
+    pub fn next(&self, id: &BundleId) -> LogHash {
+        let mut h = blake3::Hasher::new_derive_key("musubi bundle log v1");
+        h.update(&self.0);
+        h.update(&id.0);
+        LogHash(*h.finalize().as_bytes())
+    }
+}
+
+impl fmt::Debug for LogHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LogHash({})", &hex::encode(self.0)[..12])
+    }
+}
+
 /// A document's key epoch. Epoch 0 is the first key; each rotation adds one.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,

@@ -64,6 +64,11 @@ pub const REVOCATIONS_MAX: usize = 100_000;
 /// Most membership operations of one document.
 pub const DOCUMENT_OPS_MAX: usize = 4096;
 
+/// Most operations of one document a device keeps aside because they do not chain yet (from a LAN
+/// peer or a file, before the operations they follow). An enrolled peer cannot fill a disk with
+/// signed operations that never chain: past this, new ones are refused until the chain catches up.
+pub const PROVISIONAL_OPS_MAX: usize = 256;
+
 /// Most operations in one `Ops` response.
 pub const OPS_RESPONSE_MAX: usize = 512;
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BundleError, Envelope};
 use crate::directory::{DeviceStatus, Devices, FacilityStatus};
-use crate::ids::{DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, Role};
+use crate::ids::{DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role};
 use crate::limits::{DOCUMENT_MEMBERS_MAX, DOCUMENT_OPS_MAX, GRANT_RECIPIENTS_MAX};
 use crate::ops::{DocOp, DocOpBody, KeyGrant, Member, OpError, OpHash};
 use crate::protocol::{ErrorCode, PushItem};
@@ -243,6 +243,21 @@ pub fn admit_op(
     }
     author_ok(devices, view, &op.author, op.facility, point, "operation")?;
     let doc = op.doc;
+    let position = view.map_or(0, |v| v.ops);
+    if let DeviceStatus::Former(_) = devices.device_status(&op.author)
+        && let Some(learned) = devices.revocation_learned(&op.author, doc)
+        && position >= learned
+    {
+        // History the relay serves is taken from a revoked author only up to where this device
+        // stood when it learned of the revocation: later, the relay should have refused it.
+        return refuse(
+            ErrorCode::Revoked,
+            format!(
+                "operation {position} of document {doc} is signed by {}, a device revoked before this device had seen more than {learned} operation(s)",
+                op.author
+            ),
+        );
+    }
     match (&op.body, view) {
         (DocOpBody::Create { .. }, Some(_)) => refuse(
             ErrorCode::Conflict,
@@ -262,6 +277,25 @@ pub fn admit_op(
                     ErrorCode::Malformed,
                     "the document id is not the one its Create derives",
                 );
+            }
+            // HQ counts every shelter roster it is a member of (避難者名簿 → 避難所別集計): only a
+            // facility the authority certified as a shelter, or an HQ (which may open one for a
+            // shelter it runs), opens one, so an enrolled clinic cannot add a made-up shelter to
+            // the city's totals.
+            if *kind == DocumentKind::Shelter {
+                let role = match devices.facility_status(op.facility) {
+                    FacilityStatus::Current(r) | FacilityStatus::Former(r) => Some(r),
+                    FacilityStatus::Unknown => None,
+                };
+                if !matches!(role, Some(FacilityRole::Shelter | FacilityRole::Hq)) {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "facility {} is certified neither as a shelter nor as an HQ and cannot open a shelter roster",
+                            op.facility
+                        ),
+                    );
+                }
             }
             if members.len() + 1 > DOCUMENT_MEMBERS_MAX {
                 return refuse(
@@ -394,14 +428,23 @@ pub fn admit_op(
                     }
                     for d in excluded {
                         // A device still current in a member facility may not be excluded (that
-                        // would only deny it service); history cannot be rechecked.
+                        // would only deny it service), at any point: revocations are never taken
+                        // back, so one that was revoked when the exclusion was signed is not
+                        // current now; a device that has not learned of it yet takes the exclusion
+                        // once it has.
                         let current_member = matches!(
                             devices.device_status(d),
                             DeviceStatus::Current(f) if view.role_of(f).is_some()
                         );
-                        if current_member && point != Point::Pulled {
+                        if current_member {
+                            // On pull this device may not have learned of the revocation yet.
+                            let code = if point == Point::Pulled {
+                                ErrorCode::StaleDirectory
+                            } else {
+                                ErrorCode::Forbidden
+                            };
                             return refuse(
-                                ErrorCode::Forbidden,
+                                code,
                                 format!("{d} is a current device of a member facility"),
                             );
                         }
@@ -538,7 +581,11 @@ pub fn admit_grant(
         // The relay takes new grants to current member devices only. A device taking a grant from
         // the relay's history or from a peer also takes one that names a device revoked since (it
         // was made before; a device excluded from the document is refused above for later keys).
+        // A device this party does not know at all is let through: it may have been enrolled in a
+        // history this party has not seen (a relay put back to an older copy), and refusing would
+        // withhold the key from every other recipient; only the author chose to seal to it.
         let ok = match (devices.device_status(r), point) {
+            (DeviceStatus::Unknown, _) => true,
             (DeviceStatus::Current(f), Point::Relay) => view.role_of(f).is_some(),
             (DeviceStatus::Current(f) | DeviceStatus::Former(f), Point::Pulled | Point::Peer) => {
                 view.ever_member(f)
@@ -798,6 +845,48 @@ mod tests {
                 .code,
             ErrorCode::Forbidden
         );
+    }
+
+    #[test]
+    fn only_a_certified_shelter_or_hq_opens_a_shelter_roster_at_every_point() {
+        let mut who = Who::default();
+        let (clinic, centre, hq) = (party(&mut who, 1), party(&mut who, 2), party(&mut who, 3));
+        who.facilities.insert(
+            centre.facility,
+            FacilityStatus::Current(FacilityRole::Shelter),
+        );
+        who.facilities
+            .insert(hq.facility, FacilityStatus::Current(FacilityRole::Hq));
+        let key = DocumentKey::from_seed([9; 32]);
+        let roster = |by: &Party| {
+            DocOp::create(
+                &by.device,
+                by.facility,
+                1,
+                DocOpBody::Create {
+                    kind: DocumentKind::Shelter,
+                    members: vec![Member {
+                        facility: hq.facility,
+                        role: Role::Writer,
+                    }]
+                    .into_iter()
+                    .filter(|m| m.facility != by.facility)
+                    .collect(),
+                    key_commitment: key.commitment(),
+                    nonce: [1; 16],
+                },
+            )
+            .expect("create")
+        };
+        for point in [Point::Relay, Point::Pulled, Point::Peer] {
+            let e = admit_op(&roster(&clinic), None, &who, point).expect_err("a clinic's roster");
+            assert_eq!(e.code, ErrorCode::Forbidden, "{point:?}: {e:?}");
+            assert!(e.message.contains("shelter"), "{}", e.message);
+            for by in [&centre, &hq] {
+                let view = admit_op(&roster(by), None, &who, point).expect("a roster");
+                assert_eq!(view.kind, DocumentKind::Shelter);
+            }
+        }
     }
 
     #[test]

@@ -276,6 +276,24 @@ impl KeyGrant {
         Ok(g)
     }
 
+    /// [`KeyGrant::seal`] to any number of recipients: one grant per
+    /// [`GRANT_RECIPIENTS_MAX`] of them, in order (none for no recipients).
+    ///
+    /// Errors: a recipient that is not an age X25519 recipient.
+    pub fn seal_all(
+        author: &DeviceSecrets,
+        facility: FacilityId,
+        doc: DocumentId,
+        epoch: Epoch,
+        key: &DocumentKey,
+        recipients: &[(DeviceId, String)],
+    ) -> Result<Vec<Self>, OpError> {
+        recipients
+            .chunks(GRANT_RECIPIENTS_MAX)
+            .map(|chunk| Self::seal(author, facility, doc, epoch, key, chunk))
+            .collect()
+    }
+
     /// The bytes the signature covers.
     pub fn signed_bytes(&self) -> Vec<u8> {
         cbor(&(

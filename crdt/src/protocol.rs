@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::Envelope;
 use crate::directory::{DeviceLink, SignedDirectory};
 use crate::ids::{
-    BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Seq,
+    BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, LogHash, Seq,
 };
 use crate::invite::{InviteRegistration, JoinRequest};
 use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_BYTES_MAX};
@@ -200,11 +200,17 @@ pub enum PushResult {
     Accepted {
         /// The bundle's sequence number (bundles only).
         seq: Option<Seq>,
+        /// The document's bundle log at that sequence number (bundles only).
+        #[serde(default)]
+        log: Option<LogHash>,
     },
     /// Already stored before (idempotent push).
     Duplicate {
         /// The bundle's sequence number (bundles only).
         seq: Option<Seq>,
+        /// The document's bundle log at that sequence number (bundles only).
+        #[serde(default)]
+        log: Option<LogHash>,
     },
     /// Refused for good; pushing it again will be refused again.
     Rejected {
@@ -231,6 +237,8 @@ pub struct DocumentInfo {
     pub ops: u32,
     /// The hash of the last of them.
     pub ops_head: Option<OpHash>,
+    /// The bundle log at `head` ([`LogHash`]).
+    pub log: LogHash,
 }
 
 /// A bundle with the sequence number the relay gave it.
@@ -240,6 +248,8 @@ pub struct Pulled {
     pub seq: Seq,
     /// The envelope as pushed.
     pub envelope: Envelope,
+    /// The document's bundle log at `seq` ([`LogHash`]).
+    pub log: LogHash,
 }
 
 /// An answer.
@@ -305,6 +315,8 @@ pub enum Response {
         items: Vec<Pulled>,
         /// The document's newest sequence number (more remain when it exceeds the last item's).
         head: Seq,
+        /// The bundle log at the sequence number the pull asked after ([`LogHash::ZERO`] for 0).
+        base: LogHash,
     },
     /// Key grants of a document.
     KeyGrants {

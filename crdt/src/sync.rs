@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::directory::SignedDirectory;
-use crate::ids::{BundleId, DocumentId, Epoch, Seq};
+use crate::ids::{BundleId, DocumentId, Epoch, LogHash, Seq};
 use crate::invite::JoinRequest;
 use crate::limits::{
     FRAME_BYTES_MAX, PUSH_ITEMS_MAX, SESSION_PULLS_IN_FLIGHT_MAX, SESSION_REQUESTS_IN_FLIGHT_MAX,
@@ -92,13 +92,14 @@ pub enum Event {
         /// Ids of bundles to push again.
         ids: Vec<BundleId>,
     },
-    /// The relay holds less of `doc` than this device knows it acknowledged (a rollback): its head is
-    /// `head` and its chain has `ops` operations. The session's cursor is set back to `head`; the
-    /// driver pushes again what the relay lost ([`Session::offer`], operations from `ops` on).
+    /// The relay holds less of `doc` than this device knows it acknowledged, or gave a sequence
+    /// number this device saw to another bundle (its [`LogHash`] differs): it went back in time.
+    /// The session's cursor is set back to `head` (0 when the histories differ); the driver pushes
+    /// again what the relay lost ([`Session::offer`], operations from `ops` on).
     Behind {
         /// The document.
         doc: DocumentId,
-        /// The relay's newest sequence number.
+        /// Where the cursor now stands: the relay's newest sequence number, or 0.
         head: Seq,
         /// The relay's operation count (`None` when only the head is known).
         ops: Option<u32>,
@@ -151,7 +152,7 @@ enum InFlight {
     Grants(DocumentId),
     Joins,
     Offer(DocumentId, Vec<BundleId>),
-    Pull(DocumentId),
+    Pull(DocumentId, Seq),
     Push(Vec<(OutboxId, PushItem)>),
 }
 
@@ -168,6 +169,23 @@ pub struct Known {
     pub ops: HashMap<DocumentId, u32>,
     /// The relay's store generation seen last.
     pub generation: Option<Generation>,
+    /// Per document: the newest sequence number this device knows the relay's bundle log at, and
+    /// that log (from a pull or a push's acknowledgement). A relay whose log disagrees went back in
+    /// time and took other bundles since.
+    pub witnesses: HashMap<DocumentId, (Seq, LogHash)>,
+}
+
+/// Keeps the newer of the witness held for `doc` and `(seq, log)`.
+fn raise(
+    witnesses: &mut HashMap<DocumentId, (Seq, LogHash)>,
+    doc: DocumentId,
+    seq: Seq,
+    log: LogHash,
+) {
+    let w = witnesses.entry(doc).or_insert((seq, log));
+    if seq >= w.0 {
+        *w = (seq, log);
+    }
 }
 
 /// One sync session's state.
@@ -183,6 +201,7 @@ pub struct Session {
     want_documents: bool,
     want_grants: BTreeSet<DocumentId>,
     cursors: HashMap<DocumentId, Seq>,
+    witnesses: HashMap<DocumentId, (Seq, LogHash)>,
     heads: BTreeMap<DocumentId, Seq>,
     epochs: HashMap<DocumentId, Epoch>,
     ops: HashMap<DocumentId, u32>,
@@ -200,6 +219,9 @@ pub struct Session {
     /// Documents whose pull was set back until more operations arrive, with the operation count then
     /// ([`Session::handle_unknown_epoch`]).
     awaiting_ops: BTreeMap<DocumentId, u32>,
+    /// Documents whose operations are fetched again once a directory arrives
+    /// ([`Session::handle_ops_await_directory`]).
+    ops_awaiting_directory: BTreeSet<DocumentId>,
 }
 
 impl Session {
@@ -217,6 +239,7 @@ impl Session {
             want_documents: false,
             want_grants: BTreeSet::new(),
             cursors: known.cursors,
+            witnesses: known.witnesses,
             heads: BTreeMap::new(),
             epochs: known.epochs,
             ops: known.ops,
@@ -231,6 +254,7 @@ impl Session {
             caught_up_reported: false,
             awaiting_directory: BTreeSet::new(),
             awaiting_ops: BTreeMap::new(),
+            ops_awaiting_directory: BTreeSet::new(),
         }
     }
 
@@ -276,6 +300,21 @@ impl Session {
     pub fn handle_ops(&mut self, doc: DocumentId, count: u32) {
         let c = self.ops.entry(doc).or_default();
         *c = (*c).max(count);
+    }
+
+    /// The driver could not take `doc`'s operations past the first `held`: one of them excludes a
+    /// device this device still holds current (it has not learned of that revocation yet). The
+    /// session fetches the directory, and the operations again once a directory has arrived.
+    ///
+    /// Returns `false`, changing nothing, when the document already waits for a directory.
+    pub fn handle_ops_await_directory(&mut self, doc: DocumentId, held: u32) -> bool {
+        self.ops.insert(doc, held);
+        if !self.ops_awaiting_directory.insert(doc) {
+            return false;
+        }
+        self.want_directory = true;
+        self.caught_up_reported = false;
+        true
     }
 
     /// Offers the relay the ids of every bundle this device holds of `doc`; the relay answers with
@@ -353,7 +392,7 @@ impl Session {
         let cursor = self.cursors.entry(doc).or_default();
         *cursor = (*cursor).min(back);
         self.in_flight
-            .retain(|_, (what, _)| !matches!(what, InFlight::Pull(d) if *d == doc));
+            .retain(|_, (what, _)| !matches!(what, InFlight::Pull(d, _) if *d == doc));
         self.events
             .retain(|e| !matches!(e, Event::Pulled { doc: d, .. } if *d == doc));
         let head = self.heads.entry(doc).or_default();
@@ -445,8 +484,13 @@ impl Session {
                     if let Some(version) = d.claimed_version() {
                         self.directory_version = version;
                     }
-                    // A newer directory: documents set back for an unknown author get one more try.
+                    // A newer directory: documents set back for an unknown author get one more try,
+                    // and so do operations that waited for a revocation.
                     self.awaiting_directory.clear();
+                    for doc in std::mem::take(&mut self.ops_awaiting_directory) {
+                        let held = self.ops.get(&doc).copied().unwrap_or_default();
+                        self.want_ops(doc, held);
+                    }
                     self.events.push_back(Event::Directory(d));
                 }
             }
@@ -454,13 +498,22 @@ impl Session {
                 for d in &docs {
                     let cursor = self.cursors.get(&d.id).copied().unwrap_or_default();
                     let known_ops = self.ops.get(&d.id).copied().unwrap_or_default();
-                    if d.head < cursor || d.ops < known_ops {
-                        self.cursors.insert(d.id, cursor.min(d.head));
-                        self.heads.insert(d.id, cursor.min(d.head));
+                    let witness = self.witnesses.get(&d.id).copied();
+                    // Another log at a sequence number this device saw: the relay's history differs
+                    // from the one it served or acknowledged; everything is pulled again.
+                    let diverged = witness.is_some_and(|(ws, wl)| d.head == ws && d.log != wl);
+                    let behind = d.head < cursor
+                        || d.ops < known_ops
+                        || witness.is_some_and(|(ws, _)| d.head < ws);
+                    if diverged || behind {
+                        let back = if diverged { Seq(0) } else { cursor.min(d.head) };
+                        self.cursors.insert(d.id, back);
+                        self.heads.insert(d.id, back);
                         self.ops.insert(d.id, d.ops.min(known_ops));
+                        self.witnesses.remove(&d.id);
                         self.events.push_back(Event::Behind {
                             doc: d.id,
-                            head: d.head,
+                            head: back,
                             ops: Some(d.ops),
                         });
                     }
@@ -506,16 +559,38 @@ impl Session {
                 // the epochs it now holds with `handle_key`.
                 self.events.push_back(Event::KeyGrants { doc, grants });
             }
-            (InFlight::Pull(doc), Response::Bundles { items, head, .. }) => {
+            (
+                InFlight::Pull(doc, after),
+                Response::Bundles {
+                    items, head, base, ..
+                },
+            ) => {
+                let witness = self.witnesses.get(&doc).copied();
+                let diverged = witness.is_some_and(|(ws, wl)| {
+                    (after == ws && base != wl) || items.iter().any(|p| p.seq == ws && p.log != wl)
+                });
                 let cursor = self.cursors.entry(doc).or_default();
                 let last = items.last().map(|p| p.seq).unwrap_or(*cursor);
-                if head < *cursor {
-                    // The relay holds less than this device pulled before: it went back in time.
-                    *cursor = head;
+                if diverged {
+                    // The relay gave a sequence number this device saw to another bundle: it went
+                    // back in time and took new bundles since. Everything is pulled again.
+                    *cursor = Seq(0);
                     self.heads.insert(doc, head);
+                    self.witnesses.remove(&doc);
                     self.events.push_back(Event::Behind {
                         doc,
-                        head,
+                        head: Seq(0),
+                        ops: None,
+                    });
+                } else if head < *cursor || witness.is_some_and(|(ws, _)| head < ws) {
+                    // The relay holds less than this device pulled or pushed before: it went back
+                    // in time.
+                    *cursor = (*cursor).min(head);
+                    self.heads.insert(doc, head);
+                    self.witnesses.remove(&doc);
+                    self.events.push_back(Event::Behind {
+                        doc,
+                        head: *cursor,
                         ops: None,
                     });
                 } else if items.is_empty() {
@@ -525,13 +600,30 @@ impl Session {
                     *cursor = (*cursor).max(last);
                     let h = self.heads.entry(doc).or_default();
                     *h = (*h).max(head);
+                    if let Some(p) = items.last() {
+                        raise(&mut self.witnesses, doc, p.seq, p.log);
+                    }
                     self.events.push_back(Event::Pulled { doc, items });
                 }
             }
             (InFlight::Push(items), Response::Pushed { results })
                 if results.len() == items.len() =>
             {
-                for ((item, _), result) in items.into_iter().zip(results) {
+                for ((item, pushed), result) in items.into_iter().zip(results) {
+                    if let (
+                        PushItem::Bundle { envelope },
+                        PushResult::Accepted {
+                            seq: Some(seq),
+                            log: Some(log),
+                        }
+                        | PushResult::Duplicate {
+                            seq: Some(seq),
+                            log: Some(log),
+                        },
+                    ) = (&pushed, &result)
+                    {
+                        raise(&mut self.witnesses, envelope.doc, *seq, *log);
+                    }
                     self.events.push_back(Event::Pushed { item, result });
                 }
             }
@@ -549,7 +641,7 @@ impl Session {
                             });
                         }
                     }
-                    InFlight::Pull(doc) | InFlight::Grants(doc) | InFlight::Ops(doc, _) => {
+                    InFlight::Pull(doc, _) | InFlight::Grants(doc) | InFlight::Ops(doc, _) => {
                         let c = self.cursors.get(&doc).copied().unwrap_or_default();
                         self.heads.insert(doc, c);
                         self.want_grants.remove(&doc);
@@ -688,7 +780,7 @@ impl Session {
             (InFlight::Push(batch), Request::Push { items })
         } else if let Some(doc) = self.next_pull() {
             let after = self.cursors.get(&doc).copied().unwrap_or_default();
-            (InFlight::Pull(doc), Request::Pull { doc, after })
+            (InFlight::Pull(doc, after), Request::Pull { doc, after })
         } else {
             return None;
         };
@@ -755,7 +847,7 @@ impl Session {
             .in_flight
             .values()
             .filter_map(|(w, _)| {
-                if let InFlight::Pull(d) = w {
+                if let InFlight::Pull(d, _) = w {
                     Some(*d)
                 } else {
                     None
@@ -786,7 +878,7 @@ impl Session {
             InFlight::Ops(d, from) => self.want_ops(d, from),
             InFlight::Joins => self.want_joins = true,
             InFlight::Offer(d, have) => self.offers.push_front((d, have)),
-            InFlight::Pull(_) => {} // heads are unchanged, so the pull is chosen again
+            InFlight::Pull(..) => {} // heads are unchanged, so the pull is chosen again
             InFlight::Push(items) => {
                 for it in items.into_iter().rev() {
                     self.outbox.push_front(it);
@@ -801,6 +893,7 @@ impl Session {
         }
         self.heads.clear();
         self.ops.clear();
+        self.witnesses.clear();
         self.awaiting_directory.clear();
         // Everything in flight was asked of the store before; ask again.
         let ids: Vec<RequestId> = self.in_flight.keys().copied().collect();

@@ -23,7 +23,9 @@ use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ROOT, ReadDoc, TextEnc
 use musubi_crdt::bundle::{Envelope, Payload};
 use musubi_crdt::crypto::{DeviceSecrets, DocumentKey};
 use musubi_crdt::directory::{DirectoryBody, SignedDirectory};
-use musubi_crdt::ids::{BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, Seq};
+use musubi_crdt::ids::{
+    BundleId, DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, LogHash, Seq,
+};
 use musubi_crdt::ops::{DocOp, DocOpBody};
 use musubi_crdt::protocol::{
     DocumentInfo, ErrorCode, Pulled, PushItem, PushResult, Request, Response,
@@ -248,6 +250,15 @@ impl Relay {
         Seq(self.logs.get(&doc).map_or(0, |l| l.len() as u64))
     }
 
+    /// The bundle log of `doc` at `seq`, as a relay computes it.
+    fn log_at(&self, doc: DocumentId, seq: u64) -> LogHash {
+        self.logs.get(&doc).map_or(LogHash::ZERO, |l| {
+            l.iter()
+                .take(seq as usize)
+                .fold(LogHash::ZERO, |h, e| h.next(&e.id()))
+        })
+    }
+
     fn is_up(&self) -> bool {
         self.down_until.is_none()
     }
@@ -267,6 +278,7 @@ impl Relay {
                         head: Seq(log.len() as u64),
                         ops: 0,
                         ops_head: None,
+                        log: self.log_at(*id, log.len() as u64),
                     })
                     .collect(),
             },
@@ -288,12 +300,14 @@ impl Relay {
                         .map(|i| Pulled {
                             seq: Seq(i + 1),
                             envelope: log[i as usize].clone(),
+                            log: self.log_at(*doc, i + 1),
                         })
                         .collect();
                     Response::Bundles {
                         doc: *doc,
                         items,
                         head: Seq(log.len() as u64),
+                        base: self.log_at(*doc, after.0),
                     }
                 }
             },
@@ -310,8 +324,11 @@ impl Relay {
             .map(|item| match item {
                 PushItem::Bundle { envelope } => {
                     let id = envelope.id();
-                    if let Some((_, seq)) = self.held.get(&id) {
-                        return PushResult::Duplicate { seq: Some(*seq) };
+                    if let Some((doc, seq)) = self.held.get(&id) {
+                        return PushResult::Duplicate {
+                            seq: Some(*seq),
+                            log: Some(self.log_at(*doc, seq.0)),
+                        };
                     }
                     if envelope.verify_signature().is_err() {
                         return PushResult::Rejected {
@@ -326,12 +343,18 @@ impl Relay {
                     log.push(envelope.clone());
                     let seq = Seq(log.len() as u64);
                     self.held.insert(id, (envelope.doc, seq));
-                    PushResult::Accepted { seq: Some(seq) }
+                    PushResult::Accepted {
+                        seq: Some(seq),
+                        log: Some(self.log_at(envelope.doc, seq.0)),
+                    }
                 }
                 PushItem::Op { .. }
                 | PushItem::Grant { .. }
                 | PushItem::Invite { .. }
-                | PushItem::Approve { .. } => PushResult::Accepted { seq: None },
+                | PushItem::Approve { .. } => PushResult::Accepted {
+                    seq: None,
+                    log: None,
+                },
             })
             .collect()
     }
@@ -483,10 +506,10 @@ impl Facility {
                     return; // answered twice; the final check reports it
                 };
                 match result {
-                    PushResult::Accepted { seq: Some(seq) } => {
+                    PushResult::Accepted { seq: Some(seq), .. } => {
                         self.acked.insert(envelope.id(), seq);
                     }
-                    PushResult::Duplicate { seq: Some(seq) } => {
+                    PushResult::Duplicate { seq: Some(seq), .. } => {
                         stats.duplicate_answers += 1;
                         self.acked.insert(envelope.id(), seq);
                     }
@@ -1944,7 +1967,8 @@ fn a_late_answer_to_a_timed_out_request_is_ignored() {
             let answers = &b.answers[&OutboxId(i)];
             assert_eq!(answers.len(), 1, "item {i} answered {answers:?}");
             let seq = match answers[0] {
-                PushResult::Accepted { seq: Some(s) } | PushResult::Duplicate { seq: Some(s) } => s,
+                PushResult::Accepted { seq: Some(s), .. }
+                | PushResult::Duplicate { seq: Some(s), .. } => s,
                 ref other => panic!("item {i} answered {other:?}"),
             };
             assert_eq!(
@@ -2182,6 +2206,7 @@ fn info(doc: DocumentId, head: u64, ops: u32) -> DocumentInfo {
         head: Seq(head),
         ops,
         ops_head: None,
+        log: LogHash::ZERO,
     }
 }
 
@@ -2203,6 +2228,7 @@ fn plain(docs: Vec<DocumentInfo>) -> impl FnMut(&Request) -> Response {
             doc: *doc,
             items: vec![],
             head: *after,
+            base: LogHash::ZERO,
         },
         other => panic!("unexpected {other:?}"),
     }
@@ -2284,6 +2310,105 @@ fn a_new_store_generation_resets_the_cursors_and_starts_over() {
     );
 }
 
+/// The relay acknowledged a bundle at sequence number 3 (its log then known), went back to an older
+/// copy, and gave 3 and 4 to other bundles. Its head is not below the cursor, but the log at 3
+/// differs: the session says so and pulls everything again, in a listing and in a pull.
+#[test]
+fn another_bundle_under_a_sequence_number_seen_before_means_the_relay_went_back() {
+    let doc = DocumentId::from_random_bytes([4; 16]);
+    let seen = LogHash::ZERO.next(&BundleId([7; 32]));
+    let other = LogHash::ZERO.next(&BundleId([8; 32]));
+    let known = || Known {
+        cursors: HashMap::from([(doc, Seq(2))]),
+        witnesses: HashMap::from([(doc, (Seq(3), seen))]),
+        ..Known::default()
+    };
+    // In the document list: head 3 with another log.
+    let (mut s, now) = opened(known());
+    let listed = DocumentInfo {
+        log: other,
+        ..info(doc, 3, 0)
+    };
+    exchange(&mut s, now, None, plain(vec![listed]));
+    let events = drain(&mut s);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Behind { doc: d, head: Seq(0), .. } if *d == doc)),
+        "{events:?}"
+    );
+    // The same log: nothing is wrong.
+    let (mut s, now) = opened(known());
+    let listed = DocumentInfo {
+        log: seen,
+        ..info(doc, 3, 0)
+    };
+    exchange(&mut s, now, None, |r| match r {
+        Request::Pull { .. } => Response::Bundles {
+            doc,
+            items: vec![],
+            head: Seq(3),
+            base: LogHash::ZERO,
+        },
+        other => plain(vec![listed.clone()])(other),
+    });
+    assert!(
+        !drain(&mut s)
+            .iter()
+            .any(|e| matches!(e, Event::Behind { .. })),
+        "a matching log is not a rollback"
+    );
+    // In a pull: the bundle numbered 3 comes with another log.
+    let (mut s, now) = opened(known());
+    let env = |n: u8| {
+        Envelope::seal(
+            &DeviceSecrets::from_seeds([n; 32], [n; 32]),
+            FacilityId::from_random_bytes([1; 16]),
+            doc,
+            Epoch(0),
+            &DocumentKey::from_seed([5; 32]),
+            &Payload::Changes { data: vec![n] },
+        )
+        .expect("seal")
+    };
+    let sent = exchange(&mut s, now, None, |r| match r {
+        Request::Pull { after, .. } if *after == Seq(2) => Response::Bundles {
+            doc,
+            items: vec![
+                Pulled {
+                    seq: Seq(3),
+                    envelope: env(1),
+                    log: other,
+                },
+                Pulled {
+                    seq: Seq(4),
+                    envelope: env(2),
+                    log: other.next(&env(2).id()),
+                },
+            ],
+            head: Seq(4),
+            base: LogHash::ZERO,
+        },
+        other => plain(vec![info(doc, 4, 0)])(other),
+    });
+    let events = drain(&mut s);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Behind { doc: d, head: Seq(0), .. } if *d == doc)),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Pulled { .. })),
+        "nothing from the other history is taken as a continuation: {events:?}"
+    );
+    assert!(
+        sent.iter()
+            .any(|r| matches!(r, Request::Pull { after: Seq(0), .. })),
+        "everything is pulled again: {sent:?}"
+    );
+}
+
 /// Operations the relay lists beyond what the device holds are fetched, page by page, before any
 /// push; a bundle in an epoch the device cannot place yet hands the pull back once per operation
 /// count (so a relay that never sends the operations cannot make it loop).
@@ -2338,7 +2463,10 @@ fn operations_are_fetched_before_pushing_and_an_unknown_epoch_hands_the_pull_bac
             Request::Push { items } => Response::Pushed {
                 results: items
                     .iter()
-                    .map(|_| PushResult::Accepted { seq: Some(Seq(1)) })
+                    .map(|_| PushResult::Accepted {
+                        seq: Some(Seq(1)),
+                        log: None,
+                    })
                     .collect(),
             },
             other => plain(vec![])(other),

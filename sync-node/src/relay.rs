@@ -27,7 +27,7 @@ use musubi_crdt::directory::{
 };
 use musubi_crdt::ids::{
     BundleId, DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole,
-    Seq,
+    LogHash, Seq,
 };
 use musubi_crdt::invite::{InviteRegistration, JoinRequest};
 use musubi_crdt::limits::{
@@ -602,13 +602,15 @@ impl Relay {
             .collect::<Result<Vec<_>, _>>()?;
         let mut docs = Vec::with_capacity(rows.len());
         for (id, kind, epoch, ops, ops_head) in rows {
+            let (head, log) = head_log(conn, id)?;
             docs.push(DocumentInfo {
                 id,
                 kind,
                 epoch: Epoch(epoch),
-                head: head(conn, id)?,
+                head,
                 ops,
                 ops_head: ops_head.try_into().ok(),
+                log,
             });
         }
         answer(Response::Documents { docs })
@@ -720,7 +722,7 @@ impl Relay {
             return answer(r);
         }
         let mut st = conn.prepare(
-            "SELECT seq, bytes, envelope FROM bundles WHERE doc = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq, bytes, envelope, log FROM bundles WHERE doc = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
         let after_i = i64::try_from(after.0).unwrap_or(i64::MAX);
         let mut rows = st.query(params![doc.to_string(), after_i, PULL_BUNDLES_MAX as i64])?;
@@ -740,11 +742,18 @@ impl Relay {
             items.push(Pulled {
                 seq: Seq(u64::try_from(seq).unwrap_or(0)),
                 envelope,
+                log: to_log(row.get(3)?)?,
             });
         }
         drop(rows);
         let head = head(conn, doc)?;
-        answer(Response::Bundles { doc, items, head })
+        let base = log_at(conn, doc, after)?;
+        answer(Response::Bundles {
+            doc,
+            items,
+            head,
+            base,
+        })
     }
 
     fn key_grants(&self, caller: Caller, doc: DocumentId) -> HandlerResult {
@@ -883,12 +892,41 @@ fn member_view(
 }
 
 fn head(conn: &Connection, doc: DocumentId) -> Result<Seq, StoreError> {
-    let h: i64 = conn.query_row(
-        "SELECT COALESCE(MAX(seq), 0) FROM bundles WHERE doc = ?1",
-        [doc.to_string()],
-        |r| r.get(0),
-    )?;
-    Ok(Seq(u64::try_from(h).unwrap_or(0)))
+    Ok(head_log(conn, doc)?.0)
+}
+
+/// A document's newest sequence number and its bundle log there ([`LogHash::ZERO`] at 0).
+fn head_log(conn: &Connection, doc: DocumentId) -> Result<(Seq, LogHash), StoreError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, log FROM bundles WHERE doc = ?1 ORDER BY seq DESC LIMIT 1",
+            [doc.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match row {
+        None => Ok((Seq(0), LogHash::ZERO)),
+        Some((seq, log)) => Ok((Seq(u64::try_from(seq).unwrap_or(0)), to_log(log)?)),
+    }
+}
+
+/// The bundle log of `doc` at `seq` ([`LogHash::ZERO`] at 0, or where no bundle has that number).
+fn log_at(conn: &Connection, doc: DocumentId, seq: Seq) -> Result<LogHash, StoreError> {
+    let log: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT log FROM bundles WHERE doc = ?1 AND seq = ?2",
+            params![doc.to_string(), i64::try_from(seq.0).unwrap_or(i64::MAX)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    log.map_or(Ok(LogHash::ZERO), to_log)
+}
+
+fn to_log(bytes: Vec<u8>) -> Result<LogHash, StoreError> {
+    bytes
+        .try_into()
+        .map(LogHash)
+        .map_err(|_| StoreError::Corrupt("a stored bundle log is not 32 bytes".into()))
 }
 
 /// One operation, grant or bundle through the admission rule at [`Point::Relay`]. `caller` is the
@@ -912,7 +950,10 @@ fn push_item(
                 |r| r.get(0),
             )?;
             if seen {
-                return Ok(PushResult::Duplicate { seq: None });
+                return Ok(PushResult::Duplicate {
+                    seq: None,
+                    log: None,
+                });
             }
         }
         PushItem::Grant { grant } => {
@@ -922,20 +963,24 @@ fn push_item(
                 |r| r.get(0),
             )?;
             if seen {
-                return Ok(PushResult::Duplicate { seq: None });
+                return Ok(PushResult::Duplicate {
+                    seq: None,
+                    log: None,
+                });
             }
         }
         PushItem::Bundle { envelope } => {
-            let existing: Option<i64> = conn
+            let existing: Option<(i64, Vec<u8>)> = conn
                 .query_row(
-                    "SELECT seq FROM bundles WHERE bundle_id = ?1",
+                    "SELECT seq, log FROM bundles WHERE bundle_id = ?1",
                     [envelope.id().0.as_slice()],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some(seq) = existing {
+            if let Some((seq, log)) = existing {
                 return Ok(PushResult::Duplicate {
                     seq: Some(Seq(u64::try_from(seq).unwrap_or(0))),
+                    log: Some(to_log(log)?),
                 });
             }
         }
@@ -996,7 +1041,10 @@ fn push_item(
             }
             info!(%doc, kind = %next.kind, ops = next.ops, epoch = %next.epoch, members = next.members.len(), "membership operation stored");
             touched.insert(doc);
-            Ok(PushResult::Accepted { seq: None })
+            Ok(PushResult::Accepted {
+                seq: None,
+                log: None,
+            })
         }
         (PushItem::Grant { grant }, _) => {
             conn.execute(
@@ -1004,15 +1052,20 @@ fn push_item(
                 params![grant.hash().as_slice(), doc.to_string(), grant.epoch.0, grant.author.to_string(), cbor(grant), unix_ms(now)],
             )?;
             info!(%doc, epoch = %grant.epoch, recipients = grant.recipients.len(), "key grant stored");
-            Ok(PushResult::Accepted { seq: None })
+            Ok(PushResult::Accepted {
+                seq: None,
+                log: None,
+            })
         }
         (PushItem::Bundle { envelope }, _) => {
             let encoded = envelope.encode();
             let id = BundleId::of_bytes(&encoded);
-            let seq = head(conn, doc)?.0 + 1;
+            let (head, prev) = head_log(conn, doc)?;
+            let seq = head.0 + 1;
+            let log = prev.next(&id);
             conn.execute(
-                "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at, log)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     doc.to_string(),
                     i64::try_from(seq).unwrap_or(i64::MAX),
@@ -1022,13 +1075,15 @@ fn push_item(
                     envelope.facility.to_string(),
                     envelope.epoch.0,
                     encoded.len() as i64,
-                    unix_ms(now)
+                    unix_ms(now),
+                    log.0.as_slice()
                 ],
             )?;
             debug!(%doc, seq, bytes = encoded.len(), bundle = %id, "bundle accepted");
             touched.insert(doc);
             Ok(PushResult::Accepted {
                 seq: Some(Seq(seq)),
+                log: Some(log),
             })
         }
         _ => Ok(reject(ErrorCode::Malformed, "unexpected item")),
@@ -1075,10 +1130,16 @@ fn push_invite(
         ],
     )?;
     if inserted == 0 {
-        return Ok(PushResult::Duplicate { seq: None });
+        return Ok(PushResult::Duplicate {
+            seq: None,
+            log: None,
+        });
     }
     info!(facility = %reg.facility, invite = %reg.invite, "device invite registered");
-    Ok(PushResult::Accepted { seq: None })
+    Ok(PushResult::Accepted {
+        seq: None,
+        log: None,
+    })
 }
 
 /// A current device of a facility appends the next link of its device chain: it approves a pending
@@ -1103,7 +1164,10 @@ fn push_approve(
         ));
     };
     if links.iter().any(|l| l == link) {
-        return Ok(PushResult::Duplicate { seq: None });
+        return Ok(PushResult::Duplicate {
+            seq: None,
+            log: None,
+        });
     }
     let before = links.len();
     links.push(link.clone());
@@ -1165,8 +1229,11 @@ fn push_approve(
         info!(facility = %link.facility, by = %link.signer, "device revoked by its facility");
     }
     store::insert_link(conn, link, now)?;
-    store::bump_directory_version(conn)?;
-    Ok(PushResult::Accepted { seq: None })
+    store::bump_directory_version(conn, now)?;
+    Ok(PushResult::Accepted {
+        seq: None,
+        log: None,
+    })
 }
 
 /// `Notify{doc, head, epoch}` for every current device of every member facility of `doc` except `caller`.

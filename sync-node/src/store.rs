@@ -55,7 +55,7 @@ pub const LOG_FILE: &str = "node.log";
 
 /// The schema version this build writes. Version 1 (relay-signed membership, before the deployment
 /// authority) is not upgraded: it held no deployed data.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a writer waits for another process's write lock before failing, in milliseconds.
 pub const BUSY_TIMEOUT_MS: u64 = 10_000;
@@ -699,7 +699,7 @@ impl Store {
                     "UPDATE devices SET revoked = 1, revoked_at = ?2 WHERE peer_id = ?1",
                     params![device.to_string(), unix_ms(now)],
                 )?;
-                bump_directory_version(&tx)?;
+                bump_directory_version(&tx, now)?;
             }
             tx.commit()?;
             return Ok(Revocation::Device {
@@ -720,7 +720,7 @@ impl Store {
                 "UPDATE facilities SET revoked = 1, revoked_at = ?2 WHERE id = ?1",
                 params![f.id.to_string(), unix_ms(now)],
             )?;
-            bump_directory_version(&tx)?;
+            bump_directory_version(&tx, now)?;
         }
         tx.commit()?;
         Ok(Revocation::Facility {
@@ -816,7 +816,7 @@ pub(crate) fn store_approval(
             request.device.device.to_string()
         ],
     )?;
-    bump_directory_version(conn)?;
+    bump_directory_version(conn, now)?;
     Ok(())
 }
 
@@ -884,10 +884,13 @@ pub(crate) fn directory_version(conn: &Connection) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("directory_version {v:?} is not a number")))
 }
 
-pub(crate) fn bump_directory_version(conn: &Connection) -> rusqlite::Result<()> {
+/// Moves the directory's version on: to the later of one more and `now` in ms since the Unix epoch.
+/// Time-based, so a database put back to an older copy (a file-level restore keeps the store
+/// generation) never serves two different directories under one version once it changes again.
+pub(crate) fn bump_directory_version(conn: &Connection, now: SystemTime) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'directory_version'",
-        [],
+        "UPDATE meta SET value = CAST(MAX(CAST(value AS INTEGER) + 1, ?1) AS TEXT) WHERE key = 'directory_version'",
+        [unix_ms(now)],
     )?;
     Ok(())
 }
@@ -1090,6 +1093,7 @@ CREATE TABLE bundles (
     epoch       INTEGER NOT NULL,
     bytes       INTEGER NOT NULL,
     received_at INTEGER NOT NULL,
+    log         BLOB NOT NULL,
     PRIMARY KEY (doc, seq)
 );
 ";

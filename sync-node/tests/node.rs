@@ -17,7 +17,7 @@ use musubi_crdt::directory::{
 };
 use musubi_crdt::ids::{
     BundleId, DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole,
-    Role, Seq,
+    LogHash, Role, Seq,
 };
 use musubi_crdt::invite::{InviteCode, InviteFor, InviteId, InviteRegistration, JoinRequest};
 use musubi_crdt::limits::{OFFER_IDS_MAX, PULL_RESPONSE_BYTES_TARGET, PUSH_ITEMS_MAX};
@@ -265,7 +265,10 @@ impl World {
             InviteRegistration::sign(by, InviteId::of_secret(&secret), by.facility, expires_at_ms);
         assert_eq!(
             self.push_one(by, PushItem::Invite { registration }),
-            PushResult::Accepted { seq: None }
+            PushResult::Accepted {
+                seq: None,
+                log: None
+            }
         );
         InviteCode {
             deployment: self.deployment(),
@@ -357,7 +360,10 @@ impl World {
         assert!(matches!(r, Response::JoinPending { .. }), "{r:?}");
         assert_eq!(
             self.approve(by, &code, &secrets),
-            PushResult::Accepted { seq: None }
+            PushResult::Accepted {
+                seq: None,
+                log: None
+            }
         );
         match self.join(&secrets, &code) {
             Response::Joined {
@@ -604,7 +610,13 @@ fn referral() -> Referral {
     );
     let doc = create.doc;
     let (results, notes) = w.push(&a1, vec![op(create.clone())]);
-    assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
+    assert_eq!(
+        results,
+        vec![PushResult::Accepted {
+            seq: None,
+            log: None
+        }]
+    );
     assert_eq!(
         targets(&notes),
         BTreeSet::from([a2.device_id(), b1.device_id(), hq.device_id()])
@@ -617,6 +629,15 @@ fn referral() -> Referral {
         hq,
         doc,
         create,
+    }
+}
+
+/// What a push result says, without the bundle log: ("accepted" | "duplicate" | "rejected", seq).
+fn placed(r: &PushResult) -> (&'static str, Option<Seq>) {
+    match r {
+        PushResult::Accepted { seq, .. } => ("accepted", *seq),
+        PushResult::Duplicate { seq, .. } => ("duplicate", *seq),
+        PushResult::Rejected { .. } => ("rejected", None),
     }
 }
 
@@ -777,7 +798,10 @@ fn a_join_request_is_the_connected_devices_own_and_an_invite_serves_once() {
     );
     assert_eq!(
         w.approve(&a1, &invite, &six),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     assert!(
         matches!(w.join(&six, &invite), Response::Joined { facility, .. } if facility == a1.facility)
@@ -969,7 +993,10 @@ fn another_device_of_a_facility_joins_only_when_a_current_device_of_it_approves(
     let a3 = w.enrol_device_of(5, &a1);
     assert_eq!(
         w.revoke_by_chain(&a1, &a3),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
 
     // The reception desk's second laptop asks to join: its facility's current devices are told.
@@ -1098,9 +1125,18 @@ fn another_device_of_a_facility_joins_only_when_a_current_device_of_it_approves(
     let item = approval(&a1, &last, &request.device, w.now_ms());
     assert_eq!(
         w.push_one(&a1, item.clone()),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
-    assert_eq!(w.push_one(&a1, item), PushResult::Duplicate { seq: None });
+    assert_eq!(
+        w.push_one(&a1, item),
+        PushResult::Duplicate {
+            seq: None,
+            log: None
+        }
+    );
     let Response::Joined {
         facility,
         facility_name,
@@ -1225,7 +1261,10 @@ fn the_directory_is_sent_only_when_the_caller_lacks_this_version() {
     let v2 = w.directory(&a1).version;
     assert_eq!(
         w.revoke_by_chain(&a1, &a2),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     assert!(lacks(&mut w, v2));
 }
@@ -1243,7 +1282,10 @@ fn bundles_get_sequence_numbers_duplicates_keep_theirs_and_members_are_notified(
     } = referral();
     let e1 = bundle(&a1, doc, 0, "紹介目的: 精査依頼");
     let (results, notes) = w.push(&a1, vec![sealed(e1.clone())]);
-    assert_eq!(results, vec![PushResult::Accepted { seq: Some(Seq(1)) }]);
+    assert_eq!(
+        results.iter().map(placed).collect::<Vec<_>>(),
+        vec![("accepted", Some(Seq(1)))]
+    );
     assert_eq!(
         targets(&notes),
         BTreeSet::from([a2.device_id(), b1.device_id(), hq.device_id()])
@@ -1255,14 +1297,29 @@ fn bundles_get_sequence_numbers_duplicates_keep_theirs_and_members_are_notified(
             epoch: Epoch(0)
         }));
 
+    // The bundle log runs over the ids in sequence order; a duplicate answers with its own.
+    let log1 = LogHash::ZERO.next(&e1.id());
+    assert!(matches!(results[0], PushResult::Accepted { log: Some(l), .. } if l == log1));
     // Pushing it again, even by another member (a LAN peer forwarding it), is harmless.
+    let again = w.push_one(&b1, sealed(e1.clone()));
+    assert_eq!(placed(&again), ("duplicate", Some(Seq(1))));
+    assert!(matches!(again, PushResult::Duplicate { log: Some(l), .. } if l == log1));
+    let reply = bundle(&b1, doc, 0, "返書");
     assert_eq!(
-        w.push_one(&b1, sealed(e1)),
-        PushResult::Duplicate { seq: Some(Seq(1)) }
+        placed(&w.push_one(&b1, sealed(reply.clone()))),
+        ("accepted", Some(Seq(2)))
     );
+    let log2 = log1.next(&reply.id());
+    let Response::Bundles {
+        items, head, base, ..
+    } = w.pull(&b1, doc, 1)
+    else {
+        panic!("bundles")
+    };
     assert_eq!(
-        w.push_one(&b1, sealed(bundle(&b1, doc, 0, "返書"))),
-        PushResult::Accepted { seq: Some(Seq(2)) }
+        (items.len(), items[0].log, head, base),
+        (1, log2, Seq(2), log1),
+        "a pull carries each bundle's log and the log where it starts"
     );
 
     // The list gives hints of what to fetch, never a member list.
@@ -1277,7 +1334,8 @@ fn bundles_get_sequence_numbers_duplicates_keep_theirs_and_members_are_notified(
             docs[0].head,
             docs[0].epoch,
             docs[0].ops,
-            docs[0].ops_head
+            docs[0].ops_head,
+            docs[0].log
         ),
         (
             doc,
@@ -1285,7 +1343,8 @@ fn bundles_get_sequence_numbers_duplicates_keep_theirs_and_members_are_notified(
             Seq(2),
             Epoch(0),
             1,
-            Some(create.hash())
+            Some(create.hash()),
+            log2
         )
     );
 
@@ -1391,11 +1450,17 @@ fn hostile_pushes_are_refused_with_the_right_code_and_the_relay_keeps_answering(
     let forwarded = op(after(&a1, &create, add_c));
     assert_eq!(
         w.push_one(&b1, forwarded.clone()),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     assert_eq!(
         w.push_one(&a1, forwarded),
-        PushResult::Duplicate { seq: None }
+        PushResult::Duplicate {
+            seq: None,
+            log: None
+        }
     );
 
     // An invite registration or approval in an offline file is not a document item.
@@ -1446,7 +1511,7 @@ fn hostile_pushes_are_refused_with_the_right_code_and_the_relay_keeps_answering(
         ],
     );
     assert_eq!(rejected(&results[0]), Some(ErrorCode::Forbidden));
-    assert_eq!(results[1], PushResult::Accepted { seq: Some(Seq(1)) });
+    assert_eq!(placed(&results[1]), ("accepted", Some(Seq(1))));
     let Response::Bundles { items, head, .. } = w.pull(&hq, doc, 0) else {
         panic!("pull")
     };
@@ -1588,17 +1653,15 @@ fn key_grants_come_from_member_devices_and_go_to_member_devices_only() {
         Some(ErrorCode::Forbidden)
     );
 
-    // A member seals the key to a device of a non-member facility, or to a device nobody enrolled.
-    for outsider in [c1.secrets.clone(), device(9)] {
-        let mut to = members.clone();
-        to.push(recipient(&outsider));
-        let leak = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &to).expect("grant");
-        let r = w.push_one(&a1, grant(leak));
-        assert!(
-            matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains(&outsider.device_id().to_string())),
-            "{r:?}"
-        );
-    }
+    // A member seals the key to a device of a non-member facility.
+    let mut to = members.clone();
+    to.push(recipient(&c1));
+    let leak = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &to).expect("grant");
+    let r = w.push_one(&a1, grant(leak));
+    assert!(
+        matches!(&r, PushResult::Rejected { code: ErrorCode::Forbidden, message } if message.contains(&c1.device_id().to_string())),
+        "{r:?}"
+    );
     // A grant whose recipients were changed after signing.
     let mut altered =
         KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &members).expect("grant");
@@ -1612,7 +1675,10 @@ fn key_grants_come_from_member_devices_and_go_to_member_devices_only() {
     let g0 = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &members).expect("grant");
     assert_eq!(
         w.push_one(&a1, grant(g0.clone())),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     let Response::KeyGrants { grants, .. } = w.ask(&hq, Request::GetKeyGrants { doc }).0 else {
         panic!("grants")
@@ -1628,6 +1694,25 @@ fn key_grants_come_from_member_devices_and_go_to_member_devices_only() {
     assert_eq!(
         code(&w.ask(&c1, Request::GetKeyGrants { doc }).0),
         Some(ErrorCode::NotMember)
+    );
+
+    // A device nobody here enrolled may have been enrolled in a history this relay lost (it was put
+    // back to a backup): a member's grant naming it is kept, so the other recipients get the key,
+    // and the unknown device still fetches nothing until the authority enrols it here.
+    let unknown = device(9);
+    let mut to = members.clone();
+    to.push(recipient(&unknown));
+    let wider = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &to).expect("grant");
+    assert_eq!(
+        w.push_one(&a1, grant(wider)),
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
+    );
+    assert!(
+        code(&w.ask(&unknown, Request::GetKeyGrants { doc }).0).is_some(),
+        "an unenrolled device is answered with a refusal"
     );
 }
 
@@ -1650,11 +1735,20 @@ fn after_a_rotation_old_epoch_bundles_are_stale_and_a_revoked_device_writes_noth
     // The clinic's second laptop is lost: the clinic revokes it, and b1 (a writer) rotates the key.
     assert_eq!(
         w.revoke_by_chain(&a1, &a2),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     let next = after(&b1, &create, rotate(1));
     let (results, notes) = w.push(&b1, vec![op(next)]);
-    assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
+    assert_eq!(
+        results,
+        vec![PushResult::Accepted {
+            seq: None,
+            log: None
+        }]
+    );
     assert!(!targets(&notes).contains(&a2.device_id()));
     assert!(notes.iter().all(|n| matches!(
         n.request,
@@ -1667,7 +1761,10 @@ fn after_a_rotation_old_epoch_bundles_are_stale_and_a_revoked_device_writes_noth
     let g1 = KeyGrant::seal(&b1, b1.facility, doc, Epoch(1), &key(1), &current).expect("grant");
     assert_eq!(
         w.push_one(&b1, grant(g1)),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
 
     // A member that was offline seals in the superseded epoch: stale, told to seal it again.
@@ -1677,8 +1774,8 @@ fn after_a_rotation_old_epoch_bundles_are_stale_and_a_revoked_device_writes_noth
         "{r:?}"
     );
     assert_eq!(
-        w.push_one(&a1, sealed(bundle(&a1, doc, 1, "新しい鍵で"))),
-        PushResult::Accepted { seq: Some(Seq(2)) }
+        placed(&w.push_one(&a1, sealed(bundle(&a1, doc, 1, "新しい鍵で")))),
+        ("accepted", Some(Seq(2)))
     );
 
     // The lost laptop writes nothing: not in the old epoch, not in the new one, not through a friend.
@@ -1725,10 +1822,7 @@ fn pull_returns_bundles_after_a_sequence_number_to_members_only() {
         .map(|i| bundle(&a1, doc, 0, &format!("支援経過 {i}")))
         .collect();
     let (results, _) = w.push(&a1, sent.iter().cloned().map(sealed).collect());
-    assert_eq!(
-        results.last(),
-        Some(&PushResult::Accepted { seq: Some(Seq(5)) })
-    );
+    assert_eq!(results.last().map(placed), Some(("accepted", Some(Seq(5)))));
 
     let Response::Bundles { items, head, .. } = w.pull(&b1, doc, 2) else {
         panic!("pull")
@@ -1836,8 +1930,8 @@ fn a_revoked_device_is_refused_at_once_while_its_facility_mate_works_on() {
         Some(ErrorCode::Revoked)
     );
     assert_eq!(
-        w.push_one(&b1, sealed(early)),
-        PushResult::Duplicate { seq: Some(Seq(1)) }
+        placed(&w.push_one(&b1, sealed(early))),
+        ("duplicate", Some(Seq(1)))
     );
     let (_, notes) = w.push(&a1, vec![sealed(bundle(&a1, doc, 0, "new"))]);
     assert!(!targets(&notes).contains(&a2.device_id()));
@@ -1907,7 +2001,10 @@ fn a_facility_revokes_its_lost_laptop_through_its_own_chain_and_no_one_else_can(
     // The clinic's own current device revokes it: refused at once.
     assert_eq!(
         w.revoke_by_chain(&a1, &a2),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     let r = w.ask(&a2, Request::ListDocuments).0;
     assert!(
@@ -1919,8 +2016,8 @@ fn a_facility_revokes_its_lost_laptop_through_its_own_chain_and_no_one_else_can(
         Some(ErrorCode::Revoked)
     );
     assert_eq!(
-        w.push_one(&b1, sealed(early)),
-        PushResult::Duplicate { seq: Some(Seq(1)) }
+        placed(&w.push_one(&b1, sealed(early))),
+        ("duplicate", Some(Seq(1)))
     );
     let (_, notes) = w.push(&a1, vec![sealed(bundle(&a1, doc, 0, "new"))]);
     assert!(!targets(&notes).contains(&a2.device_id()));
@@ -1961,14 +2058,23 @@ fn only_owners_change_members_and_a_document_keeps_an_owner() {
 
     let add = after(&a1, &create, set_member(c1.facility, Some(Role::Reader)));
     let (results, notes) = w.push(&a1, vec![op(add.clone())]);
-    assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
+    assert_eq!(
+        results,
+        vec![PushResult::Accepted {
+            seq: None,
+            log: None
+        }]
+    );
     assert!(
         targets(&notes).contains(&c1.device_id()),
         "the added facility is told"
     );
     assert_eq!(
         w.push_one(&a1, op(add.clone())),
-        PushResult::Duplicate { seq: None }
+        PushResult::Duplicate {
+            seq: None,
+            log: None
+        }
     );
     assert!(matches!(w.pull(&c1, doc, 0), Response::Bundles { .. }));
 
@@ -1996,17 +2102,26 @@ fn only_owners_change_members_and_a_document_keeps_an_owner() {
     let promote = after(&a1, &add, set_member(b1.facility, Some(Role::Owner)));
     assert_eq!(
         w.push_one(&a1, op(promote.clone())),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     let demote = after(&a1, &promote, set_member(a1.facility, Some(Role::Writer)));
     assert_eq!(
         w.push_one(&a1, op(demote.clone())),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     let remove = after(&b1, &demote, set_member(hq.facility, None));
     assert_eq!(
         w.push_one(&b1, op(remove.clone())),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     assert_eq!(code(&w.pull(&hq, doc, 0)), Some(ErrorCode::NotMember));
     let Response::Ops { ops, total, .. } = w.ask(&c1, Request::GetOps { doc, from: 0 }).0 else {
@@ -2023,7 +2138,10 @@ fn only_owners_change_members_and_a_document_keeps_an_owner() {
     // A document cannot be created twice, nor with a member the authority never certified.
     assert_eq!(
         w.push_one(&a1, op(create.clone())),
-        PushResult::Duplicate { seq: None },
+        PushResult::Duplicate {
+            seq: None,
+            log: None
+        },
         "the same Create again is harmless"
     );
     let again =
@@ -2061,11 +2179,17 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
     let g0 = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &recipients).expect("grant");
     assert_eq!(
         w.push_one(&a1, grant(g0.clone())),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     assert_eq!(
         w.push_one(&a1, grant(g0.clone())),
-        PushResult::Duplicate { seq: None }
+        PushResult::Duplicate {
+            seq: None,
+            log: None
+        }
     );
 
     let skip = w.push_one(&a1, op(after(&a1, &create, rotate(2))));
@@ -2077,7 +2201,13 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
 
     let next = after(&a1, &create, rotate(1));
     let (results, notes) = w.push(&a1, vec![op(next.clone())]);
-    assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
+    assert_eq!(
+        results,
+        vec![PushResult::Accepted {
+            seq: None,
+            log: None
+        }]
+    );
     assert!(notes.iter().all(|n| matches!(
         n.request,
         Request::Notify {
@@ -2087,7 +2217,10 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
     )));
     assert_eq!(
         w.push_one(&a1, op(next.clone())),
-        PushResult::Duplicate { seq: None }
+        PushResult::Duplicate {
+            seq: None,
+            log: None
+        }
     );
     // A writer rotating at the same moment from the same head is told it is stale.
     let crossed = DocOp::sign(
@@ -2107,10 +2240,21 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
     let g1 = KeyGrant::seal(&a1, a1.facility, doc, Epoch(1), &key(1), &recipients).expect("grant");
     assert_eq!(
         w.push_one(&a1, grant(g1.clone())),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
-    let stranger = vec![recipient(&device(9))];
-    let leak = KeyGrant::seal(&a1, a1.facility, doc, Epoch(1), &key(1), &stranger).expect("grant");
+    let outsider = w.enrol(8, "ケアプランセンター", FacilityRole::CareOffice);
+    let leak = KeyGrant::seal(
+        &a1,
+        a1.facility,
+        doc,
+        Epoch(1),
+        &key(1),
+        &[recipient(&outsider)],
+    )
+    .expect("grant");
     assert_eq!(
         rejected(&w.push_one(&a1, grant(leak))),
         Some(ErrorCode::Forbidden)
@@ -2141,7 +2285,10 @@ fn epochs_advance_one_at_a_time_and_key_grants_follow_them() {
     // Any writer, not only the owner, may start the next epoch.
     assert_eq!(
         w.push_one(&b1, op(after(&b1, &next, rotate(2)))),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     let Response::Documents { docs } = w.ask(&a1, Request::ListDocuments).0 else {
         panic!("documents")
@@ -2192,15 +2339,15 @@ fn after_a_rollback_an_offer_names_what_the_relay_lacks_and_devices_restore_it()
         .map(|i| bundle(&a1, doc, 0, &format!("支援経過 {i}")))
         .collect();
     assert_eq!(
-        w.push_one(&a1, sealed(e[0].clone())),
-        PushResult::Accepted { seq: Some(Seq(1)) }
+        placed(&w.push_one(&a1, sealed(e[0].clone()))),
+        ("accepted", Some(Seq(1)))
     );
 
     // The operator backs the relay up, the relay takes two more bundles, then the backup is restored.
     let backup = w.tmp.path().join("backup");
     let mut w = w.reopen(|data| copy_dir(data, &backup));
     let (results, _) = w.push(&a1, vec![sealed(e[1].clone()), sealed(e[2].clone())]);
-    assert_eq!(results[1], PushResult::Accepted { seq: Some(Seq(3)) });
+    assert_eq!(placed(&results[1]), ("accepted", Some(Seq(3))));
     let mut w = w.reopen(|data| {
         std::fs::remove_dir_all(data).expect("remove");
         copy_dir(&backup, data);
@@ -2229,11 +2376,8 @@ fn after_a_rollback_an_offer_names_what_the_relay_lacks_and_devices_restore_it()
     // It pushes them again: nothing acknowledged is lost while any device holds it.
     let (results, _) = w.push(&a1, vec![sealed(e[1].clone()), sealed(e[2].clone())]);
     assert_eq!(
-        results,
-        vec![
-            PushResult::Accepted { seq: Some(Seq(2)) },
-            PushResult::Accepted { seq: Some(Seq(3)) }
-        ]
+        results.iter().map(placed).collect::<Vec<_>>(),
+        vec![("accepted", Some(Seq(2))), ("accepted", Some(Seq(3)))]
     );
     let Response::Exchange { want, .. } = w.ask(&b1, offer(ids.clone())).0 else {
         panic!("exchange")
@@ -2274,14 +2418,17 @@ fn everything_acknowledged_survives_reopening_and_no_secret_reaches_the_relays_d
     } = referral();
     let e = bundle(&a1, doc, 0, MARKER);
     assert_eq!(
-        w.push_one(&a1, sealed(e.clone())),
-        PushResult::Accepted { seq: Some(Seq(1)) }
+        placed(&w.push_one(&a1, sealed(e.clone()))),
+        ("accepted", Some(Seq(1)))
     );
     let recipients: Vec<(DeviceId, String)> = [&a1, &b1].iter().map(|d| recipient(d)).collect();
     let g = KeyGrant::seal(&a1, a1.facility, doc, Epoch(0), &key(0), &recipients).expect("grant");
     assert_eq!(
         w.push_one(&a1, grant(g)),
-        PushResult::Accepted { seq: None }
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
     );
     let data = w.data();
     let mut w = w.reopen(|_| {});
@@ -2319,8 +2466,8 @@ fn everything_acknowledged_survives_reopening_and_no_secret_reaches_the_relays_d
     assert_eq!((head, items.len()), (Seq(1), 1));
     assert_eq!(items[0].envelope, e);
     assert_eq!(
-        w.push_one(&a1, sealed(e)),
-        PushResult::Duplicate { seq: Some(Seq(1)) }
+        placed(&w.push_one(&a1, sealed(e))),
+        ("duplicate", Some(Seq(1)))
     );
     assert!(w.directory(&b1).is_current(&a2.device_id()));
 }
@@ -2646,7 +2793,7 @@ mod network {
         let Response::Pushed { results } = ca.ask(&Request::Push { items }).await else {
             panic!("push")
         };
-        assert_eq!(results[1], PushResult::Accepted { seq: Some(Seq(1)) });
+        assert_eq!(placed(&results[1]), ("accepted", Some(Seq(1))));
         assert_eq!(
             cb.notification().await,
             Request::Notify {
@@ -2837,7 +2984,13 @@ mod network {
         else {
             panic!("create")
         };
-        assert_eq!(results, vec![PushResult::Accepted { seq: None }]);
+        assert_eq!(
+            results,
+            vec![PushResult::Accepted {
+                seq: None,
+                log: None
+            }]
+        );
         // Push bundles one by one; kill the relay while more are in flight.
         let mut acked = Vec::new();
         for i in 0..12 {
@@ -2868,12 +3021,7 @@ mod network {
             panic!("pull")
         };
         for (i, r) in acked.iter().enumerate() {
-            assert_eq!(
-                r,
-                &PushResult::Accepted {
-                    seq: Some(Seq(i as u64 + 1))
-                }
-            );
+            assert_eq!(placed(r), ("accepted", Some(Seq(i as u64 + 1))));
             assert!(
                 items.iter().any(|p| p.seq == Seq(i as u64 + 1)),
                 "acknowledged bundle {} is missing",

@@ -13,7 +13,7 @@ use std::time::Duration;
 use musubi_crdt::bundle::Envelope;
 use musubi_crdt::crypto::DeviceSecrets;
 use musubi_crdt::directory::{DeviceLink, FacilityCert};
-use musubi_crdt::ids::{DeploymentId, DocumentId, FacilityId, Role};
+use musubi_crdt::ids::{DeploymentId, DocumentId, FacilityId, LogHash, Role};
 use musubi_crdt::ops::{DocOp, KeyGrant};
 use musubi_crdt::protocol::PushItem;
 use musubi_crdt::transfer::{TransferEncoder, TransferHeader};
@@ -230,21 +230,28 @@ impl LyingRelay {
             .expect("advance the chain");
     }
 
-    /// Stores a bundle as if it had been accepted (the next sequence number); returns it.
+    /// Stores a bundle as if it had been accepted (the next sequence number, its log continued as a
+    /// relay does); returns the sequence number.
     pub fn plant_bundle(&self, env: &Envelope) -> u64 {
-        let head: i64 = self
+        let (head, prev): (i64, LogHash) = self
             .conn
             .query_row(
-                "SELECT COALESCE(MAX(seq), 0) FROM bundles WHERE doc = ?1",
+                "SELECT seq, log FROM bundles WHERE doc = ?1 ORDER BY seq DESC LIMIT 1",
                 [env.doc.to_string()],
-                |r| r.get(0),
+                |r| {
+                    let log: Vec<u8> = r.get(1)?;
+                    Ok((r.get(0)?, LogHash(log.try_into().expect("a 32-byte log"))))
+                },
             )
-            .expect("head");
+            .optional()
+            .expect("head")
+            .unwrap_or((0, LogHash::ZERO));
         let encoded = env.encode();
+        let log = prev.next(&env.id());
         self.conn
             .execute(
-                "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
+                "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at, log)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9)",
                 params![
                     env.doc.to_string(),
                     head + 1,
@@ -253,7 +260,8 @@ impl LyingRelay {
                     env.author.to_string(),
                     env.facility.to_string(),
                     env.epoch.0,
-                    encoded.len() as i64
+                    encoded.len() as i64,
+                    log.0.as_slice()
                 ],
             )
             .expect("plant a bundle");

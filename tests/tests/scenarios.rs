@@ -630,7 +630,7 @@ fn hostile_input_is_rejected() {
         envelope: good.clone(),
     }]);
     assert!(
-        matches!(first[..], [PushResult::Accepted { seq: Some(_) }]),
+        matches!(first[..], [PushResult::Accepted { seq: Some(_), .. }]),
         "{first:?}"
     );
     let again = evil.push(vec![PushItem::Bundle { envelope: good }]);

@@ -21,8 +21,8 @@ use automerge::{ActorId, AutoCommit, ChangeHash};
 use musubi_crdt::bundle::{BundleError, Envelope, Payload};
 use musubi_crdt::crypto::{self, CryptoError, DeviceSecrets, DocumentKey};
 use musubi_crdt::directory::{
-    DeviceChange, DeviceLink, Devices as _, Directory, DirectoryError, FacilityEntry, Pins,
-    SignedDirectory, Trust,
+    DeviceChange, DeviceLink, DeviceStatus, Devices, Directory, DirectoryError, FacilityEntry,
+    FacilityRecord, Pins, SignedDirectory, Trust,
 };
 use musubi_crdt::ids::{
     DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role,
@@ -30,7 +30,7 @@ use musubi_crdt::ids::{
 use musubi_crdt::invite::{
     INVITE_SECRET_BYTES, InviteCode, InviteFor, InviteId, InviteRegistration, JoinRequest,
 };
-use musubi_crdt::limits::{BUNDLE_CHANGES_BYTES_MAX, INVITE_EXPIRES_SECS_MAX};
+use musubi_crdt::limits::{BUNDLE_CHANGES_BYTES_MAX, INVITE_EXPIRES_SECS_MAX, PROVISIONAL_OPS_MAX};
 use musubi_crdt::membership::{self, Membership, Point};
 use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member, OpError};
 use musubi_crdt::protocol::{DocumentInfo, ErrorCode, PushItem};
@@ -389,6 +389,10 @@ impl Engine {
         self.store.set_meta("pseudonym_secret", &secret)?;
         self.store.set_meta_cbor("enrolment", &enrolment)?;
         self.store_directory(directory, &dir, &pins, 0)?;
+        if let Ok(body) = directory.open(&enrolment.relay) {
+            self.store
+                .set_meta_cbor("directory_records", &body.facilities)?;
+        }
         Ok(enrolment)
     }
 
@@ -463,23 +467,17 @@ impl Engine {
         Ok(self.store.meta_cbor("revocation_version")?.unwrap_or(0))
     }
 
-    /// Verifies a directory (from the relay, a LAN peer or a file) and keeps it if it is newer than
-    /// the one held; returns whether it was taken. One that does not verify is logged and ignored.
+    /// Verifies a directory (from the relay, a LAN peer or a file) and takes it: merged with the
+    /// view held before ([`Directory::merged`]), so a directory that is older, or leaves something
+    /// out, adds what it has and takes nothing away. Returns whether anything was taken (`false`
+    /// for the directory already held, or one that does not verify, which is logged and ignored).
     pub fn update_directory(&self, signed: &SignedDirectory) -> Result<bool> {
-        let enrolment = self.enrolment()?;
-        let pins = self.pins()?;
-        if signed
-            .claimed_version()
-            .is_some_and(|v| v <= pins.version && pins.version > 0)
-        {
+        let held = self.signed_directory()?;
+        if held.as_ref() == Some(signed) {
             return Ok(false);
         }
-        let (dir, next) = match signed.verify(
-            &enrolment.relay,
-            enrolment.deployment,
-            &enrolment.authority,
-            &pins,
-        ) {
+        let pins = self.pins()?;
+        let (dir, next, records) = match self.verify_directory(signed, &pins) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!("ignoring a directory that does not verify: {e}");
@@ -513,8 +511,41 @@ impl Engine {
             tracing::info!(device = %d, "learned of a revocation");
             self.store.mark_revocation(&d.to_string())?;
         }
-        self.store_directory(signed, &dir, &next, revocation_version)?;
+        // The signed directory handed to LAN peers and written into files is the newest one held.
+        let newest = match &held {
+            Some(h) if h.claimed_version() > signed.claimed_version() => h,
+            _ => signed,
+        };
+        self.store_directory(newest, &dir, &next, revocation_version)?;
+        self.store.set_meta_cbor("directory_records", &records)?;
         Ok(true)
+    }
+
+    /// Verifies `signed` against the pinned authority and `pins`, with the facility records this
+    /// device verified before added where the relay's are behind ([`DirectoryBody::add_seen`]), and
+    /// merges the result with the view held ([`Directory::merged`]). Returns the view, the pins and
+    /// the records to keep.
+    fn verify_directory(
+        &self,
+        signed: &SignedDirectory,
+        pins: &Pins,
+    ) -> std::result::Result<(Directory, Pins, Vec<FacilityRecord>), DirectoryError> {
+        let enrolment = self
+            .enrolment()
+            .map_err(|e| DirectoryError::Malformed(e.to_string()))?;
+        let seen: Vec<FacilityRecord> = self
+            .store
+            .meta_cbor("directory_records")
+            .map_err(|e| DirectoryError::Malformed(e.to_string()))?
+            .unwrap_or_default();
+        let mut body = signed.open(&enrolment.relay)?;
+        body.add_seen(&seen);
+        let records = body.facilities.clone();
+        let (dir, next) = body.verify(enrolment.deployment, &enrolment.authority, pins)?;
+        Ok(match self.directory() {
+            Ok(earlier) => (dir.merged(&earlier, &next), next, records),
+            Err(_) => (dir, next, records),
+        })
     }
 
     /// Accepts a facility's new root key after a person compared its safety number by phone:
@@ -535,17 +566,11 @@ impl Engine {
         }
         let mut pins = self.pins()?;
         pins.confirm_root(f.id, f.root);
-        let enrolment = self.enrolment()?;
         let Some(signed) = self.signed_directory()? else {
             return Err(EngineError::NotEnrolled);
         };
-        let (dir, next) = signed
-            .verify(
-                &enrolment.relay,
-                enrolment.deployment,
-                &enrolment.authority,
-                &pins,
-            )
+        let (dir, next, _) = self
+            .verify_directory(&signed, &pins)
             .map_err(|e: DirectoryError| EngineError::Trust(e.to_string()))?;
         self.store_directory(&signed, &dir, &next, 0)?;
         tracing::info!(facility = %f.id, name = %f.name, "new root key confirmed by a person");
@@ -874,6 +899,17 @@ impl Engine {
     /// Appends a signed operation of this device to a document's chain (admitted at
     /// [`Point::Peer`], as any peer would check it) and queues it. Returns the membership after it.
     fn append_own_op(&mut self, view: &Membership, body: DocOpBody) -> Result<Membership> {
+        self.append_own_op_with(view, body, |_| Ok(Vec::new()))
+    }
+
+    /// Signs `body` on top of `view`, admits it, then stores it with the grants `grants` makes for
+    /// the membership it leads to, in one transaction (so a new epoch is never kept without its key).
+    fn append_own_op_with(
+        &mut self,
+        view: &Membership,
+        body: DocOpBody,
+        grants: impl FnOnce(&Membership) -> Result<Vec<KeyGrant>>,
+    ) -> Result<Membership> {
         let enrolment = self.enrolment()?;
         let op = DocOp::sign(
             &self.secrets,
@@ -886,11 +922,10 @@ impl Engine {
         let dir = self.directory()?;
         let next = membership::admit_op(&op, Some(view), &dir, Point::Peer)
             .map_err(|e| EngineError::Trust(e.message))?;
+        let grants = grants(&next)?;
         let relay_ops = self.store.document(view.id)?.map_or(0, |r| r.relay_ops);
         self.store
-            .replace_chain(view.id, view.ops, std::slice::from_ref(&op), relay_ops)?;
-        self.store.put_document(&next)?;
-        self.store.queue(&PushItem::Op { op })?;
+            .append_own_op(view.ops, &op, &next, relay_ops, &grants)?;
         Ok(next)
     }
 
@@ -940,18 +975,49 @@ impl Engine {
     /// confirmed, keeps this device's unconfirmed operations that still follow it, signs again on top
     /// of it those of its own that a concurrent operation displaced (or drops them), and sets aside
     /// displaced operations of other devices. Returns how many operations the relay confirmed.
-    pub fn apply_relay_ops(&mut self, doc: DocumentId, from: u32, ops: &[DocOp]) -> Result<u32> {
+    pub fn apply_relay_ops(
+        &mut self,
+        doc: DocumentId,
+        from: u32,
+        ops: &[DocOp],
+    ) -> Result<OpsApplied> {
         let dir = self.directory()?;
+        let devices = self.learned(&dir, doc)?;
         let me = self.enrolment()?.facility;
         let chain = self.store.chain(doc)?;
+        let relay_ops = self.store.document(doc)?.map_or(0, |r| r.relay_ops);
+        // The relay acknowledged or served these before; it may not rewrite them now (a relay that
+        // claims to have gone back and serves another continuation is refused, not followed).
+        let held_confirmed = chain.iter().take_while(|c| c.confirmed).count();
         let from = from.min(chain.len() as u32);
         let mut relay_chain: Vec<DocOp> = chain[..from as usize]
             .iter()
             .map(|c| c.op.clone())
             .collect();
         relay_chain.extend(ops.iter().cloned());
-        let replay = membership::replay(&relay_chain, &dir, Point::Pulled);
-        if let Some(e) = &replay.refused {
+        let overlap = held_confirmed.min(relay_chain.len());
+        if let Some(p) =
+            (from as usize..overlap).find(|&p| relay_chain[p].hash() != chain[p].op.hash())
+        {
+            tracing::warn!(%doc, position = p, "the relay served a membership operation other than the one it confirmed before; this device keeps its chain");
+            self.store.set_meta_cbor(
+                &format!("doc_warning:{doc}"),
+                &format!(
+                    "the relay served operation {p} differently from the one it confirmed before (a relay that rewrites history); this device keeps the chain it verified"
+                ),
+            )?;
+            return Ok(OpsApplied::kept(relay_ops));
+        }
+        let replay = membership::replay(&relay_chain, &devices, Point::Pulled);
+        let awaits_directory = replay
+            .refused
+            .as_ref()
+            .is_some_and(|e| e.code == ErrorCode::StaleDirectory);
+        if let Some(e) = &replay.refused
+            && awaits_directory
+        {
+            tracing::info!(%doc, position = replay.valid, "an operation excludes a device this device still holds current; fetching the directory first: {e}");
+        } else if let Some(e) = &replay.refused {
             tracing::warn!(%doc, position = replay.valid, "the relay served a membership operation that does not verify; it and those after it are ignored: {e}");
             self.store.set_meta_cbor(
                 &format!("doc_warning:{doc}"),
@@ -961,15 +1027,21 @@ impl Engine {
                 ),
             )?;
         }
+        if replay.valid < overlap.max(from as usize) {
+            // What this device holds as confirmed no longer replays with the directory it holds
+            // now: it keeps its chain rather than follow the relay.
+            tracing::warn!(%doc, position = replay.valid, "the document's confirmed operations do not replay with the current directory; the chain is kept as it is");
+            return Ok(OpsApplied::kept(relay_ops));
+        }
         let Some(relay_view) = replay.view else {
-            return Ok(0);
+            return Ok(OpsApplied::kept(0));
         };
         relay_chain.truncate(replay.valid);
         let confirmed = relay_chain.len() as u32;
         if chain.is_empty() && relay_view.role_of(me).is_none() {
             // The relay lists a document whose signed operations do not name this facility.
             tracing::warn!(%doc, "the relay lists a document this facility is not a member of; ignored");
-            return Ok(confirmed);
+            return Ok(OpsApplied::kept(confirmed));
         }
         let local_tail: Vec<&DocOp> = chain[from as usize..].iter().map(|c| &c.op).collect();
         let relay_tail = &relay_chain[from as usize..];
@@ -986,11 +1058,15 @@ impl Engine {
         } else {
             displaced.extend(local_tail[common..].iter().map(|o| (*o).clone()));
         }
-        let view = membership::replay(&new_chain, &dir, Point::Pulled)
+        let view = membership::replay(&new_chain, &devices, Point::Pulled)
             .view
             .unwrap_or(relay_view);
-        self.store
-            .replace_chain(doc, from, &new_chain[from as usize..], confirmed)?;
+        self.store.replace_chain(
+            doc,
+            from,
+            &new_chain[from as usize..],
+            confirmed.max(held_confirmed as u32),
+        )?;
         self.store.put_document(&view)?;
         self.store.set_relay_ops(doc, confirmed)?;
         let my_device = self.device_id();
@@ -1003,7 +1079,21 @@ impl Engine {
             }
         }
         self.settle_ops(doc)?;
-        Ok(confirmed)
+        Ok(OpsApplied {
+            confirmed,
+            awaits_directory,
+        })
+    }
+
+    /// `dir` with this device's revocation marks for `doc`.
+    fn learned<'a>(&self, dir: &'a Directory, doc: DocumentId) -> Result<Learned<'a>> {
+        let marks = self
+            .store
+            .revocation_marks(doc)?
+            .into_iter()
+            .filter_map(|(d, ops)| Some((d.parse::<DeviceId>().ok()?, ops)))
+            .collect();
+        Ok(Learned { dir, doc, marks })
     }
 
     /// Drops the outbox rows that carry `op`.
@@ -1223,8 +1313,8 @@ impl Engine {
                     }
                 }
             }
-            let chain_len = chain.len() as u32;
-            self.store.replace_chain(doc, chain_len, &[], n)?;
+            // They stay confirmed: the relay acknowledged them once, and no relay may serve
+            // another history in their place ([`Engine::apply_relay_ops`]).
             self.store.set_relay_ops(doc, n)?;
         }
         Ok(self.store.bundle_ids(doc)?)
@@ -1283,99 +1373,123 @@ impl Engine {
         };
         let mut queued = 0;
         for row in self.store.documents(None)? {
-            let mut info = row.info;
-            let Some(my_role) = info.role_of(enrolment.facility) else {
-                continue;
-            };
-            let mut keys = self.keys(info.id)?;
-            if keys.is_empty() {
-                continue;
+            let doc = row.info.id;
+            // One document's trouble (a grant that cannot be sealed, a chain that moved on) never
+            // stops the upkeep of the others, nor the sync that runs it.
+            match self.maintain_document(row.info, &dir, enrolment.facility, rotate) {
+                Ok(n) => queued += n,
+                Err(EngineError::Store(e)) => return Err(EngineError::Store(e)),
+                Err(e) => tracing::warn!(%doc, "key upkeep of this document failed: {e}"),
             }
-            let should = member_devices(&dir, &info);
-            let should_ids: BTreeSet<DeviceId> = should.iter().map(|(d, _)| *d).collect();
-            let grants = self.store.grants(info.id)?;
-            let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
-            if rotate && my_role.can_write() && held_epoch == info.epoch {
-                let current_recipients: BTreeSet<DeviceId> = grants
-                    .iter()
-                    .filter(|g| g.epoch == held_epoch)
-                    .flat_map(|g| g.recipients.iter().copied())
-                    .collect();
-                let gone: Vec<DeviceId> = current_recipients
-                    .iter()
-                    .filter(|d| !should_ids.contains(d) && !info.is_excluded(d))
-                    .copied()
-                    .collect();
-                if !gone.is_empty() {
-                    // First the devices that lost their right may sign nothing more for it, then
-                    // the key they hold is rotated away.
-                    match self.append_own_op(&info, DocOpBody::Exclude { devices: gone }) {
-                        Ok(next) => info = next,
-                        Err(e) => {
-                            tracing::warn!(doc = %info.id, "could not exclude revoked devices: {e}")
-                        }
+        }
+        Ok(queued)
+    }
+
+    fn maintain_document(
+        &mut self,
+        mut info: Membership,
+        dir: &Directory,
+        me: FacilityId,
+        rotate: bool,
+    ) -> Result<usize> {
+        let Some(my_role) = info.role_of(me) else {
+            return Ok(0);
+        };
+        let mut keys = self.keys(info.id)?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut queued = 0;
+        let grants = self.store.grants(info.id)?;
+        let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
+        if rotate && my_role.can_write() && held_epoch == info.epoch {
+            let current_recipients: BTreeSet<DeviceId> = grants
+                .iter()
+                .filter(|g| g.epoch == held_epoch)
+                .flat_map(|g| g.recipients.iter().copied())
+                .collect();
+            // Only positive evidence takes a key away: a device revoked (by its facility's chain or
+            // the operator), of a revoked facility, or of a facility no longer a member. A device
+            // the directory merely does not show (left out, a forked chain, a changed root key)
+            // gets no new key, but is neither excluded nor rotated away.
+            let gone: Vec<DeviceId> = current_recipients
+                .iter()
+                .filter(|d| lost_right(dir, &info, d))
+                .copied()
+                .collect();
+            let to_exclude: Vec<DeviceId> = gone
+                .iter()
+                .filter(|d| !info.is_excluded(d))
+                .copied()
+                .collect();
+            if !to_exclude.is_empty() {
+                // First the devices that lost their right may sign nothing more for it, then
+                // the key they hold is rotated away.
+                match self.append_own_op(
+                    &info,
+                    DocOpBody::Exclude {
+                        devices: to_exclude,
+                    },
+                ) {
+                    Ok(next) => info = next,
+                    Err(e) => {
+                        tracing::warn!(doc = %info.id, "could not exclude revoked devices: {e}")
                     }
                 }
-                if current_recipients.iter().any(|d| !should_ids.contains(d)) {
-                    let epoch = Epoch(held_epoch.0 + 1);
-                    let key = DocumentKey::from_seed(random());
-                    match self.append_own_op(
-                        &info,
-                        DocOpBody::NewEpoch {
+            }
+            if !gone.is_empty() {
+                let epoch = Epoch(held_epoch.0 + 1);
+                let key = DocumentKey::from_seed(random());
+                let secrets = self.secrets.clone();
+                // The grants are sealed before anything is stored, and stored with the operation.
+                match self.append_own_op_with(
+                    &info,
+                    DocOpBody::NewEpoch {
+                        epoch,
+                        key_commitment: key.commitment(),
+                    },
+                    |next| {
+                        Ok(KeyGrant::seal_all(
+                            &secrets,
+                            me,
+                            next.id,
                             epoch,
-                            key_commitment: key.commitment(),
-                        },
-                    ) {
-                        Ok(next) => {
-                            let grant = KeyGrant::seal(
-                                &self.secrets,
-                                enrolment.facility,
-                                info.id,
-                                epoch,
-                                &key,
-                                &should,
-                            )?;
-                            self.store.put_grant(&grant)?;
-                            self.store.queue(&PushItem::Grant { grant })?;
-                            keys.entry(epoch).or_default().push(key);
-                            info = next;
-                            queued += 2;
-                            tracing::info!(doc = %info.id, %epoch, "rotated the document key");
-                        }
-                        Err(e) => tracing::warn!(doc = %info.id, "could not rotate the key: {e}"),
+                            &key,
+                            &member_devices(dir, next),
+                        )?)
+                    },
+                ) {
+                    Ok(next) => {
+                        keys.entry(epoch).or_default().push(key);
+                        info = next;
+                        queued += 2;
+                        tracing::info!(doc = %info.id, %epoch, "rotated the document key");
                     }
+                    Err(e) => tracing::warn!(doc = %info.id, "could not rotate the key: {e}"),
                 }
             }
-            let grants = self.store.grants(info.id)?;
-            for (epoch, ks) in &keys {
-                let covered: BTreeSet<DeviceId> = grants
-                    .iter()
-                    .filter(|g| g.epoch == *epoch)
-                    .flat_map(|g| g.recipients.iter().copied())
-                    .collect();
-                let missing: Vec<(DeviceId, String)> = should
-                    .iter()
-                    .filter(|(d, _)| !covered.contains(d))
-                    .cloned()
-                    .collect();
-                if missing.is_empty() {
-                    continue;
-                }
-                let Some(key) = ks.first() else { continue };
-                let grant = KeyGrant::seal(
-                    &self.secrets,
-                    enrolment.facility,
-                    info.id,
-                    *epoch,
-                    key,
-                    &missing,
-                )?;
+        }
+        let should = member_devices(dir, &info);
+        let grants = self.store.grants(info.id)?;
+        for (epoch, ks) in &keys {
+            let covered: BTreeSet<DeviceId> = grants
+                .iter()
+                .filter(|g| g.epoch == *epoch)
+                .flat_map(|g| g.recipients.iter().copied())
+                .collect();
+            let missing: Vec<(DeviceId, String)> = should
+                .iter()
+                .filter(|(d, _)| !covered.contains(d))
+                .cloned()
+                .collect();
+            let Some(key) = ks.first() else { continue };
+            for grant in KeyGrant::seal_all(&self.secrets, me, info.id, *epoch, key, &missing)? {
                 self.store.put_grant(&grant)?;
                 self.store.queue(&PushItem::Grant { grant })?;
                 queued += 1;
             }
-            queued += self.reseal(&info, &keys, my_role)?;
         }
+        queued += self.reseal(&info, &keys, my_role)?;
         Ok(queued)
     }
 
@@ -1440,6 +1554,25 @@ impl Engine {
             tracing::info!(doc = %view.id, bundles = queued, epoch = %view.epoch, "sealed queued bundles again with the current key");
         }
         Ok(queued)
+    }
+}
+
+/// What [`Engine::apply_relay_ops`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpsApplied {
+    /// How many operations of the chain the relay has confirmed (served or acknowledged).
+    pub confirmed: u32,
+    /// The chain stopped at an operation that excludes a device this device still holds current:
+    /// fetch the directory, then the operations again.
+    pub awaits_directory: bool,
+}
+
+impl OpsApplied {
+    fn kept(confirmed: u32) -> Self {
+        Self {
+            confirmed,
+            awaits_directory: false,
+        }
     }
 }
 
@@ -1548,7 +1681,12 @@ impl Engine {
                         self.settle_ops(doc)?;
                     }
                     Err(e) if e.code == ErrorCode::Stale => {
-                        if self.store.put_provisional_op(&op)? {
+                        if self.store.provisional_count(doc)? >= PROVISIONAL_OPS_MAX {
+                            report.refused.push(format!(
+                                "operation on {doc}: {PROVISIONAL_OPS_MAX} operations that do not \
+                                 follow its chain are already kept aside; sync with the relay first"
+                            ));
+                        } else if self.store.put_provisional_op(&op)? {
                             report.provisional += 1;
                         } else {
                             report.known += 1;
@@ -1850,17 +1988,50 @@ fn revocations(dir: &Option<Directory>, pins: &Pins) -> BTreeSet<DeviceId> {
     out
 }
 
-/// Current devices of the document's member facilities (verified chain, not revoked, root key as
-/// pinned), with their age recipients.
+/// The directory, with this device's record of how far each document's chain was when it learned of
+/// each revocation ([`Devices::revocation_learned`]), for one document.
+struct Learned<'a> {
+    dir: &'a Directory,
+    doc: DocumentId,
+    marks: BTreeMap<DeviceId, u32>,
+}
+
+impl Devices for Learned<'_> {
+    fn device_status(&self, device: &DeviceId) -> DeviceStatus {
+        self.dir.device_status(device)
+    }
+    fn facility_status(&self, facility: FacilityId) -> musubi_crdt::directory::FacilityStatus {
+        self.dir.facility_status(facility)
+    }
+    fn revocation_learned(&self, device: &DeviceId, doc: DocumentId) -> Option<u32> {
+        (doc == self.doc)
+            .then(|| self.marks.get(device).copied())
+            .flatten()
+    }
+}
+
+/// The devices a document's keys go to: current devices (verified chain, not revoked, of a
+/// trusted facility) of its member facilities that its chain does not exclude.
 fn member_devices(dir: &Directory, info: &Membership) -> Vec<(DeviceId, String)> {
     info.members
         .iter()
         .filter_map(|m| dir.facility(m.facility))
         .flat_map(|f| {
             f.current_devices()
+                .filter(|d| !info.is_excluded(&d.device))
                 .map(|d| (d.device, d.age_recipient.clone()))
         })
         .collect()
+}
+
+/// Whether `device`, which holds a key of `info`, lost its right to it on positive evidence: it is
+/// revoked (by its facility's chain or the relay operator), its facility is revoked, or its facility
+/// is no longer a member. A device the directory does not show is not taken to have lost anything.
+fn lost_right(dir: &Directory, info: &Membership, device: &DeviceId) -> bool {
+    match dir.device(device) {
+        Some((f, d)) => d.revoked || f.revoked || info.role_of(f.id).is_none(),
+        None => false,
+    }
 }
 
 fn open_any(keys: &BTreeMap<Epoch, Vec<DocumentKey>>, env: &Envelope) -> Option<Payload> {

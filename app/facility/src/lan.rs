@@ -228,7 +228,7 @@ impl Lan {
             Request::GetDirectory { known_version } => {
                 let directory = engine
                     .signed_directory()?
-                    .filter(|d| d.claimed_version().is_some_and(|v| v > known_version));
+                    .filter(|d| d.claimed_version().is_some_and(|v| v != known_version));
                 Ok((Response::Directory { directory }, vec![]))
             }
             Request::Offer {

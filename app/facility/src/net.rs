@@ -597,6 +597,12 @@ pub fn start_session(engine: &mut Engine) -> Result<(Session, u64), SyncError> {
         .map(|r| (r.info.id, r.relay_ops))
         .collect();
     let generation = engine.store().meta_cbor("relay_generation")?;
+    let witnesses: HashMap<_, _> = engine
+        .store()
+        .witnesses()?
+        .into_iter()
+        .map(|(doc, seq, log)| (doc, (seq, log)))
+        .collect();
     let mut session = Session::new(
         SessionConfig::default(),
         Known {
@@ -605,6 +611,7 @@ pub fn start_session(engine: &mut Engine) -> Result<(Session, u64), SyncError> {
             epochs,
             ops,
             generation,
+            witnesses,
         },
     );
     engine.maintain()?;
@@ -696,9 +703,15 @@ pub fn apply_event(
             total: _,
         } => {
             let served = from.saturating_add(ops.len() as u32);
-            let confirmed = engine.apply_relay_ops(doc, from, &ops)?;
-            // An operation the relay served that does not verify is not asked for again.
-            session.handle_ops(doc, confirmed.max(served));
+            let applied = engine.apply_relay_ops(doc, from, &ops)?;
+            if applied.awaits_directory {
+                // An exclusion of a device this device still holds current: the revocation is
+                // on its way; ask again once the directory has arrived.
+                session.handle_ops_await_directory(doc, applied.confirmed);
+            } else {
+                // An operation the relay served that does not verify is not asked for again.
+                session.handle_ops(doc, applied.confirmed.max(served));
+            }
             session.want_grants(doc);
             changed = true;
             services::after_sync(engine, doc)?;
@@ -726,6 +739,9 @@ pub fn apply_event(
             Applied::Continue
         }
         Event::Pulled { doc, items } => {
+            // The relay's bundle log at the last item, whatever is taken of them (the session
+            // compares it with what the relay says later).
+            let last = items.last().map(|p| (p.seq, p.log));
             let dir = engine.directory()?;
             let row = engine.store().document(doc)?;
             let mut good: Vec<(Seq, _)> = Vec::with_capacity(items.len());
@@ -794,14 +810,22 @@ pub fn apply_event(
             }
             report.pulled += good.len() as u64;
             engine.store_mut().store_pulled(doc, &good, now_ms())?;
+            if let Some((seq, log)) = last {
+                engine.store().raise_witness(doc, seq, &log)?;
+            }
             services::after_sync(engine, doc)?;
             Applied::Progress
         }
         Event::Pushed { item, result } => {
             let pushed = engine.store().outbox_item(item.0)?;
             match result {
-                PushResult::Accepted { seq } | PushResult::Duplicate { seq } => {
+                PushResult::Accepted { seq, log } | PushResult::Duplicate { seq, log } => {
                     engine.store_mut().acknowledge(item.0, seq)?;
+                    if let (Some(PushItem::Bundle { envelope }), Some(seq), Some(log)) =
+                        (&pushed, seq, log)
+                    {
+                        engine.store().raise_witness(envelope.doc, seq, &log)?;
+                    }
                     match &pushed {
                         Some(PushItem::Op { op }) => {
                             if let Some((doc, n)) = engine.confirm_op(op)? {
@@ -892,7 +916,8 @@ pub fn apply_event(
             Applied::Continue
         }
         Event::Behind { doc, head, ops } => {
-            tracing::warn!(%doc, %head, ops = ?ops, "the relay holds less of this document than it acknowledged before (rolled back?); offering it again");
+            tracing::warn!(%doc, %head, ops = ?ops, "the relay holds less of this document than it acknowledged before, or another history (rolled back?); offering it again");
+            engine.store().clear_witness(doc)?;
             let ids = engine.relay_behind(doc, head, ops)?;
             session.offer(doc, ids);
             report.rolled_back += 1;

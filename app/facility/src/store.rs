@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use musubi_crdt::bundle::Envelope;
-use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Epoch, Seq};
+use musubi_crdt::ids::{BundleId, DocumentId, DocumentKind, Epoch, LogHash, Seq};
 use musubi_crdt::invite::InviteId;
 use musubi_crdt::membership::Membership;
 use musubi_crdt::ops::{DocOp, KeyGrant, OpHash};
@@ -194,6 +194,7 @@ impl Store {
                     item BLOB NOT NULL, state TEXT NOT NULL DEFAULT 'pending', error TEXT);
                  CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, id);
                  CREATE TABLE IF NOT EXISTS cursors (doc TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS witnesses (doc TEXT PRIMARY KEY, seq INTEGER NOT NULL, log BLOB NOT NULL);
                  CREATE TABLE IF NOT EXISTS grants (hash BLOB PRIMARY KEY, doc TEXT NOT NULL, epoch INTEGER NOT NULL, grant_cbor BLOB NOT NULL);
                  CREATE INDEX IF NOT EXISTS grants_doc ON grants(doc, epoch);
                  CREATE TABLE IF NOT EXISTS snapshots (doc TEXT PRIMARY KEY, upto_rowid INTEGER NOT NULL, sealed BLOB NOT NULL);
@@ -281,7 +282,8 @@ impl Store {
     pub fn mark_revocation(&self, device: &str) -> Result<()> {
         self.conn.execute(
             "INSERT OR IGNORE INTO revocation_marks (device, doc, seq, ops)
-             SELECT ?1, d.id, MAX(d.relay_head, COALESCE(c.seq, 0)), d.relay_ops
+             SELECT ?1, d.id, MAX(d.relay_head, COALESCE(c.seq, 0)),
+                    MAX(d.relay_ops, (SELECT COUNT(*) FROM ops o WHERE o.doc = d.id AND o.idx IS NOT NULL))
              FROM documents d LEFT JOIN cursors c ON c.doc = d.id",
             [device],
         )?;
@@ -300,6 +302,15 @@ impl Store {
             )
             .optional()?
             .map(|(s, o)| (Seq(s as u64), o)))
+    }
+
+    /// Every revocation mark of `doc`: (device id text, operation count then).
+    pub fn revocation_marks(&self, doc: DocumentId) -> Result<Vec<(String, u32)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, ops FROM revocation_marks WHERE doc = ?1")?;
+        let rows = stmt.query_map([doc.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// A document's row.
@@ -559,6 +570,58 @@ impl Store {
         Ok(())
     }
 
+    /// Appends one of this device's operations at position `at` of `doc`'s chain (dropping what
+    /// followed there), with the membership `next` it leads to and its key grants, and queues the
+    /// operation and then the grants: one transaction, so a crash never leaves an epoch whose key
+    /// this device signed but did not keep. `confirmed` is the count the relay confirmed.
+    pub fn append_own_op(
+        &mut self,
+        at: u32,
+        op: &DocOp,
+        next: &Membership,
+        confirmed: u32,
+        grants: &[KeyGrant],
+    ) -> Result<()> {
+        let doc = op.doc.to_string();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM ops WHERE doc = ?1 AND idx >= ?2",
+            params![doc, at],
+        )?;
+        tx.execute("DELETE FROM ops WHERE hash = ?1", [&op.hash()[..]])?;
+        tx.execute(
+            "INSERT INTO ops (hash, doc, idx, op_cbor, confirmed) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![&op.hash()[..], doc, at, cbor(op), at < confirmed],
+        )?;
+        tx.execute(
+            "INSERT INTO documents (id, kind, view) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET view = excluded.view",
+            params![doc, next.kind.to_string(), cbor(next)],
+        )?;
+        let op_item = PushItem::Op { op: op.clone() };
+        tx.execute(
+            "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
+            params![doc, cbor(&op_item)],
+        )?;
+        for grant in grants {
+            tx.execute(
+                "INSERT OR IGNORE INTO grants (hash, doc, epoch, grant_cbor) VALUES (?1, ?2, ?3, ?4)",
+                params![&grant.hash()[..], doc, grant.epoch.0 as i64, cbor(grant)],
+            )?;
+            let item = PushItem::Grant {
+                grant: grant.clone(),
+            };
+            tx.execute(
+                "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
+                params![doc, cbor(&item)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The relay acknowledged an operation of the chain: marks it (and every one before it) confirmed
     /// and returns its document and the confirmed count, if it is in a chain.
     pub fn confirm_op(&self, hash: &OpHash) -> Result<Option<(DocumentId, u32)>> {
@@ -633,6 +696,16 @@ impl Store {
             out.push(uncbor(&row?)?);
         }
         Ok(out)
+    }
+
+    /// How many operations of a document are kept aside.
+    pub fn provisional_count(&self, doc: DocumentId) -> Result<usize> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM ops WHERE doc = ?1 AND idx IS NULL",
+            [doc.to_string()],
+            |r| r.get(0),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     /// Drops an operation kept aside.
@@ -723,10 +796,52 @@ impl Store {
         Ok(())
     }
 
-    /// Sets every cursor to 0 (the relay was restored: pull everything again).
+    /// Sets every cursor to 0 and forgets every witness (the relay was restored: pull everything
+    /// again).
     pub fn reset_cursors(&self) -> Result<()> {
         self.conn.execute("UPDATE cursors SET seq = 0", [])?;
+        self.conn.execute("DELETE FROM witnesses", [])?;
         Ok(())
+    }
+
+    /// Records that the relay's bundle log of `doc` at `seq` is `log`, unless a newer one is held
+    /// (see `musubi_crdt::sync::Known::witnesses`).
+    pub fn raise_witness(&self, doc: DocumentId, seq: Seq, log: &LogHash) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO witnesses (doc, seq, log) VALUES (?1, ?2, ?3)
+             ON CONFLICT(doc) DO UPDATE SET seq = excluded.seq, log = excluded.log
+             WHERE excluded.seq >= witnesses.seq",
+            params![doc.to_string(), seq.0 as i64, log.0.as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the witness of `doc` (the relay went back in time).
+    pub fn clear_witness(&self, doc: DocumentId) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM witnesses WHERE doc = ?1", [doc.to_string()])?;
+        Ok(())
+    }
+
+    /// Every witness held: (document, sequence number, the relay's bundle log there).
+    pub fn witnesses(&self) -> Result<Vec<(DocumentId, Seq, LogHash)>> {
+        let mut stmt = self.conn.prepare("SELECT doc, seq, log FROM witnesses")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, s, l) = row?;
+            let log: [u8; 32] = l
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("a witness log is not 32 bytes".into()))?;
+            out.push((parse_doc(&d)?, Seq(s as u64), LogHash(log)));
+        }
+        Ok(out)
     }
 
     /// Deletes a grant (one this device made for an epoch that did not become part of the chain).

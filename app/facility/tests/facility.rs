@@ -4,6 +4,8 @@
 
 #[path = "facility/careplan.rs"]
 mod careplan;
+#[path = "facility/lying_relay.rs"]
+mod lying_relay;
 #[path = "facility/referral.rs"]
 mod referral;
 #[path = "facility/shelter.rs"]

@@ -63,7 +63,7 @@ fn main() {
         let acked = sent.elapsed();
         let seq = match decode_response(&answer) {
             Ok(Response::Pushed { results }) => match results.as_slice() {
-                [PushResult::Accepted { seq: Some(s) }] => *s,
+                [PushResult::Accepted { seq: Some(s), .. }] => *s,
                 other => panic!("push refused: {other:?}"),
             },
             other => panic!("push answered with {other:?}"),

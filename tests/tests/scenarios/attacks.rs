@@ -15,7 +15,7 @@ use musubi_crdt::bundle::{Envelope, Payload};
 use musubi_crdt::crypto::DocumentKey;
 use musubi_crdt::directory::FacilityCert;
 use musubi_crdt::ids::{
-    DeploymentId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role,
+    DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role,
 };
 use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member};
 use musubi_crdt::protocol::{ErrorCode, PushItem, PushResult, Request, Response};
@@ -1027,5 +1027,174 @@ fn a_new_facility_waits_for_the_authority_and_a_facility_revokes_its_own_laptop(
                 .iter()
                 .any(|d| d["device"] == laptop_id.as_str() && d["revoked"] == true),
         "{listed:#}"
+    );
+}
+
+/// Clinic A (one device), hospital B with two devices (b1, b2); A's letter to B synced to all.
+fn letter_to_two_devices(
+    world: &World,
+) -> (
+    musubi_tests::Relay,
+    Facility,
+    Facility,
+    Facility,
+    String,
+    DocumentId,
+) {
+    let (relay, a, b1) = relay_a_b(world);
+    let b2 = world.enrolled_device(&relay, &b1, "hospital-b2");
+    a.sync_once();
+    let (id, doc) = letter(&a, &b1);
+    for _ in 0..2 {
+        b1.sync_once();
+        b2.sync_once();
+    }
+    a.sync_once();
+    assert!(b2.show_text(&id).contains("診療情報提供書"));
+    (relay, a, b1, b2, id, doc)
+}
+
+/// The relay goes back to an older copy with the same generation (a file-level restore, or a relay
+/// that lies), and the first device to reach it had not pulled the lost edit and pushes its own:
+/// they take the lost edit's sequence numbers. The bundle log tells every device that the bundle
+/// under a number it saw is another one: the clinic offers its acknowledged edit again and both
+/// hospital devices pull everything.
+#[test]
+fn a_rollback_followed_by_new_pushes_loses_nothing_acknowledged() {
+    let _serial = serial();
+    let story = Story::new("a_rollback_followed_by_new_pushes_loses_nothing_acknowledged");
+    let world = World::new("rollback-reuse");
+    let (mut relay, a, b1, b2, id, doc) = letter_to_two_devices(&world);
+    let backup = world.path().join("relay-backup");
+    relay.kill();
+    copy_dir(&relay.data, &backup);
+    relay.start();
+
+    story.step("the clinic's edit is acknowledged and the hospital's first device pulls it");
+    a.edit(&id, "remarks", "採血結果を同封します(巻き戻しで失われる)");
+    a.sync_once();
+    assert_eq!(a.pending(), 0, "the relay acknowledged the clinic's edit");
+    b1.sync_once();
+    assert!(b1.show_text(&id).contains("巻き戻しで失われる"));
+    let acknowledged: Vec<_> = LyingRelay::of(&relay)
+        .bundles(doc)
+        .into_iter()
+        .map(|(_, e)| e.id())
+        .collect();
+
+    story.step("the relay goes back; the hospital's second device writes and syncs first");
+    relay.kill();
+    restore_dir(&backup, &relay.data, None);
+    relay.start();
+    b2.reply(&id, "承知しました(巻き戻し後の返書)");
+    b2.edit(&id, "treatment", "外来で経過観察(巻き戻し後)");
+    b2.sync_once();
+    for _ in 0..2 {
+        a.sync_once();
+        b1.sync_once();
+        b2.sync_once();
+    }
+
+    let at_relay: Vec<_> = LyingRelay::of(&relay)
+        .bundles(doc)
+        .into_iter()
+        .map(|(_, e)| e.id())
+        .collect();
+    let missing = acknowledged
+        .iter()
+        .filter(|b| !at_relay.contains(b))
+        .count();
+    assert_eq!(
+        missing, 0,
+        "the clinic offered its acknowledged bundles again"
+    );
+    for f in [&a, &b1, &b2] {
+        let text = f.show_text(&id);
+        assert!(
+            text.contains("巻き戻しで失われる") && text.contains("巻き戻し後の返書"),
+            "{} holds both sides' edits: {text}",
+            f.name
+        );
+    }
+    assert!(
+        !a.status()["relay_behind"].is_null(),
+        "the clinic says the relay went back in time"
+    );
+}
+
+/// The relay goes back to an older copy after a device was enrolled (the directory it signed then
+/// is newer than the copy). A lost laptop the operator revokes after the restore is still revoked
+/// at every device: the restored relay signs a directory with a version above every one it signed
+/// before (it counts from the clock), and a device merges what it saw earlier instead of
+/// forgetting it, so the clinic rotates the key away from the laptop.
+#[test]
+fn a_revocation_after_a_rollback_reaches_the_devices() {
+    let _serial = serial();
+    let story = Story::new("a_revocation_after_a_rollback_reaches_the_devices");
+    let world = World::new("rollback-revoke");
+    let (mut relay, a, b1, b2, _letter, doc) = letter_to_two_devices(&world);
+    let backup = world.path().join("relay-backup");
+    relay.kill();
+    copy_dir(&relay.data, &backup);
+    relay.start();
+
+    story.step("a third hospital device enrols; everyone syncs");
+    let b3 = world.enrolled_device(&relay, &b1, "hospital-b3");
+    for f in [&a, &b1, &b3] {
+        f.sync_once();
+    }
+    let pinned = a.engine().pins().expect("pins").version;
+
+    story.step("the relay goes back; the operator then revokes the hospital's second device");
+    relay.kill();
+    restore_dir(&backup, &relay.data, None);
+    relay.start();
+    relay.revoke(&b2.device_id().to_string());
+    for f in [&a, &b1, &a, &b1] {
+        f.sync_once();
+    }
+    let dir = a.engine().directory().expect("directory");
+    assert!(
+        a.engine().pins().expect("pins").version > pinned,
+        "the restored relay's directory is newer than the one pinned before"
+    );
+    assert!(!dir.is_current(&b2.device_id()), "the laptop is revoked");
+    assert!(
+        dir.is_current(&b3.device_id()),
+        "the device the restored relay forgot is still known to the clinic"
+    );
+    let lying = LyingRelay::of(&relay);
+    assert!(
+        lying.ops(doc).iter().any(|o| matches!(
+            &o.body,
+            DocOpBody::Exclude { devices } if devices.contains(&b2.device_id())
+        )),
+        "a member excluded the laptop from the letter"
+    );
+    let new_key: Vec<KeyGrant> = lying
+        .grants(doc)
+        .into_iter()
+        .filter(|g| g.epoch == Epoch(1))
+        .collect();
+    let named = |d: DeviceId| new_key.iter().any(|g| g.recipients.contains(&d));
+    assert!(
+        named(a.device_id()) && named(b1.device_id()) && !named(b2.device_id()),
+        "the new key is sealed to the members' devices and not to the laptop"
+    );
+    assert!(
+        named(b3.device_id()),
+        "the new key is sealed to the device the restored relay forgot (it reads once re-enrolled)"
+    );
+    let _ = b2.sync_once_result();
+    let held: BTreeSet<Epoch> = b2
+        .engine()
+        .keys(doc)
+        .expect("keys")
+        .keys()
+        .copied()
+        .collect();
+    assert!(
+        !held.contains(&Epoch(1)),
+        "the revoked laptop gets no key written after its revocation: {held:?}"
     );
 }
