@@ -270,6 +270,19 @@ pub struct ChainState {
 /// is signed by it; each later link follows the one before (sequence and hash) and is signed by a
 /// device current at that point. Stops at the first invalid link; what came before stays valid.
 pub fn verify_chain(cert: &FacilityCert, links: &[DeviceLink]) -> ChainState {
+    verify_chain_with(cert, links, &BTreeMap::new())
+}
+
+/// [`verify_chain`], where a device in `cut` signs no link at or past the position it names (a
+/// count of links): the chain length this device had verified when it first saw the relay
+/// operator revoke that device ([`Pins::revoked_at`]). A stolen laptop the operator revoked thus
+/// cannot add a device to its facility's chain after the revocation was seen, even though no link
+/// of the chain revokes it yet.
+pub fn verify_chain_with(
+    cert: &FacilityCert,
+    links: &[DeviceLink],
+    cut: &BTreeMap<DeviceId, u32>,
+) -> ChainState {
     let mut state = ChainState::default();
     let mut prev: Option<&DeviceLink> = None;
     for link in links.iter().take(FACILITY_LINKS_MAX) {
@@ -297,6 +310,16 @@ pub fn verify_chain(cert: &FacilityCert, links: &[DeviceLink]) -> ChainState {
         if !signer_ok {
             state.refused = Some(refuse(format!(
                 "it is signed by {}, which is not a current device of the facility",
+                link.signer
+            )));
+            break;
+        }
+        if cut
+            .get(&link.signer)
+            .is_some_and(|&n| u64::from(link.seq) > u64::from(n))
+        {
+            state.refused = Some(refuse(format!(
+                "it is signed by {}, which the relay operator revoked before this device saw the link",
                 link.signer
             )));
             break;
@@ -711,6 +734,12 @@ pub struct Pins {
     pub revoked_facilities: BTreeSet<FacilityId>,
     /// The highest directory version accepted.
     pub version: u64,
+    /// Per device the operator revoked: how many links of its facility's chain this device had
+    /// verified when it first saw the revocation. Links that device signs past that count are
+    /// refused ([`verify_chain_with`]). Devices first seen revoked in a facility not yet pinned
+    /// have no entry (the served chain is taken at first sight, as roots are).
+    #[serde(default)]
+    pub revoked_at: BTreeMap<DeviceId, u32>,
 }
 
 impl Pins {
@@ -823,6 +852,19 @@ impl DirectoryBody {
         }
         let mut next = pins.clone();
         next.version = next.version.max(body.version);
+        for d in &body.revoked_devices {
+            if next.revoked_devices.contains(d) || next.revoked_at.contains_key(d) {
+                continue;
+            }
+            let facility = body.facilities.iter().find(|f| {
+                f.links
+                    .iter()
+                    .any(|l| matches!(&l.change, DeviceChange::Add { device, .. } if device == d))
+            });
+            if let Some(&(n, _)) = facility.and_then(|f| next.chains.get(&f.cert.facility)) {
+                next.revoked_at.insert(*d, n);
+            }
+        }
         next.revoked_devices
             .extend(body.revoked_devices.iter().copied());
         next.revoked_facilities
@@ -854,7 +896,7 @@ impl DirectoryBody {
                 continue;
             }
             let pinned_root = *next.roots.entry(cert.facility).or_insert(cert.root);
-            let chain = verify_chain(cert, &rec.links);
+            let chain = verify_chain_with(cert, &rec.links, &next.revoked_at);
             let mut refused: Vec<String> = chain.refused.iter().cloned().collect();
             let trust = if pinned_root != cert.root {
                 Trust::RootChanged {
@@ -1204,6 +1246,47 @@ mod tests {
         let dir = dir.merged(&earlier, &next);
         assert!(!dir.is_current(&second.device_id()), "the revocation holds");
         assert!(dir.is_current(&root.device_id()));
+    }
+
+    #[test]
+    fn a_laptop_the_operator_revoked_adds_no_device_after_the_revocation_was_seen() {
+        let mut f = fixture();
+        let laptop = dev(5);
+        let root = f.root.clone();
+        f.add(&root, &laptop);
+        let (_, pins) = f.verify(&f.signed(2, vec![]), &Pins::default());
+
+        // The operator revokes the stolen laptop; the relay (or the operator, holding the laptop)
+        // serves, with that revocation, a link the laptop signed adding a device of its own.
+        let evil = dev(6);
+        f.add(&laptop, &evil);
+        let (dir, next) = f.verify(&f.signed(3, vec![laptop.device_id()]), &pins);
+        assert_eq!(next.revoked_at.get(&laptop.device_id()), Some(&2));
+        assert!(
+            !dir.is_current(&evil.device_id()),
+            "the thief's device is not enrolled"
+        );
+        assert!(!dir.is_current(&laptop.device_id()));
+        assert!(dir.is_current(&root.device_id()));
+        assert!(
+            dir.facilities[0]
+                .refused
+                .iter()
+                .any(|r| r.contains("relay operator revoked")),
+            "{:?}",
+            dir.facilities[0].refused
+        );
+
+        // Served later, after the revocation was seen, it is refused all the same.
+        let (dir, _) = f.verify(&f.signed(4, vec![laptop.device_id()]), &next);
+        assert!(!dir.is_current(&evil.device_id()));
+        // A link by a current device extends the chain as before.
+        let mut g = fixture();
+        g.add(&root, &laptop);
+        let fresh = dev(7);
+        g.add(&root, &fresh);
+        let (dir, _) = g.verify(&g.signed(5, vec![laptop.device_id()]), &next);
+        assert!(dir.is_current(&fresh.device_id()));
     }
 
     #[test]

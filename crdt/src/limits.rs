@@ -31,6 +31,17 @@ pub const DOCUMENT_MEMBERS_MAX: usize = 256;
 /// Most devices named in one key grant.
 pub const GRANT_RECIPIENTS_MAX: usize = 1024;
 
+/// Largest sealed key of a grant, in bytes, is this plus [`GRANT_SEALED_BYTES_PER_RECIPIENT`] per
+/// recipient: an age file (age-encryption.org/v1) of a 32-byte key has a 22-byte version line, a
+/// 48-byte MAC line, a 64-byte payload, about 98 bytes per X25519 stanza and one random "grease"
+/// stanza of up to a few hundred bytes (measured: 309 bytes for 1 recipient, 580 for 4, 100 662
+/// for 1024). A grant padded with more would only crowd the other grants out of a `KeyGrants`
+/// response.
+pub const GRANT_SEALED_BYTES_BASE: usize = 1024;
+
+/// See [`GRANT_SEALED_BYTES_BASE`].
+pub const GRANT_SEALED_BYTES_PER_RECIPIENT: usize = 128;
+
 /// Longest facility name, in bytes (UTF-8).
 pub const FACILITY_NAME_BYTES_MAX: usize = 200;
 

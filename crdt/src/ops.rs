@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, CryptoError, DeviceSecrets, DocumentKey};
 use crate::ids::{DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, Role};
-use crate::limits::{DOCUMENT_MEMBERS_MAX, GRANT_RECIPIENTS_MAX};
+use crate::limits::{
+    DOCUMENT_MEMBERS_MAX, GRANT_RECIPIENTS_MAX, GRANT_SEALED_BYTES_BASE,
+    GRANT_SEALED_BYTES_PER_RECIPIENT,
+};
 
 /// One member of a document: a facility and its role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -307,13 +310,23 @@ impl KeyGrant {
         ))
     }
 
-    /// Checks the signature and the recipient limit.
+    /// Checks the signature, the recipient limit and the size of the sealed key
+    /// ([`GRANT_SEALED_BYTES_BASE`] plus [`GRANT_SEALED_BYTES_PER_RECIPIENT`] per recipient).
     pub fn verify(&self) -> Result<(), OpError> {
         if self.recipients.len() > GRANT_RECIPIENTS_MAX {
             return Err(OpError::TooMany {
                 what: "recipients",
                 n: self.recipients.len(),
                 max: GRANT_RECIPIENTS_MAX,
+            });
+        }
+        let sealed_max =
+            GRANT_SEALED_BYTES_BASE + GRANT_SEALED_BYTES_PER_RECIPIENT * self.recipients.len();
+        if self.sealed.len() > sealed_max {
+            return Err(OpError::TooMany {
+                what: "sealed bytes",
+                n: self.sealed.len(),
+                max: sealed_max,
             });
         }
         crypto::verify(
@@ -366,6 +379,39 @@ mod tests {
         let mut forged = g.clone();
         forged.recipients.push(c.device_id());
         assert!(forged.verify().is_err());
+    }
+
+    #[test]
+    fn a_grant_padded_past_what_its_recipients_need_is_refused() {
+        let owner = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let key = DocumentKey::from_seed([7; 32]);
+        let f = FacilityId::from_random_bytes([1; 16]);
+        let d = DocumentId::from_random_bytes([2; 16]);
+        // A real grant to one device and to the most devices fits its bound.
+        for n in [1, 2, 3, 4, GRANT_RECIPIENTS_MAX] {
+            let rs: Vec<_> = (0..n)
+                .map(|i| {
+                    let mut seed = [0u8; 32];
+                    seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                    let s = DeviceSecrets::from_seeds(seed, seed);
+                    (s.device_id(), s.public().age_recipient)
+                })
+                .collect();
+            let g = KeyGrant::seal(&owner, f, d, Epoch(0), &key, &rs).expect("seal");
+            g.verify().expect("a real grant verifies");
+        }
+        // A member pads one grant with megabytes (signed, so the signature holds).
+        let me = [(owner.device_id(), owner.public().age_recipient)];
+        let mut padded = KeyGrant::seal(&owner, f, d, Epoch(0), &key, &me).expect("seal");
+        padded.sealed.extend(std::iter::repeat_n(0u8, 9 << 20));
+        padded.signature = owner.sign(crypto::domain::KEY_GRANT, &padded.signed_bytes());
+        assert!(matches!(
+            padded.verify(),
+            Err(OpError::TooMany {
+                what: "sealed bytes",
+                ..
+            })
+        ));
     }
 
     #[test]

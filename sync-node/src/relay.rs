@@ -761,21 +761,40 @@ impl Relay {
         if let Err(r) = member_view(conn, caller, doc)? {
             return answer(r);
         }
-        let mut st =
-            conn.prepare("SELECT encoded FROM grants WHERE doc = ?1 ORDER BY received_at, rowid")?;
+        // The grants that name the caller come first, then the rest (which tell a device which
+        // devices hold a key already), each newest epoch first: whatever other members pushed,
+        // the caller's own key of the current epoch is never left out of the frame.
+        let mut st = conn.prepare(
+            "SELECT encoded FROM grants WHERE doc = ?1 ORDER BY epoch DESC, received_at, rowid",
+        )?;
         let mut rows = st.query([doc.to_string()])?;
-        let mut grants = Vec::new();
-        let mut total = 0usize;
+        let (mut mine, mut others) = (Vec::new(), Vec::new());
         while let Some(row) = rows.next()? {
             let encoded: Vec<u8> = row.get(0)?;
-            if total + encoded.len() > KEY_GRANTS_RESPONSE_BYTES_MAX {
-                warn!(%doc, grants = grants.len(), "key grants exceed one frame; the newest are left out");
-                break;
+            let grant = uncbor::<KeyGrant>(&encoded, "stored key grant")?;
+            if grant.recipients.contains(&caller.device) {
+                mine.push((encoded.len(), grant));
+            } else {
+                others.push((encoded.len(), grant));
             }
-            total += encoded.len();
-            grants.push(uncbor::<KeyGrant>(&encoded, "stored key grant")?);
         }
         drop(rows);
+        let mut grants = Vec::new();
+        let mut total = 0usize;
+        let mut left_out = 0usize;
+        for (len, grant) in mine.into_iter().chain(others) {
+            if total + len > KEY_GRANTS_RESPONSE_BYTES_MAX {
+                left_out += 1;
+                continue;
+            }
+            total += len;
+            grants.push(grant);
+        }
+        if left_out > 0 {
+            warn!(%doc, grants = grants.len(), left_out, "key grants exceed one frame; older ones of other devices are left out");
+        }
+        // Oldest first, as devices apply them.
+        grants.sort_by_key(|g| g.epoch);
         answer(Response::KeyGrants { doc, grants })
     }
 

@@ -3035,3 +3035,102 @@ mod network {
         );
     }
 }
+
+/// A member (here the HQ, a reader) pushes grants as large as the rules let it: each names the
+/// most recipients (devices nobody enrolled) and pads its sealed key to the bound, until they fill
+/// more than one `KeyGrants` frame. The key the clinic later grants the hospital for a new epoch
+/// still reaches the hospital: grants naming the caller come first, newest epoch first.
+#[test]
+fn a_member_cannot_crowd_a_devices_new_key_out_of_its_grants() {
+    use musubi_crdt::limits::{
+        FRAME_BYTES_MAX, GRANT_RECIPIENTS_MAX, GRANT_SEALED_BYTES_BASE,
+        GRANT_SEALED_BYTES_PER_RECIPIENT,
+    };
+    let Referral {
+        mut w,
+        a1,
+        b1,
+        hq,
+        doc,
+        create,
+        ..
+    } = referral();
+    let nobody: Vec<DeviceId> = (0..GRANT_RECIPIENTS_MAX as u32)
+        .map(|i| {
+            let mut seed = [0u8; 32];
+            seed[..4].copy_from_slice(&i.to_le_bytes());
+            DeviceSecrets::from_seeds(seed, seed).device_id()
+        })
+        .collect();
+    let sealed_max =
+        GRANT_SEALED_BYTES_BASE + GRANT_SEALED_BYTES_PER_RECIPIENT * GRANT_RECIPIENTS_MAX;
+    let mut pushed = 0usize;
+    let mut n = 0u32;
+    while pushed < FRAME_BYTES_MAX + FRAME_BYTES_MAX / 4 {
+        let batch: Vec<PushItem> = (0..24)
+            .map(|_| {
+                n += 1;
+                let mut g =
+                    KeyGrant::seal(&hq, hq.facility, doc, Epoch(0), &key(0), &[recipient(&hq)])
+                        .expect("grant");
+                g.recipients = nobody.clone();
+                g.sealed.resize(sealed_max, 0);
+                g.sealed[..4].copy_from_slice(&n.to_le_bytes());
+                g.signature = hq.sign(crypto::domain::KEY_GRANT, &g.signed_bytes());
+                pushed += g.sealed.len() + 32 * nobody.len();
+                grant(g)
+            })
+            .collect();
+        let (results, _) = w.push(&hq, batch);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, PushResult::Accepted { .. })),
+            "{:?}",
+            results.first()
+        );
+    }
+
+    // A laptop of the hospital is lost: the clinic rotates and grants the new key.
+    let next = after(&a1, &create, rotate(1));
+    assert_eq!(
+        w.push_one(&a1, op(next)),
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
+    );
+    let g1 = KeyGrant::seal(
+        &a1,
+        a1.facility,
+        doc,
+        Epoch(1),
+        &key(1),
+        &[recipient(&a1), recipient(&b1)],
+    )
+    .expect("grant");
+    assert_eq!(
+        w.push_one(&a1, grant(g1.clone())),
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
+    );
+    let Response::KeyGrants { grants, .. } = w.ask(&b1, Request::GetKeyGrants { doc }).0 else {
+        panic!("grants")
+    };
+    assert!(
+        grants.len() < n as usize,
+        "the padded grants fill more than a frame ({} of {n} served)",
+        grants.len()
+    );
+    assert!(grants.contains(&g1), "the hospital's new key is served");
+    assert_eq!(
+        grants
+            .iter()
+            .find(|g| g.epoch == Epoch(1))
+            .and_then(|g| g.open(&b1).ok())
+            .map(|k| k.commitment()),
+        Some(key(1).commitment())
+    );
+}

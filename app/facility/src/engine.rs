@@ -1033,10 +1033,39 @@ impl Engine {
             tracing::warn!(%doc, position = replay.valid, "the document's confirmed operations do not replay with the current directory; the chain is kept as it is");
             return Ok(OpsApplied::kept(relay_ops));
         }
-        let Some(relay_view) = replay.view else {
+        let Some(mut relay_view) = replay.view else {
             return Ok(OpsApplied::kept(0));
         };
         relay_chain.truncate(replay.valid);
+        // Operations at the end of the chain signed by devices that are no longer current, which
+        // no current device has followed yet, wait until one does. A device with no mark for the
+        // revocation (it learned of it before it knew the document) cannot tell whether they were
+        // signed before or after it, and a relay holding a stolen laptop's keys could cut the
+        // chain before the `Exclude` and serve the laptop's key after it. A current device that
+        // follows them (one that knew the document before the revocation refuses what the laptop
+        // signed after it) vouches for them. What this device confirmed before stays.
+        let vouched = relay_chain
+            .iter()
+            .rposition(|op| devices.device_status(&op.author).current().is_some())
+            .map_or(0, |p| p + 1)
+            .max(held_confirmed.min(relay_chain.len()));
+        let held_tail = relay_chain.len() - vouched;
+        self.store
+            .set_meta_cbor(&format!("held_tail:{doc}"), &(held_tail as u32))?;
+        if held_tail > 0 {
+            tracing::warn!(%doc, waiting = held_tail, "operations by devices no longer current end the chain; they wait until a current device follows them");
+            self.store.set_meta_cbor(
+                &format!("doc_warning:{doc}"),
+                &format!(
+                    "{held_tail} operation(s) at the end of the chain are signed by a revoked device and no current device has followed them yet; they wait"
+                ),
+            )?;
+            relay_chain.truncate(vouched);
+            match membership::replay(&relay_chain, &devices, Point::Pulled).view {
+                Some(v) => relay_view = v,
+                None => return Ok(OpsApplied::kept(0)),
+            }
+        }
         let confirmed = relay_chain.len() as u32;
         if chain.is_empty() && relay_view.role_of(me).is_none() {
             // The relay lists a document whose signed operations do not name this facility.
@@ -1385,6 +1414,31 @@ impl Engine {
         Ok(queued)
     }
 
+    /// Called after the relay served `doc`'s key grants, at `now_ms` (milliseconds since the Unix
+    /// epoch): when the document's current epoch was started by an operation the relay confirmed
+    /// and none of the grants served gives this device its key, the epoch is noted as orphaned,
+    /// with the time it was first seen so (a writer rotated to a key it granted nobody, or its
+    /// grants are late). Once it has stayed so for [`ORPHANED_EPOCH_GRACE_MS`],
+    /// [`Engine::maintain`] lets a writer start the next epoch, so one member cannot freeze a
+    /// document's writes, and a rotation whose grants are a moment late causes no second one.
+    pub fn note_grants_fetched(&mut self, doc: DocumentId, now_ms: u64) -> Result<()> {
+        let Some(row) = self.store.document(doc)? else {
+            return Ok(());
+        };
+        let key = format!("orphaned_epoch:{doc}");
+        let orphaned = row.info.epoch > Epoch(0)
+            && row.relay_ops >= row.info.ops
+            && !self.keys(doc)?.contains_key(&row.info.epoch);
+        let before = self.store.meta_cbor::<Option<(u32, u64)>>(&key)?.flatten();
+        let next = match before {
+            _ if !orphaned => None,
+            Some((e, since)) if e == row.info.epoch.0 => Some((e, since)),
+            _ => Some((row.info.epoch.0, now_ms)),
+        };
+        self.store.set_meta_cbor(&key, &next)?;
+        Ok(())
+    }
+
     fn maintain_document(
         &mut self,
         mut info: Membership,
@@ -1402,7 +1456,25 @@ impl Engine {
         let mut queued = 0;
         let grants = self.store.grants(info.id)?;
         let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
-        if rotate && my_role.can_write() && held_epoch == info.epoch {
+        // The current epoch's key reached no device here after the relay served every grant it
+        // holds (see `note_grants_fetched`): a writer starts the next epoch.
+        let orphaned = my_role.can_write()
+            && held_epoch < info.epoch
+            && self
+                .store
+                .meta_cbor::<Option<(u32, u64)>>(&format!("orphaned_epoch:{}", info.id))?
+                .flatten()
+                .is_some_and(|(e, since)| {
+                    e == info.epoch.0 && now_ms().saturating_sub(since) >= ORPHANED_EPOCH_GRACE_MS
+                });
+        // While operations of a revoked device end the relay's chain unvouched, an operation of
+        // this device could only follow a chain the relay does not have: a current device that
+        // knew the document before the revocation excludes that device first.
+        let tail_held = self
+            .store
+            .meta_cbor::<u32>(&format!("held_tail:{}", info.id))?
+            .is_some_and(|n| n > 0);
+        if rotate && !tail_held && my_role.can_write() && (held_epoch == info.epoch || orphaned) {
             let current_recipients: BTreeSet<DeviceId> = grants
                 .iter()
                 .filter(|g| g.epoch == held_epoch)
@@ -1437,8 +1509,11 @@ impl Engine {
                     }
                 }
             }
-            if !gone.is_empty() {
-                let epoch = Epoch(held_epoch.0 + 1);
+            if !gone.is_empty() || orphaned {
+                if orphaned {
+                    tracing::warn!(doc = %info.id, epoch = %info.epoch, "no device here got the current epoch's key from the relay; starting the next epoch");
+                }
+                let epoch = Epoch(info.epoch.0 + 1);
                 let key = DocumentKey::from_seed(random());
                 let secrets = self.secrets.clone();
                 // The grants are sealed before anything is stored, and stored with the operation.
@@ -1472,10 +1547,18 @@ impl Engine {
         let should = member_devices(dir, &info);
         let grants = self.store.grants(info.id)?;
         for (epoch, ks) in &keys {
+            // A device counts as holding the key when a grant of this facility or of its own
+            // facility names it: another member could name it in a grant whose sealed key is
+            // garbage (it cannot be checked without the device's secret), and it would never get
+            // the real one.
             let covered: BTreeSet<DeviceId> = grants
                 .iter()
                 .filter(|g| g.epoch == *epoch)
-                .flat_map(|g| g.recipients.iter().copied())
+                .flat_map(|g| {
+                    g.recipients.iter().copied().filter(move |d| {
+                        g.facility == me || dir.device(d).is_some_and(|(f, _)| f.id == g.facility)
+                    })
+                })
                 .collect();
             let missing: Vec<(DeviceId, String)> = should
                 .iter()
@@ -1556,6 +1639,11 @@ impl Engine {
         Ok(queued)
     }
 }
+
+/// How long, in milliseconds, a document's current epoch must have had no key for this device
+/// after the relay served every grant it holds before a writer here starts the next epoch (10
+/// minutes: a rotation's grants normally arrive with it, or at the rotating device's next sync).
+pub const ORPHANED_EPOCH_GRACE_MS: u64 = 10 * 60 * 1000;
 
 /// What [`Engine::apply_relay_ops`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1772,14 +1860,24 @@ impl Engine {
     }
 
     /// The relay refused, for good, a bundle this device took from a LAN peer or a file and never
-    /// got a sequence number for (its author was revoked, or its facility is no longer a writer):
-    /// it is taken out of this device's copy, and not taken again, so this device ends with what
-    /// every other member has.
-    pub fn drop_refused_bundle(&mut self, envelope: &Envelope) -> Result<()> {
+    /// got a sequence number for. When this device's own admission rule refuses it too, as the
+    /// relay would (its author was revoked, its facility is no longer a writer, its epoch was
+    /// superseded), it is taken out of this device's copy and not taken again, so this device ends
+    /// with what every other member has. Otherwise it is kept, and still travels by LAN and file:
+    /// a relay's word alone never deletes data. Returns whether it was taken out.
+    pub fn drop_refused_bundle(&mut self, envelope: &Envelope) -> Result<bool> {
+        let dir = self.directory()?;
+        let row = self.store.document(envelope.doc)?;
+        if let Some(row) = &row
+            && membership::admit_bundle(envelope, &row.info, &dir, Point::Relay).is_ok()
+        {
+            tracing::warn!(doc = %envelope.doc, bundle = %envelope.id(), author = %envelope.author, "the relay refused a bundle this device's rules admit; keeping it");
+            return Ok(false);
+        }
         self.store.supersede_bundle(&envelope.id(), envelope.doc)?;
         self.store.drop_snapshot(envelope.doc)?;
         tracing::info!(doc = %envelope.doc, bundle = %envelope.id(), author = %envelope.author, "took out a bundle the relay refused for good");
-        Ok(())
+        Ok(true)
     }
 
     /// Everything this device holds of a document, as push items (its operation chain in order,

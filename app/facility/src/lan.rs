@@ -33,9 +33,10 @@ use crate::store::Origin;
 /// How often connected LAN peers are offered every shared document.
 pub const LAN_ROUND_INTERVAL: Duration = Duration::from_secs(2);
 
+/// A device found on the LAN. Its facility is asked of the directory each time, never cached:
+/// a device revoked while connected gets nothing more.
 #[derive(Debug)]
 struct LanPeer {
-    facility: FacilityId,
     connected: bool,
 }
 
@@ -118,13 +119,13 @@ impl Lan {
         peer: PeerId,
         addr: Multiaddr,
     ) {
-        let Some(facility) = peer_facility(engine, &peer) else {
+        if peer_facility(engine, &peer).is_none() {
             return;
-        };
-        let known = self.peers.entry(peer).or_insert(LanPeer {
-            facility,
-            connected: false,
-        });
+        }
+        let known = self
+            .peers
+            .entry(peer)
+            .or_insert(LanPeer { connected: false });
         if !known.connected {
             let _ = swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
         }
@@ -137,16 +138,10 @@ impl Lan {
         swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
     ) -> bool {
-        let Some(facility) = peer_facility(engine, &peer) else {
+        if peer_facility(engine, &peer).is_none() {
             return false;
-        };
-        self.peers.insert(
-            peer,
-            LanPeer {
-                facility,
-                connected: true,
-            },
-        );
+        }
+        self.peers.insert(peer, LanPeer { connected: true });
         tracing::info!(%peer, "LAN peer connected");
         self.offer_all(engine, swarm, Some(peer));
         true
@@ -181,11 +176,13 @@ impl Lan {
     }
 
     fn offer_all(&mut self, engine: &Engine, swarm: &mut Swarm<Behaviour>, only: Option<PeerId>) {
+        // Who the peer is, asked of the directory now: a device revoked since it connected (this
+        // device learned it from the relay or a file meanwhile) is offered nothing more.
         let peers: Vec<(PeerId, FacilityId)> = self
             .peers
             .iter()
             .filter(|(p, s)| s.connected && only.is_none_or(|o| o == **p))
-            .map(|(p, s)| (*p, s.facility))
+            .filter_map(|(p, _)| peer_facility(engine, p).map(|f| (*p, f)))
             .collect();
         for (peer, facility) in peers {
             let Ok(docs) = shared_docs(engine, facility) else {
@@ -439,6 +436,10 @@ impl Lan {
         if d != doc {
             return Ok(None);
         }
+        let Some(facility) = peer_facility(engine, peer) else {
+            tracing::info!(%peer, "a LAN peer is no longer a current device; nothing more is sent to it");
+            return Ok(None);
+        };
         let mut all: Vec<PushItem> = ops.into_iter().map(|op| PushItem::Op { op }).collect();
         all.extend(grants.into_iter().map(|grant| PushItem::Grant { grant }));
         all.extend(
@@ -451,7 +452,7 @@ impl Lan {
         for r in &report.refused {
             tracing::warn!(%peer, "LAN item refused: {r}");
         }
-        if want.is_empty() {
+        if want.is_empty() || !shared_docs(engine, facility)?.contains(&doc) {
             return Ok(None);
         }
         let want: BTreeSet<BundleId> = want.into_iter().collect();

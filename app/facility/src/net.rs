@@ -734,6 +734,7 @@ pub fn apply_event(
             if let Some(epoch) = engine.keys(doc)?.keys().next_back() {
                 session.handle_key(doc, *epoch);
             }
+            engine.note_grants_fetched(doc, crate::engine::now_ms())?;
             changed = true;
             services::after_sync(engine, doc)?;
             Applied::Continue
@@ -874,9 +875,10 @@ pub fn apply_event(
                     if pushed.as_ref().and_then(item_author) != Some(engine.device_id()) =>
                 {
                     // Another device's item this device forwarded (from a LAN peer or a file): the
-                    // relay's refusal is its author's concern, not this device's; it is dropped.
-                    // A refused bundle is also taken out of this device's copy, so it ends with what
-                    // every other member has.
+                    // relay's refusal is its author's concern, not this device's; it leaves the
+                    // outbox. A refused bundle is also taken out of this device's copy when this
+                    // device's own rules refuse it too, so it ends with what every other member
+                    // has; a relay's word alone deletes nothing.
                     tracing::info!(
                         ?code,
                         "the relay refused an item this device forwarded: {message}"

@@ -702,6 +702,30 @@ fn a_revoked_laptop_reads_nothing_new_by_any_route() {
     }
     b.stop_watch();
 
+    story.step("route 4, the operator holds the laptop: it signs a link adding a device of its own to the clinic's chain");
+    let evil = random_secrets();
+    lying.add_device(facility_id(&a), &evil, &thief);
+    a.sync_once();
+    b.sync_once();
+    for f in [&a, &b] {
+        let dir = f.engine().directory().expect("directory");
+        assert!(
+            !dir.is_current(&evil.device_id()),
+            "{} takes no device the revoked laptop added",
+            f.name
+        );
+    }
+    let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
+    let _evil_client = RawClient::connect(evil.clone(), &addr).expect("the lying relay lets it in");
+    assert!(
+        keys_for(&lying, doc, &evil).is_empty()
+            && lying
+                .grants(doc)
+                .iter()
+                .all(|g| !g.recipients.contains(&evil.device_id())),
+        "no member sealed a key to the thief's device"
+    );
+
     story.step("a reception PC offline since before the revocation takes the hospital's file, and with it the revocation");
     reception.run_ok("bundle import", &[&file.display().to_string()]);
     assert!(

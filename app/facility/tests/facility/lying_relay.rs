@@ -19,7 +19,7 @@ use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member};
 use musubi_crdt::protocol::PushItem;
 use musubi_crdt::sync::{Event, Known, Session, SessionConfig};
 use musubi_facility::Engine;
-use musubi_facility::engine::now_ms;
+use musubi_facility::engine::{ORPHANED_EPOCH_GRACE_MS, now_ms};
 use musubi_facility::net::{self, SyncReport};
 use musubi_facility::offline::OfflineDeployment;
 use musubi_facility::store::Origin;
@@ -607,4 +607,358 @@ fn a_non_member_cannot_fill_a_disk_with_operations_that_never_chain() {
     let sealed = queued_bundles(&w.b, after);
     assert_eq!(sealed.len(), 1);
     assert_eq!(sealed[0].epoch, Epoch(0));
+}
+
+/// A member (a clinic added as reader) names the clinic owner's new device in a grant whose
+/// sealed key is garbage under the real commitment: nobody but that device can tell. The owner
+/// still seals the real key to its new device, because only a grant of its own facility, or of the
+/// recipient's facility, counts as the device holding the key.
+#[test]
+fn a_member_cannot_cover_up_a_new_device_with_a_grant_that_does_not_open() {
+    let mut w = world();
+    let doc = w.doc;
+    w.a1.share(doc, "山手クリニック", Some(Role::Reader))
+        .expect("share with the clinic");
+    let chain = w.a1.store().ops(doc).expect("ops");
+    w.a1.confirm_op(chain.last().expect("the share"))
+        .expect("confirm");
+    let a3 = engine(w._tmp.path(), "a3");
+    w.dep.add_device(w.fa, &w.a1, &a3);
+    w.dep.enrol(&a3, w.fa).expect("enrol the new device");
+    assert!(w.dep.refresh(&w.a1).expect("refresh"));
+
+    let commitment =
+        w.a1.document_info(&doc.to_string())
+            .expect("info")
+            .commitment(Epoch(0))
+            .expect("epoch 0");
+    let x = w.x.secrets();
+    let mut garbage = KeyGrant::seal(
+        x,
+        w.fx,
+        doc,
+        Epoch(0),
+        &DocumentKey::from_seed([66; 32]),
+        &[age_recipient(&a3)],
+    )
+    .expect("seal");
+    garbage.key_commitment = commitment;
+    garbage.signature = x.sign(
+        musubi_crdt::crypto::domain::KEY_GRANT,
+        &garbage.signed_bytes(),
+    );
+    serve_grants(&mut w.a1, doc, vec![garbage.clone()]);
+    assert!(
+        w.a1.store().grants(doc).expect("grants").contains(&garbage),
+        "the grant is admitted: it is signed by a member and matches the commitment"
+    );
+
+    w.a1.maintain().expect("maintain");
+    let real: Vec<KeyGrant> =
+        w.a1.store()
+            .grants(doc)
+            .expect("grants")
+            .into_iter()
+            .filter(|g| g.author == w.a1.device_id() && g.recipients.contains(&a3.device_id()))
+            .collect();
+    assert_eq!(real.len(), 1, "the owner seals the key to its new device");
+    assert_eq!(
+        real[0].open(a3.secrets()).expect("opens").commitment(),
+        commitment
+    );
+    assert!(garbage.open(a3.secrets()).is_err());
+}
+
+/// The hospital carries the clinic laptop's edit from a USB stick and forwards it; a lying relay
+/// refuses it as forbidden. The hospital keeps it (its own rules admit it) and still hands it on
+/// by file; once the laptop is revoked and the relay refuses again, the hospital's own rules agree
+/// and it takes the bundle out.
+#[test]
+fn a_relay_cannot_make_a_device_delete_a_bundle_it_carried() {
+    use musubi_crdt::protocol::{ErrorCode, PushResult};
+    use musubi_crdt::sync::OutboxId;
+    let mut w = world();
+    let doc = w.doc;
+    edit(&mut w.a2, doc, "第1表: 訪問時の聞き取り(USBで運ぶ)");
+    let items = w.a2.export_items(doc).expect("export");
+    let report =
+        w.b.import_items(items, Origin::File, true)
+            .expect("import the stick");
+    assert!(report.new >= 1, "{report:?}");
+    let carried = |e: &Engine| {
+        e.store()
+            .pending(0)
+            .expect("outbox")
+            .into_iter()
+            .find_map(|r| match r.item {
+                PushItem::Bundle { envelope } if envelope.author == w.a2.device_id() => {
+                    Some((r.id, envelope))
+                }
+                _ => None,
+            })
+    };
+    let (row, envelope) = carried(&w.b).expect("the laptop's bundle is queued for the relay");
+    serve(
+        &mut w.b,
+        Event::Pushed {
+            item: OutboxId(row),
+            result: PushResult::Rejected {
+                code: ErrorCode::Forbidden,
+                message: "refused by a lying relay".into(),
+            },
+        },
+    );
+    assert!(
+        w.b.store()
+            .bundle(&envelope.id())
+            .expect("bundle")
+            .is_some(),
+        "the hospital keeps the bundle"
+    );
+    let exported = w.b.export_items(doc).expect("export");
+    assert!(
+        exported
+            .iter()
+            .any(|i| matches!(i, PushItem::Bundle { envelope: e } if e.id() == envelope.id())),
+        "and hands it on by file"
+    );
+
+    // The laptop is revoked; the hospital learns it and sees the same bundle refused again.
+    w.dep.revoke(w.a2.device_id());
+    assert!(w.dep.refresh(&w.b).expect("refresh"));
+    let row =
+        w.b.store_mut()
+            .queue(&PushItem::Bundle {
+                envelope: envelope.clone(),
+            })
+            .expect("queue again");
+    serve(
+        &mut w.b,
+        Event::Pushed {
+            item: OutboxId(row),
+            result: PushResult::Rejected {
+                code: ErrorCode::Revoked,
+                message: "the author is revoked".into(),
+            },
+        },
+    );
+    assert!(
+        w.b.store()
+            .bundle(&envelope.id())
+            .expect("bundle")
+            .is_none(),
+        "the hospital's own rules refuse it now, so it is taken out"
+    );
+}
+
+/// A LAN exchange with the clinic's laptop is under way when the hospital learns (from the relay
+/// or a file) that the laptop was revoked: the laptop's answer asks for the hospital's bundles,
+/// and the hospital sends none; while the laptop was current, the same answer got them.
+#[test]
+fn a_laptop_revoked_during_a_lan_exchange_gets_nothing_more() {
+    use musubi_crdt::protocol::Response;
+    use musubi_facility::lan::Lan;
+    let mut w = world();
+    let doc = w.doc;
+    edit(&mut w.b, doc, "第1表: 病院側の追記");
+    let want: Vec<_> =
+        w.b.store()
+            .bundles(doc)
+            .expect("bundles")
+            .iter()
+            .map(|b| b.envelope.id())
+            .collect();
+    let laptop = w.a2.device_id().0;
+    let answer = || Response::Exchange {
+        doc,
+        items: vec![],
+        more: false,
+        want: want.clone(),
+        ops: vec![],
+        grants: vec![],
+    };
+    let before = Lan::take_exchange(&mut w.b, &laptop, doc, answer()).expect("exchange");
+    assert!(
+        before.is_some(),
+        "while current, the laptop gets the bundles it asks for"
+    );
+    w.dep.revoke(w.a2.device_id());
+    assert!(w.dep.refresh(&w.b).expect("refresh"));
+    let after = Lan::take_exchange(&mut w.b, &laptop, doc, answer()).expect("exchange");
+    assert!(
+        after.is_none(),
+        "after the revocation it gets nothing: {after:?}"
+    );
+}
+
+/// The hospital (a writer) rotates the care plan to a key it grants to nobody. Every other
+/// device then has no key for the current epoch, and the relay refuses bundles in the old one:
+/// the document's writes would be frozen for good. Once the relay has served every grant it holds
+/// and none opens, the clinic starts the next epoch itself and grants it to every member device.
+#[test]
+fn a_writer_cannot_freeze_a_document_with_a_key_it_grants_to_nobody() {
+    let mut w = world();
+    let doc = w.doc;
+    let head =
+        w.a1.store()
+            .ops(doc)
+            .expect("ops")
+            .last()
+            .expect("create")
+            .hash();
+    let fb = w.b.enrolment().expect("enrolment").facility;
+    let hidden = DocumentKey::from_seed([77; 32]);
+    let freeze = DocOp::sign(
+        w.b.secrets(),
+        fb,
+        doc,
+        now_ms(),
+        Some(head),
+        DocOpBody::NewEpoch {
+            epoch: Epoch(1),
+            key_commitment: hidden.commitment(),
+        },
+    )
+    .expect("sign");
+    serve_ops(&mut w.a1, doc, 1, vec![freeze]);
+    assert_eq!(
+        w.a1.document_info(&doc.to_string()).expect("info").epoch,
+        Epoch(1)
+    );
+    serve_grants(&mut w.a1, doc, vec![]);
+    // A rotation's grants may be a moment late: nothing happens yet.
+    w.a1.maintain().expect("maintain");
+    assert_eq!(
+        w.a1.document_info(&doc.to_string()).expect("info").epoch,
+        Epoch(1),
+        "no second rotation while the grants may still come"
+    );
+    // The relay served every grant again, and the epoch has had no key here for longer than the
+    // grace (the first sighting is put back in time).
+    w.a1.store()
+        .set_meta_cbor(&format!("orphaned_epoch:{doc}"), &None::<(u32, u64)>)
+        .expect("meta");
+    w.a1.note_grants_fetched(doc, now_ms() - ORPHANED_EPOCH_GRACE_MS - 1)
+        .expect("note");
+
+    let after = last_outbox(&w.a1);
+    w.a1.maintain().expect("maintain");
+    let info = w.a1.document_info(&doc.to_string()).expect("info");
+    assert_eq!(info.epoch, Epoch(2), "the clinic started the next epoch");
+    let keys = w.a1.keys(doc).expect("keys");
+    assert!(keys.contains_key(&Epoch(2)));
+    let to_b: Vec<KeyGrant> =
+        w.a1.store()
+            .grants(doc)
+            .expect("grants")
+            .into_iter()
+            .filter(|g| g.epoch == Epoch(2) && g.recipients.contains(&w.b.device_id()))
+            .collect();
+    assert_eq!(to_b.len(), 1, "the hospital gets the new key too");
+    edit(&mut w.a1, doc, "第1表: 凍結後の追記");
+    let sealed = queued_bundles(&w.a1, after);
+    assert!(
+        sealed.iter().any(|e| e.epoch == Epoch(2)),
+        "the clinic's edit is sealed in the new epoch: {:?}",
+        sealed.iter().map(|e| e.epoch).collect::<Vec<_>>()
+    );
+}
+
+/// The hospital enrols a second device after the clinic's laptop was revoked: it learns of the
+/// revocation before it knows the care plan, so it has no mark of where in the plan's chain the
+/// revocation fell. A relay holding the laptop's keys serves it the chain cut before the clinic's
+/// `Exclude`, then a `NewEpoch` the laptop signs with a key of the thief's and a grant of that key.
+/// The new device does not take the epoch (no current device followed it) and keeps sealing to the
+/// key the clinic granted it. The laptop's operation from before its revocation, followed by the
+/// clinic's `Exclude`, is history and is taken.
+#[test]
+fn a_device_new_to_a_document_does_not_take_a_revoked_laptops_key() {
+    let mut w = world();
+    let doc = w.doc;
+    let create = w.a1.store().ops(doc).expect("ops")[0].clone();
+    let fb = w.b.enrolment().expect("enrolment").facility;
+    w.dep.revoke(w.a2.device_id());
+    let b2 = engine(w._tmp.path(), "b2");
+    w.dep.add_device(fb, &w.b, &b2);
+    w.dep
+        .enrol(&b2, fb)
+        .expect("enrol the hospital's new device");
+    let mut b2 = b2;
+    assert!(w.dep.refresh(&w.a1).expect("refresh"));
+    // The clinic grants the epoch-0 key to the hospital's new device (it is missing).
+    w.a1.maintain().expect("maintain");
+    let honest: Vec<KeyGrant> =
+        w.a1.store()
+            .grants(doc)
+            .expect("grants")
+            .into_iter()
+            .filter(|g| g.epoch == Epoch(0) && g.recipients.contains(&b2.device_id()))
+            .collect();
+    assert_eq!(
+        honest.len(),
+        1,
+        "the clinic sealed epoch 0 to the new device"
+    );
+
+    let thief = w.a2.secrets().clone();
+    let stolen = DocumentKey::from_seed([88; 32]);
+    let rotate = DocOp::sign(
+        &thief,
+        w.fa,
+        doc,
+        now_ms(),
+        Some(create.hash()),
+        DocOpBody::NewEpoch {
+            epoch: Epoch(1),
+            key_commitment: stolen.commitment(),
+        },
+    )
+    .expect("sign");
+    let planted =
+        KeyGrant::seal(&thief, w.fa, doc, Epoch(1), &stolen, &[age_recipient(&b2)]).expect("seal");
+    serve_ops(&mut b2, doc, 0, vec![create.clone(), rotate.clone()]);
+    let mut grants = honest.clone();
+    grants.push(planted);
+    serve_grants(&mut b2, doc, grants);
+    let info = b2
+        .document_info(&doc.to_string())
+        .expect("the plan is known");
+    assert_eq!(info.epoch, Epoch(0), "the laptop's epoch is not taken");
+    assert!(!b2.keys(doc).expect("keys").contains_key(&Epoch(1)));
+    let after = last_outbox(&b2);
+    b2.maintain().expect("maintain");
+    edit(&mut b2, doc, "第1表: 病院の新しい端末から");
+    let sealed = queued_bundles(&b2, after);
+    assert!(
+        !sealed.is_empty() && sealed.iter().all(|e| e.epoch == Epoch(0)),
+        "sealed to the clinic's key, never the thief's: {:?}",
+        sealed.iter().map(|e| e.epoch).collect::<Vec<_>>()
+    );
+    assert!(
+        b2.store()
+            .meta_cbor::<String>(&format!("doc_warning:{doc}"))
+            .expect("meta")
+            .is_some_and(|w| w.contains("revoked device")),
+        "the device says why the chain waits"
+    );
+
+    // Honest history: the laptop's operation is followed by the clinic's exclusion of it.
+    let exclude = DocOp::sign(
+        w.a1.secrets(),
+        w.fa,
+        doc,
+        now_ms(),
+        Some(rotate.hash()),
+        DocOpBody::Exclude {
+            devices: vec![w.a2.device_id()],
+        },
+    )
+    .expect("sign");
+    serve_ops(&mut b2, doc, 0, vec![create, rotate, exclude]);
+    let info = b2.document_info(&doc.to_string()).expect("info");
+    assert_eq!(
+        info.ops, 3,
+        "a current device followed the laptop's operation: it is history"
+    );
+    assert!(info.is_excluded(&w.a2.device_id()));
 }
