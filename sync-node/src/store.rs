@@ -33,7 +33,7 @@ use musubi_crdt::crypto::DeviceSecrets;
 use musubi_crdt::directory::{
     DeviceChange, DeviceLink, DirectoryBody, FacilityCert, FacilityRecord as Record, safety_number,
 };
-use musubi_crdt::ids::{DeploymentId, DeviceId, FacilityId, FacilityRole};
+use musubi_crdt::ids::{BundleId, DeploymentId, DeviceId, FacilityId, FacilityRole, LogHash};
 use musubi_crdt::invite::{InviteCode, InviteFor, InviteId, JoinRequest};
 use musubi_crdt::limits::{DIRECTORY_FACILITIES_MAX, FACILITY_NAME_BYTES_MAX};
 use musubi_crdt::protocol::Generation;
@@ -387,10 +387,10 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens the relay in `dir`.
+    /// Opens the relay in `dir`, upgrading a version-2 database (before the bundle log) in place.
     ///
     /// Errors: [`StoreError::NotInitialised`] when there is no database; [`StoreError::SchemaTooNew`],
-    /// [`StoreError::SchemaTooOld`].
+    /// [`StoreError::SchemaTooOld`] (version 1, before the trust model: initialise a new relay).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = dir.join(DB_FILE);
         if !db.exists() {
@@ -1098,7 +1098,8 @@ CREATE TABLE bundles (
 );
 ";
 
-/// Brings a new database to [`SCHEMA_VERSION`]; refuses older and newer ones.
+/// Brings a new database to [`SCHEMA_VERSION`], and a version-2 one (before the bundle log) up to
+/// it; refuses older and newer ones.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
@@ -1106,6 +1107,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version == SCHEMA_VERSION {
         return Ok(());
+    }
+    if version == 2 {
+        return add_bundle_log(conn);
     }
     if version != 0 {
         return Err(StoreError::SchemaTooOld { found: version });
@@ -1115,6 +1119,40 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let locked: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if locked == 0 {
         tx.execute_batch(SCHEMA_V2)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Version 2 → 3: every bundle gets its place in the document's bundle log ([`LogHash`]), counted
+/// from [`LogHash::ZERO`] in sequence order, in one transaction.
+fn add_bundle_log(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let locked: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if locked == 2 {
+        tx.execute_batch("ALTER TABLE bundles ADD COLUMN log BLOB NOT NULL DEFAULT x''")?;
+        let rows: Vec<(String, i64, Vec<u8>)> = {
+            let mut st = tx.prepare("SELECT doc, seq, bundle_id FROM bundles ORDER BY doc, seq")?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut doc = String::new();
+        let mut log = LogHash::ZERO;
+        for (d, seq, id) in rows {
+            if d != doc {
+                doc = d.clone();
+                log = LogHash::ZERO;
+            }
+            let id: [u8; 32] = id
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("a stored bundle id is not 32 bytes".into()))?;
+            log = log.next(&BundleId(id));
+            tx.execute(
+                "UPDATE bundles SET log = ?3 WHERE doc = ?1 AND seq = ?2",
+                params![d, seq, log.0.as_slice()],
+            )?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -1190,6 +1228,48 @@ mod tests {
             Store::open(tmp.path()),
             Err(StoreError::SchemaTooOld { found: 1 })
         ));
+    }
+
+    #[test]
+    fn a_version_2_database_gets_its_bundle_log_in_sequence_order() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::init(tmp.path(), &authority(), None, SystemTime::now()).expect("init");
+        let c = &store.conn;
+        c.execute_batch("PRAGMA foreign_keys = OFF; ALTER TABLE bundles DROP COLUMN log;")
+            .expect("a version-2 table");
+        let id = |n: u8| BundleId([n; 32]);
+        for (doc, seq, n) in [("x", 2, 12), ("x", 1, 11), ("y", 1, 21), ("x", 3, 13)] {
+            c.execute(
+                "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at)
+                 VALUES (?1, ?2, ?3, x'00', 'a', 'f', 0, 1, 0)",
+                params![doc, seq, id(n).0.as_slice()],
+            )
+            .expect("insert");
+        }
+        c.pragma_update(None, "user_version", 2).expect("version 2");
+        drop(store);
+
+        let store = Store::open(tmp.path()).expect("a version-2 database opens");
+        let v: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, SCHEMA_VERSION);
+        let log = |doc: &str, seq: i64| -> Vec<u8> {
+            store
+                .conn
+                .query_row(
+                    "SELECT log FROM bundles WHERE doc = ?1 AND seq = ?2",
+                    params![doc, seq],
+                    |r| r.get(0),
+                )
+                .expect("log")
+        };
+        let x1 = LogHash::ZERO.next(&id(11));
+        let x3 = x1.next(&id(12)).next(&id(13));
+        assert_eq!(log("x", 1), x1.0.to_vec());
+        assert_eq!(log("x", 3), x3.0.to_vec());
+        assert_eq!(log("y", 1), LogHash::ZERO.next(&id(21)).0.to_vec());
     }
 
     #[test]
