@@ -852,21 +852,46 @@ impl DirectoryBody {
         }
         let mut next = pins.clone();
         next.version = next.version.max(body.version);
-        for d in &body.revoked_devices {
-            if next.revoked_devices.contains(d) || next.revoked_at.contains_key(d) {
-                continue;
-            }
-            let facility = body.facilities.iter().find(|f| {
-                f.links
-                    .iter()
-                    .any(|l| matches!(&l.change, DeviceChange::Add { device, .. } if device == d))
-            });
-            if let Some(&(n, _)) = facility.and_then(|f| next.chains.get(&f.cert.facility)) {
-                next.revoked_at.insert(*d, n);
-            }
-        }
         next.revoked_devices
             .extend(body.revoked_devices.iter().copied());
+        // Where each revoked device's facility chain stood, as far as this device verified it,
+        // for every revocation that has no such mark yet: taken only from a facility whose served
+        // chain starts with exactly the links verified before (its pinned head), and only when
+        // that facility's own verified chain adds the device (a record listing the device in
+        // another facility's chain, or in links that do not verify, counts for nothing).
+        let unmarked: BTreeSet<DeviceId> = next
+            .revoked_devices
+            .iter()
+            .filter(|d| !next.revoked_at.contains_key(d))
+            .copied()
+            .collect();
+        if !unmarked.is_empty() {
+            let mut by_record: BTreeMap<usize, Vec<DeviceId>> = BTreeMap::new();
+            for (i, rec) in body.facilities.iter().enumerate() {
+                for l in &rec.links {
+                    if let DeviceChange::Add { device, .. } = &l.change
+                        && unmarked.contains(device)
+                    {
+                        by_record.entry(i).or_default().push(*device);
+                    }
+                }
+            }
+            for (i, candidates) in by_record {
+                let rec = &body.facilities[i];
+                let Some(&(n, head)) = next.chains.get(&rec.cert.facility) else {
+                    continue;
+                };
+                if n == 0 || rec.links.get(n as usize - 1).map(DeviceLink::hash) != Some(head) {
+                    continue;
+                }
+                let state = verify_chain(&rec.cert, &rec.links);
+                for d in candidates {
+                    if state.devices.iter().any(|x| x.device == d) {
+                        next.revoked_at.entry(d).or_insert(n);
+                    }
+                }
+            }
+        }
         next.revoked_facilities
             .extend(body.revoked_facilities.iter().copied());
         let mut dir = Directory {
@@ -1287,6 +1312,97 @@ mod tests {
         g.add(&root, &fresh);
         let (dir, _) = g.verify(&g.signed(5, vec![laptop.device_id()]), &next);
         assert!(dir.is_current(&fresh.device_id()));
+    }
+
+    #[test]
+    fn the_mark_of_an_operator_revocation_comes_from_the_facility_that_verified_the_device() {
+        let mut f = fixture();
+        let laptop = dev(5);
+        let root = f.root.clone();
+        f.add(&root, &laptop);
+        // Another facility Z, with a longer chain, pinned alongside.
+        let zroot = dev(20);
+        let zid = FacilityId::from_random_bytes([21; 16]);
+        let zcert = FacilityCert::sign(
+            &f.authority,
+            f.deployment,
+            zid,
+            "山手クリニック",
+            FacilityRole::Clinic,
+            zroot.device_id(),
+            1,
+        );
+        let mut zlinks = vec![DeviceLink::genesis(&zroot, zid, 1)];
+        for n in 22..26 {
+            let p = dev(n).public();
+            let link = DeviceLink::sign(
+                &zroot,
+                zid,
+                zlinks.last(),
+                DeviceChange::Add {
+                    device: p.device,
+                    age_recipient: p.age_recipient,
+                },
+                2,
+            );
+            zlinks.push(link);
+        }
+        let body = |f: &Fixture, z: &[DeviceLink], version: u64, revoked: Vec<DeviceId>| {
+            SignedDirectory::sign(
+                &DirectoryBody {
+                    deployment: f.deployment,
+                    authority: f.authority.device_id(),
+                    version,
+                    facilities: vec![
+                        FacilityRecord {
+                            cert: zcert.clone(),
+                            links: z.to_vec(),
+                        },
+                        FacilityRecord {
+                            cert: f.cert.clone(),
+                            links: f.links.clone(),
+                        },
+                    ],
+                    revoked_devices: revoked,
+                    revoked_facilities: vec![],
+                },
+                &f.relay,
+            )
+        };
+        let (_, pins) = f.verify(&body(&f, &zlinks, 2, vec![]), &Pins::default());
+        assert_eq!(pins.chains.get(&zid).map(|c| c.0), Some(5));
+
+        // The relay lists Z first, with a link of its own adding the laptop (it does not verify),
+        // so that Z's longer chain would set the laptop's mark; and serves the laptop's link.
+        let mut decoy = zlinks.clone();
+        let lp = laptop.public();
+        decoy.push(DeviceLink::sign(
+            &laptop,
+            zid,
+            decoy.last(),
+            DeviceChange::Add {
+                device: lp.device,
+                age_recipient: lp.age_recipient,
+            },
+            3,
+        ));
+        let evil = dev(6);
+        f.add(&laptop, &evil);
+        let (dir, next) = f.verify(&body(&f, &decoy, 3, vec![laptop.device_id()]), &pins);
+        assert_eq!(
+            next.revoked_at.get(&laptop.device_id()),
+            Some(&2),
+            "the mark is where the clinic's own chain stood"
+        );
+        assert!(!dir.is_current(&evil.device_id()));
+
+        // A revocation seen before marks existed (an older version of this device) gets its mark
+        // from the pinned chain at the next directory.
+        let mut old = pins.clone();
+        old.revoked_devices.insert(laptop.device_id());
+        let (dir, next) = f.verify(&body(&f, &zlinks, 4, vec![laptop.device_id()]), &old);
+        assert_eq!(next.revoked_at.get(&laptop.device_id()), Some(&2));
+        assert!(!dir.is_current(&evil.device_id()));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! device of the facility for another device, which pushes the next link of its device chain).
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use musubi_crdt::bundle::Envelope;
@@ -35,7 +35,7 @@ use musubi_crdt::limits::{
     OPS_RESPONSE_MAX, PULL_BUNDLES_MAX, PULL_RESPONSE_BYTES_TARGET, PUSH_ITEMS_MAX,
 };
 use musubi_crdt::membership::{self, Membership, Point};
-use musubi_crdt::ops::{DocOp, KeyGrant};
+use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant};
 use musubi_crdt::protocol::{
     self, DocumentInfo, ErrorCode, Generation, Pulled, PushItem, PushResult, Request, Response,
 };
@@ -762,23 +762,60 @@ impl Relay {
             return answer(r);
         }
         // The grants that name the caller come first, then the rest (which tell a device which
-        // devices hold a key already), each newest epoch first: whatever other members pushed,
-        // the caller's own key of the current epoch is never left out of the frame.
+        // devices hold a key already), each newest epoch first; among the caller's, those of the
+        // facility that started the epoch (its `Create` or `NewEpoch`), then those of the
+        // caller's own facility. Whatever other members pushed, the caller's key of the current
+        // epoch from the facility that made it is never left out of the frame.
+        let mut starters: BTreeMap<Epoch, FacilityId> = BTreeMap::new();
+        {
+            let mut st = conn.prepare("SELECT encoded FROM ops WHERE doc = ?1 ORDER BY idx")?;
+            let mut rows = st.query([doc.to_string()])?;
+            while let Some(row) = rows.next()? {
+                let op = uncbor::<DocOp>(&row.get::<_, Vec<u8>>(0)?, "stored operation")?;
+                match op.body {
+                    DocOpBody::Create { .. } => {
+                        starters.insert(Epoch(0), op.facility);
+                    }
+                    DocOpBody::NewEpoch { epoch, .. } => {
+                        starters.insert(epoch, op.facility);
+                    }
+                    _ => {}
+                }
+            }
+        }
         let mut st = conn.prepare(
             "SELECT encoded FROM grants WHERE doc = ?1 ORDER BY epoch DESC, received_at, rowid",
         )?;
         let mut rows = st.query([doc.to_string()])?;
         let (mut mine, mut others) = (Vec::new(), Vec::new());
+        let (mut mine_bytes, mut others_bytes) = (0usize, 0usize);
         while let Some(row) = rows.next()? {
             let encoded: Vec<u8> = row.get(0)?;
+            let len = encoded.len();
             let grant = uncbor::<KeyGrant>(&encoded, "stored key grant")?;
+            // Memory stays bounded whatever is stored: a few frames of the caller's grants, one
+            // of the rest.
             if grant.recipients.contains(&caller.device) {
-                mine.push((encoded.len(), grant));
-            } else {
-                others.push((encoded.len(), grant));
+                if mine_bytes <= 4 * KEY_GRANTS_RESPONSE_BYTES_MAX {
+                    mine_bytes += len;
+                    mine.push((len, grant));
+                }
+            } else if others_bytes <= KEY_GRANTS_RESPONSE_BYTES_MAX {
+                others_bytes += len;
+                others.push((len, grant));
             }
         }
         drop(rows);
+        let rank = |g: &KeyGrant| {
+            if starters.get(&g.epoch) == Some(&g.facility) {
+                0
+            } else if g.facility == caller.facility {
+                1
+            } else {
+                2
+            }
+        };
+        mine.sort_by_key(|(_, g)| (std::cmp::Reverse(g.epoch), rank(g)));
         let mut grants = Vec::new();
         let mut total = 0usize;
         let mut left_out = 0usize;
@@ -791,7 +828,7 @@ impl Relay {
             grants.push(grant);
         }
         if left_out > 0 {
-            warn!(%doc, grants = grants.len(), left_out, "key grants exceed one frame; older ones of other devices are left out");
+            warn!(%doc, grants = grants.len(), left_out, "key grants exceed one frame; some are left out");
         }
         // Oldest first, as devices apply them.
         grants.sort_by_key(|g| g.epoch);

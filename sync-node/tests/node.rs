@@ -3037,9 +3037,11 @@ mod network {
 }
 
 /// A member (here the HQ, a reader) pushes grants as large as the rules let it: each names the
-/// most recipients (devices nobody enrolled) and pads its sealed key to the bound, until they fill
-/// more than one `KeyGrants` frame. The key the clinic later grants the hospital for a new epoch
-/// still reaches the hospital: grants naming the caller come first, newest epoch first.
+/// hospital's device and the most other recipients (devices nobody enrolled), for the new epoch the
+/// clinic just started, and pads its sealed key to the bound, until they fill more than one
+/// `KeyGrants` frame. The key the clinic grants the hospital still reaches it: grants naming the
+/// caller come first, newest epoch first, and among them those of the facility that started the
+/// epoch.
 #[test]
 fn a_member_cannot_crowd_a_devices_new_key_out_of_its_grants() {
     use musubi_crdt::limits::{
@@ -3055,12 +3057,21 @@ fn a_member_cannot_crowd_a_devices_new_key_out_of_its_grants() {
         create,
         ..
     } = referral();
-    let nobody: Vec<DeviceId> = (0..GRANT_RECIPIENTS_MAX as u32)
-        .map(|i| {
+    // A laptop of the hospital is lost: the clinic rotates.
+    let next = after(&a1, &create, rotate(1));
+    assert_eq!(
+        w.push_one(&a1, op(next)),
+        PushResult::Accepted {
+            seq: None,
+            log: None
+        }
+    );
+    let nobody: Vec<DeviceId> = std::iter::once(b1.device_id())
+        .chain((1..GRANT_RECIPIENTS_MAX as u32).map(|i| {
             let mut seed = [0u8; 32];
             seed[..4].copy_from_slice(&i.to_le_bytes());
             DeviceSecrets::from_seeds(seed, seed).device_id()
-        })
+        }))
         .collect();
     let sealed_max =
         GRANT_SEALED_BYTES_BASE + GRANT_SEALED_BYTES_PER_RECIPIENT * GRANT_RECIPIENTS_MAX;
@@ -3071,7 +3082,7 @@ fn a_member_cannot_crowd_a_devices_new_key_out_of_its_grants() {
             .map(|_| {
                 n += 1;
                 let mut g =
-                    KeyGrant::seal(&hq, hq.facility, doc, Epoch(0), &key(0), &[recipient(&hq)])
+                    KeyGrant::seal(&hq, hq.facility, doc, Epoch(1), &key(1), &[recipient(&hq)])
                         .expect("grant");
                 g.recipients = nobody.clone();
                 g.sealed.resize(sealed_max, 0);
@@ -3091,15 +3102,7 @@ fn a_member_cannot_crowd_a_devices_new_key_out_of_its_grants() {
         );
     }
 
-    // A laptop of the hospital is lost: the clinic rotates and grants the new key.
-    let next = after(&a1, &create, rotate(1));
-    assert_eq!(
-        w.push_one(&a1, op(next)),
-        PushResult::Accepted {
-            seq: None,
-            log: None
-        }
-    );
+    // The clinic grants the new key after the flood.
     let g1 = KeyGrant::seal(
         &a1,
         a1.facility,
@@ -3128,9 +3131,10 @@ fn a_member_cannot_crowd_a_devices_new_key_out_of_its_grants() {
     assert_eq!(
         grants
             .iter()
-            .find(|g| g.epoch == Epoch(1))
-            .and_then(|g| g.open(&b1).ok())
+            .filter(|g| g.epoch == Epoch(1))
+            .find_map(|g| g.open(&b1).ok())
             .map(|k| k.commitment()),
-        Some(key(1).commitment())
+        Some(key(1).commitment()),
+        "the hospital opens the new key from what it was served"
     );
 }

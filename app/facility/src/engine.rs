@@ -1033,39 +1033,10 @@ impl Engine {
             tracing::warn!(%doc, position = replay.valid, "the document's confirmed operations do not replay with the current directory; the chain is kept as it is");
             return Ok(OpsApplied::kept(relay_ops));
         }
-        let Some(mut relay_view) = replay.view else {
+        let Some(relay_view) = replay.view else {
             return Ok(OpsApplied::kept(0));
         };
         relay_chain.truncate(replay.valid);
-        // Operations at the end of the chain signed by devices that are no longer current, which
-        // no current device has followed yet, wait until one does. A device with no mark for the
-        // revocation (it learned of it before it knew the document) cannot tell whether they were
-        // signed before or after it, and a relay holding a stolen laptop's keys could cut the
-        // chain before the `Exclude` and serve the laptop's key after it. A current device that
-        // follows them (one that knew the document before the revocation refuses what the laptop
-        // signed after it) vouches for them. What this device confirmed before stays.
-        let vouched = relay_chain
-            .iter()
-            .rposition(|op| devices.device_status(&op.author).current().is_some())
-            .map_or(0, |p| p + 1)
-            .max(held_confirmed.min(relay_chain.len()));
-        let held_tail = relay_chain.len() - vouched;
-        self.store
-            .set_meta_cbor(&format!("held_tail:{doc}"), &(held_tail as u32))?;
-        if held_tail > 0 {
-            tracing::warn!(%doc, waiting = held_tail, "operations by devices no longer current end the chain; they wait until a current device follows them");
-            self.store.set_meta_cbor(
-                &format!("doc_warning:{doc}"),
-                &format!(
-                    "{held_tail} operation(s) at the end of the chain are signed by a revoked device and no current device has followed them yet; they wait"
-                ),
-            )?;
-            relay_chain.truncate(vouched);
-            match membership::replay(&relay_chain, &devices, Point::Pulled).view {
-                Some(v) => relay_view = v,
-                None => return Ok(OpsApplied::kept(0)),
-            }
-        }
         let confirmed = relay_chain.len() as u32;
         if chain.is_empty() && relay_view.role_of(me).is_none() {
             // The relay lists a document whose signed operations do not name this facility.
@@ -1457,7 +1428,14 @@ impl Engine {
         let grants = self.store.grants(info.id)?;
         let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
         // The current epoch's key reached no device here after the relay served every grant it
-        // holds (see `note_grants_fetched`): a writer starts the next epoch.
+        // holds (see `note_grants_fetched`): a writer starts the next epoch. Each such rotation
+        // of a document doubles the wait before the next (a relay that withholds grants on
+        // purpose could otherwise spend the document's operation budget, DOCUMENT_OPS_MAX).
+        let recoveries = self
+            .store
+            .meta_cbor::<u32>(&format!("orphan_rotations:{}", info.id))?
+            .unwrap_or(0);
+        let grace = ORPHANED_EPOCH_GRACE_MS << recoveries.min(12);
         let orphaned = my_role.can_write()
             && held_epoch < info.epoch
             && self
@@ -1465,16 +1443,9 @@ impl Engine {
                 .meta_cbor::<Option<(u32, u64)>>(&format!("orphaned_epoch:{}", info.id))?
                 .flatten()
                 .is_some_and(|(e, since)| {
-                    e == info.epoch.0 && now_ms().saturating_sub(since) >= ORPHANED_EPOCH_GRACE_MS
+                    e == info.epoch.0 && now_ms().saturating_sub(since) >= grace
                 });
-        // While operations of a revoked device end the relay's chain unvouched, an operation of
-        // this device could only follow a chain the relay does not have: a current device that
-        // knew the document before the revocation excludes that device first.
-        let tail_held = self
-            .store
-            .meta_cbor::<u32>(&format!("held_tail:{}", info.id))?
-            .is_some_and(|n| n > 0);
-        if rotate && !tail_held && my_role.can_write() && (held_epoch == info.epoch || orphaned) {
+        if rotate && my_role.can_write() && (held_epoch == info.epoch || orphaned) {
             let current_recipients: BTreeSet<DeviceId> = grants
                 .iter()
                 .filter(|g| g.epoch == held_epoch)
@@ -1538,6 +1509,12 @@ impl Engine {
                         keys.entry(epoch).or_default().push(key);
                         info = next;
                         queued += 2;
+                        if orphaned {
+                            self.store.set_meta_cbor(
+                                &format!("orphan_rotations:{}", info.id),
+                                &(recoveries + 1),
+                            )?;
+                        }
                         tracing::info!(doc = %info.id, %epoch, "rotated the document key");
                     }
                     Err(e) => tracing::warn!(doc = %info.id, "could not rotate the key: {e}"),
@@ -1643,6 +1620,7 @@ impl Engine {
 /// How long, in milliseconds, a document's current epoch must have had no key for this device
 /// after the relay served every grant it holds before a writer here starts the next epoch (10
 /// minutes: a rotation's grants normally arrive with it, or at the rotating device's next sync).
+/// It doubles with each such rotation of the same document, up to 2^12 times (about 28 days).
 pub const ORPHANED_EPOCH_GRACE_MS: u64 = 10 * 60 * 1000;
 
 /// What [`Engine::apply_relay_ops`] did.
