@@ -301,6 +301,25 @@ fn finish(
 
 /// The length of a BER-TLV element (tag of one or two bytes, definite length) from its first bytes.
 pub(crate) fn tlv_length(bytes: &[u8]) -> Option<usize> {
+    tlv_header(bytes).map(|h| h.header + h.value)
+}
+
+/// The header of one BER-TLV element (ISO/IEC 7816-4 §5.2, X.690 §8.1): tags of up to 4 bytes,
+/// lengths in short form or 0x81..0x83 long form. Every count is checked against nothing but the
+/// header's own bytes; the caller checks that `header + value` bytes are there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TlvHeader {
+    /// Bytes of the tag (1 to 4).
+    pub tag: usize,
+    /// Bytes of tag and length together.
+    pub header: usize,
+    /// Bytes of the value.
+    pub value: usize,
+}
+
+/// Reads a BER-TLV header; `None` when it is truncated, its tag is longer than 4 bytes, or its
+/// length form is not one of those above.
+pub(crate) fn tlv_header(bytes: &[u8]) -> Option<TlvHeader> {
     let first = *bytes.first()?;
     let mut i = 1;
     if first & 0x1F == 0x1F {
@@ -316,11 +335,16 @@ pub(crate) fn tlv_length(bytes: &[u8]) -> Option<usize> {
             }
         }
     }
+    let tag = i;
     let l = *bytes.get(i)?;
     i += 1;
-    let len = match l {
+    let value = match l {
         0..=0x7F => l as usize,
-        0x81 => *bytes.get(i).inspect(|_| i += 1)? as usize,
+        0x81 => {
+            let v = *bytes.get(i)? as usize;
+            i += 1;
+            v
+        }
         0x82 => {
             let v = u16::from_be_bytes([*bytes.get(i)?, *bytes.get(i + 1)?]) as usize;
             i += 2;
@@ -334,7 +358,11 @@ pub(crate) fn tlv_length(bytes: &[u8]) -> Option<usize> {
         }
         _ => return None,
     };
-    Some(i + len)
+    Some(TlvHeader {
+        tag,
+        header: i,
+        value,
+    })
 }
 
 /// What a status word means, in a few words (ISO 7816-4).

@@ -373,31 +373,25 @@ fn parse_certificate(der: &[u8]) -> Result<AuthCertificate, CardError> {
     })
 }
 
-/// Walks BER-TLV elements with one- or two-byte tags: `(tag, value)` pairs.
-fn tlv_elements(mut bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, CardError> {
+/// Walks BER-TLV elements (tags of up to 4 bytes, read big-endian): `(tag, value)` pairs.
+/// Errors: [`CardError::Malformed`] for a truncated or malformed element; never panics, whatever
+/// the card sends.
+fn tlv_elements(mut bytes: &[u8]) -> Result<Vec<(u32, &[u8])>, CardError> {
     let bad = || CardError::Malformed("基本4情報: a damaged TLV element".into());
     let mut out = Vec::new();
     while !bytes.is_empty() {
         if bytes[0] == 0x00 || bytes[0] == 0xFF && bytes.len() == 1 {
             break; // padding
         }
-        let total = apdu::tlv_length(bytes).ok_or_else(bad)?;
+        let h = apdu::tlv_header(bytes).ok_or_else(bad)?;
+        let total = h.header.checked_add(h.value).ok_or_else(bad)?;
         if total > bytes.len() {
             return Err(bad());
         }
-        let tag_len = if bytes[0] & 0x1F == 0x1F { 2 } else { 1 };
-        let tag = if tag_len == 2 {
-            u16::from_be_bytes([bytes[0], bytes[1]])
-        } else {
-            bytes[0] as u16
-        };
-        let len_len = match bytes[tag_len] {
-            0x81 => 2,
-            0x82 => 3,
-            0x83 => 4,
-            _ => 1,
-        };
-        out.push((tag, &bytes[tag_len + len_len..total]));
+        let tag = bytes[..h.tag]
+            .iter()
+            .fold(0u32, |t, b| (t << 8) | u32::from(*b));
+        out.push((tag, &bytes[h.header..total]));
         bytes = &bytes[total..];
     }
     Ok(out)
@@ -410,7 +404,7 @@ fn parse_basic_four(raw: &[u8]) -> Result<Attributes, CardError> {
         Some((0xFF20, v)) => tlv_elements(v)?,
         _ => return Err(CardError::Malformed("基本4情報: no FF20 element".into())),
     };
-    let text = |tag: u16, what: &str| -> Result<String, CardError> {
+    let text = |tag: u32, what: &str| -> Result<String, CardError> {
         let v = inner
             .iter()
             .find(|(t, _)| *t == tag)
@@ -488,6 +482,45 @@ pub(crate) mod tests {
         assert_eq!(a.birth_date, "1980-04-01");
         assert_eq!(a.sex, Sex::Female);
         assert_eq!(format!("{a:?}"), "Attributes(<personal data>)");
+    }
+
+    /// A card that answers EF 0002 with tags of three and four bytes (seen from a hostile card):
+    /// refused with a sentence, never a panic.
+    #[test]
+    fn long_tags_and_damaged_lengths_are_refused_not_panicked_on() {
+        for raw in [
+            &[0xFF, 0xA0, 0x81, 0x05, 0x00][..],
+            &[0xFF, 0xA0, 0xA0, 0x01, 0x82, 0x00, 0x01, 0x00][..],
+            &[0xDF, 0xA2, 0x83, 0x00][..],
+            &[0xDF, 0xA2, 0x83, 0x00, 0x00][..],
+            &[0xFF, 0x20, 0x07, 0xDF, 0xA2, 0x83, 0x00, 0x00, 0x00, 0x00][..],
+            &[0xFF, 0x20, 0x83, 0xFF, 0xFF, 0xFF][..],
+            &[0xFF, 0x20, 0x84, 0x00, 0x00, 0x00, 0x01][..],
+            &[0x1F][..],
+        ] {
+            assert!(
+                matches!(parse_basic_four(raw), Err(CardError::Malformed(_))),
+                "{raw:02X?}"
+            );
+        }
+        // A four-byte tag with a value is read as one element.
+        let el = tlv_elements(&[0x1F, 0x81, 0x82, 0x03, 0x01, 0xAA]).expect("an element");
+        assert_eq!(el, vec![(0x1F81_8203, &[0xAA][..])]);
+    }
+
+    proptest::proptest! {
+        /// Whatever a card answers, the TLV walk and the 基本4情報 parser return, never panic.
+        /// (proptest prints the failing input and keeps it in proptest-regressions/.)
+        #[test]
+        fn arbitrary_card_answers_never_panic_the_parsers(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)
+        ) {
+            let _ = tlv_elements(&raw);
+            let _ = parse_basic_four(&raw);
+            let mut wrapped = vec![0xFF, 0x20, 0x81, raw.len().min(255) as u8];
+            wrapped.extend_from_slice(&raw[..raw.len().min(255)]);
+            let _ = parse_basic_four(&wrapped);
+        }
     }
 
     /// A scripted My Number card: the files it has, PIN counters, and the log of every APDU.
