@@ -50,7 +50,7 @@
 //! letter also gets `identifier.value = bundle_id` (it is a new document); new resources get
 //! `urn:uuid:` full URLs derived from `bundle_id` (BLAKE3), so the output is deterministic.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
@@ -416,15 +416,16 @@ fn map_bundle(bundle: &Value) -> Result<ReferralLetter, FhirError> {
     let composition = check_document(bundle)?;
     let comp = resource(bundle, composition).ok_or(FhirError::MissingComposition)?;
     let mut letter = ReferralLetter::default();
+    let refs = Refs::new(bundle);
 
-    let (to_facility, to_doctor) = party(bundle, comp, "910");
-    let (from_facility, from_doctor) = party(bundle, comp, "920");
+    let (to_facility, to_doctor) = party(&refs, comp, "910");
+    let (from_facility, from_doctor) = party(&refs, comp, "920");
     letter.to_facility = to_facility;
     letter.to_doctor = to_doctor;
     letter.from_facility = from_facility;
     letter.from_doctor = from_doctor;
 
-    if let Some(index) = patient_index(bundle, comp) {
+    if let Some(index) = patient_index(&refs, comp) {
         letter.patient = read_patient(resource(bundle, index).unwrap_or(&Value::Null));
     }
     letter.patient.occupation = occupation_index(bundle)
@@ -435,11 +436,11 @@ fn map_bundle(bundle: &Value) -> Result<ReferralLetter, FhirError> {
     for (field, codes) in FIELD_SECTIONS {
         let texts: Vec<String> = codes
             .iter()
-            .map(|code| section_text_by_code(bundle, comp, code))
+            .map(|code| section_text_by_code(&refs, comp, code))
             .collect();
         *letter.field_mut(field) = join_parts(codes, &texts);
     }
-    letter.attachments = read_attachments(bundle, comp);
+    letter.attachments = read_attachments(&refs, comp);
     Ok(letter)
 }
 
@@ -493,23 +494,49 @@ fn array_at<'a>(value: &'a Value, key: &str) -> &'a [Value] {
         .map_or(&[], Vec::as_slice)
 }
 
-/// The entry index a reference points at: `urn:uuid:…` or any absolute URL by `fullUrl`,
-/// `Type/id` by resource type and id.
-fn resolve(bundle: &Value, reference: &str) -> Option<usize> {
-    if reference.is_empty() {
-        return None;
+/// Every entry of a Bundle by `fullUrl` and by resource type and id, indexed once, so that
+/// resolving a reference costs O(1) and reading a Bundle is linear in its size.
+struct Refs<'a> {
+    bundle: &'a Value,
+    by_url: HashMap<&'a str, usize>,
+    by_id: HashMap<(&'a str, &'a str), usize>,
+}
+
+impl<'a> Refs<'a> {
+    fn new(bundle: &'a Value) -> Self {
+        let mut by_url = HashMap::new();
+        let mut by_id = HashMap::new();
+        for (i, entry) in entries(bundle).iter().enumerate() {
+            let url = str_at(entry, "fullUrl");
+            if !url.is_empty() {
+                by_url.entry(url).or_insert(i);
+            }
+            if let Some(r) = entry.get("resource") {
+                by_id
+                    .entry((str_at(r, "resourceType"), str_at(r, "id")))
+                    .or_insert(i);
+            }
+        }
+        Self {
+            bundle,
+            by_url,
+            by_id,
+        }
     }
-    let by_url = entries(bundle)
-        .iter()
-        .position(|entry| str_at(entry, "fullUrl") == reference);
-    by_url.or_else(|| {
-        let (kind, id) = reference.rsplit_once('/')?;
-        let kind = kind.rsplit('/').next().unwrap_or(kind);
-        (0..entries(bundle).len()).find(|&i| {
-            resource(bundle, i)
-                .is_some_and(|r| str_at(r, "resourceType") == kind && str_at(r, "id") == id)
+
+    /// The entry index a reference points at (the first such entry): `urn:uuid:…` or any
+    /// absolute URL by `fullUrl`, `Type/id` by resource type and id (FHIR R4 §3.3.1 "Resolving
+    /// references in Bundles").
+    fn resolve(&self, reference: &str) -> Option<usize> {
+        if reference.is_empty() {
+            return None;
+        }
+        self.by_url.get(reference).copied().or_else(|| {
+            let (kind, id) = reference.rsplit_once('/')?;
+            let kind = kind.rsplit('/').next().unwrap_or(kind);
+            self.by_id.get(&(kind, id)).copied()
         })
-    })
+    }
 }
 
 fn reference_of(value: &Value) -> &str {
@@ -557,22 +584,23 @@ fn find_section<'a>(comp: &'a Value, code: &str) -> Option<&'a Value> {
 }
 
 /// Entry indices of the resources a section references, in order.
-fn section_refs(bundle: &Value, section: &Value) -> Vec<usize> {
+fn section_refs(refs: &Refs, section: &Value) -> Vec<usize> {
     array_at(section, "entry")
         .iter()
-        .filter_map(|e| resolve(bundle, reference_of(e)))
+        .filter_map(|e| refs.resolve(reference_of(e)))
         .collect()
 }
 
-fn section_text_by_code(bundle: &Value, comp: &Value, code: &str) -> String {
+fn section_text_by_code(refs: &Refs, comp: &Value, code: &str) -> String {
     find_section(comp, code)
-        .map(|s| section_text(bundle, s))
+        .map(|s| section_text(refs, s))
         .unwrap_or_default()
 }
 
 /// The plain text of a section: text attachments, else narrative, else one line per entry.
-fn section_text(bundle: &Value, section: &Value) -> String {
-    let refs = section_refs(bundle, section);
+fn section_text(index: &Refs, section: &Value) -> String {
+    let bundle = index.bundle;
+    let refs = section_refs(index, section);
     let attached: Vec<String> = refs
         .iter()
         .filter_map(|&i| resource(bundle, i))
@@ -738,11 +766,12 @@ fn occupation_index(bundle: &Value) -> Option<usize> {
 }
 
 /// Facility and doctor of section 910 or 920.
-fn party(bundle: &Value, comp: &Value, code: &str) -> (String, String) {
+fn party(index: &Refs, comp: &Value, code: &str) -> (String, String) {
+    let bundle = index.bundle;
     let Some(section) = find_section(comp, code) else {
         return (String::new(), String::new());
     };
-    let refs = section_refs(bundle, section);
+    let refs = section_refs(index, section);
     let facility = facility_index(bundle, &refs)
         .and_then(|i| resource(bundle, i))
         .map(|r| str_at(r, "name").to_owned());
@@ -832,9 +861,10 @@ fn person_name(resource: &Value, wanted: &str) -> String {
         .join(" ")
 }
 
-fn patient_index(bundle: &Value, comp: &Value) -> Option<usize> {
+fn patient_index(refs: &Refs, comp: &Value) -> Option<usize> {
+    let bundle = refs.bundle;
     comp.get("subject")
-        .and_then(|s| resolve(bundle, reference_of(s)))
+        .and_then(|s| refs.resolve(reference_of(s)))
         .filter(|&i| resource(bundle, i).is_some_and(|r| str_at(r, "resourceType") == "Patient"))
         .or_else(|| {
             (0..entries(bundle).len()).find(|&i| {
@@ -911,16 +941,23 @@ fn split_postal(address: &str) -> (Option<&str>, &str) {
     (Some(&rest[..end]), rest[end..].trim())
 }
 
-fn read_attachments(bundle: &Value, comp: &Value) -> Vec<AttachmentRef> {
+fn read_attachments(refs: &Refs, comp: &Value) -> Vec<AttachmentRef> {
     let mut out: Vec<AttachmentRef> = Vec::new();
-    collect_attachments(bundle, array_at(comp, "section"), &mut out);
+    let mut seen = HashSet::new();
+    collect_attachments(refs, array_at(comp, "section"), &mut out, &mut seen);
     out
 }
 
-fn collect_attachments(bundle: &Value, sections: &[Value], out: &mut Vec<AttachmentRef>) {
+fn collect_attachments(
+    refs: &Refs,
+    sections: &[Value],
+    out: &mut Vec<AttachmentRef>,
+    seen: &mut HashSet<String>,
+) {
+    let bundle = refs.bundle;
     for section in sections {
         if is_code(section, "210") {
-            for index in section_refs(bundle, section) {
+            for index in section_refs(refs, section) {
                 let Some(doc) = resource(bundle, index) else {
                     continue;
                 };
@@ -932,7 +969,7 @@ fn collect_attachments(bundle: &Value, sections: &[Value], out: &mut Vec<Attachm
                     else {
                         continue;
                     };
-                    if out.iter().any(|a| a.id == id) {
+                    if !seen.insert(id.to_owned()) {
                         continue;
                     }
                     out.push(AttachmentRef {
@@ -945,7 +982,7 @@ fn collect_attachments(bundle: &Value, sections: &[Value], out: &mut Vec<Attachm
                 }
             }
         }
-        collect_attachments(bundle, array_at(section, "section"), out);
+        collect_attachments(refs, array_at(section, "section"), out, seen);
     }
 }
 
@@ -1254,7 +1291,7 @@ impl Editor<'_> {
 
     fn current_section_text(&self, code: &str) -> Result<String, FhirError> {
         let comp = self.composition()?;
-        Ok(section_text_by_code(&self.bundle, comp, code))
+        Ok(section_text_by_code(&Refs::new(&self.bundle), comp, code))
     }
 
     /// Sets the text of the section `code` (see the module docs for where it goes).
@@ -1271,7 +1308,7 @@ impl Editor<'_> {
             return Ok(());
         };
         let section = section_at(comp, &path).cloned().unwrap_or(Value::Null);
-        let refs = section_refs(&self.bundle, &section);
+        let refs = section_refs(&Refs::new(&self.bundle), &section);
 
         // 1. The section's text lives in attachments (330 臨床経過 in the JP example).
         let carriers: Vec<(usize, Vec<String>)> = refs
@@ -1370,7 +1407,7 @@ impl Editor<'_> {
             return Ok((None, None));
         };
         let section = section_at(comp, &path).unwrap_or(&Value::Null);
-        let refs = section_refs(&self.bundle, section);
+        let refs = section_refs(&Refs::new(&self.bundle), section);
         let index = if kind == "Organization" {
             facility_index(&self.bundle, &refs)
         } else {
@@ -1448,7 +1485,7 @@ impl Editor<'_> {
             .map(xhtml_to_text);
         let replacement = match current {
             // A party section without narrative gets the facility name, as in the JP example.
-            None => party(&self.bundle, comp, code).0,
+            None => party(&Refs::new(&self.bundle), comp, code).0,
             Some(text) if !old.is_empty() && text.contains(old) => text.replacen(old, new, 1),
             Some(_) => return Ok(()),
         };
@@ -1464,7 +1501,7 @@ impl Editor<'_> {
 
     fn patient_index_or_create(&mut self) -> Result<usize, FhirError> {
         let comp = self.composition()?;
-        if let Some(index) = patient_index(&self.bundle, comp) {
+        if let Some(index) = patient_index(&Refs::new(&self.bundle), comp) {
             return Ok(index);
         }
         let (url, index) = self.add_entry("patient", json!({ "resourceType": "Patient" }))?;
@@ -1576,7 +1613,7 @@ impl Editor<'_> {
     fn add_attachment(&mut self, attachment: &AttachmentRef) -> Result<(), FhirError> {
         let patient_url = {
             let comp = self.composition()?;
-            patient_index(&self.bundle, comp)
+            patient_index(&Refs::new(&self.bundle), comp)
                 .and_then(|i| entries(&self.bundle).get(i))
                 .map(|e| str_at(e, "fullUrl").to_owned())
         };
