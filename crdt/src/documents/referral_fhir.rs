@@ -1042,7 +1042,10 @@ fn decode_entities(text: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         let after = &rest[amp + 1..];
-        let decoded = after.find(';').filter(|&end| end <= 10).and_then(|end| {
+        // An entity is at most 10 bytes before its `;`: look no further, so text with many `&`
+        // and no `;` stays linear.
+        let end = after.as_bytes().iter().take(11).position(|&b| b == b';');
+        let decoded = end.and_then(|end| {
             let entity = &after[..end];
             let c = match entity {
                 "amp" => Some('&'),
@@ -2403,6 +2406,17 @@ mod tests {
         );
         let text = "一行目 <b>\n二行目 & 三";
         assert_eq!(xhtml_to_text(&text_to_xhtml(text)), text);
+    }
+
+    #[test]
+    fn entities_decode_and_a_stray_ampersand_stays_as_written() {
+        assert_eq!(
+            decode_entities("a &amp; b &#x3042;&#12354; c & d; &verylongentityname; &lt;"),
+            "a & b ああ c & d; &verylongentityname; <"
+        );
+        // Many `&` and no `;`: every one is kept (and the scan stays linear; bench-fhir times it).
+        let raw = "&".repeat(10_000);
+        assert_eq!(decode_entities(&raw), raw);
     }
 
     #[test]

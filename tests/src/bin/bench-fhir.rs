@@ -117,4 +117,32 @@ fn main() {
         }
         target *= 2;
     }
+
+    // A narrative made to be slow: the first section's text is `&` repeated, with no `;`.
+    println!("{:>10} {:>12}", "& in text", "import (ms)");
+    let mut n = 16 * 1024;
+    while n <= max_kib * 1024 / 2 {
+        let mut bundle = base.clone();
+        let entries = bundle["entry"].as_array_mut().expect("entries");
+        let comp = entries
+            .iter_mut()
+            .find(|e| e["resource"]["resourceType"] == "Composition")
+            .expect("a Composition");
+        let section = section_with_entries(
+            comp["resource"]["section"]
+                .as_array_mut()
+                .expect("sections"),
+        )
+        .expect("a section");
+        section["entry"] = Value::Array(vec![]);
+        section["text"] = serde_json::json!({
+            "status": "generated",
+            "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{}</div>", "&".repeat(n)),
+        });
+        let json = serde_json::to_string(&bundle).expect("json");
+        let t = Instant::now();
+        import_bundle(&json).expect("imports");
+        println!("{n:>10} {:>12.1}", t.elapsed().as_secs_f64() * 1000.0);
+        n *= 4;
+    }
 }
