@@ -203,6 +203,15 @@ fn author_ok(
             ErrorCode::Revoked,
             format!("the {what} is signed by {author}, a revoked device"),
         ),
+        // Pulled from the relay, by a device this directory does not list yet: it was enrolled
+        // after this directory was fetched (a facility that joined a moment ago sending its first
+        // letter). Ask for the directory, then for the operations again.
+        (DeviceStatus::Unknown, Point::Pulled) => refuse(
+            ErrorCode::StaleDirectory,
+            format!(
+                "the {what} is signed by {author}, which the directory this device holds does not list yet"
+            ),
+        ),
         _ => refuse(
             ErrorCode::Forbidden,
             format!(

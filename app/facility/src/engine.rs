@@ -1034,7 +1034,12 @@ impl Engine {
             return Ok(OpsApplied::kept(relay_ops));
         }
         let Some(relay_view) = replay.view else {
-            return Ok(OpsApplied::kept(0));
+            // Not even the `Create` is admitted (yet: its author may be enrolled after this
+            // device's directory).
+            return Ok(OpsApplied {
+                confirmed: 0,
+                awaits_directory,
+            });
         };
         relay_chain.truncate(replay.valid);
         let confirmed = relay_chain.len() as u32;

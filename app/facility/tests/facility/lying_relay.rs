@@ -908,3 +908,50 @@ fn a_writer_cannot_freeze_a_document_with_a_key_it_grants_to_nobody() {
         Epoch(4)
     );
 }
+
+/// Not an attack, the race the desktop story met: a clinic joins while the hospital's app runs and
+/// sends its first letter at once. The hospital's session has the letter's operations before the
+/// directory that lists the clinic's device: it waits for the directory instead of ignoring the
+/// operations for the rest of the session, and takes them once the directory has arrived.
+#[test]
+fn a_letter_from_a_facility_enrolled_a_moment_ago_waits_for_the_directory() {
+    let mut w = world();
+    let clinic = engine(w._tmp.path(), "new-clinic");
+    let fc = w
+        .dep
+        .add_facility(&clinic, "山手第二クリニック", FacilityRole::Clinic);
+    w.dep.enrol(&clinic, fc).expect("enrol the new clinic");
+    let mut clinic = clinic;
+    let fb = w.b.enrolment().expect("enrolment").facility;
+    let letter = clinic
+        .create_document(
+            DocumentKind::Referral,
+            vec![Member {
+                facility: fb,
+                role: Role::Writer,
+            }],
+            |d| {
+                d.put(automerge::ROOT, "note", "紹介状: 初診")?;
+                Ok(())
+            },
+        )
+        .expect("create");
+    let ops = clinic.store().ops(letter).expect("ops");
+
+    // The hospital still holds the directory from before the clinic enrolled.
+    let applied = w.b.apply_relay_ops(letter, 0, &ops).expect("apply");
+    assert!(
+        applied.awaits_directory,
+        "the hospital waits for the directory: {applied:?}"
+    );
+    assert!(w.b.store().document(letter).expect("row").is_none());
+
+    assert!(w.dep.refresh(&w.b).expect("refresh"));
+    let applied = w.b.apply_relay_ops(letter, 0, &ops).expect("apply");
+    assert!(!applied.awaits_directory);
+    assert_eq!(applied.confirmed, 1);
+    let info =
+        w.b.document_info(&letter.to_string())
+            .expect("the letter is known");
+    assert_eq!(info.role_of(fb), Some(Role::Writer));
+}
