@@ -237,7 +237,8 @@ pub struct Approvals {
 }
 
 impl Engine {
-    /// Creates a facility device in `dir`: new device keys wrapped by `passphrase` (scrypt work factor `log_n`).
+    /// Creates a facility device in `dir` (created if missing, made readable by its owner only,
+    /// mode 0700): new device keys wrapped by `passphrase` (scrypt work factor `log_n`).
     pub fn init(dir: &Path, name: &str, passphrase: &str, log_n: u8) -> Result<Engine> {
         let key_path = dir.join(KEY_FILE);
         if key_path.exists() {
@@ -247,6 +248,18 @@ impl Engine {
             path: dir.to_owned(),
             source,
         })?;
+        // The data directory is this device's alone: its database, key file and logs are read by
+        // no other user of the machine (a shared reception PC).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+                EngineError::Io {
+                    path: dir.to_owned(),
+                    source,
+                }
+            })?;
+        }
         let secrets = DeviceSecrets::from_seeds(random(), random());
         let wrapped = secrets.wrap(passphrase, log_n)?;
         write_private(&key_path, &wrapped)?;
