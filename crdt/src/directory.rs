@@ -600,6 +600,16 @@ pub enum FacilityStatus {
     Former(FacilityRole),
 }
 
+impl FacilityStatus {
+    /// The role of a facility certified now or once (`None`: never certified).
+    pub fn ever(self) -> Option<FacilityRole> {
+        match self {
+            FacilityStatus::Current(r) | FacilityStatus::Former(r) => Some(r),
+            FacilityStatus::Unknown => None,
+        }
+    }
+}
+
 /// Who is who, as the membership and admission rules ask it (implemented by [`Directory`] at the
 /// facilities and by the relay's tables).
 pub trait Devices {

@@ -291,20 +291,19 @@ pub fn admit_op(
             // facility the authority certified as a shelter, or an HQ (which may open one for a
             // shelter it runs), opens one, so an enrolled clinic cannot add a made-up shelter to
             // the city's totals.
-            if *kind == DocumentKind::Shelter {
-                let role = match devices.facility_status(op.facility) {
-                    FacilityStatus::Current(r) | FacilityStatus::Former(r) => Some(r),
-                    FacilityStatus::Unknown => None,
-                };
-                if !matches!(role, Some(FacilityRole::Shelter | FacilityRole::Hq)) {
-                    return refuse(
-                        ErrorCode::Forbidden,
-                        format!(
-                            "facility {} is certified neither as a shelter nor as an HQ and cannot open a shelter roster",
-                            op.facility
-                        ),
-                    );
-                }
+            if *kind == DocumentKind::Shelter
+                && !matches!(
+                    devices.facility_status(op.facility).ever(),
+                    Some(FacilityRole::Shelter | FacilityRole::Hq)
+                )
+            {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "facility {} is certified neither as a shelter nor as an HQ and cannot open a shelter roster",
+                        op.facility
+                    ),
+                );
             }
             if members.len() + 1 > DOCUMENT_MEMBERS_MAX {
                 return refuse(
@@ -587,12 +586,14 @@ pub fn admit_grant(
                 format!("recipient {r} is excluded from document {}", view.id),
             );
         }
-        // The relay takes new grants to current member devices only. A device taking a grant from
-        // the relay's history or from a peer also takes one that names a device revoked since (it
-        // was made before; a device excluded from the document is refused above for later keys).
-        // A device this party does not know at all is let through: it may have been enrolled in a
-        // history this party has not seen (a relay put back to an older copy), and refusing would
-        // withhold the key from every other recipient; only the author chose to seal to it.
+        // A known recipient must be a current device of a member facility at the relay; a device
+        // taking a grant from the relay's history or from a peer also takes one that names a
+        // device revoked since (it was made before; a device excluded from the document is refused
+        // above for later keys). A device this party does not know at all is let through, the
+        // relay included: it may have been enrolled in a history this party has not seen (a relay
+        // restored from a backup forgets devices enrolled since), and refusing would withhold the
+        // key from every other recipient; only the author chose to seal to it, and the unknown
+        // device fetches nothing until it is enrolled.
         let ok = match (devices.device_status(r), point) {
             (DeviceStatus::Unknown, _) => true,
             (DeviceStatus::Current(f), Point::Relay) => view.role_of(f).is_some(),

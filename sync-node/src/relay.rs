@@ -790,6 +790,11 @@ impl Relay {
         let (mut mine, mut others) = (Vec::new(), Vec::new());
         let (mut mine_bytes, mut others_bytes) = (0usize, 0usize);
         while let Some(row) = rows.next()? {
+            if mine_bytes > 4 * KEY_GRANTS_RESPONSE_BYTES_MAX
+                && others_bytes > KEY_GRANTS_RESPONSE_BYTES_MAX
+            {
+                break;
+            }
             let encoded: Vec<u8> = row.get(0)?;
             let len = encoded.len();
             let grant = uncbor::<KeyGrant>(&encoded, "stored key grant")?;

@@ -1132,27 +1132,28 @@ fn add_bundle_log(conn: &mut Connection) -> Result<(), StoreError> {
     let locked: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if locked == 2 {
         tx.execute_batch("ALTER TABLE bundles ADD COLUMN log BLOB NOT NULL DEFAULT x''")?;
-        let rows: Vec<(String, i64, Vec<u8>)> = {
-            let mut st = tx.prepare("SELECT doc, seq, bundle_id FROM bundles ORDER BY doc, seq")?;
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?
+        // One document at a time, so memory is bounded by the largest document, not the table.
+        let docs: Vec<String> = {
+            let mut st = tx.prepare("SELECT DISTINCT doc FROM bundles")?;
+            st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
-        let mut doc = String::new();
-        let mut log = LogHash::ZERO;
-        for (d, seq, id) in rows {
-            if d != doc {
-                doc = d.clone();
-                log = LogHash::ZERO;
+        let mut read =
+            tx.prepare("SELECT seq, bundle_id FROM bundles WHERE doc = ?1 ORDER BY seq")?;
+        let mut write = tx.prepare("UPDATE bundles SET log = ?3 WHERE doc = ?1 AND seq = ?2")?;
+        for doc in docs {
+            let rows: Vec<(i64, Vec<u8>)> = read
+                .query_map([&doc], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut log = LogHash::ZERO;
+            for (seq, id) in rows {
+                let id: [u8; 32] = id.try_into().map_err(|_| {
+                    StoreError::Corrupt("a stored bundle id is not 32 bytes".into())
+                })?;
+                log = log.next(&BundleId(id));
+                write.execute(params![doc, seq, log.0.as_slice()])?;
             }
-            let id: [u8; 32] = id
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("a stored bundle id is not 32 bytes".into()))?;
-            log = log.next(&BundleId(id));
-            tx.execute(
-                "UPDATE bundles SET log = ?3 WHERE doc = ?1 AND seq = ?2",
-                params![d, seq, log.0.as_slice()],
-            )?;
         }
+        drop((read, write));
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;

@@ -1410,21 +1410,30 @@ impl Engine {
     /// grants are late). Once it has stayed so for [`ORPHANED_EPOCH_GRACE_MS`],
     /// [`Engine::maintain`] lets a writer start the next epoch, so one member cannot freeze a
     /// document's writes, and a rotation whose grants are a moment late causes no second one.
-    pub fn note_grants_fetched(&mut self, doc: DocumentId, now_ms: u64) -> Result<()> {
+    /// `newest_held` is the newest epoch whose key this device holds after taking the grants
+    /// (the last key of [`Engine::keys`]).
+    pub fn note_grants_fetched(
+        &mut self,
+        doc: DocumentId,
+        newest_held: Option<Epoch>,
+        now_ms: u64,
+    ) -> Result<()> {
         let Some(row) = self.store.document(doc)? else {
             return Ok(());
         };
         let key = format!("orphaned_epoch:{doc}");
         let orphaned = row.info.epoch > Epoch(0)
             && row.relay_ops >= row.info.ops
-            && !self.keys(doc)?.contains_key(&row.info.epoch);
+            && newest_held.is_none_or(|e| e < row.info.epoch);
         let before = self.store.meta_cbor::<Option<(u32, u64)>>(&key)?.flatten();
         let next = match before {
             _ if !orphaned => None,
             Some((e, since)) if e == row.info.epoch.0 => Some((e, since)),
             _ => Some((row.info.epoch.0, now_ms)),
         };
-        self.store.set_meta_cbor(&key, &next)?;
+        if next != before {
+            self.store.set_meta_cbor(&key, &next)?;
+        }
         Ok(())
     }
 
@@ -1443,27 +1452,32 @@ impl Engine {
             return Ok(0);
         }
         let mut queued = 0;
-        let grants = self.store.grants(info.id)?;
         let held_epoch = keys.keys().next_back().copied().unwrap_or_default();
         // The current epoch's key reached no device here after the relay served every grant it
         // holds (see `note_grants_fetched`): a writer starts the next epoch. Each such rotation
         // of a document doubles the wait before the next (a relay that withholds grants on
         // purpose could otherwise spend the document's operation budget, DOCUMENT_OPS_MAX).
-        let recoveries = self
-            .store
-            .meta_cbor::<u32>(&format!("orphan_rotations:{}", info.id))?
-            .unwrap_or(0);
-        let grace = ORPHANED_EPOCH_GRACE_MS << recoveries.min(12);
-        let orphaned = my_role.can_write()
+        let writes = rotate && my_role.can_write();
+        let recoveries = if writes && held_epoch < info.epoch {
+            self.store
+                .meta_cbor::<u32>(&format!("orphan_rotations:{}", info.id))?
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let orphaned = writes
             && held_epoch < info.epoch
             && self
                 .store
                 .meta_cbor::<Option<(u32, u64)>>(&format!("orphaned_epoch:{}", info.id))?
                 .flatten()
                 .is_some_and(|(e, since)| {
-                    e == info.epoch.0 && now_ms().saturating_sub(since) >= grace
+                    e == info.epoch.0
+                        && now_ms().saturating_sub(since)
+                            >= ORPHANED_EPOCH_GRACE_MS << recoveries.min(12)
                 });
-        if rotate && my_role.can_write() && (held_epoch == info.epoch || orphaned) {
+        if writes && (held_epoch == info.epoch || orphaned) {
+            let grants = self.store.grants(info.id)?;
             let current_recipients: BTreeSet<DeviceId> = grants
                 .iter()
                 .filter(|g| g.epoch == held_epoch)

@@ -25,7 +25,7 @@ use musubi_transport::libp2p::request_response::OutboundRequestId;
 use musubi_transport::libp2p::swarm::dial_opts::DialOpts;
 use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm};
 
-use musubi_crdt::directory::Devices as _;
+use musubi_crdt::directory::{Devices as _, Directory};
 
 use crate::engine::{Engine, Result};
 use crate::store::Origin;
@@ -53,12 +53,25 @@ pub struct Lan {
 /// The facility of a current device (verified chain, not revoked, trusted facility), if `peer` is
 /// one and is not this device.
 fn peer_facility(engine: &Engine, peer: &PeerId) -> Option<FacilityId> {
+    current_facility(engine, &engine.directory().ok()?, peer)
+}
+
+/// [`peer_facility`] with the directory already loaded.
+fn current_facility(engine: &Engine, dir: &Directory, peer: &PeerId) -> Option<FacilityId> {
     if *peer == engine.device_id().0 {
         return None;
     }
-    let dir = engine.directory().ok()?;
     dir.device_status(&musubi_crdt::ids::DeviceId(*peer))
         .current()
+}
+
+/// Whether both this device's facility and `facility` are members of `doc`.
+fn shares(engine: &Engine, facility: FacilityId, doc: DocumentId) -> Result<bool> {
+    let me = engine.enrolment()?.facility;
+    Ok(engine
+        .store()
+        .document(doc)?
+        .is_some_and(|d| d.info.role_of(facility).is_some() && d.info.role_of(me).is_some()))
 }
 
 /// The documents whose members include both this device's facility and `facility`.
@@ -178,11 +191,14 @@ impl Lan {
     fn offer_all(&mut self, engine: &Engine, swarm: &mut Swarm<Behaviour>, only: Option<PeerId>) {
         // Who the peer is, asked of the directory now: a device revoked since it connected (this
         // device learned it from the relay or a file meanwhile) is offered nothing more.
+        let Ok(dir) = engine.directory() else {
+            return;
+        };
         let peers: Vec<(PeerId, FacilityId)> = self
             .peers
             .iter()
             .filter(|(p, s)| s.connected && only.is_none_or(|o| o == **p))
-            .filter_map(|(p, _)| peer_facility(engine, p).map(|f| (*p, f)))
+            .filter_map(|(p, _)| current_facility(engine, &dir, p).map(|f| (*p, f)))
             .collect();
         for (peer, facility) in peers {
             let Ok(docs) = shared_docs(engine, facility) else {
@@ -452,7 +468,7 @@ impl Lan {
         for r in &report.refused {
             tracing::warn!(%peer, "LAN item refused: {r}");
         }
-        if want.is_empty() || !shared_docs(engine, facility)?.contains(&doc) {
+        if want.is_empty() || !shares(engine, facility, doc)? {
             return Ok(None);
         }
         let want: BTreeSet<BundleId> = want.into_iter().collect();

@@ -462,14 +462,7 @@ pub async fn sync_with(
                     request_response::Event::Message { peer, message, .. } => match message {
                         request_response::Message::Response { request_id, response } if lan.owns(&request_id) => {
                             let touched = lan.on_response(engine, &mut swarm, request_id, &response)?;
-                            if !touched.is_empty() {
-                                engine.maintain_offline()?;
-                                retract(engine, &mut session);
-                            }
-                            for doc in touched {
-                                services::after_sync(engine, doc)?;
-                                emit(SyncEvent::Changed(doc));
-                            }
+                            after_lan(engine, &mut session, touched, &emit)?;
                         }
                         request_response::Message::Request { request, channel, .. } if peer != relay && options.lan => {
                             let (answer, touched) = match protocol::decode_request(&request) {
@@ -477,14 +470,7 @@ pub async fn sync_with(
                                 Err(e) => (Response::error(e.code(), e.to_string()), vec![]),
                             };
                             let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_response(&answer));
-                            if !touched.is_empty() {
-                                engine.maintain_offline()?;
-                                retract(engine, &mut session);
-                            }
-                            for doc in touched {
-                                services::after_sync(engine, doc)?;
-                                emit(SyncEvent::Changed(doc));
-                            }
+                            after_lan(engine, &mut session, touched, &emit)?;
                         }
                         request_response::Message::Response { request_id, response } => {
                             if let Some(id) = requests.remove(&request_id) {
@@ -731,10 +717,11 @@ pub fn apply_event(
                     }
                 }
             }
-            if let Some(epoch) = engine.keys(doc)?.keys().next_back() {
-                session.handle_key(doc, *epoch);
+            let newest_held = engine.keys(doc)?.keys().next_back().copied();
+            if let Some(epoch) = newest_held {
+                session.handle_key(doc, epoch);
             }
-            engine.note_grants_fetched(doc, crate::engine::now_ms())?;
+            engine.note_grants_fetched(doc, newest_held, crate::engine::now_ms())?;
             changed = true;
             services::after_sync(engine, doc)?;
             Applied::Continue
@@ -971,6 +958,25 @@ fn item_author(item: &PushItem) -> Option<musubi_crdt::ids::DeviceId> {
 }
 
 /// Drops from the session the outbox items the engine replaced (sealed or signed again).
+/// After a LAN exchange changed `touched`: key upkeep (which may retract outbox items the session
+/// holds), then each document's services, and the event for the front-end.
+fn after_lan(
+    engine: &mut Engine,
+    session: &mut Session,
+    touched: Vec<DocumentId>,
+    emit: &dyn Fn(SyncEvent),
+) -> Result<(), SyncError> {
+    if !touched.is_empty() {
+        engine.maintain_offline()?;
+        retract(engine, session);
+    }
+    for doc in touched {
+        services::after_sync(engine, doc)?;
+        emit(SyncEvent::Changed(doc));
+    }
+    Ok(())
+}
+
 fn retract(engine: &mut Engine, session: &mut Session) {
     let retracted: BTreeSet<OutboxId> = engine.take_retracted().into_iter().map(OutboxId).collect();
     if !retracted.is_empty() {

@@ -250,12 +250,7 @@ impl Store {
 
     /// Inserts or replaces a document's membership (keeping the relay's confirmed count).
     pub fn put_document(&self, view: &Membership) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO documents (id, kind, view) VALUES (?1, ?2, ?3)
-             ON CONFLICT(id) DO UPDATE SET view = excluded.view",
-            params![view.id.to_string(), view.kind.to_string(), cbor(view)],
-        )?;
-        Ok(())
+        put_document(&self.conn, view)
     }
 
     /// Records how many operations of a document the relay served or acknowledged.
@@ -461,18 +456,7 @@ impl Store {
 
     /// Ids of a document's superseded bundles (see [`Store::supersede_bundle`]).
     pub fn superseded_ids(&self, doc: DocumentId) -> Result<Vec<BundleId>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id FROM superseded WHERE doc = ?1")?;
-        let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let id: [u8; 32] = row?
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("bundle id length".into()))?;
-            out.push(BundleId(id));
-        }
-        Ok(out)
+        self.doc_bundle_ids("SELECT id FROM superseded WHERE doc = ?1", doc)
     }
 
     /// A stored bundle by id.
@@ -486,9 +470,15 @@ impl Store {
 
     /// Ids of every bundle of a document this device may share (held-back bundles left out).
     pub fn bundle_ids(&self, doc: DocumentId) -> Result<Vec<BundleId>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id FROM bundles WHERE doc = ?1 AND origin != 'held' ORDER BY rowid")?;
+        self.doc_bundle_ids(
+            "SELECT id FROM bundles WHERE doc = ?1 AND origin != 'held' ORDER BY rowid",
+            doc,
+        )
+    }
+
+    /// The bundle ids `sql` selects (one column, `doc` as `?1`).
+    fn doc_bundle_ids(&self, sql: &str, doc: DocumentId) -> Result<Vec<BundleId>> {
+        let mut stmt = self.conn.prepare(sql)?;
         let rows = stmt.query_map([doc.to_string()], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for row in rows {
@@ -595,27 +585,15 @@ impl Store {
             "INSERT INTO ops (hash, doc, idx, op_cbor, confirmed) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![&op.hash()[..], doc, at, cbor(op), at < confirmed],
         )?;
-        tx.execute(
-            "INSERT INTO documents (id, kind, view) VALUES (?1, ?2, ?3)
-             ON CONFLICT(id) DO UPDATE SET view = excluded.view",
-            params![doc, next.kind.to_string(), cbor(next)],
-        )?;
-        let op_item = PushItem::Op { op: op.clone() };
-        tx.execute(
-            "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
-            params![doc, cbor(&op_item)],
-        )?;
+        put_document(&tx, next)?;
+        queue(&tx, &PushItem::Op { op: op.clone() })?;
         for grant in grants {
-            tx.execute(
-                "INSERT OR IGNORE INTO grants (hash, doc, epoch, grant_cbor) VALUES (?1, ?2, ?3, ?4)",
-                params![&grant.hash()[..], doc, grant.epoch.0 as i64, cbor(grant)],
-            )?;
-            let item = PushItem::Grant {
-                grant: grant.clone(),
-            };
-            tx.execute(
-                "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
-                params![doc, cbor(&item)],
+            put_grant(&tx, grant)?;
+            queue(
+                &tx,
+                &PushItem::Grant {
+                    grant: grant.clone(),
+                },
             )?;
         }
         tx.commit()?;
@@ -719,11 +697,7 @@ impl Store {
 
     /// Queues a non-bundle item (operation, grant, invite, approval). Returns the outbox id.
     pub fn queue(&self, item: &PushItem) -> Result<u64> {
-        self.conn.execute(
-            "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
-            params![item.doc().map(|d| d.to_string()), cbor(item)],
-        )?;
-        Ok(self.conn.last_insert_rowid() as u64)
+        queue(&self.conn, item)
     }
 
     /// Outbox rows of a document waiting to be signed or sealed again, or pending bundles sealed in
@@ -1111,15 +1085,7 @@ impl Store {
 
     /// Stores a key grant (idempotent); returns whether it was new.
     pub fn put_grant(&self, grant: &KeyGrant) -> Result<bool> {
-        Ok(self.conn.execute(
-            "INSERT OR IGNORE INTO grants (hash, doc, epoch, grant_cbor) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                &grant.hash()[..],
-                grant.doc.to_string(),
-                grant.epoch.0 as i64,
-                cbor(grant)
-            ],
-        )? == 1)
+        put_grant(&self.conn, grant)
     }
 
     /// Every grant of a document.
@@ -1134,4 +1100,36 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Stores a document's membership view (on a connection or inside a transaction).
+fn put_document(conn: &Connection, view: &Membership) -> Result<()> {
+    conn.execute(
+        "INSERT INTO documents (id, kind, view) VALUES (?1, ?2, ?3)
+         ON CONFLICT(id) DO UPDATE SET view = excluded.view",
+        params![view.id.to_string(), view.kind.to_string(), cbor(view)],
+    )?;
+    Ok(())
+}
+
+/// Queues a non-bundle item; returns the outbox id.
+fn queue(conn: &Connection, item: &PushItem) -> Result<u64> {
+    conn.execute(
+        "INSERT INTO outbox (doc, bundle, item) VALUES (?1, NULL, ?2)",
+        params![item.doc().map(|d| d.to_string()), cbor(item)],
+    )?;
+    Ok(conn.last_insert_rowid() as u64)
+}
+
+/// Stores a key grant; returns whether it was new.
+fn put_grant(conn: &Connection, grant: &KeyGrant) -> Result<bool> {
+    Ok(conn.execute(
+        "INSERT OR IGNORE INTO grants (hash, doc, epoch, grant_cbor) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            &grant.hash()[..],
+            grant.doc.to_string(),
+            grant.epoch.0 as i64,
+            cbor(grant)
+        ],
+    )? == 1)
 }

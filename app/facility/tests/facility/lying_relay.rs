@@ -156,6 +156,11 @@ fn accomplice_at_b(w: &World, doc: DocumentId) -> (Option<Role>, Vec<(Epoch, Dev
     (info.role_of(w.fx), leaked)
 }
 
+/// The newest epoch whose key `e` holds for `doc`.
+fn newest_held(e: &Engine, doc: DocumentId) -> Option<Epoch> {
+    e.keys(doc).expect("keys").keys().next_back().copied()
+}
+
 fn age_recipient(e: &Engine) -> (DeviceId, String) {
     let p = e.secrets().public();
     (p.device, p.age_recipient)
@@ -838,8 +843,12 @@ fn a_writer_cannot_freeze_a_document_with_a_key_it_grants_to_nobody() {
     w.a1.store()
         .set_meta_cbor(&format!("orphaned_epoch:{doc}"), &None::<(u32, u64)>)
         .expect("meta");
-    w.a1.note_grants_fetched(doc, now_ms() - ORPHANED_EPOCH_GRACE_MS - 1)
-        .expect("note");
+    w.a1.note_grants_fetched(
+        doc,
+        newest_held(&w.a1, doc),
+        now_ms() - ORPHANED_EPOCH_GRACE_MS - 1,
+    )
+    .expect("note");
 
     let after = last_outbox(&w.a1);
     w.a1.maintain().expect("maintain");
@@ -897,7 +906,7 @@ fn a_writer_cannot_freeze_a_document_with_a_key_it_grants_to_nobody() {
         w.a1.store()
             .set_meta_cbor(&format!("orphaned_epoch:{doc}"), &None::<(u32, u64)>)
             .expect("meta");
-        w.a1.note_grants_fetched(doc, now_ms() - waited)
+        w.a1.note_grants_fetched(doc, newest_held(&w.a1, doc), now_ms() - waited)
             .expect("note");
         w.a1.maintain().expect("maintain");
         w.a1.document_info(&doc.to_string()).expect("info").epoch
