@@ -22,6 +22,39 @@ use crate::ids::DeviceId;
 pub const PASSPHRASE_LOG_N_DEFAULT: u8 = 18;
 /// The smallest scrypt work factor accepted when wrapping.
 pub const PASSPHRASE_LOG_N_MIN: u8 = 10;
+/// The smallest scrypt work factor a new key gets outside tests (2^16: about 60 ms and 64 MiB per
+/// guess on this project's 2-core machines; 2^10 would be 64 times cheaper to attack).
+pub const PASSPHRASE_LOG_N_SAFE_MIN: u8 = 16;
+/// Shortest passphrase accepted for a new key, in Unicode scalar values.
+pub const PASSPHRASE_CHARS_MIN: usize = 8;
+/// The environment variable that, set to `1`, lets test harnesses wrap keys with a work factor below
+/// [`PASSPHRASE_LOG_N_SAFE_MIN`] (the shells read it; see [`check_new_passphrase`]).
+pub const WEAK_KDF_FOR_TESTS_ENV: &str = "MUSUBI_WEAK_KDF_FOR_TESTS";
+
+/// The rule for a passphrase and work factor that wrap a new key (a device's, the authority's, the
+/// relay's): at least [`PASSPHRASE_CHARS_MIN`] characters, and a work factor of at least
+/// [`PASSPHRASE_LOG_N_SAFE_MIN`] unless `weak_kdf_for_tests` (a test harness said so with
+/// [`WEAK_KDF_FOR_TESTS_ENV`]).
+///
+/// Errors: [`CryptoError::ShortPassphrase`], [`CryptoError::WeakWorkFactor`], or
+/// [`CryptoError::WorkFactor`] outside the range any key file may use.
+pub fn check_new_passphrase(
+    passphrase: &str,
+    log_n: u8,
+    weak_kdf_for_tests: bool,
+) -> Result<(), CryptoError> {
+    if passphrase.chars().count() < PASSPHRASE_CHARS_MIN {
+        return Err(CryptoError::ShortPassphrase);
+    }
+    if !(PASSPHRASE_LOG_N_MIN..=PASSPHRASE_LOG_N_MAX).contains(&log_n) {
+        return Err(CryptoError::WorkFactor(log_n));
+    }
+    if log_n < PASSPHRASE_LOG_N_SAFE_MIN && !weak_kdf_for_tests {
+        return Err(CryptoError::WeakWorkFactor(log_n));
+    }
+    Ok(())
+}
+
 /// The largest scrypt work factor accepted when unwrapping (bounds the time an attacker-chosen file costs).
 pub const PASSPHRASE_LOG_N_MAX: u8 = 22;
 
@@ -46,6 +79,16 @@ pub enum CryptoError {
     /// A work factor outside [`PASSPHRASE_LOG_N_MIN`]..=[`PASSPHRASE_LOG_N_MAX`].
     #[error("scrypt work factor {0} is outside {PASSPHRASE_LOG_N_MIN}..={PASSPHRASE_LOG_N_MAX}")]
     WorkFactor(u8),
+    /// A new passphrase shorter than [`PASSPHRASE_CHARS_MIN`].
+    #[error(
+        "the passphrase must have at least {PASSPHRASE_CHARS_MIN} characters (パスフレーズは{PASSPHRASE_CHARS_MIN}文字以上にしてください)"
+    )]
+    ShortPassphrase,
+    /// A work factor below [`PASSPHRASE_LOG_N_SAFE_MIN`] outside tests.
+    #[error(
+        "scrypt work factor {0} is too weak for a real key; use {PASSPHRASE_LOG_N_SAFE_MIN} or more (below that only for tests, with {WEAK_KDF_FOR_TESTS_ENV}=1)"
+    )]
+    WeakWorkFactor(u8),
 }
 
 /// Domain-separation tags for signatures.

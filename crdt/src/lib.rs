@@ -2,7 +2,7 @@
 //!
 //! It holds everything that must be the same at the relay and at every facility:
 //! identifiers ([`ids`]), named limits ([`limits`]), age envelopes and Ed25519 signatures ([`crypto`]),
-//! signed bundles ([`bundle`]), signed membership and key-grant operations ([`ops`]), the membership
+//! signed bundles ([`bundle`]), their changes decoded with bounds and bound to their device ([`changes`]), signed membership and key-grant operations ([`ops`]), the membership
 //! view and the one admission rule ([`membership`]), the certificate chains of the directory
 //! ([`directory`]), invites and join requests ([`invite`]), the `/musubi/sync/1` wire messages ([`protocol`]),
 //! the facility's sync-session state machine ([`sync`]) and the typed domain documents ([`documents`]).
@@ -13,6 +13,7 @@
 //! the per-message file keys and nonces that the age library draws itself.
 
 pub mod bundle;
+pub mod changes;
 pub mod crypto;
 pub mod directory;
 pub mod documents;

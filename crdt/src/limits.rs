@@ -13,6 +13,15 @@ pub const BUNDLE_BYTES_MAX: usize = ATTACHMENT_BYTES_MAX + 64 * 1024;
 /// Largest plaintext of the changes in one bundle, in bytes (4 MiB); larger edits are split.
 pub const BUNDLE_CHANGES_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Most bytes the changes of one bundle may inflate to when compressed chunks are decoded (16 MiB,
+/// four times [`BUNDLE_CHANGES_BYTES_MAX`]): a DEFLATE bomb is refused here (see
+/// [`crate::changes::decode_changes`]) instead of costing gigabytes at every member.
+pub const CHANGES_INFLATED_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Most Automerge operations in the changes of one bundle (2^20). Automerge keeps each applied
+/// operation in memory; a run-length-encoded column can name millions in a few bytes.
+pub const CHANGES_OPS_MAX: usize = 1 << 20;
+
 /// Largest `/musubi/sync/1` frame (one request or one response), in bytes.
 pub const FRAME_BYTES_MAX: usize = BUNDLE_BYTES_MAX + 1024 * 1024;
 

@@ -135,6 +135,7 @@ pub struct TransferDecoder {
     ended: bool,
     index: u64,
     hasher: blake3::Hasher,
+    last_record_bytes: usize,
 }
 
 impl TransferDecoder {
@@ -217,7 +218,14 @@ impl TransferDecoder {
         self.header_done = true;
         self.pos += 4 + len;
         self.index += 1;
+        self.last_record_bytes = len;
         Ok(Some(out))
+    }
+
+    /// The length in bytes of the record [`TransferDecoder::next_record`] last decoded (what its
+    /// item costs in memory, about).
+    pub fn last_record_bytes(&self) -> usize {
+        self.last_record_bytes
     }
 
     /// Call after the last byte: errors if the trailer was never reached.

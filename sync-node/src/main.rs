@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use musubi_crdt::crypto;
 use musubi_crdt::ids::FacilityRole;
 use musubi_sync_node::authority::{
     AUTHORITY_SCRYPT_LOG_N, Authority, AuthorityDir, AuthorityInvite,
@@ -56,7 +57,8 @@ enum AuthorityCommand {
         /// A name for the deployment (for example the municipality).
         #[arg(long, value_name = "NAME", default_value = "musubi")]
         deployment: String,
-        /// scrypt work factor (log2 N) of the passphrase; higher is slower to unlock and to attack.
+        /// scrypt work factor (log2 N) of the passphrase, 16 to 22; higher is slower to unlock and to
+        /// attack (below 16 only for tests, with MUSUBI_WEAK_KDF_FOR_TESTS=1).
         #[arg(long, default_value_t = AUTHORITY_SCRYPT_LOG_N, value_parser = clap::value_parser!(u8).range(10..=22))]
         scrypt_log_n: u8,
         /// Print JSON instead of text.
@@ -335,6 +337,13 @@ fn authority_init(
         bail!("the deployment name must not be empty");
     }
     let pass = authority_passphrase(passphrase_file)?;
+    // The authority's key certifies every facility: the same rule as a device's key, and the test
+    // harness's cheap work factor only when it says so.
+    crypto::check_new_passphrase(
+        &pass,
+        log_n,
+        std::env::var(crypto::WEAK_KDF_FOR_TESTS_ENV).as_deref() == Ok("1"),
+    )?;
     let dir = AuthorityDir::init(adir, name, &pass, log_n)?;
     let public = dir.public();
     if json {

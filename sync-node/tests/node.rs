@@ -2831,8 +2831,11 @@ mod network {
         server.await.expect("join").expect("served without error");
     }
 
+    /// `musubi-node`, allowed the cheap scrypt work factor these tests wrap keys with.
     fn node() -> Command {
-        Command::new(env!("CARGO_BIN_EXE_musubi-node"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_musubi-node"));
+        cmd.env(musubi_crdt::crypto::WEAK_KDF_FOR_TESTS_ENV, "1");
+        cmd
     }
 
     fn run_ok(cmd: &mut Command, what: &str) -> String {

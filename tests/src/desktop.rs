@@ -535,6 +535,10 @@ impl DesktopApp {
                 "MUSUBI_SCRYPT_LOG_N".into(),
                 APP_SCRYPT_LOG_N.to_string().into(),
             ),
+            (
+                crate::WEAK_KDF_FOR_TESTS.0.into(),
+                crate::WEAK_KDF_FOR_TESTS.1.into(),
+            ),
         ];
         if std::env::var_os("MUSUBI_LOG").is_none() {
             env.push(("MUSUBI_LOG".into(), "info".into()));

@@ -61,7 +61,8 @@ impl Facility {
             .arg("--data")
             .arg(&self.data)
             .args(args);
-        cmd.env("MUSUBI_PASSPHRASE", &self.passphrase);
+        cmd.env("MUSUBI_PASSPHRASE", &self.passphrase)
+            .env(crate::WEAK_KDF_FOR_TESTS.0, crate::WEAK_KDF_FOR_TESTS.1);
         // Info logs on stderr: they land in `logs/NAME.log`, which the confidentiality test greps too.
         if std::env::var_os("MUSUBI_LOG").is_none() {
             cmd.env("MUSUBI_LOG", "info");

@@ -341,3 +341,110 @@ pub fn forged_file(
     bytes.extend(enc.finish());
     std::fs::write(path, bytes).expect("write the forged file");
 }
+
+/// Writes a transfer file of `count` copies of `item` record by record (a file of hundreds of
+/// megabytes is never held in memory), for `deployment`, as `secrets`' device.
+pub fn forged_file_of(
+    path: &Path,
+    deployment: DeploymentId,
+    secrets: &DeviceSecrets,
+    item: &PushItem,
+    count: usize,
+) {
+    use std::io::Write;
+    let (mut enc, start) = TransferEncoder::start(&TransferHeader {
+        deployment,
+        device: secrets.device_id(),
+        created_at_ms: crate::raw::now_ms(),
+        directory: None,
+    });
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).expect("create the file"));
+    w.write_all(&start).expect("write");
+    for _ in 0..count {
+        w.write_all(&enc.item(item).expect("an item fits a record"))
+            .expect("write");
+    }
+    w.write_all(&enc.finish()).expect("write");
+    w.flush().expect("flush");
+}
+
+/// An Automerge compressed-change chunk (type 2) whose DEFLATE data inflates to `inflated` zero bytes:
+/// about 1 KiB of chunk per MiB inflated (a deflate bomb).
+pub fn deflate_bomb_chunk(inflated: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = inflated;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        enc.write_all(&zeros[..n]).expect("deflate");
+        left -= n;
+    }
+    let body = enc.finish().expect("deflate");
+    let mut chunk = musubi_crdt::changes::CHUNK_MAGIC.to_vec();
+    chunk.extend_from_slice(&[0, 0, 0, 0, 2]);
+    leb128::write::unsigned(&mut chunk, body.len() as u64).expect("leb128");
+    chunk.extend_from_slice(&body);
+    chunk
+}
+
+/// Changes as `device` would write them (its bound actor), that set the document's `kind` to `kind`
+/// (a change that, applied, makes a letter unreadable as a letter).
+pub fn changes_as(device: &musubi_crdt::ids::DeviceId, kind: &str) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    let actor =
+        musubi_crdt::changes::device_actor(device, [9; musubi_crdt::changes::ACTOR_SESSION_BYTES]);
+    let mut doc = automerge::AutoCommit::new().with_actor(actor);
+    doc.put(automerge::ROOT, "kind", kind).expect("put");
+    doc.commit();
+    let mut out = Vec::new();
+    for mut c in doc.get_changes(&[]) {
+        out.extend_from_slice(&c.bytes());
+    }
+    out
+}
+
+/// `chunk` (one Automerge change chunk, compressed or not) with every occurrence of `from`'s
+/// device id bytes replaced by `to`'s (the same length): the same change, bound to another device.
+pub fn rebind_actor(
+    chunk: &[u8],
+    from: &musubi_crdt::ids::DeviceId,
+    to: &musubi_crdt::ids::DeviceId,
+) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let (from, to) = (from.0.to_bytes(), to.0.to_bytes());
+    assert_eq!(from.len(), to.len(), "device ids of one length");
+    let chunk_type = chunk[8];
+    let mut rest = &chunk[9..];
+    let len = leb128::read::unsigned(&mut rest).expect("a chunk length") as usize;
+    let body = &rest[..len];
+    let mut plain = if chunk_type == 2 {
+        let mut out = Vec::new();
+        flate2::read::DeflateDecoder::new(body)
+            .read_to_end(&mut out)
+            .expect("inflate");
+        out
+    } else {
+        body.to_vec()
+    };
+    let mut i = 0;
+    while i + from.len() <= plain.len() {
+        if plain[i..i + from.len()] == from[..] {
+            plain[i..i + from.len()].copy_from_slice(&to);
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    let body = if chunk_type == 2 {
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&plain).expect("deflate");
+        enc.finish().expect("deflate")
+    } else {
+        plain
+    };
+    let mut out = chunk[..9].to_vec();
+    leb128::write::unsigned(&mut out, body.len() as u64).expect("leb128");
+    out.extend_from_slice(&body);
+    out
+}

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 pub mod desktop;
 pub mod facility;
 pub mod files;
+pub mod fuzz;
 pub mod hostile;
 pub mod measure;
 pub mod nanao;
@@ -43,8 +44,12 @@ pub use relay::Relay;
 /// How long one CLI command may run before the harness kills it and fails the test.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The scrypt work factor the tests wrap device keys with (the production default is 18).
+/// The scrypt work factor the tests wrap device keys with (the production default is 18; the
+/// programs take it only with [`WEAK_KDF_FOR_TESTS`] in their environment).
 pub const TEST_SCRYPT_LOG_N: u8 = 10;
+
+/// The environment variable and value with which the programs accept [`TEST_SCRYPT_LOG_N`].
+pub const WEAK_KDF_FOR_TESTS: (&str, &str) = (musubi_crdt::crypto::WEAK_KDF_FOR_TESTS_ENV, "1");
 
 /// The deployment authority's passphrase in the tests.
 pub const AUTHORITY_PASSPHRASE: &str = "the municipality's authority passphrase";

@@ -52,7 +52,8 @@ impl Relay {
             cmd.args(["authority", "init", "--authority"])
                 .arg(&r.authority)
                 .args(["--deployment", "musubi-test", "--scrypt-log-n", "10"])
-                .env("MUSUBI_AUTHORITY_PASSPHRASE", AUTHORITY_PASSPHRASE);
+                .env("MUSUBI_AUTHORITY_PASSPHRASE", AUTHORITY_PASSPHRASE)
+                .env(crate::WEAK_KDF_FOR_TESTS.0, crate::WEAK_KDF_FOR_TESTS.1);
             run_command(cmd, COMMAND_TIMEOUT).expect_ok();
         }
         let a = r.authority.display().to_string();

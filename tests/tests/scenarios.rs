@@ -34,6 +34,8 @@ mod card;
 mod careplan;
 #[path = "scenarios/desktop.rs"]
 mod desktop;
+#[path = "scenarios/hostile.rs"]
+mod hostile;
 #[path = "scenarios/outage.rs"]
 mod outage;
 #[path = "scenarios/shelter.rs"]

@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use musubi_crdt::bundle::{BundleError, Envelope, Payload};
+use musubi_crdt::changes;
 use musubi_crdt::crypto::{self, CryptoError, DeviceSecrets, DocumentKey};
 use musubi_crdt::directory::{
     DeviceChange, DeviceLink, DeviceStatus, Devices, Directory, DirectoryError, FacilityEntry,
@@ -194,6 +195,13 @@ pub fn random<const N: usize>() -> [u8; N] {
     b
 }
 
+/// Whether this process may wrap new keys with a work factor below
+/// [`crypto::PASSPHRASE_LOG_N_SAFE_MIN`]: only when a test harness sets
+/// [`crypto::WEAK_KDF_FOR_TESTS_ENV`] to `1`.
+pub fn weak_kdf_for_tests() -> bool {
+    std::env::var(crypto::WEAK_KDF_FOR_TESTS_ENV).as_deref() == Ok("1")
+}
+
 /// A document loaded for reading or editing.
 pub struct Loaded {
     /// The document's membership, from its verified operation chain.
@@ -239,7 +247,15 @@ pub struct Approvals {
 impl Engine {
     /// Creates a facility device in `dir` (created if missing, made readable by its owner only,
     /// mode 0700): new device keys wrapped by `passphrase` (scrypt work factor `log_n`).
+    ///
+    /// The shells check `log_n` against [`crypto::check_new_passphrase`] with the test flag they
+    /// read ([`weak_kdf_for_tests`]); here only the passphrase's length and the work factor's range
+    /// are checked (an in-process simulation wraps keys cheaply on purpose).
+    ///
+    /// Errors: [`EngineError::AlreadyInitialised`]; a passphrase shorter than
+    /// [`crypto::PASSPHRASE_CHARS_MIN`]; IO and store errors.
     pub fn init(dir: &Path, name: &str, passphrase: &str, log_n: u8) -> Result<Engine> {
+        crypto::check_new_passphrase(passphrase, log_n, true)?;
         let key_path = dir.join(KEY_FILE);
         if key_path.exists() {
             return Err(EngineError::AlreadyInitialised(dir.to_owned()));
@@ -663,11 +679,61 @@ impl Engine {
             .info)
     }
 
+    /// Runs `f` as one engine operation ([`Store::begin_operation`]): its writes commit together
+    /// when it returns `Ok`, and are rolled back when it returns an error.
+    fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let top = self.store.begin_operation()?;
+        let out = f(self);
+        match &out {
+            Ok(_) => self.store.end_operation(top, true)?,
+            Err(_) => {
+                if let Err(e) = self.store.end_operation(top, false) {
+                    tracing::warn!("could not roll back a failed operation: {e}");
+                }
+            }
+        }
+        out
+    }
+
+    /// The actor this device writes a document with in this process ([`changes::device_actor`]).
+    fn actor(&self) -> ActorId {
+        changes::device_actor(&self.device_id(), random())
+    }
+
     /// Decrypts and loads a document: its sealed local snapshot (if any), then every bundle stored since.
     ///
-    /// When more than [`SNAPSHOT_AFTER_BUNDLES`] bundles had to be applied, a new snapshot is sealed to
-    /// this device's age recipient and stored, so the next load is quick.
+    /// Each bundle's changes are decoded on their own ([`changes::decode_changes`]: bounded inflation
+    /// and operation count, actor bound to the signing device); a bundle that fails is quarantined
+    /// ([`Store::quarantine`]) and the document loads with everything else. When more than
+    /// [`SNAPSHOT_AFTER_BUNDLES`] bundles had to be applied, a new snapshot is sealed to this device's
+    /// age recipient and stored, so the next load is quick (a quarantined bundle is never in it).
     pub fn load(&self, doc: DocumentId) -> Result<Loaded> {
+        let mut careful = false;
+        loop {
+            match self.try_load(doc, careful)? {
+                Ok(loaded) => return Ok(loaded),
+                // A bundle whose changes decoded but that Automerge would not apply: quarantined,
+                // then the document is loaded again without it.
+                Err(Some(bad)) => self.quarantine(&bad.0, &bad.1)?,
+                Err(None) => careful = true,
+            }
+        }
+    }
+
+    /// Quarantines a bundle: kept, never applied, listed with its author.
+    fn quarantine(&self, env: &Envelope, reason: &str) -> Result<()> {
+        tracing::warn!(doc = %env.doc, bundle = %env.id(), author = %env.author, facility = %env.facility, "quarantined a bundle: {reason}");
+        self.store.quarantine(env, None, reason, now_ms())?;
+        Ok(())
+    }
+
+    /// One attempt of [`Engine::load`]: the loaded document, or what [`apply_batch`] refused.
+    #[allow(clippy::type_complexity)]
+    fn try_load(
+        &self,
+        doc: DocumentId,
+        careful: bool,
+    ) -> Result<std::result::Result<Loaded, Option<Box<(Envelope, String)>>>> {
         let info = self
             .store
             .document(doc)?
@@ -677,7 +743,7 @@ impl Engine {
         if keys.is_empty() {
             return Err(EngineError::NoKey(doc));
         }
-        let actor = ActorId::from(random::<16>().to_vec());
+        let actor = self.actor();
         let (mut am, upto) = match self.store.snapshot(doc)? {
             Some((upto, sealed)) => {
                 match crypto::open_with(self.secrets.age_identity(), &sealed, SNAPSHOT_BYTES_MAX)
@@ -697,27 +763,37 @@ impl Engine {
         let mut applied = 0usize;
         let mut applied_bytes = 0usize;
         let mut last = upto;
-        // Changes go to Automerge in batches: each `load_incremental` call costs time in proportion
-        // to the document, so one call per bundle made loading N new bundles quadratic in N.
-        let mut batch: Vec<u8> = Vec::new();
+        // Changes go to Automerge in batches: each call costs time in proportion to the document,
+        // so one call per bundle made loading N new bundles quadratic in N.
+        let mut batch: Vec<(Envelope, Vec<automerge::Change>)> = Vec::new();
+        let mut batch_bytes = 0usize;
         for (rowid, row) in self.store.bundles_after(doc, upto)? {
             match open_any(&keys, &row.envelope) {
                 Some(Payload::Changes { data }) => {
-                    batch.extend_from_slice(&data);
-                    applied_bytes += data.len();
-                    if batch.len() >= LOAD_BATCH_BYTES_MAX {
-                        am.load_incremental(&batch)?;
-                        batch.clear();
+                    match changes::decode_changes(&data, &row.envelope.author) {
+                        Ok(decoded) => {
+                            batch_bytes += data.len();
+                            applied_bytes += data.len();
+                            batch.push((row.envelope, decoded));
+                            applied += 1;
+                        }
+                        Err(e) => self.quarantine(&row.envelope, &e.to_string())?,
                     }
-                    applied += 1;
+                    if batch_bytes >= LOAD_BATCH_BYTES_MAX {
+                        if let Err(bad) = apply_batch(&mut am, std::mem::take(&mut batch), careful)
+                        {
+                            return Ok(Err(bad));
+                        }
+                        batch_bytes = 0;
+                    }
                 }
                 Some(Payload::Attachment { .. }) => {}
                 None => unreadable += 1,
             }
             last = rowid;
         }
-        if !batch.is_empty() {
-            am.load_incremental(&batch)?;
+        if let Err(bad) = apply_batch(&mut am, batch, careful) {
+            return Ok(Err(bad));
         }
         // A snapshot must cover exactly the rows up to `last`: skip it while some row is unreadable
         // (its key may arrive later and the row must then still be applied).
@@ -731,12 +807,12 @@ impl Engine {
             }
         }
         let heads = am.get_heads();
-        Ok(Loaded {
+        Ok(Ok(Loaded {
             info,
             doc: am,
             heads,
             unreadable,
-        })
+        }))
     }
 
     /// Reads an attachment bundle's payload.
@@ -775,8 +851,12 @@ impl Engine {
 
     /// Seals the changes made to `loaded.doc` since it was loaded into bundles, stores and queues them.
     ///
-    /// Returns how many bundles were written (0 when nothing changed).
+    /// Returns how many bundles were written (0 when nothing changed), all in one transaction.
     pub fn commit(&mut self, loaded: &mut Loaded) -> Result<usize> {
+        self.atomic(|e| e.commit_in(loaded))
+    }
+
+    fn commit_in(&mut self, loaded: &mut Loaded) -> Result<usize> {
         let doc_id = loaded.info.id;
         if !self.my_role(&loaded.info)?.is_some_and(Role::can_write) {
             return Err(EngineError::ReadOnly(doc_id));
@@ -852,8 +932,19 @@ impl Engine {
     /// for the relay: its signed `Create` (which fixes the document's id and commits to the first
     /// key), a grant of that key to every current device of the members, and the first changes.
     ///
+    /// One transaction: a crash leaves either all of it or nothing.
+    ///
     /// Errors: a member without a certificate; the engine's errors.
     pub fn create_document(
+        &mut self,
+        kind: DocumentKind,
+        members: Vec<Member>,
+        build: impl FnOnce(&mut AutoCommit) -> Result<()>,
+    ) -> Result<DocumentId> {
+        self.atomic(|e| e.create_document_in(kind, members, build))
+    }
+
+    fn create_document_in(
         &mut self,
         kind: DocumentKind,
         members: Vec<Member>,
@@ -900,7 +991,7 @@ impl Engine {
         self.store.queue(&PushItem::Grant { grant })?;
         let mut loaded = Loaded {
             info: view,
-            doc: AutoCommit::new().with_actor(ActorId::from(random::<16>().to_vec())),
+            doc: AutoCommit::new().with_actor(self.actor()),
             heads: vec![],
             unreadable: 0,
         };
@@ -942,8 +1033,13 @@ impl Engine {
         Ok(next)
     }
 
-    /// Adds `facility` with `role`, or removes it (`role: None`, which also rotates the key). Owner only.
+    /// Adds `facility` with `role`, or removes it (`role: None`, which also rotates the key). Owner
+    /// only. One transaction with the key upkeep it causes.
     pub fn share(&mut self, doc: DocumentId, facility: &str, role: Option<Role>) -> Result<()> {
+        self.atomic(|e| e.share_in(doc, facility, role))
+    }
+
+    fn share_in(&mut self, doc: DocumentId, facility: &str, role: Option<Role>) -> Result<()> {
         let target = self.find_facility(facility)?;
         let info = self
             .store
@@ -989,6 +1085,15 @@ impl Engine {
     /// of it those of its own that a concurrent operation displaced (or drops them), and sets aside
     /// displaced operations of other devices. Returns how many operations the relay confirmed.
     pub fn apply_relay_ops(
+        &mut self,
+        doc: DocumentId,
+        from: u32,
+        ops: &[DocOp],
+    ) -> Result<OpsApplied> {
+        self.atomic(|e| e.apply_relay_ops_in(doc, from, ops))
+    }
+
+    fn apply_relay_ops_in(
         &mut self,
         doc: DocumentId,
         from: u32,
@@ -1394,7 +1499,9 @@ impl Engine {
             let doc = row.info.id;
             // One document's trouble (a grant that cannot be sealed, a chain that moved on) never
             // stops the upkeep of the others, nor the sync that runs it.
-            match self.maintain_document(row.info, &dir, enrolment.facility, rotate) {
+            // Each document's upkeep (a new epoch, its grants, bundles sealed again) is one
+            // transaction: all of it or none.
+            match self.atomic(|e| e.maintain_document(row.info, &dir, enrolment.facility, rotate)) {
                 Ok(n) => queued += n,
                 Err(EngineError::Store(e)) => return Err(EngineError::Store(e)),
                 Err(e) => tracing::warn!(%doc, "key upkeep of this document failed: {e}"),
@@ -1701,7 +1808,18 @@ impl Engine {
     /// uploads it. Operations that do not follow this device's chain are kept aside, not applied.
     ///
     /// Operations come before grants and bundles so a document this device never saw is known first.
+    ///
+    /// One transaction: a crash leaves all of the items' effects or none.
     pub fn import_items(
+        &mut self,
+        items: Vec<PushItem>,
+        origin: Origin,
+        queue_for_relay: bool,
+    ) -> Result<ImportReport> {
+        self.atomic(|e| e.import_items_in(items, origin, queue_for_relay))
+    }
+
+    fn import_items_in(
         &mut self,
         items: Vec<PushItem>,
         origin: Origin,
@@ -2140,6 +2258,33 @@ fn lost_right(dir: &Directory, info: &Membership, device: &DeviceId) -> bool {
         Some((f, d)) => d.revoked || f.revoked || info.role_of(f.id).is_none(),
         None => false,
     }
+}
+
+/// Applies decoded bundles to `am`: all in one call, or (`careful`) one bundle at a time.
+///
+/// Errors: `Some(bundle, reason)` when applying one bundle failed (careful), `None` when the batch
+/// failed (`am` may then hold part of it: load again, carefully).
+fn apply_batch(
+    am: &mut AutoCommit,
+    batch: Vec<(Envelope, Vec<automerge::Change>)>,
+    careful: bool,
+) -> std::result::Result<(), Option<Box<(Envelope, String)>>> {
+    if careful {
+        for (env, decoded) in batch {
+            if let Err(e) = changes::apply(am, decoded) {
+                return Err(Some(Box::new((env, e.to_string()))));
+            }
+        }
+        return Ok(());
+    }
+    let all: Vec<automerge::Change> = batch.into_iter().flat_map(|(_, c)| c).collect();
+    if all.is_empty() {
+        return Ok(());
+    }
+    changes::apply(am, all).map_err(|e| {
+        tracing::warn!("Automerge refused a batch of bundles ({e}); applying them one by one");
+        None
+    })
 }
 
 fn open_any(keys: &BTreeMap<Epoch, Vec<DocumentKey>>, env: &Envelope) -> Option<Payload> {

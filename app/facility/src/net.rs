@@ -335,6 +335,13 @@ pub async fn sync_with(
     mut on_progress: impl FnMut(&SyncReport),
 ) -> Result<SyncReport, SyncError> {
     let enrolment = engine.enrolment()?;
+    let requeued = engine.store_mut().requeue_unsent()?;
+    if requeued > 0 {
+        tracing::warn!(
+            requeued,
+            "queued again bundles written here that were neither acknowledged nor queued"
+        );
+    }
     let (relay, addrs) = relay_target(&enrolment);
     let mut swarm = build_swarm(engine.secrets().keypair().clone(), options.lan)
         .map_err(|e| SyncError::Transport(e.to_string()))?;
@@ -733,6 +740,7 @@ pub fn apply_event(
             let dir = engine.directory()?;
             let row = engine.store().document(doc)?;
             let mut good: Vec<(Seq, _)> = Vec::with_capacity(items.len());
+            let mut refused: Vec<(Seq, _, String)> = Vec::new();
             for p in items {
                 let author = p.envelope.author;
                 // A bundle by a revoked device the relay gave a sequence number this device had not
@@ -792,12 +800,16 @@ pub fn apply_event(
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(%doc, seq = %p.seq, "dropping a bundle that is not admitted: {}", e.message);
+                        // Kept, never applied, and listed with its author (`musubi status`).
+                        tracing::warn!(%doc, seq = %p.seq, author = %p.envelope.author, "quarantining a bundle that is not admitted: {}", e.message);
+                        refused.push((p.seq, p.envelope, e.message));
                     }
                 }
             }
             report.pulled += good.len() as u64;
-            engine.store_mut().store_pulled(doc, &good, now_ms())?;
+            engine
+                .store_mut()
+                .store_pulled(doc, &good, &refused, now_ms())?;
             if let Some((seq, log)) = last {
                 engine.store().raise_witness(doc, seq, &log)?;
             }

@@ -23,6 +23,7 @@ use musubi_crdt::membership::Membership;
 use musubi_crdt::ops::{DocOp, KeyGrant, OpHash};
 use musubi_crdt::protocol::PushItem;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
 
 /// Schema version written to `PRAGMA user_version`. Versions 1 to 3 (before the deployment authority)
 /// are not upgraded: a device made by them joins again.
@@ -117,6 +118,25 @@ pub struct BundleRow {
     pub envelope: Envelope,
 }
 
+/// A quarantined bundle: stored, never applied, shared or exported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QuarantineRow {
+    /// The bundle's id (hex BLAKE3 of its envelope).
+    pub bundle: String,
+    /// Its document.
+    pub doc: String,
+    /// The device that signed it (as its envelope names it).
+    pub author: String,
+    /// The facility its envelope names.
+    pub facility: String,
+    /// The relay's sequence number, when it came from the relay.
+    pub seq: Option<u64>,
+    /// Why it is not applied.
+    pub reason: String,
+    /// When it was quarantined, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
 /// A document as stored locally.
 #[derive(Clone, Debug)]
 pub struct DocumentRow {
@@ -205,6 +225,14 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        // Bundles kept but never applied (a table added within schema version 4: a store made
+        // before it gains it empty).
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS quarantine (
+                bundle BLOB PRIMARY KEY, doc TEXT NOT NULL, author TEXT NOT NULL, facility TEXT NOT NULL,
+                seq INTEGER, reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS quarantine_doc ON quarantine(doc);",
+        )?;
         Ok(Self { conn })
     }
 
@@ -357,9 +385,7 @@ impl Store {
     /// `held` bundle (sealed in a superseded epoch) is kept from the relay, LAN peers and files: its
     /// outbox row waits as stale until it is sealed again.
     pub fn add_local_bundle(&mut self, env: &Envelope, now_ms: u64, held: bool) -> Result<u64> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin(&mut self.conn)?;
         let id = env.id();
         let origin = if held { Origin::Held } else { Origin::Local };
         tx.execute(
@@ -393,9 +419,7 @@ impl Store {
         queue: bool,
         now_ms: u64,
     ) -> Result<bool> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin(&mut self.conn)?;
         let id = env.id();
         let superseded: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM superseded WHERE id = ?1)",
@@ -530,9 +554,7 @@ impl Store {
         ops: &[DocOp],
         confirmed: u32,
     ) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin(&mut self.conn)?;
         tx.execute(
             "DELETE FROM ops WHERE doc = ?1 AND idx >= ?2",
             params![doc.to_string(), from],
@@ -573,9 +595,7 @@ impl Store {
         grants: &[KeyGrant],
     ) -> Result<()> {
         let doc = op.doc.to_string();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin(&mut self.conn)?;
         tx.execute(
             "DELETE FROM ops WHERE doc = ?1 AND idx >= ?2",
             params![doc, at],
@@ -907,9 +927,7 @@ impl Store {
 
     /// The relay took an outbox item: drop it, and record a bundle's sequence number.
     pub fn acknowledge(&mut self, outbox_id: u64, seq: Option<Seq>) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin(&mut self.conn)?;
         let bundle: Option<Option<Vec<u8>>> = tx
             .query_row(
                 "SELECT bundle FROM outbox WHERE id = ?1",
@@ -937,17 +955,25 @@ impl Store {
         Ok(())
     }
 
-    /// Stores pulled bundles and advances the document's cursor, in one transaction.
+    /// Stores pulled bundles, and quarantines the pulled bundles `refused` (with why), and advances
+    /// the document's cursor past all of them, in one transaction.
     pub fn store_pulled(
         &mut self,
         doc: DocumentId,
         items: &[(Seq, Envelope)],
+        refused: &[(Seq, Envelope, String)],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin(&mut self.conn)?;
         let mut last = Seq(0);
+        for (seq, env, reason) in refused {
+            tx.execute(
+                "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![&env.id().0[..], doc.to_string(), seq.0 as i64, env.encode(), Origin::Relay.as_str(), now_ms as i64],
+            )?;
+            insert_quarantine(&tx, env, Some(*seq), reason, now_ms)?;
+            last = last.max(*seq);
+        }
         for (seq, env) in items {
             let id = env.id();
             tx.execute(
@@ -963,6 +989,96 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Begins an engine operation: `BEGIN IMMEDIATE`, or a savepoint inside an operation already
+    /// open. Every write until [`Store::end_operation`] commits or rolls back as one, so a crash
+    /// never leaves half an operation (a document the relay never learns of, an epoch without its
+    /// key). Returns whether it began the transaction (`false`: a savepoint).
+    pub fn begin_operation(&self) -> Result<bool> {
+        if self.conn.is_autocommit() {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            Ok(true)
+        } else {
+            self.conn.execute_batch("SAVEPOINT engine_operation")?;
+            Ok(false)
+        }
+    }
+
+    /// Ends the operation [`Store::begin_operation`] began (`top`: what it returned): commits or
+    /// releases when `ok`, else rolls back what the operation wrote.
+    pub fn end_operation(&self, top: bool, ok: bool) -> Result<()> {
+        let sql = match (top, ok) {
+            (true, true) => "COMMIT",
+            (true, false) => "ROLLBACK",
+            (false, true) => "RELEASE engine_operation",
+            (false, false) => "ROLLBACK TO engine_operation; RELEASE engine_operation",
+        };
+        if top && !ok && self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn.execute_batch(sql)?;
+        Ok(())
+    }
+
+    /// Queues again every bundle written here that the relay has neither acknowledged nor has
+    /// queued (a store left so by an older version, or edited by hand); returns how many. Bundles
+    /// held back, superseded, quarantined or refused for good are left alone.
+    pub fn requeue_unsent(&mut self) -> Result<usize> {
+        let tx = begin(&mut self.conn)?;
+        let rows: Vec<(Vec<u8>, String, Vec<u8>)> = {
+            let mut stmt = tx.prepare(
+                "SELECT b.id, b.doc, b.envelope FROM bundles b
+                 WHERE b.origin = 'local' AND b.seq IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.bundle = b.id)
+                   AND NOT EXISTS (SELECT 1 FROM superseded s WHERE s.id = b.id)
+                   AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.bundle = b.id)
+                 ORDER BY b.rowid",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for (id, doc, env) in &rows {
+            let envelope = Envelope::decode(env).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let epoch = envelope.epoch.0;
+            tx.execute(
+                "INSERT INTO outbox (doc, bundle, epoch, item, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+                params![doc, id, epoch, cbor(&PushItem::Bundle { envelope })],
+            )?;
+        }
+        tx.commit()?;
+        Ok(rows.len())
+    }
+
+    /// Quarantines a stored bundle (idempotent: the first reason is kept).
+    pub fn quarantine(
+        &self,
+        env: &Envelope,
+        seq: Option<Seq>,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<()> {
+        insert_quarantine(&self.conn, env, seq, reason, now_ms)
+    }
+
+    /// Quarantined bundles, of one document or all, oldest first.
+    pub fn quarantined(&self, doc: Option<DocumentId>) -> Result<Vec<QuarantineRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT bundle, doc, author, facility, seq, reason, at_ms FROM quarantine
+             WHERE ?1 IS NULL OR doc = ?1 ORDER BY at_ms, rowid",
+        )?;
+        let rows = stmt.query_map([doc.map(|d| d.to_string())], |r| {
+            Ok(QuarantineRow {
+                bundle: hex::encode(r.get::<_, Vec<u8>>(0)?),
+                doc: r.get(1)?,
+                author: r.get(2)?,
+                facility: r.get(3)?,
+                seq: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+                reason: r.get(5)?,
+                at_ms: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Per-document cursors.
@@ -1013,8 +1129,12 @@ impl Store {
         clause: &str,
         args: impl rusqlite::Params,
     ) -> Result<Vec<(i64, BundleRow)>> {
-        let sql =
-            format!("SELECT rowid, id, doc, seq, envelope FROM bundles {clause} ORDER BY rowid");
+        // A quarantined bundle is kept but never applied, offered or exported.
+        let clause = if clause.is_empty() { "WHERE 1" } else { clause };
+        let sql = format!(
+            "SELECT rowid, id, doc, seq, envelope FROM bundles {clause}
+             AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.bundle = bundles.id) ORDER BY rowid"
+        );
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(args, |r| {
             Ok((
@@ -1132,4 +1252,63 @@ fn put_grant(conn: &Connection, grant: &KeyGrant) -> Result<bool> {
             cbor(grant)
         ],
     )? == 1)
+}
+
+/// A write transaction: `BEGIN IMMEDIATE` on its own, or a savepoint inside an engine operation's
+/// transaction ([`Store::begin_operation`]), so the operation commits or rolls back as one.
+enum Tx<'a> {
+    Top(rusqlite::Transaction<'a>),
+    Nested(rusqlite::Savepoint<'a>),
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Tx::Top(t) => t,
+            Tx::Nested(s) => s,
+        }
+    }
+}
+
+impl Tx<'_> {
+    fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Tx::Top(t) => t.commit(),
+            Tx::Nested(s) => s.commit(),
+        }
+    }
+}
+
+fn begin(conn: &mut Connection) -> rusqlite::Result<Tx<'_>> {
+    if conn.is_autocommit() {
+        conn.transaction_with_behavior(TransactionBehavior::Immediate)
+            .map(Tx::Top)
+    } else {
+        conn.savepoint().map(Tx::Nested)
+    }
+}
+
+/// Inserts a quarantine row (kept as first written when the bundle is already quarantined).
+fn insert_quarantine(
+    conn: &Connection,
+    env: &Envelope,
+    seq: Option<Seq>,
+    reason: &str,
+    now_ms: u64,
+) -> Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO quarantine (bundle, doc, author, facility, seq, reason, at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            &env.id().0[..],
+            env.doc.to_string(),
+            env.author.to_string(),
+            env.facility.to_string(),
+            seq.map(|s| s.0 as i64),
+            reason,
+            now_ms as i64
+        ],
+    )?;
+    Ok(())
 }

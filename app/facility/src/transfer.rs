@@ -4,7 +4,8 @@
 //!
 //! Export writes to a temporary file beside the target and renames it when complete, so a crash
 //! never leaves a half-written file under the target name. Import verifies every item and applies
-//! what verifies, in chunks, so memory stays bounded by the chunk, not the file.
+//! what verifies, in chunks of at most [`IMPORT_CHUNK_ITEMS`] items and [`IMPORT_CHUNK_BYTES_MAX`]
+//! bytes, so memory stays bounded by the chunk, not the file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -23,6 +24,11 @@ use crate::store::Origin;
 
 /// Items applied per store pass during import.
 pub const IMPORT_CHUNK_ITEMS: usize = 256;
+
+/// Bytes of records held before a store pass applies them during import (16 MiB): with the record
+/// being decoded, what an import holds in memory, whatever the file (256 records of the maximal
+/// size held at once were 2.4 GB).
+pub const IMPORT_CHUNK_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// What a facility already holds, per document: written by `musubi bundle have`, read by export
 /// so the file carries only what the other facility lacks.
@@ -151,6 +157,7 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
     let mut dec = TransferDecoder::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut chunk = Vec::new();
+    let mut chunk_bytes = 0usize;
     let mut total = ImportReport::default();
     let mut apply =
         |engine: &mut Engine, chunk: &mut Vec<PushItem>| -> Result<(), TransferFileError> {
@@ -185,8 +192,10 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
                 Decoded::End { .. } => {}
                 Decoded::Item(item) => {
                     chunk.push(*item);
-                    if chunk.len() >= IMPORT_CHUNK_ITEMS {
+                    chunk_bytes += dec.last_record_bytes();
+                    if chunk.len() >= IMPORT_CHUNK_ITEMS || chunk_bytes >= IMPORT_CHUNK_BYTES_MAX {
                         apply(engine, &mut chunk)?;
+                        chunk_bytes = 0;
                     }
                 }
             }

@@ -13,6 +13,45 @@ mod shelter;
 #[path = "facility/two.rs"]
 mod two;
 
+/// A stolen laptop's key file resists guessing: `musubi init` refuses a short passphrase and a cheap
+/// scrypt work factor (below 2^16, which only a test harness may ask for), before writing any key.
+#[test]
+fn init_refuses_a_short_passphrase_and_a_weak_work_factor() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let init = |dir: &str, passphrase: &str, log_n: &str, weak: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_musubi"));
+        cmd.args(["init", "--name", "受付", "--scrypt-log-n", log_n, "--data"])
+            .arg(tmp.path().join(dir))
+            .env("MUSUBI_PASSPHRASE", passphrase)
+            .env_remove(musubi_crdt::crypto::WEAK_KDF_FOR_TESTS_ENV);
+        if weak {
+            cmd.env(musubi_crdt::crypto::WEAK_KDF_FOR_TESTS_ENV, "1");
+        }
+        let out = cmd.output().expect("run musubi init");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = init("weak", "correct horse battery", "10", false);
+    assert!(!ok && err.contains("too weak"), "{err}");
+    assert!(
+        !tmp.path()
+            .join("weak")
+            .join(musubi_facility::engine::KEY_FILE)
+            .exists()
+    );
+    let (ok, err) = init("short", "短い合言葉", "16", false);
+    assert!(
+        !ok && err.contains("at least 8 characters") && err.contains("8文字以上"),
+        "{err}"
+    );
+    let (ok, err) = init("good", "correct horse battery", "16", false);
+    assert!(ok, "{err}");
+    let (ok, err) = init("test", "correct horse battery", "10", true);
+    assert!(ok, "a test harness may ask for a cheap key: {err}");
+}
+
 /// A reception PC is shared: another user of the machine reads nothing of a device's data
 /// directory (owner-only directory, owner-only key file).
 #[test]

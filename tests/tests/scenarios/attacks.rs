@@ -22,8 +22,8 @@ use musubi_crdt::protocol::{ErrorCode, PushItem, PushResult, Request, Response};
 use musubi_tests::hostile::{LyingRelay, forged_file};
 use musubi_tests::raw::{RawClient, now_ms, random_key, random_secrets};
 use musubi_tests::{
-    AUTHORITY_PASSPHRASE, COMMAND_TIMEOUT, Facility, World, bin, free_port, poll_until,
-    referral_bundle_path, run_command,
+    AUTHORITY_PASSPHRASE, COMMAND_TIMEOUT, Facility, WEAK_KDF_FOR_TESTS, World, bin, free_port,
+    poll_until, referral_bundle_path, run_command,
 };
 use serde_json::Value;
 
@@ -149,6 +149,7 @@ fn the_operator_cannot_enrol_a_device_or_an_hq_and_forged_ones_read_nothing() {
     cmd.args(["authority", "init", "--authority"])
         .arg(&own)
         .args(["--scrypt-log-n", "10"])
+        .env(WEAK_KDF_FOR_TESTS.0, WEAK_KDF_FOR_TESTS.1)
         .env(
             "MUSUBI_AUTHORITY_PASSPHRASE",
             "the operator's own passphrase",

@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use musubi_crdt::crypto::PASSPHRASE_LOG_N_DEFAULT;
+use musubi_crdt::crypto::{self, PASSPHRASE_LOG_N_DEFAULT};
 use musubi_crdt::directory::authority_fingerprint;
 use musubi_crdt::ids::FacilityRole;
 use musubi_crdt::invite::{InviteCode, InviteFor};
 use musubi_facility::Engine;
-use musubi_facility::engine::{Joined, now_ms};
+use musubi_facility::engine::{Joined, now_ms, weak_kdf_for_tests};
 use musubi_facility::staff::{self, Staff};
 use serde::{Deserialize, Serialize};
 use tauri::{AppHandle, State};
@@ -16,8 +16,8 @@ use crate::error::{AppError, AppResult, ErrorKind};
 use crate::state::{AppState, Unlocked};
 use crate::sync_task;
 
-/// Shortest passphrase accepted for a new facility, in characters.
-pub const PASSPHRASE_CHARS_MIN: usize = 8;
+/// Shortest passphrase accepted for a new facility, in characters (the engine's rule).
+pub const PASSPHRASE_CHARS_MIN: usize = crypto::PASSPHRASE_CHARS_MIN;
 
 /// How long one join attempt waits for the relay's answer (a pending join is asked again by the UI).
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -139,12 +139,13 @@ pub async fn create_facility(
         .await
 }
 
-/// The scrypt work factor for new facilities: `MUSUBI_SCRYPT_LOG_N` (10–22, for tests) or 18.
+/// The scrypt work factor for new facilities: 18, or `MUSUBI_SCRYPT_LOG_N` (16–22; down to 10 only
+/// when a test harness also sets `MUSUBI_WEAK_KDF_FOR_TESTS=1`).
 fn log_n() -> u8 {
     std::env::var("MUSUBI_SCRYPT_LOG_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .filter(|n| (10..=22).contains(n))
+        .filter(|&n| crypto::check_new_passphrase("a long enough passphrase", n, weak_kdf_for_tests()).is_ok())
         .unwrap_or(PASSPHRASE_LOG_N_DEFAULT)
 }
 

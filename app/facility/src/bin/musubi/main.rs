@@ -67,7 +67,8 @@ enum Command {
         /// The facility's name (as the operator enrols it).
         #[arg(long)]
         name: String,
-        /// scrypt work factor (log2 N) for the passphrase; higher is slower to unlock and to attack.
+        /// scrypt work factor (log2 N) for the passphrase, 16 to 22; higher is slower to unlock and
+        /// to attack (below 16 only for tests, with MUSUBI_WEAK_KDF_FOR_TESTS=1).
         #[arg(long, default_value_t = PASSPHRASE_LOG_N_DEFAULT, value_parser = clap::value_parser!(u8).range(10..=22))]
         scrypt_log_n: u8,
     },
@@ -138,7 +139,7 @@ enum Command {
         #[arg(long, conflicts_with = "role")]
         remove: bool,
     },
-    /// This device: enrolment, pending items, documents.
+    /// This device: enrolment, pending items, documents, quarantined bundles.
     Status {
         #[command(flatten)]
         data: Data,
@@ -241,7 +242,13 @@ fn run(cli: Cli) -> Result<()> {
             name,
             scrypt_log_n,
         } => {
-            let e = Engine::init(&data.data, &name, &passphrase(pf)?, scrypt_log_n)?;
+            let passphrase = passphrase(pf)?;
+            musubi_crdt::crypto::check_new_passphrase(
+                &passphrase,
+                scrypt_log_n,
+                musubi_facility::engine::weak_kdf_for_tests(),
+            )?;
+            let e = Engine::init(&data.data, &name, &passphrase, scrypt_log_n)?;
             println!("{}", e.device_id());
         }
         Command::Join {
@@ -392,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
                 .into_iter()
                 .map(|(id, doc, err)| serde_json::json!({"item": id, "doc": doc, "error": err}))
                 .collect();
+            let quarantined = e.store().quarantined(None)?;
             let v = serde_json::json!({
                 "device": e.device_id().to_string(),
                 "facility": enrolment.as_ref().map(|x| serde_json::json!({"id": x.facility.to_string(), "name": x.facility_name, "role": x.role.to_string()})),
@@ -402,6 +410,7 @@ fn run(cli: Cli) -> Result<()> {
                     "at_ms": b.at_ms, "restored": b.restored, "times": b.times,
                 })),
                 "documents": docs,
+                "quarantined": quarantined,
             });
             if json.json {
                 print_json(&v)?;
@@ -421,6 +430,22 @@ fn run(cli: Cli) -> Result<()> {
                     "documents {}",
                     v["documents"].as_array().map_or(0, Vec::len)
                 );
+                if !quarantined.is_empty() {
+                    println!(
+                        "quarantine {} bundle(s) kept but not applied (隔離):",
+                        quarantined.len()
+                    );
+                    for q in &quarantined {
+                        println!(
+                            "  {} document {} from device {} of facility {}: {}",
+                            &q.bundle[..16],
+                            q.doc,
+                            q.author,
+                            q.facility,
+                            q.reason
+                        );
+                    }
+                }
                 if let Some(b) = &behind {
                     println!(
                         "relay    went back in time at {} ({}); what this device holds was offered to it again",

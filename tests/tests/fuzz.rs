@@ -1,0 +1,48 @@
+//! Every decoder of hostile input, fuzzed for a short fixed time from its committed corpus
+//! (`musubi_tests::fuzz`, issue 11). `MUSUBI_FUZZ_SECS=N` sets the time per target (default 3);
+//! the seed is printed and `MUSUBI_FUZZ_SEED=N` replays it. `bench-fuzz` runs millions.
+
+use std::time::Duration;
+
+use musubi_tests::fuzz;
+
+/// Seconds per target in CI.
+const SECS_DEFAULT: u64 = 3;
+
+#[test]
+fn no_decoder_panics_on_mutated_input() {
+    let seed: u64 = match std::env::var("MUSUBI_FUZZ_SEED") {
+        Ok(s) => s.trim().parse().expect("MUSUBI_FUZZ_SEED is a number"),
+        Err(_) => rand::random(),
+    };
+    let secs: u64 = std::env::var("MUSUBI_FUZZ_SECS")
+        .ok()
+        .map(|s| s.trim().parse().expect("MUSUBI_FUZZ_SECS is a number"))
+        .unwrap_or(SECS_DEFAULT);
+    eprintln!("fuzz seed={seed} (replay with MUSUBI_FUZZ_SEED={seed}), {secs} s per target");
+    let mut failures = Vec::new();
+    for target in fuzz::targets() {
+        let corpus = fuzz::corpus(&target);
+        assert!(
+            corpus.len() > (target.seeds)().len(),
+            "{}: the committed corpus adds inputs to the seeds",
+            target.name
+        );
+        let found = fuzz::fuzz(&target, &corpus, seed, u64::MAX, Duration::from_secs(secs));
+        eprintln!(
+            "{:>9}: {} executions, {} panics",
+            target.name,
+            found.executions,
+            found.panics.len()
+        );
+        for (i, input, message) in &found.panics {
+            failures.push(format!(
+                "{} panicked at execution {i} ({message}); input ({} bytes): {}",
+                target.name,
+                input.len(),
+                hex::encode(&input[..input.len().min(256)])
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
+}
