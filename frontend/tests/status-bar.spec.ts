@@ -29,6 +29,9 @@ test('the status bar follows the sync state as it changes', async ({ page }) => 
     last_sync_ms: Date.UTC(2025, 0, 9, 7, 42), // 16:42 in Japan
     lan_peers: 0,
     message: null,
+    relay_behind: null,
+    quarantined: [],
+    quarantined_total: 0,
   });
   await expect(state).toHaveText('オンライン');
   await expect(page.getByTestId('sync-last')).toHaveText('最終同期 16:42');
@@ -84,4 +87,45 @@ test('when the relay went back in time, the clerk is told once, with the time, a
   await app.setSync({ relay_behind: { at_ms: Date.UTC(2025, 0, 10, 0, 30), restored: true, times: 2 } });
   await expect(notice).toContainText('中継サーバーがバックアップから復元され以前の状態に戻ったため、この端末のデータを再送しました(2025年1月10日 09:30)');
   await expect(page.getByTestId('settings-relay-behind')).toContainText('これまでに 2 回');
+});
+
+test('updates a member sent that could not be applied are named with who sent them, until acknowledged', async ({ page }) => {
+  const app = await openApp(page, { referral_list: () => [] });
+  const notice = page.getByTestId('quarantine');
+  await expect(notice).toHaveCount(0);
+  const quarantined = [
+    {
+      bundle: '9f3a61c2d4e5f607',
+      document: '0193f6a2-0000-7000-8000-000000000001',
+      facility: '港診療所',
+      device: '12D3KooWThief',
+      reason: 'the bundle\'s changes inflate to more than 16777216 bytes',
+      at_ms: LAST_SYNC_MS,
+    },
+    {
+      bundle: '1b2c3d4e5f607182',
+      document: '0193f6a2-0000-7000-8000-000000000001',
+      facility: '外部診療所',
+      device: '12D3KooWOutsider',
+      reason: 'facility 0193 is not a member of this document',
+      at_ms: LAST_SYNC_MS - 1000,
+    },
+  ];
+  await app.setSync({ quarantined, quarantined_total: 2 });
+  await expect(notice).toContainText('受信した更新 2 件を隔離しました(適用していません)。文書はそのまま読めます。送信元: 港診療所、外部診療所');
+  await notice.getByText('隔離した更新の一覧').click();
+  await expect(page.getByTestId('quarantine-list')).toContainText('港診療所 の端末 12D3KooWThief: the bundle\'s changes inflate');
+  await page.screenshot({ path: 'test-results/screenshots/status-quarantine.png' });
+  await page.getByTestId('quarantine-ok').click();
+  await expect(notice).toHaveCount(0);
+
+  // Acknowledged: not shown again after a restart; a newer one is.
+  await page.reload();
+  await expect(page.getByTestId('sync-state')).toHaveText('オンライン');
+  await expect(notice).toHaveCount(0);
+  await app.setSync({
+    quarantined: [{ ...quarantined[0], bundle: 'aaaaaaaaaaaaaaaa', at_ms: LAST_SYNC_MS + 60_000 }, ...quarantined],
+    quarantined_total: 3,
+  });
+  await expect(notice).toContainText('受信した更新 3 件');
 });

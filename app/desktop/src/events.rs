@@ -37,6 +37,32 @@ pub struct SyncStatus {
     /// The last time the relay was found to have gone back in time (restored from a backup, or
     /// rolled back) and this device offered what it holds again; null if never.
     pub relay_behind: Option<RelayBehindNotice>,
+    /// Bundles this device keeps but does not apply (隔離): they failed to decode, were written as
+    /// another device, or came from a device that may not write the document. Newest first, at most
+    /// [`QUARANTINE_SHOWN_MAX`].
+    pub quarantined: Vec<QuarantinedNotice>,
+    /// How many bundles are quarantined in all.
+    pub quarantined_total: u32,
+}
+
+/// Quarantined bundles listed in [`SyncStatus::quarantined`].
+pub const QUARANTINE_SHOWN_MAX: usize = 20;
+
+/// One quarantined bundle, as the status bar names it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, specta::Type)]
+pub struct QuarantinedNotice {
+    /// The bundle's id, its first 16 hex digits.
+    pub bundle: String,
+    /// The document it claims to belong to.
+    pub document: String,
+    /// The facility its envelope names: its certified name, or its id when the directory has none.
+    pub facility: String,
+    /// The device that signed it.
+    pub device: String,
+    /// Why it is not applied (English, from the engine).
+    pub reason: String,
+    /// When it was quarantined, in milliseconds since the Unix epoch.
+    pub at_ms: f64,
 }
 
 /// The relay went back in time and this device sent its data again (DESIGN "Rollback").

@@ -67,6 +67,8 @@ impl AppState {
                 lan_peers: 0,
                 message: None,
                 relay_behind: None,
+                quarantined: Vec::new(),
+                quarantined_total: 0,
             }),
             nudge: Arc::new(tokio::sync::Notify::new()),
             sync_started: Mutex::new(false),

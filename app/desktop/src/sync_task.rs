@@ -12,7 +12,10 @@ use musubi_facility::services::shelter::Desk;
 use tauri::AppHandle;
 use tauri_specta::Event as _;
 
-use crate::events::{DocumentChanged, RelayBehindNotice, SyncState, SyncStatus};
+use crate::events::{
+    DocumentChanged, QUARANTINE_SHOWN_MAX, QuarantinedNotice, RelayBehindNotice, SyncState,
+    SyncStatus,
+};
 use crate::state::AppState;
 
 /// Store meta key of the last time this device was in step with the relay (ms since the epoch, decimal).
@@ -94,6 +97,31 @@ impl Tracker {
                     restored: r.restored,
                     times: u32::try_from(r.times).unwrap_or(u32::MAX),
                 });
+        let all = self.observer.store().quarantined(None).unwrap_or_default();
+        let names: std::collections::BTreeMap<String, String> = self
+            .observer
+            .directory()
+            .map(|d| {
+                d.facilities
+                    .into_iter()
+                    .map(|f| (f.id.to_string(), f.name))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let quarantined_total = u32::try_from(all.len()).unwrap_or(u32::MAX);
+        let quarantined = all
+            .into_iter()
+            .rev()
+            .take(QUARANTINE_SHOWN_MAX)
+            .map(|q| QuarantinedNotice {
+                bundle: q.bundle.chars().take(16).collect(),
+                document: q.doc,
+                facility: names.get(&q.facility).cloned().unwrap_or(q.facility),
+                device: q.author,
+                reason: q.reason,
+                at_ms: q.at_ms as f64,
+            })
+            .collect();
         let state = if self.refused {
             SyncState::Refused
         } else if self.relay {
@@ -112,6 +140,8 @@ impl Tracker {
             lan_peers: u32::try_from(self.lan_peers).unwrap_or(u32::MAX),
             message: self.message.clone(),
             relay_behind,
+            quarantined,
+            quarantined_total,
         }
     }
 

@@ -3079,6 +3079,34 @@ export type Presence =
  */
 "out"
 /**
+ * One quarantined bundle, as the status bar names it.
+ */
+export type QuarantinedNotice = { 
+/**
+ * The bundle's id, its first 16 hex digits.
+ */
+bundle: string; 
+/**
+ * The document it claims to belong to.
+ */
+document: string; 
+/**
+ * The facility its envelope names: its certified name, or its id when the directory has none.
+ */
+facility: string; 
+/**
+ * The device that signed it.
+ */
+device: string; 
+/**
+ * Why it is not applied (English, from the engine).
+ */
+reason: string; 
+/**
+ * When it was quarantined, in milliseconds since the Unix epoch.
+ */
+at_ms: number }
+/**
  * A free-text field of a referral letter, as named by its JSON key.
  * 
  * Parses ([`FromStr`]) from the top-level keys of [`ReferralLetter`] (`remarks`, …) and from
@@ -3963,7 +3991,17 @@ message: string | null;
  * The last time the relay was found to have gone back in time (restored from a backup, or
  * rolled back) and this device offered what it holds again; null if never.
  */
-relay_behind: RelayBehindNotice | null }
+relay_behind: RelayBehindNotice | null; 
+/**
+ * Bundles this device keeps but does not apply (隔離): they failed to decode, were written as
+ * another device, or came from a device that may not write the document. Newest first, at most
+ * [`QUARANTINE_SHOWN_MAX`].
+ */
+quarantined: QuarantinedNotice[]; 
+/**
+ * How many bundles are quarantined in all.
+ */
+quarantined_total: number }
 /**
  * The deployment as this device verified it.
  */

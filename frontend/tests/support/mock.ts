@@ -240,6 +240,8 @@ function initialState(o: OpenOptions): MockState {
     lan_peers: 0,
     message: null,
     relay_behind: null,
+    quarantined: [],
+    quarantined_total: 0,
     ...o.sync,
   };
   const settings: Settings = {

@@ -48,6 +48,9 @@ export default {
     'status.relayBehind': '中継サーバーが以前の状態に戻ったため、この端末のデータを再送しました({time})',
     'status.relayRestored': '中継サーバーがバックアップから復元され以前の状態に戻ったため、この端末のデータを再送しました({time})',
     'status.relayBehindDismiss': '確認しました',
+    'status.quarantined': '受信した更新 {n} 件を隔離しました(適用していません)。文書はそのまま読めます。送信元: {from}',
+    'status.quarantinedDetails': '隔離した更新の一覧',
+    'status.quarantinedEntry': '{facility} の端末 {device}: {reason}',
 
     'error.title': 'エラー',
     'error.not_initialised': 'この端末にはまだ施設が登録されていません。初回設定を行ってください。',
@@ -121,6 +124,9 @@ export default {
     'status.relayBehind': 'The relay went back to an earlier state, so this computer sent its data again ({time})',
     'status.relayRestored': 'The relay was restored from a backup to an earlier state, so this computer sent its data again ({time})',
     'status.relayBehindDismiss': 'OK',
+    'status.quarantined': '{n} received update(s) quarantined (not applied). The documents read as before. Sent by: {from}',
+    'status.quarantinedDetails': 'Quarantined updates',
+    'status.quarantinedEntry': 'Device {device} of {facility}: {reason}',
 
     'error.title': 'Error',
     'error.not_initialised': 'No facility is set up on this computer yet. Run the first-time setup.',
