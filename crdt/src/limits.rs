@@ -63,6 +63,25 @@ pub const DOCUMENT_LIST_MAX: usize = 100_000;
 /// Longest error message carried in a response, in bytes.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 
+/// Most connections a relay keeps with devices at once (a prefecture's devices, each with one
+/// connection, and headroom); more are refused while the handshake is still cheap.
+pub const RELAY_CONNECTIONS_INCOMING_MAX: u32 = 8192;
+
+/// Most connections a facility device accepts from LAN peers at once.
+pub const FACILITY_CONNECTIONS_INCOMING_MAX: u32 = 64;
+
+/// Most incoming connections still in their handshake at once, at a relay or a facility.
+pub const CONNECTIONS_PENDING_INCOMING_MAX: u32 = 256;
+
+/// Most connections one peer (one device key) may hold with a node at once (a reconnect may overlap
+/// the connection it replaces, over TCP and QUIC).
+pub const CONNECTIONS_PER_PEER_MAX: u32 = 4;
+
+/// Most `/musubi/sync/1` streams open on one connection at once, both directions (a session keeps
+/// [`SESSION_REQUESTS_IN_FLIGHT_MAX`] requests in flight; notifications and LAN requests share the
+/// rest). With [`FRAME_BYTES_MAX`] per stream this bounds what one connection can make a node hold.
+pub const STREAMS_PER_CONNECTION_MAX: usize = 32;
+
 /// Most requests a sync session keeps in flight at once.
 pub const SESSION_REQUESTS_IN_FLIGHT_MAX: usize = 8;
 

@@ -20,7 +20,7 @@ use musubi_transport::libp2p::multiaddr::Protocol;
 use musubi_transport::libp2p::request_response::{self, Message, ResponseChannel};
 use musubi_transport::libp2p::swarm::SwarmEvent;
 use musubi_transport::libp2p::{Multiaddr, PeerId};
-use musubi_transport::{BehaviourEvent, build_swarm};
+use musubi_transport::{BehaviourEvent, Node, build_swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 
@@ -122,7 +122,7 @@ pub async fn serve_until(
     let keypair = relay.secrets().keypair().clone();
     let generation = relay.generation();
     let local = keypair.public().to_peer_id();
-    let mut swarm = build_swarm(keypair, false)?;
+    let mut swarm = build_swarm(keypair, Node::Relay)?;
     for addr in listen {
         swarm
             .listen_on(addr.clone())

@@ -2591,7 +2591,13 @@ mod network {
 
     impl Client {
         async fn connect(secrets: &DeviceSecrets, addr: &Multiaddr, relay: PeerId) -> Self {
-            let mut swarm = build_swarm(secrets.keypair().clone(), false).expect("swarm");
+            let mut swarm = build_swarm(
+                secrets.keypair().clone(),
+                musubi_transport::Node::Facility {
+                    lan_discovery: false,
+                },
+            )
+            .expect("swarm");
             swarm.dial(addr.clone()).expect("dial");
             loop {
                 match swarm.select_next_some().await {

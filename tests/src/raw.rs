@@ -98,7 +98,13 @@ impl RawClient {
         let (notes_tx, notes) = std_mpsc::channel();
         let keypair = secrets.keypair().clone();
         let swarm = rt.block_on(async move {
-            let mut swarm = build_swarm(keypair, false).map_err(|e| e.to_string())?;
+            let mut swarm = build_swarm(
+                keypair,
+                musubi_transport::Node::Facility {
+                    lan_discovery: false,
+                },
+            )
+            .map_err(|e| e.to_string())?;
             swarm
                 .dial(addr.clone())
                 .map_err(|e| format!("dial {addr}: {e}"))?;

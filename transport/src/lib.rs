@@ -1,7 +1,9 @@
 //! musubi-transport: the libp2p side of `/musubi/sync/1`, shared by the relay and the facilities.
 //!
 //! Transports are QUIC (rustls inside) and TCP + Noise + Yamux; behaviours are identify, ping,
-//! optional mDNS (LAN discovery at facilities), and request-response carrying opaque frames.
+//! optional mDNS (LAN discovery at facilities), request-response carrying opaque frames (at most
+//! `STREAMS_PER_CONNECTION_MAX` streams per connection), and connection limits in all, in the
+//! handshake and per peer ([`Node::connection_limits`]).
 //! Frames are encoded and decoded by `musubi_crdt::protocol`; this crate only moves bounded bytes,
 //! so a malformed frame reaches the protocol layer, which answers it with a clear error.
 
@@ -12,10 +14,13 @@ use futures::prelude::*;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, identify, identity::Keypair, mdns, noise, ping, request_response, tcp,
-    yamux,
+    StreamProtocol, Swarm, connection_limits, identify, identity::Keypair, mdns, noise, ping,
+    request_response, tcp, yamux,
 };
-use musubi_crdt::limits::FRAME_BYTES_MAX;
+use musubi_crdt::limits::{
+    CONNECTIONS_PENDING_INCOMING_MAX, CONNECTIONS_PER_PEER_MAX, FACILITY_CONNECTIONS_INCOMING_MAX,
+    FRAME_BYTES_MAX, RELAY_CONNECTIONS_INCOMING_MAX, STREAMS_PER_CONNECTION_MAX,
+};
 use musubi_crdt::protocol::PROTOCOL_NAME;
 
 pub use libp2p;
@@ -118,6 +123,10 @@ mod behaviour {
     /// The network behaviour of a Musubi node (relay or facility).
     #[derive(NetworkBehaviour)]
     pub struct Behaviour {
+        /// Connection limits: in all, in the handshake, and per peer ([`super::Node`]). First, so a
+        /// connection it denies never reaches the other behaviours (request-response panics when a
+        /// connection it registered is denied after it).
+        pub limits: connection_limits::Behaviour,
         /// `/musubi/sync/1` request-response.
         pub sync: request_response::Behaviour<FrameCodec>,
         /// Identify (`/musubi/id/1`): lets peers learn each other's listen addresses.
@@ -137,13 +146,44 @@ pub enum TransportError {
     Setup(String),
 }
 
-/// Builds a tokio swarm with QUIC and TCP+Noise+Yamux, authenticated as `keypair`.
-///
-/// `lan_discovery` turns mDNS on (facilities on a shelter LAN find each other with it).
-pub fn build_swarm(
-    keypair: Keypair,
-    lan_discovery: bool,
-) -> Result<Swarm<Behaviour>, TransportError> {
+/// What a swarm is for, which sets its connection limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// The relay: up to [`RELAY_CONNECTIONS_INCOMING_MAX`] devices.
+    Relay,
+    /// A facility device (or a client): up to [`FACILITY_CONNECTIONS_INCOMING_MAX`] LAN peers;
+    /// `lan_discovery` turns mDNS on (facilities on a shelter LAN find each other with it).
+    Facility {
+        /// mDNS on.
+        lan_discovery: bool,
+    },
+}
+
+impl Node {
+    /// The connection limits of this kind of node (`limits.rs`): a peer, known or not, gets at
+    /// most [`CONNECTIONS_PER_PEER_MAX`] connections, and at most
+    /// [`CONNECTIONS_PENDING_INCOMING_MAX`] handshakes run at once.
+    pub fn connection_limits(self) -> connection_limits::ConnectionLimits {
+        let incoming = match self {
+            Node::Relay => RELAY_CONNECTIONS_INCOMING_MAX,
+            Node::Facility { .. } => FACILITY_CONNECTIONS_INCOMING_MAX,
+        };
+        connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(CONNECTIONS_PENDING_INCOMING_MAX))
+            .with_max_established_incoming(Some(incoming))
+            .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER_MAX))
+    }
+}
+
+/// Builds a tokio swarm with QUIC and TCP+Noise+Yamux, authenticated as `keypair`, with the
+/// connection limits of `node` and at most [`STREAMS_PER_CONNECTION_MAX`] streams per connection.
+pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, TransportError> {
+    let lan_discovery = matches!(
+        node,
+        Node::Facility {
+            lan_discovery: true
+        }
+    );
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -162,7 +202,7 @@ pub fn build_swarm(
                 )],
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS))
-                    .with_max_concurrent_streams(256),
+                    .with_max_concurrent_streams(STREAMS_PER_CONNECTION_MAX),
             );
             let identify = identify::Behaviour::new(identify::Config::new(
                 "/musubi/id/1".into(),
@@ -176,6 +216,7 @@ pub fn build_swarm(
                 None
             };
             Behaviour {
+                limits: connection_limits::Behaviour::new(node.connection_limits()),
                 sync,
                 identify,
                 ping,

@@ -22,7 +22,7 @@ use musubi_transport::libp2p::request_response::{self, OutboundRequestId};
 use musubi_transport::libp2p::swarm::SwarmEvent;
 use musubi_transport::libp2p::swarm::dial_opts::DialOpts;
 use musubi_transport::libp2p::{Multiaddr, PeerId, Swarm, mdns};
-use musubi_transport::{Behaviour, BehaviourEvent, build_swarm};
+use musubi_transport::{Behaviour, BehaviourEvent, Node, build_swarm};
 
 use crate::engine::{Engine, EngineError, Enrolment, Joined, now_ms};
 use crate::lan::Lan;
@@ -182,8 +182,13 @@ pub async fn join(
         authority: invite.authority,
     };
     let (peer, addrs) = relay_target(&target);
-    let mut swarm = build_swarm(engine.secrets().keypair().clone(), false)
-        .map_err(|e| SyncError::Transport(e.to_string()))?;
+    let mut swarm = build_swarm(
+        engine.secrets().keypair().clone(),
+        Node::Facility {
+            lan_discovery: false,
+        },
+    )
+    .map_err(|e| SyncError::Transport(e.to_string()))?;
     dial(&mut swarm, peer, &addrs);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("no answer");
@@ -343,8 +348,13 @@ pub async fn sync_with(
         );
     }
     let (relay, addrs) = relay_target(&enrolment);
-    let mut swarm = build_swarm(engine.secrets().keypair().clone(), options.lan)
-        .map_err(|e| SyncError::Transport(e.to_string()))?;
+    let mut swarm = build_swarm(
+        engine.secrets().keypair().clone(),
+        Node::Facility {
+            lan_discovery: options.lan,
+        },
+    )
+    .map_err(|e| SyncError::Transport(e.to_string()))?;
     let mut lan = Lan::default();
     if options.lan {
         let listen = if options.listen.is_empty() {
@@ -430,7 +440,13 @@ pub async fn sync_with(
         tokio::select! {
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id != relay && options.lan => {
-                    lan.on_connected(engine, &mut swarm, peer_id);
+                    // Only current devices of the deployment's verified directory are answered on
+                    // the LAN; anyone else is disconnected before a frame of theirs is read.
+                    let known = lan.on_connected(engine, &mut swarm, peer_id);
+                    if !known {
+                        tracing::info!(peer = %peer_id, "disconnecting a LAN peer that is not a current device of the directory");
+                        let _ = swarm.disconnect_peer_id(peer_id);
+                    }
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id != relay => {
                     lan.on_closed(&peer_id);

@@ -468,3 +468,61 @@ fn commands_killed_at_random_points_leave_no_document_or_epoch_stranded() {
     b.sync_once();
     assert!(b.show_text(&first).contains("停電のあとの追記"));
 }
+
+/// Whether `client` gets an answer to a harmless request.
+fn answered(client: &RawClient) -> bool {
+    client
+        .try_request(&musubi_crdt::protocol::Request::GetDirectory { known_version: 0 })
+        .is_ok()
+}
+
+/// A stranger on the shelter's LAN (any key it made) is disconnected by a facility before a frame
+/// of its is read; one key holds at most `CONNECTIONS_PER_PEER_MAX` connections to the relay, and
+/// the relay goes on serving the clinics.
+#[test]
+fn a_stranger_gets_no_lan_answer_and_one_key_holds_few_relay_connections() {
+    let _serial = serial();
+    let story = Story::new("a_stranger_gets_no_lan_answer_and_one_key_holds_few_relay_connections");
+    let world = musubi_tests::World::new("strangers");
+    let (relay, mut a, b) = relay_a_b(&world);
+    b.sync_once();
+
+    story.step("a stranger connects to the clinic's LAN listener and asks for its directory");
+    let port = super::attacks::listen_on_lan(&mut a);
+    let lan = super::attacks::lan_addr(&a, port);
+    match RawClient::connect(musubi_tests::raw::random_secrets(), &lan) {
+        Err(e) => eprintln!("the stranger's connection was refused: {e}"),
+        Ok(stranger) => assert!(
+            !answered(&stranger),
+            "a facility answers nobody outside the directory on the LAN"
+        ),
+    }
+
+    story.step("one key opens more connections to the relay than it may hold");
+    let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
+    let key = musubi_tests::raw::random_secrets();
+    let max = musubi_crdt::limits::CONNECTIONS_PER_PEER_MAX as usize;
+    let held: Vec<RawClient> = (0..max)
+        .map(|_| RawClient::connect(key.clone(), &addr).expect("a connection within the limit"))
+        .collect();
+    for c in &held {
+        assert!(answered(c), "connections within the limit are answered");
+    }
+    match RawClient::connect(key.clone(), &addr) {
+        Err(e) => eprintln!("connection {} refused: {e}", max + 1),
+        Ok(extra) => assert!(
+            !answered(&extra),
+            "connection {} of one key is refused",
+            max + 1
+        ),
+    }
+
+    story.step("the relay still serves the clinics");
+    a.stop_watch();
+    drop(held);
+    let id = a.import_fhir(HOSPITAL_B, &musubi_tests::referral_bundle_path());
+    a.sync_once();
+    b.sync_once();
+    b.sync_once();
+    assert!(b.show_text(&id).contains("診療情報提供書"));
+}
