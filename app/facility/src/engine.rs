@@ -49,6 +49,11 @@ pub const LOAD_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Largest local snapshot accepted when opening one, in bytes (256 MiB).
 pub const SNAPSHOT_BYTES_MAX: usize = 256 * 1024 * 1024;
 
+/// Metadata key of the deployment's pseudonym secret, sealed to this device's age key.
+const PSEUDONYM_SECRET_META: &str = "pseudonym_secret_sealed";
+/// Metadata key under which stores written before it was sealed kept it in clear.
+const PSEUDONYM_SECRET_CLEAR_META: &str = "pseudonym_secret";
+
 /// The file holding the device's passphrase-wrapped secrets (age scrypt).
 pub const KEY_FILE: &str = "device.age";
 
@@ -415,7 +420,7 @@ impl Engine {
             enrolment.facility_name = f.name.clone();
             enrolment.role = f.role;
         }
-        self.store.set_meta("pseudonym_secret", &secret)?;
+        self.store_pseudonym_secret(&secret)?;
         self.store.set_meta_cbor("enrolment", &enrolment)?;
         self.store_directory(directory, &dir, &pins, 0)?;
         if let Ok(body) = directory.open(&enrolment.relay) {
@@ -454,14 +459,30 @@ impl Engine {
 
     /// The deployment's secret for pseudonymous ids (HMAC-SHA256 key of card identities, DESIGN
     /// invariant 7), received at enrolment. Errors: [`EngineError::NotEnrolled`].
+    ///
+    /// It is kept sealed to this device's age key (`pseudonym_secret_sealed`), as staff records
+    /// are: the store never holds it in clear. A store written before that is sealed on first read.
     pub fn pseudonym_secret(&self) -> Result<[u8; 32]> {
-        let bytes = self
+        let corrupt = |_| EngineError::Store(StoreError::Corrupt("pseudonym secret length".into()));
+        if let Some(sealed) = self.store.meta(PSEUDONYM_SECRET_META)? {
+            let bytes = crypto::open_with(self.secrets.age_identity(), &sealed, 64)?;
+            return bytes.try_into().map_err(corrupt);
+        }
+        let clear = self
             .store
-            .meta("pseudonym_secret")?
+            .meta(PSEUDONYM_SECRET_CLEAR_META)?
             .ok_or(EngineError::NotEnrolled)?;
-        bytes
-            .try_into()
-            .map_err(|_| EngineError::Store(StoreError::Corrupt("pseudonym secret length".into())))
+        let secret: [u8; 32] = clear.try_into().map_err(corrupt)?;
+        self.store_pseudonym_secret(&secret)?;
+        Ok(secret)
+    }
+
+    /// Stores the pseudonym secret sealed to this device (and removes a copy in clear).
+    fn store_pseudonym_secret(&self, secret: &[u8]) -> Result<()> {
+        let sealed = crypto::seal_to(&[self.secrets.age_identity().to_public()], secret)?;
+        self.store.set_meta(PSEUDONYM_SECRET_META, &sealed)?;
+        self.store.delete_meta(PSEUDONYM_SECRET_CLEAR_META)?;
+        Ok(())
     }
 
     /// The pseudonymous id of a card identity (`domain` separates card kinds), as 64 hex digits.

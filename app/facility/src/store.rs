@@ -271,6 +271,13 @@ impl Store {
         Ok(())
     }
 
+    /// Removes a metadata value (nothing when absent).
+    pub fn delete_meta(&self, key: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM meta WHERE key = ?1", params![key])?;
+        Ok(())
+    }
+
     /// Writes a CBOR metadata value.
     pub fn set_meta_cbor<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<()> {
         self.set_meta(key, &cbor(value))

@@ -70,3 +70,65 @@ fn a_new_device_keeps_its_data_directory_to_its_owner() {
         "the wrapped device key"
     );
 }
+
+/// A stolen laptop's disk does not give away the deployment's pseudonym secret (the HMAC key that
+/// turns card numbers into ids): it is kept sealed to the device's key, in no file of the data
+/// directory in clear, and the directory is its owner's alone.
+#[test]
+fn the_pseudonym_secret_is_sealed_at_rest_in_an_owner_only_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path().join("reception");
+    let passphrase = "correct horse battery";
+    let engine =
+        musubi_facility::Engine::init(&dir, "受付", passphrase, 10).expect("init a device");
+    let mut deployment = musubi_facility::offline::OfflineDeployment::new(7);
+    let facility = deployment.add_facility(
+        &engine,
+        "七尾市立避難所",
+        musubi_crdt::ids::FacilityRole::Shelter,
+    );
+    deployment.enrol(&engine, facility).expect("enrol");
+    let secret = engine.pseudonym_secret().expect("the secret");
+    let id = engine
+        .pseudonym("felica", b"0123456789abcdef")
+        .expect("a pseudonym");
+    drop(engine);
+
+    let mut files = 0;
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read the data directory") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("read a file");
+            let hex = hex::encode(secret);
+            assert!(
+                !bytes.windows(32).any(|w| w == secret)
+                    && !bytes.windows(hex.len()).any(|w| w == hex.as_bytes()),
+                "{} holds the pseudonym secret in clear",
+                path.display()
+            );
+            files += 1;
+        }
+    }
+    assert!(files >= 2, "the store and the key file were read");
+    let mode = std::fs::metadata(&dir)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "the data directory is its owner's alone");
+
+    let engine = musubi_facility::Engine::open(&dir, passphrase).expect("open again");
+    assert_eq!(
+        engine
+            .pseudonym("felica", b"0123456789abcdef")
+            .expect("a pseudonym"),
+        id,
+        "a card's id is the same after the device is opened again"
+    );
+}
