@@ -128,6 +128,10 @@ pub struct Findings {
 
 /// Runs `target` from `corpus` with the mutations of `seed`, until `budget` executions or `time`
 /// passed, whichever comes first. Panics of the target are caught and returned (the first 10).
+///
+/// The caller silences the panic hook for the run ([`silence_panics`]): Automerge's panics, which
+/// `changes::apply` catches, would otherwise each print a message (and a backtrace, when
+/// `RUST_BACKTRACE` is set).
 pub fn fuzz(
     target: &Target,
     corpus: &[Vec<u8>],
@@ -138,8 +142,6 @@ pub fn fuzz(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let started = Instant::now();
     let mut out = Findings::default();
-    let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
     while out.executions < budget && (out.executions % 256 != 0 || started.elapsed() < time) {
         let input = mutate(&mut rng, corpus);
         let run = target.run;
@@ -155,8 +157,13 @@ pub fn fuzz(
         }
         out.executions += 1;
     }
-    std::panic::set_hook(quiet);
     out
+}
+
+/// Replaces the process's panic hook with one that prints nothing (for the whole fuzzing process:
+/// the hook is global, so threads cannot each set and restore it).
+pub fn silence_panics() {
+    std::panic::set_hook(Box::new(|_| {}));
 }
 
 /// One input: a corpus entry with 1 to 8 random mutations.

@@ -42,6 +42,7 @@ fn main() {
     let seed: u64 = value("--seed").map_or_else(rand::random, |s| s.parse().expect("--seed N"));
     let only = value("--only");
     println!("fuzzing: {budget} executions per target, seed {seed}");
+    fuzz::silence_panics();
     let started = Instant::now();
     let handles: Vec<_> = fuzz::targets()
         .into_iter()
