@@ -22,6 +22,11 @@ pub const CHANGES_INFLATED_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// operation in memory; a run-length-encoded column can name millions in a few bytes.
 pub const CHANGES_OPS_MAX: usize = 1 << 20;
 
+/// Most inflated change bytes one load of a document applies on top of its snapshot (256 MiB);
+/// bundles past it are quarantined. Each bundle is bounded by [`CHANGES_INFLATED_BYTES_MAX`], but
+/// a writer could push thousands; the forms this project holds are a few MiB after years of use.
+pub const LOAD_CHANGES_INFLATED_BYTES_MAX: usize = 256 * 1024 * 1024;
+
 /// Largest `/musubi/sync/1` frame (one request or one response), in bytes.
 pub const FRAME_BYTES_MAX: usize = BUNDLE_BYTES_MAX + 1024 * 1024;
 

@@ -233,11 +233,17 @@ impl LyingRelay {
     /// Stores a bundle as if it had been accepted (the next sequence number, its log continued as a
     /// relay does); returns the sequence number.
     pub fn plant_bundle(&self, env: &Envelope) -> u64 {
+        self.plant_bundle_under(env.doc, env)
+    }
+
+    /// [`LyingRelay::plant_bundle`] in the log of `doc`, whatever document the envelope names (a
+    /// relay that serves one document's bundle when another is pulled).
+    pub fn plant_bundle_under(&self, doc: DocumentId, env: &Envelope) -> u64 {
         let (head, prev): (i64, LogHash) = self
             .conn
             .query_row(
                 "SELECT seq, log FROM bundles WHERE doc = ?1 ORDER BY seq DESC LIMIT 1",
-                [env.doc.to_string()],
+                [doc.to_string()],
                 |r| {
                     let log: Vec<u8> = r.get(1)?;
                     Ok((r.get(0)?, LogHash(log.try_into().expect("a 32-byte log"))))
@@ -253,7 +259,7 @@ impl LyingRelay {
                 "INSERT INTO bundles (doc, seq, bundle_id, envelope, author, facility, epoch, bytes, received_at, log)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9)",
                 params![
-                    env.doc.to_string(),
+                    doc.to_string(),
                     head + 1,
                     env.id().0.as_slice(),
                     encoded,
@@ -266,6 +272,16 @@ impl LyingRelay {
             )
             .expect("plant a bundle");
         (head + 1) as u64
+    }
+
+    /// Deletes a bundle from the relay's log (a relay that withholds it, or files it elsewhere).
+    pub fn remove_bundle(&self, env: &Envelope) {
+        self.conn
+            .execute(
+                "DELETE FROM bundles WHERE bundle_id = ?1",
+                [env.id().0.as_slice()],
+            )
+            .expect("remove a bundle");
     }
 
     /// The operations the relay holds of `doc`, in chain order.

@@ -31,7 +31,10 @@ use musubi_crdt::ids::{
 use musubi_crdt::invite::{
     INVITE_SECRET_BYTES, InviteCode, InviteFor, InviteId, InviteRegistration, JoinRequest,
 };
-use musubi_crdt::limits::{BUNDLE_CHANGES_BYTES_MAX, INVITE_EXPIRES_SECS_MAX, PROVISIONAL_OPS_MAX};
+use musubi_crdt::limits::{
+    BUNDLE_CHANGES_BYTES_MAX, INVITE_EXPIRES_SECS_MAX, LOAD_CHANGES_INFLATED_BYTES_MAX,
+    PROVISIONAL_OPS_MAX,
+};
 use musubi_crdt::membership::{self, Membership, Point};
 use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member, OpError};
 use musubi_crdt::protocol::{DocumentInfo, ErrorCode, PushItem};
@@ -44,7 +47,7 @@ pub const SNAPSHOT_AFTER_BUNDLES: usize = 64;
 /// Bytes of changes applied at load beyond which a fresh local snapshot is sealed and stored
 /// (a few large bundles cost as much to apply as many small ones).
 pub const SNAPSHOT_AFTER_BYTES: usize = 64 * 1024;
-/// Change bytes handed to Automerge in one `load_incremental` call when loading (64 MiB).
+/// Inflated change bytes handed to Automerge in one call when loading (64 MiB).
 pub const LOAD_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Largest local snapshot accepted when opening one, in bytes (256 MiB).
 pub const SNAPSHOT_BYTES_MAX: usize = 256 * 1024 * 1024;
@@ -702,18 +705,35 @@ impl Engine {
 
     /// Runs `f` as one engine operation ([`Store::begin_operation`]): its writes commit together
     /// when it returns `Ok`, and are rolled back when it returns an error.
+    ///
+    /// A panic inside `f` (rolled back, then resumed), or a failed `COMMIT`, rolls back too, so the
+    /// connection is never left inside a transaction that later operations would join.
     fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let top = self.store.begin_operation()?;
-        let out = f(self);
+        let out = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(out) => out,
+            Err(panic) => {
+                self.roll_back(top);
+                std::panic::resume_unwind(panic);
+            }
+        };
         match &out {
-            Ok(_) => self.store.end_operation(top, true)?,
-            Err(_) => {
-                if let Err(e) = self.store.end_operation(top, false) {
-                    tracing::warn!("could not roll back a failed operation: {e}");
+            Ok(_) => {
+                if let Err(e) = self.store.end_operation(top, true) {
+                    self.roll_back(top);
+                    return Err(e.into());
                 }
             }
+            Err(_) => self.roll_back(top),
         }
         out
+    }
+
+    /// Rolls back the operation [`Engine::atomic`] began.
+    fn roll_back(&self, top: bool) {
+        if let Err(e) = self.store.end_operation(top, false) {
+            tracing::warn!("could not roll back a failed operation: {e}");
+        }
     }
 
     /// The actor this device writes a document with in this process ([`changes::device_actor`]).
@@ -739,6 +759,31 @@ impl Engine {
                 Err(None) => careful = true,
             }
         }
+    }
+
+    /// Looks again at the bundles quarantined on pull: one the admission rule now admits (the
+    /// refusal came from a view of the document or directory that has since moved) is released,
+    /// and its document's snapshot dropped so the next load applies it. Returns how many.
+    pub fn recheck_quarantine(&mut self) -> Result<usize> {
+        let Ok(dir) = self.directory() else {
+            return Ok(0);
+        };
+        let mut released = 0;
+        for env in self.store.quarantined_pulled()? {
+            let Some(row) = self.store.document(env.doc)? else {
+                continue;
+            };
+            if membership::admit_bundle(&env, &row.info, &dir, Point::Pulled).is_ok() {
+                self.atomic(|e| {
+                    e.store.release(&env)?;
+                    e.store.drop_snapshot(env.doc)?;
+                    Ok(())
+                })?;
+                tracing::info!(doc = %env.doc, bundle = %env.id(), "released a quarantined bundle the rules now admit");
+                released += 1;
+            }
+        }
+        Ok(released)
     }
 
     /// Quarantines a bundle: kept, never applied, listed with its author.
@@ -787,22 +832,35 @@ impl Engine {
         // Changes go to Automerge in batches: each call costs time in proportion to the document,
         // so one call per bundle made loading N new bundles quadratic in N.
         let mut batch: Vec<(Envelope, Vec<automerge::Change>)> = Vec::new();
+        let mut blocked = Vec::new();
+        // Inflated bytes of changes, in this batch and in this load: batches are cut by what
+        // Automerge will hold, and a load takes at most `LOAD_CHANGES_INFLATED_BYTES_MAX`.
         let mut batch_bytes = 0usize;
+        let mut load_bytes = 0usize;
         for (rowid, row) in self.store.bundles_after(doc, upto)? {
             match open_any(&keys, &row.envelope) {
                 Some(Payload::Changes { data }) => {
                     match changes::decode_changes(&data, &row.envelope.author) {
                         Ok(decoded) => {
-                            batch_bytes += data.len();
-                            applied_bytes += data.len();
-                            batch.push((row.envelope, decoded));
-                            applied += 1;
+                            let inflated: usize = decoded.iter().map(|c| c.raw_bytes().len()).sum();
+                            if load_bytes + inflated > LOAD_CHANGES_INFLATED_BYTES_MAX {
+                                self.quarantine(
+                                    &row.envelope,
+                                    &format!("the document's changes would exceed {LOAD_CHANGES_INFLATED_BYTES_MAX} bytes in one load"),
+                                )?;
+                            } else {
+                                load_bytes += inflated;
+                                batch_bytes += inflated;
+                                applied_bytes += data.len();
+                                batch.push((row.envelope, decoded));
+                                applied += 1;
+                            }
                         }
                         Err(e) => self.quarantine(&row.envelope, &e.to_string())?,
                     }
                     if batch_bytes >= LOAD_BATCH_BYTES_MAX {
-                        if let Err(bad) = apply_batch(&mut am, std::mem::take(&mut batch), careful)
-                        {
+                        let taken = std::mem::take(&mut batch);
+                        if let Err(bad) = apply_batch(&mut am, taken, careful, &mut blocked) {
                             return Ok(Err(bad));
                         }
                         batch_bytes = 0;
@@ -813,13 +871,28 @@ impl Engine {
             }
             last = rowid;
         }
-        if let Err(bad) = apply_batch(&mut am, batch, careful) {
+        if let Err(bad) = apply_batch(&mut am, batch, careful, &mut blocked) {
             return Ok(Err(bad));
         }
+        // Changes that wait for changes this device does not hold (a quarantined bundle they build
+        // on, or one still on its way): the document shows what it can, and says so.
+        let missing = am.get_missing_deps(&[]);
+        if !missing.is_empty() || !blocked.is_empty() {
+            tracing::warn!(%doc, missing = missing.len(), bundles = blocked.len(), "some changes wait for changes this device does not hold");
+            self.store.set_meta_cbor(
+                &format!("doc_warning:{doc}"),
+                &format!(
+                    "{} change(s) of this document wait for {} change(s) this device does not hold (quarantined, or not arrived yet); what they change is not shown",
+                    blocked.iter().map(|(_, c)| c.len()).sum::<usize>().max(1),
+                    missing.len().max(1)
+                ),
+            )?;
+        }
         // A snapshot must cover exactly the rows up to `last`: skip it while some row is unreadable
-        // (its key may arrive later and the row must then still be applied).
+        // (its key may arrive later and the row must then still be applied) or waits unapplied.
         if (applied > SNAPSHOT_AFTER_BUNDLES || applied_bytes > SNAPSHOT_AFTER_BYTES)
             && unreadable == 0
+            && blocked.is_empty()
         {
             let recipient = self.secrets.age_identity().to_public();
             match crypto::seal_to(&[recipient], &am.save()) {
@@ -874,7 +947,13 @@ impl Engine {
     ///
     /// Returns how many bundles were written (0 when nothing changed), all in one transaction.
     pub fn commit(&mut self, loaded: &mut Loaded) -> Result<usize> {
-        self.atomic(|e| e.commit_in(loaded))
+        let heads = loaded.heads.clone();
+        let out = self.atomic(|e| e.commit_in(loaded));
+        if out.is_err() {
+            // Nothing was stored: the next commit seals these changes again.
+            loaded.heads = heads;
+        }
+        out
     }
 
     fn commit_in(&mut self, loaded: &mut Loaded) -> Result<usize> {
@@ -1412,6 +1491,16 @@ impl Engine {
         head: musubi_crdt::ids::Seq,
         ops: Option<u32>,
     ) -> Result<Vec<musubi_crdt::ids::BundleId>> {
+        // One transaction: it takes pending items out of the outbox and queues them again.
+        self.atomic(|e| e.relay_behind_in(doc, head, ops))
+    }
+
+    fn relay_behind_in(
+        &mut self,
+        doc: DocumentId,
+        head: musubi_crdt::ids::Seq,
+        ops: Option<u32>,
+    ) -> Result<Vec<musubi_crdt::ids::BundleId>> {
         self.store.set_cursor(doc, head)?;
         let Some(row) = self.store.document(doc)? else {
             return Ok(vec![]);
@@ -1741,11 +1830,14 @@ impl Engine {
                         .find_map(|(_, k)| envelope.open(k).ok());
                     self.store.drop_outbox(row.id)?;
                     self.retracted.insert(row.id);
+                    // Dropped for good: marked superseded, so a sync start does not queue it again.
                     let Some(payload) = payload else {
                         tracing::warn!(doc = %view.id, "a queued bundle in a superseded epoch cannot be opened here; it is left to its author");
+                        self.store.supersede_bundle(&envelope.id(), view.id)?;
                         continue;
                     };
                     if !my_role.can_write() {
+                        self.store.supersede_bundle(&envelope.id(), view.id)?;
                         continue;
                     }
                     let env = Envelope::seal(
@@ -2281,7 +2373,10 @@ fn lost_right(dir: &Directory, info: &Membership, device: &DeviceId) -> bool {
     }
 }
 
-/// Applies decoded bundles to `am`: all in one call, or (`careful`) one bundle at a time.
+/// Applies decoded bundles to `am`: all in one call, or (`careful`) one bundle at a time, each
+/// only once every change it depends on is in `am` (so a failure is the bundle's own, never that
+/// of an earlier change Automerge kept queued). In careful mode, bundles still waiting for a
+/// dependency stay in `blocked` for the next call.
 ///
 /// Errors: `Some(bundle, reason)` when applying one bundle failed (careful), `None` when the batch
 /// failed (`am` may then hold part of it: load again, carefully).
@@ -2289,13 +2384,36 @@ fn apply_batch(
     am: &mut AutoCommit,
     batch: Vec<(Envelope, Vec<automerge::Change>)>,
     careful: bool,
+    blocked: &mut Vec<(Envelope, Vec<automerge::Change>)>,
 ) -> std::result::Result<(), Option<Box<(Envelope, String)>>> {
     if careful {
-        for (env, decoded) in batch {
-            if let Err(e) = changes::apply(am, decoded) {
-                return Err(Some(Box::new((env, e.to_string()))));
+        let mut pending = std::mem::take(blocked);
+        pending.extend(batch);
+        loop {
+            let mut progressed = false;
+            let mut waiting = Vec::new();
+            for (env, decoded) in pending {
+                let own: BTreeSet<ChangeHash> = decoded.iter().map(|c| c.hash()).collect();
+                let ready = decoded.iter().all(|c| {
+                    c.deps()
+                        .iter()
+                        .all(|d| own.contains(d) || am.get_change_meta_by_hash(d).is_some())
+                });
+                if !ready {
+                    waiting.push((env, decoded));
+                    continue;
+                }
+                if let Err(e) = changes::apply(am, decoded) {
+                    return Err(Some(Box::new((env, e.to_string()))));
+                }
+                progressed = true;
+            }
+            pending = waiting;
+            if !progressed || pending.is_empty() {
+                break;
             }
         }
+        *blocked = pending;
         return Ok(());
     }
     let all: Vec<automerge::Change> = batch.into_iter().flat_map(|(_, c)| c).collect();

@@ -341,6 +341,13 @@ pub async fn sync_with(
 ) -> Result<SyncReport, SyncError> {
     let enrolment = engine.enrolment()?;
     let requeued = engine.store_mut().requeue_unsent()?;
+    let released = engine.recheck_quarantine()?;
+    if released > 0 {
+        tracing::info!(
+            released,
+            "quarantined bundles the rules now admit were released"
+        );
+    }
     if requeued > 0 {
         tracing::warn!(
             requeued,
@@ -815,10 +822,22 @@ pub fn apply_event(
                         tracing::info!(%doc, seq = %p.seq, "a bundle by a device the directory does not list yet; fetching the directory");
                         break;
                     }
-                    Err(e) => {
-                        // Kept, never applied, and listed with its author (`musubi status`).
+                    Err(e) if p.envelope.doc != doc => {
+                        // The relay answered a pull of `doc` with another document's bundle: its
+                        // fault, not the author's. Neither stored nor quarantined (an honest bundle
+                        // of that document must stay usable when it arrives where it belongs).
+                        tracing::warn!(%doc, seq = %p.seq, "the relay served a bundle of another document: {}", e.message);
+                    }
+                    Err(e) if membership::is_final(e.code) => {
+                        // Kept, never applied, and listed with its author (`musubi status`); looked
+                        // at again when this device's view of the document or directory moves.
                         tracing::warn!(%doc, seq = %p.seq, author = %p.envelope.author, "quarantining a bundle that is not admitted: {}", e.message);
                         refused.push((p.seq, p.envelope, e.message));
+                    }
+                    Err(e) => {
+                        // Refused only for now (an epoch or a device this device does not know
+                        // yet): not quarantined, so it is taken once the view catches up.
+                        tracing::warn!(%doc, seq = %p.seq, "dropping a bundle this device cannot admit yet: {}", e.message);
                     }
                 }
             }

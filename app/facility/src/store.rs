@@ -974,12 +974,16 @@ impl Store {
         let tx = begin(&mut self.conn)?;
         let mut last = Seq(0);
         for (seq, env, reason) in refused {
-            tx.execute(
-                "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![&env.id().0[..], doc.to_string(), seq.0 as i64, env.encode(), Origin::Relay.as_str(), now_ms as i64],
-            )?;
-            insert_quarantine(&tx, env, Some(*seq), reason, now_ms)?;
             last = last.max(*seq);
+            // A bundle this device already holds (from a LAN peer or a file, admitted there) is
+            // not hidden because the relay's copy was refused.
+            let new = tx.execute(
+                "INSERT OR IGNORE INTO bundles (id, doc, seq, envelope, origin, stored_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![&env.id().0[..], env.doc.to_string(), seq.0 as i64, env.encode(), Origin::Relay.as_str(), now_ms as i64],
+            )? == 1;
+            if new {
+                insert_quarantine(&tx, env, Some(*seq), reason, now_ms)?;
+            }
         }
         for (seq, env) in items {
             let id = env.id();
@@ -1066,6 +1070,30 @@ impl Store {
         now_ms: u64,
     ) -> Result<()> {
         insert_quarantine(&self.conn, env, seq, reason, now_ms)
+    }
+
+    /// Quarantined bundles that came from the relay (refused by the admission rule on pull), with
+    /// their envelopes: [`crate::engine::Engine::recheck_quarantine`] looks at them again.
+    pub fn quarantined_pulled(&self) -> Result<Vec<Envelope>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT b.envelope FROM quarantine q JOIN bundles b ON b.id = q.bundle
+             WHERE q.seq IS NOT NULL ORDER BY q.rowid",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(Envelope::decode(&row?).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Takes a bundle out of quarantine (it is applied at the next load).
+    pub fn release(&self, env: &Envelope) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM quarantine WHERE bundle = ?1",
+            params![&env.id().0[..]],
+        )?;
+        Ok(())
     }
 
     /// Quarantined bundles, of one document or all, oldest first.

@@ -535,3 +535,46 @@ fn a_stranger_gets_no_lan_answer_and_one_key_holds_few_relay_connections() {
     b.sync_once();
     assert!(b.show_text(&id).contains("診療情報提供書"));
 }
+
+/// A lying relay answers the pull of one letter with an honest bundle of another (so that a device
+/// would quarantine it, and hide it when it arrives where it belongs). The hospital neither stores
+/// nor quarantines it, and reads the edit once the relay files it in its own letter.
+#[test]
+fn a_relay_cannot_get_an_honest_bundle_quarantined() {
+    let _serial = serial();
+    let story = Story::new("a_relay_cannot_get_an_honest_bundle_quarantined");
+    let world = musubi_tests::World::new("misfiled");
+    let (relay, a, b) = relay_a_b(&world);
+    let first = a.import_fhir(HOSPITAL_B, &musubi_tests::referral_bundle_path());
+    let second = a.import_fhir(HOSPITAL_B, &musubi_tests::referral_bundle_path());
+    a.sync_once();
+    b.sync_once();
+    b.sync_once();
+
+    story.step("the clinic edits the first letter; the relay also files the edit under the second");
+    a.edit(&first, "remarks", "至急: 本日中に受診してください");
+    a.sync_once();
+    let lying = LyingRelay::of(&relay);
+    let first_doc = first.parse().expect("a document id");
+    let (_, edit) = lying
+        .bundles(first_doc)
+        .into_iter()
+        .last()
+        .expect("the edit's bundle");
+    lying.remove_bundle(&edit);
+    lying.plant_bundle_under(second.parse().expect("a document id"), &edit);
+    b.sync_once();
+    assert!(
+        quarantined(&b).is_empty(),
+        "a bundle served for another document is not quarantined: {:#?}",
+        quarantined(&b)
+    );
+
+    story.step("the relay files the edit where it belongs: the hospital reads it");
+    lying.remove_bundle(&edit);
+    lying.plant_bundle(&edit);
+    b.sync_once();
+    b.sync_once();
+    assert!(b.show_text(&first).contains("本日中に受診"));
+    assert!(quarantined(&b).is_empty(), "{:#?}", quarantined(&b));
+}
