@@ -14,8 +14,8 @@ use futures::prelude::*;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, connection_limits, identify, identity::Keypair, mdns, noise, ping,
-    request_response, tcp, yamux,
+    StreamProtocol, Swarm, allow_block_list, connection_limits, identify, identity::Keypair, mdns,
+    noise, ping, request_response, tcp, yamux,
 };
 use musubi_crdt::limits::{
     CONNECTIONS_PENDING_INCOMING_MAX, CONNECTIONS_PER_PEER_MAX, FACILITY_CONNECTIONS_INCOMING_MAX,
@@ -127,6 +127,10 @@ mod behaviour {
         /// connection it denies never reaches the other behaviours (request-response panics when a
         /// connection it registered is denied after it).
         pub limits: connection_limits::Behaviour,
+        /// On a facility that listens on the LAN: the peers it may connect with (its relay and the
+        /// current devices of its verified directory, kept up to date by the driver). Anyone else
+        /// is refused when the connection is established, before a stream is opened.
+        pub allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
         /// `/musubi/sync/1` request-response.
         pub sync: request_response::Behaviour<FrameCodec>,
         /// Identify (`/musubi/id/1`): lets peers learn each other's listen addresses.
@@ -217,6 +221,7 @@ pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, Tra
             };
             Behaviour {
                 limits: connection_limits::Behaviour::new(node.connection_limits()),
+                allowed: Toggle::from(lan_discovery.then(allow_block_list::Behaviour::default)),
                 sync,
                 identify,
                 ping,

@@ -139,6 +139,38 @@ fn relay_target(enrolment: &Enrolment) -> (PeerId, Vec<Multiaddr>) {
     (enrolment.relay.0, addrs)
 }
 
+/// Sets the LAN allow list (when the swarm has one) to the relay and the current devices of the
+/// verified directory: a peer that is not one is refused at connection establishment, and one that
+/// stopped being one (revoked) is disconnected.
+fn refresh_allowed(engine: &Engine, swarm: &mut Swarm<Behaviour>, relay: PeerId) {
+    let Some(allowed) = swarm.behaviour_mut().allowed.as_mut() else {
+        return;
+    };
+    let me = engine.device_id().0;
+    let mut want: std::collections::HashSet<PeerId> = std::collections::HashSet::from([relay]);
+    if let Ok(dir) = engine.directory() {
+        want.extend(
+            dir.facilities
+                .iter()
+                .flat_map(|f| f.current_devices())
+                .map(|d| d.device.0)
+                .filter(|p| *p != me),
+        );
+    }
+    let gone: Vec<PeerId> = allowed
+        .allowed_peers()
+        .iter()
+        .filter(|p| !want.contains(p))
+        .copied()
+        .collect();
+    for p in gone {
+        allowed.disallow_peer(p);
+    }
+    for p in want {
+        allowed.allow_peer(p);
+    }
+}
+
 fn dial(swarm: &mut Swarm<Behaviour>, peer: PeerId, addrs: &[Multiaddr]) {
     let opts = DialOpts::peer_id(peer).addresses(addrs.to_vec()).build();
     if let Err(e) = swarm.dial(opts) {
@@ -394,6 +426,7 @@ pub async fn sync_with(
         }
     };
     let mut lan_peers = 0usize;
+    refresh_allowed(engine, &mut swarm, relay);
     dial(&mut swarm, relay, &addrs);
 
     loop {
@@ -418,6 +451,9 @@ pub async fn sync_with(
                 _ => None,
             };
             let applied = apply_event(engine, &mut session, ev, &mut report)?;
+            if observed == Some(SyncEvent::Directory) {
+                refresh_allowed(engine, &mut swarm, relay);
+            }
             if let Some(e) = observed {
                 emit(e);
             }
@@ -459,6 +495,7 @@ pub async fn sync_with(
                     lan.on_closed(&peer_id);
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    refresh_allowed(engine, &mut swarm, relay);
                     for (peer, addr) in found {
                         if peer != relay {
                             lan.on_discovered(engine, &mut swarm, peer, addr);
