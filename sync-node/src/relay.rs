@@ -783,34 +783,6 @@ impl Relay {
                 }
             }
         }
-        let mut st = conn.prepare(
-            "SELECT encoded FROM grants WHERE doc = ?1 ORDER BY epoch DESC, received_at, rowid",
-        )?;
-        let mut rows = st.query([doc.to_string()])?;
-        let (mut mine, mut others) = (Vec::new(), Vec::new());
-        let (mut mine_bytes, mut others_bytes) = (0usize, 0usize);
-        while let Some(row) = rows.next()? {
-            if mine_bytes > 4 * KEY_GRANTS_RESPONSE_BYTES_MAX
-                && others_bytes > KEY_GRANTS_RESPONSE_BYTES_MAX
-            {
-                break;
-            }
-            let encoded: Vec<u8> = row.get(0)?;
-            let len = encoded.len();
-            let grant = uncbor::<KeyGrant>(&encoded, "stored key grant")?;
-            // Memory stays bounded whatever is stored: a few frames of the caller's grants, one
-            // of the rest.
-            if grant.recipients.contains(&caller.device) {
-                if mine_bytes <= 4 * KEY_GRANTS_RESPONSE_BYTES_MAX {
-                    mine_bytes += len;
-                    mine.push((len, grant));
-                }
-            } else if others_bytes <= KEY_GRANTS_RESPONSE_BYTES_MAX {
-                others_bytes += len;
-                others.push((len, grant));
-            }
-        }
-        drop(rows);
         let rank = |g: &KeyGrant| {
             if starters.get(&g.epoch) == Some(&g.facility) {
                 0
@@ -820,6 +792,39 @@ impl Relay {
                 2
             }
         };
+        let mut st = conn.prepare(
+            "SELECT encoded FROM grants WHERE doc = ?1 ORDER BY epoch DESC, received_at, rowid",
+        )?;
+        let mut rows = st.query([doc.to_string()])?;
+        let (mut mine, mut others) = (Vec::new(), Vec::new());
+        // Memory stays bounded whatever is stored: a few frames of the caller's grants per rank
+        // (so other members' grants, however many, never crowd out the starter's or the caller's
+        // own facility's before they are ranked), one frame of the rest.
+        let mut mine_bytes = [0usize; 3];
+        let mut others_bytes = 0usize;
+        while let Some(row) = rows.next()? {
+            if mine_bytes
+                .iter()
+                .all(|b| *b > 4 * KEY_GRANTS_RESPONSE_BYTES_MAX)
+                && others_bytes > KEY_GRANTS_RESPONSE_BYTES_MAX
+            {
+                break;
+            }
+            let encoded: Vec<u8> = row.get(0)?;
+            let len = encoded.len();
+            let grant = uncbor::<KeyGrant>(&encoded, "stored key grant")?;
+            if grant.recipients.contains(&caller.device) {
+                let r = rank(&grant);
+                if mine_bytes[r] <= 4 * KEY_GRANTS_RESPONSE_BYTES_MAX {
+                    mine_bytes[r] += len;
+                    mine.push((len, grant));
+                }
+            } else if others_bytes <= KEY_GRANTS_RESPONSE_BYTES_MAX {
+                others_bytes += len;
+                others.push((len, grant));
+            }
+        }
+        drop(rows);
         mine.sort_by_key(|(_, g)| (std::cmp::Reverse(g.epoch), rank(g)));
         let mut grants = Vec::new();
         let mut total = 0usize;

@@ -3086,7 +3086,8 @@ fn a_member_cannot_crowd_a_devices_new_key_out_of_its_grants() {
         GRANT_SEALED_BYTES_BASE + GRANT_SEALED_BYTES_PER_RECIPIENT * GRANT_RECIPIENTS_MAX;
     let mut pushed = 0usize;
     let mut n = 0u32;
-    while pushed < FRAME_BYTES_MAX + FRAME_BYTES_MAX / 4 {
+    // Past what the relay collects of one rank of the caller's grants before ranking them.
+    while pushed < 4 * musubi_sync_node::relay::KEY_GRANTS_RESPONSE_BYTES_MAX + FRAME_BYTES_MAX {
         let batch: Vec<PushItem> = (0..24)
             .map(|_| {
                 n += 1;
