@@ -9,7 +9,8 @@
 //! `load_incremental` drop every other bundle loaded with it. [`decode_changes`] reads the chunk
 //! framing, inflates a compressed chunk through a reader that stops at
 //! [`CHANGES_INFLATED_BYTES_MAX`], lets Automerge parse each change on its own
-//! ([`automerge::Change`]), counts its operations against [`CHANGES_OPS_MAX`], and checks that its
+//! ([`automerge::Change`], which walks every operation, run-length counts included, before the count
+//! is known), counts its operations against [`CHANGES_OPS_MAX`], and checks that its
 //! actor is one of the signing device's ([`device_actor`]). A bundle that fails any of these is
 //! quarantined by the caller, and the document stays readable with everything else.
 
@@ -24,9 +25,9 @@ use crate::limits::{CHANGES_INFLATED_BYTES_MAX, CHANGES_OPS_MAX};
 pub const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 
 /// Chunk type of an uncompressed change.
-const CHUNK_CHANGE: u8 = 1;
+pub const CHUNK_CHANGE: u8 = 1;
 /// Chunk type of a DEFLATE-compressed change.
-const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+pub const CHUNK_COMPRESSED_CHANGE: u8 = 2;
 
 /// Random bytes after the device id in an actor id: one per opened document, so two processes of
 /// one device (the desktop app and the CLI) never reuse a sequence number of the same actor.
@@ -332,6 +333,29 @@ mod tests {
         assert!(matches!(
             decode_changes(&trailing, &me),
             Err(ChangesError::Framing { index: 2, .. })
+        ));
+    }
+
+    /// A writer's change with more operations than a bundle may hold (one per character of a long
+    /// text) is refused, not applied.
+    #[test]
+    fn a_change_with_too_many_operations_is_refused() {
+        use automerge::ObjType;
+        let me = device(1);
+        let mut doc = AutoCommit::new().with_actor(device_actor(&me, [2; ACTOR_SESSION_BYTES]));
+        let text = doc
+            .put_object(ROOT, "remarks", ObjType::Text)
+            .expect("text");
+        doc.splice_text(&text, 0, 0, &"x".repeat(CHANGES_OPS_MAX))
+            .expect("splice");
+        doc.commit();
+        let mut bytes = Vec::new();
+        for mut c in doc.get_changes(&[]) {
+            bytes.extend_from_slice(&c.bytes());
+        }
+        assert!(matches!(
+            decode_changes(&bytes, &me),
+            Err(ChangesError::TooManyOps { ops }) if ops > CHANGES_OPS_MAX
         ));
     }
 

@@ -28,24 +28,30 @@ pub const PASSPHRASE_LOG_N_SAFE_MIN: u8 = 16;
 /// Shortest passphrase accepted for a new key, in Unicode scalar values.
 pub const PASSPHRASE_CHARS_MIN: usize = 8;
 /// The environment variable that, set to `1`, lets test harnesses wrap keys with a work factor below
-/// [`PASSPHRASE_LOG_N_SAFE_MIN`] (the shells read it; see [`check_new_passphrase`]).
+/// [`PASSPHRASE_LOG_N_SAFE_MIN`] (the shells read it; see [`check_work_factor`]).
 pub const WEAK_KDF_FOR_TESTS_ENV: &str = "MUSUBI_WEAK_KDF_FOR_TESTS";
 
-/// The rule for a passphrase and work factor that wrap a new key (a device's, the authority's, the
-/// relay's): at least [`PASSPHRASE_CHARS_MIN`] characters, and a work factor of at least
-/// [`PASSPHRASE_LOG_N_SAFE_MIN`] unless `weak_kdf_for_tests` (a test harness said so with
-/// [`WEAK_KDF_FOR_TESTS_ENV`]).
+/// The largest scrypt work factor accepted when unwrapping (bounds the time an attacker-chosen file costs).
+pub const PASSPHRASE_LOG_N_MAX: u8 = 22;
+
+/// The rule for the passphrase of a new key (a device's, the authority's): at least
+/// [`PASSPHRASE_CHARS_MIN`] characters.
 ///
-/// Errors: [`CryptoError::ShortPassphrase`], [`CryptoError::WeakWorkFactor`], or
-/// [`CryptoError::WorkFactor`] outside the range any key file may use.
-pub fn check_new_passphrase(
-    passphrase: &str,
-    log_n: u8,
-    weak_kdf_for_tests: bool,
-) -> Result<(), CryptoError> {
+/// Errors: [`CryptoError::ShortPassphrase`].
+pub fn check_passphrase(passphrase: &str) -> Result<(), CryptoError> {
     if passphrase.chars().count() < PASSPHRASE_CHARS_MIN {
         return Err(CryptoError::ShortPassphrase);
     }
+    Ok(())
+}
+
+/// The rule for the scrypt work factor of a new key: within the range any key file may use, and at
+/// least [`PASSPHRASE_LOG_N_SAFE_MIN`] unless `weak_kdf_for_tests` (a test harness said so with
+/// [`WEAK_KDF_FOR_TESTS_ENV`]; the shells read it).
+///
+/// Errors: [`CryptoError::WorkFactor`] outside the range, [`CryptoError::WeakWorkFactor`] below the
+/// safe minimum.
+pub fn check_work_factor(log_n: u8, weak_kdf_for_tests: bool) -> Result<(), CryptoError> {
     if !(PASSPHRASE_LOG_N_MIN..=PASSPHRASE_LOG_N_MAX).contains(&log_n) {
         return Err(CryptoError::WorkFactor(log_n));
     }
@@ -54,9 +60,6 @@ pub fn check_new_passphrase(
     }
     Ok(())
 }
-
-/// The largest scrypt work factor accepted when unwrapping (bounds the time an attacker-chosen file costs).
-pub const PASSPHRASE_LOG_N_MAX: u8 = 22;
 
 /// Errors of key handling, sealing and signature checks.
 #[derive(Debug, thiserror::Error)]

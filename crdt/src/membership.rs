@@ -133,21 +133,6 @@ fn refuse<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Refusal> 
     })
 }
 
-/// Whether a refusal with `code` stands whatever this device learns later: a bad signature, a
-/// malformed or oversized item, an author or facility that may not write. `Stale`,
-/// `StaleDirectory` and `UnknownDocument` mean this device's view is behind, not that the item is
-/// bad (a bundle refused so is dropped, not quarantined, and taken when it arrives again).
-pub fn is_final(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::BadSignature
-            | ErrorCode::Malformed
-            | ErrorCode::TooLarge
-            | ErrorCode::Forbidden
-            | ErrorCode::Revoked
-    )
-}
-
 /// What admitting an item gives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Admitted {

@@ -408,6 +408,22 @@ impl ErrorCode {
     pub fn is_transient(self) -> bool {
         matches!(self, ErrorCode::Internal)
     }
+
+    /// Whether an item refused with this code stands whatever the receiver learns later: a bad
+    /// signature, a malformed or oversized item, an author or facility that may not write.
+    /// `Stale`, `StaleDirectory` and `UnknownDocument` mean the receiver's view is behind, not
+    /// that the item is bad (a pulled bundle refused so is dropped, not quarantined, and taken
+    /// when it arrives again).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::BadSignature
+                | ErrorCode::Malformed
+                | ErrorCode::TooLarge
+                | ErrorCode::Forbidden
+                | ErrorCode::Revoked
+        )
+    }
 }
 
 /// Errors decoding a frame.

@@ -116,8 +116,8 @@ impl TransferEncoder {
 pub enum Decoded {
     /// The header (always first).
     Header(Box<TransferHeader>),
-    /// An item.
-    Item(Box<PushItem>),
+    /// An item, and the length of its record in bytes (about what it costs in memory).
+    Item(Box<PushItem>, usize),
     /// The trailer verified: the file is complete.
     End {
         /// How many items the file holds.
@@ -135,7 +135,6 @@ pub struct TransferDecoder {
     ended: bool,
     index: u64,
     hasher: blake3::Hasher,
-    last_record_bytes: usize,
 }
 
 impl TransferDecoder {
@@ -211,21 +210,14 @@ impl TransferDecoder {
             reason: e.to_string(),
         };
         let out = if self.header_done {
-            Decoded::Item(Box::new(ciborium::from_reader(body).map_err(damaged)?))
+            Decoded::Item(Box::new(ciborium::from_reader(body).map_err(damaged)?), len)
         } else {
             Decoded::Header(Box::new(ciborium::from_reader(body).map_err(damaged)?))
         };
         self.header_done = true;
         self.pos += 4 + len;
         self.index += 1;
-        self.last_record_bytes = len;
         Ok(Some(out))
-    }
-
-    /// The length in bytes of the record [`TransferDecoder::next_record`] last decoded (what its
-    /// item costs in memory, about).
-    pub fn last_record_bytes(&self) -> usize {
-        self.last_record_bytes
     }
 
     /// Call after the last byte: errors if the trailer was never reached.
@@ -284,7 +276,7 @@ mod tests {
             d.feed(c);
             loop {
                 match d.next_record() {
-                    Ok(Some(Decoded::Item(i))) => items.push(*i),
+                    Ok(Some(Decoded::Item(i, _))) => items.push(*i),
                     Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(e) => return (items, Err(e)),

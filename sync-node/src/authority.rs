@@ -36,7 +36,7 @@ pub const INVITES_DIR: &str = "invites";
 /// The scrypt work factor of the authority's passphrase (as for a device's, by default).
 pub const AUTHORITY_SCRYPT_LOG_N: u8 = crypto::PASSPHRASE_LOG_N_DEFAULT;
 /// The shortest passphrase accepted for the authority key, in characters.
-pub const AUTHORITY_PASSPHRASE_CHARS_MIN: usize = 8;
+pub const AUTHORITY_PASSPHRASE_CHARS_MIN: usize = crypto::PASSPHRASE_CHARS_MIN;
 
 /// Errors of the authority directory.
 #[derive(Debug, thiserror::Error)]

@@ -47,6 +47,11 @@ impl Facility {
         &self.passphrase
     }
 
+    /// The facility id `join` printed, parsed.
+    pub fn facility_id(&self) -> musubi_crdt::ids::FacilityId {
+        self.id().parse().expect("a facility id")
+    }
+
     /// The facility id `join` printed.
     pub fn id(&self) -> &str {
         self.id

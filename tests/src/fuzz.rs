@@ -32,9 +32,6 @@ use musubi_facility::card::mynumber::MyNumberCard;
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Largest input a mutation may grow to, in bytes (bigger inputs only cost time, not coverage).
-pub const INPUT_BYTES_MAX: usize = 256 * 1024;
-
 /// One decoder under fuzzing.
 pub struct Target {
     /// Its name (also its corpus directory).
@@ -160,14 +157,16 @@ pub fn fuzz(
     out
 }
 
-/// Replaces the process's panic hook with one that prints nothing (for the whole fuzzing process:
-/// the hook is global, so threads cannot each set and restore it).
-pub fn silence_panics() {
+/// Replaces the process's panic hook with one that prints nothing, and returns the one it replaced
+/// (to put back before reporting). The hook is global, so threads cannot each set and restore it.
+pub fn silence_panics() -> Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static> {
+    let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
+    previous
 }
 
 /// One input: a corpus entry with 1 to 8 random mutations.
-pub fn mutate(rng: &mut impl Rng, corpus: &[Vec<u8>]) -> Vec<u8> {
+fn mutate(rng: &mut impl Rng, corpus: &[Vec<u8>]) -> Vec<u8> {
     let mut v = corpus[rng.random_range(0..corpus.len())].clone();
     for _ in 0..rng.random_range(1..=8) {
         let len = v.len();
@@ -217,7 +216,6 @@ pub fn mutate(rng: &mut impl Rng, corpus: &[Vec<u8>]) -> Vec<u8> {
             _ => {}
         }
     }
-    v.truncate(INPUT_BYTES_MAX);
     v
 }
 
@@ -351,23 +349,14 @@ fn sample_facility() -> FacilityId {
 
 /// Changes written by the fixed device, as a bundle carries them.
 fn sample_changes(text: &str) -> Vec<u8> {
-    let author = fixed_secrets().device_id();
-    let mut doc = automerge::AutoCommit::new().with_actor(changes::device_actor(
-        &author,
-        [1; changes::ACTOR_SESSION_BYTES],
-    ));
-    let letter = referral::ReferralLetter {
-        remarks: text.to_owned(),
-        ..Default::default()
-    };
-    let _ = referral::init(&mut doc, &letter);
-    doc.put(automerge::ROOT, "note", text).expect("put");
-    doc.commit();
-    let mut out = Vec::new();
-    for mut c in doc.get_changes(&[]) {
-        out.extend_from_slice(&c.bytes());
-    }
-    out
+    crate::hostile::changes_by(&fixed_secrets().device_id(), |doc| {
+        let letter = referral::ReferralLetter {
+            remarks: text.to_owned(),
+            ..Default::default()
+        };
+        let _ = referral::init(doc, &letter);
+        doc.put(automerge::ROOT, "note", text).expect("put");
+    })
 }
 
 fn sample_envelope(text: &str) -> Envelope {
@@ -509,8 +498,8 @@ fn seed_card() -> Vec<Vec<u8>> {
     vec![v]
 }
 
-/// Writes the corpus a target starts from into its committed directory (what `bench-fuzz
-/// --write-corpus` does); returns how many files.
+/// Writes damaged variants of a target's seeds into its committed corpus directory (what
+/// `bench-fuzz --write-corpus` does); returns how many files.
 pub fn write_corpus(target: &Target) -> usize {
     let dir = corpus_dir(target.name);
     std::fs::create_dir_all(&dir).expect("create the corpus directory");
@@ -521,16 +510,13 @@ pub fn write_corpus(target: &Target) -> usize {
     } else {
         seeds
     };
-    for (i, s) in seeds.iter().enumerate() {
-        std::fs::write(dir.join(format!("seed-{i}")), s).expect("write a corpus file");
-    }
-    // And damaged variants (truncations, flipped lengths, splices), so a run starts past the
-    // decoders' first checks too.
+    // Damaged variants of the seeds (truncations, flipped lengths, splices), so a run starts past
+    // the decoders' first checks too; the seeds themselves are made again at every run.
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let variants = 8;
     for i in 0..variants {
         let v = mutate(&mut rng, &seeds);
         std::fs::write(dir.join(format!("damaged-{i}")), v).expect("write a corpus file");
     }
-    seeds.len() + variants
+    variants
 }

@@ -338,34 +338,12 @@ impl LyingRelay {
 }
 
 /// Writes a transfer file at `path` holding `items`, as a device of `deployment` with `secrets`
-/// would (no directory in it).
-pub fn forged_file(
+/// would (no directory in it), record by record (a file of gigabytes is never held in memory).
+pub fn forged_file<'a>(
     path: &Path,
     deployment: DeploymentId,
     secrets: &DeviceSecrets,
-    items: &[PushItem],
-) {
-    let (mut enc, mut bytes) = TransferEncoder::start(&TransferHeader {
-        deployment,
-        device: secrets.device_id(),
-        created_at_ms: crate::raw::now_ms(),
-        directory: None,
-    });
-    for item in items {
-        bytes.extend(enc.item(item).expect("an item fits a record"));
-    }
-    bytes.extend(enc.finish());
-    std::fs::write(path, bytes).expect("write the forged file");
-}
-
-/// Writes a transfer file of `count` copies of `item` record by record (a file of hundreds of
-/// megabytes is never held in memory), for `deployment`, as `secrets`' device.
-pub fn forged_file_of(
-    path: &Path,
-    deployment: DeploymentId,
-    secrets: &DeviceSecrets,
-    item: &PushItem,
-    count: usize,
+    items: impl IntoIterator<Item = &'a PushItem>,
 ) {
     use std::io::Write;
     let (mut enc, start) = TransferEncoder::start(&TransferHeader {
@@ -376,7 +354,7 @@ pub fn forged_file_of(
     });
     let mut w = std::io::BufWriter::new(std::fs::File::create(path).expect("create the file"));
     w.write_all(&start).expect("write");
-    for _ in 0..count {
+    for item in items {
         w.write_all(&enc.item(item).expect("an item fits a record"))
             .expect("write");
     }
@@ -398,26 +376,36 @@ pub fn deflate_bomb_chunk(inflated: usize) -> Vec<u8> {
     }
     let body = enc.finish().expect("deflate");
     let mut chunk = musubi_crdt::changes::CHUNK_MAGIC.to_vec();
-    chunk.extend_from_slice(&[0, 0, 0, 0, 2]);
+    chunk.extend_from_slice(&[0, 0, 0, 0, musubi_crdt::changes::CHUNK_COMPRESSED_CHANGE]);
     leb128::write::unsigned(&mut chunk, body.len() as u64).expect("leb128");
     chunk.extend_from_slice(&body);
     chunk
 }
 
-/// Changes as `device` would write them (its bound actor), that set the document's `kind` to `kind`
-/// (a change that, applied, makes a letter unreadable as a letter).
-pub fn changes_as(device: &musubi_crdt::ids::DeviceId, kind: &str) -> Vec<u8> {
-    use automerge::transaction::Transactable;
+/// The change chunks `device` writes (its bound actor, fixed session bytes) when `write` edits a new
+/// document, as `Engine::commit` puts them in a bundle.
+pub fn changes_by(
+    device: &musubi_crdt::ids::DeviceId,
+    write: impl FnOnce(&mut automerge::AutoCommit),
+) -> Vec<u8> {
     let actor =
         musubi_crdt::changes::device_actor(device, [9; musubi_crdt::changes::ACTOR_SESSION_BYTES]);
     let mut doc = automerge::AutoCommit::new().with_actor(actor);
-    doc.put(automerge::ROOT, "kind", kind).expect("put");
+    write(&mut doc);
     doc.commit();
     let mut out = Vec::new();
     for mut c in doc.get_changes(&[]) {
         out.extend_from_slice(&c.bytes());
     }
     out
+}
+
+/// Changes as `device` would write them, that set the document's `kind` to `kind` (a change that,
+/// applied, makes a letter unreadable as a letter).
+pub fn changes_as(device: &musubi_crdt::ids::DeviceId, kind: &str) -> Vec<u8> {
+    changes_by(device, |doc| {
+        automerge::transaction::Transactable::put(doc, automerge::ROOT, "kind", kind).expect("put");
+    })
 }
 
 /// `chunk` (one Automerge change chunk, compressed or not) with every occurrence of `from`'s
@@ -434,7 +422,8 @@ pub fn rebind_actor(
     let mut rest = &chunk[9..];
     let len = leb128::read::unsigned(&mut rest).expect("a chunk length") as usize;
     let body = &rest[..len];
-    let mut plain = if chunk_type == 2 {
+    let compressed = chunk_type == musubi_crdt::changes::CHUNK_COMPRESSED_CHANGE;
+    let mut plain = if compressed {
         let mut out = Vec::new();
         flate2::read::DeflateDecoder::new(body)
             .read_to_end(&mut out)
@@ -452,7 +441,7 @@ pub fn rebind_actor(
             i += 1;
         }
     }
-    let body = if chunk_type == 2 {
+    let body = if compressed {
         let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
         enc.write_all(&plain).expect("deflate");
         enc.finish().expect("deflate")

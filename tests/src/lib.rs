@@ -48,6 +48,18 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// programs take it only with [`WEAK_KDF_FOR_TESTS`] in their environment).
 pub const TEST_SCRYPT_LOG_N: u8 = 10;
 
+/// The value of the environment variable `name` parsed as a `T`, or `default()` when it is not set.
+/// Panics, naming the variable, when it is set but does not parse (a replay seed, a count).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: impl FnOnce() -> T) -> T {
+    match std::env::var(name) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={s:?} does not parse")),
+        Err(_) => default(),
+    }
+}
+
 /// The environment variable and value with which the programs accept [`TEST_SCRYPT_LOG_N`].
 pub const WEAK_KDF_FOR_TESTS: (&str, &str) = (musubi_crdt::crypto::WEAK_KDF_FOR_TESTS_ENV, "1");
 

@@ -137,8 +137,7 @@ impl RawClient {
 
     /// A device with fresh keys that never enrolled, connected to `relay`.
     pub fn stranger(relay: &Relay) -> Self {
-        let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
-        Self::connect(random_secrets(), &addr)
+        Self::connect(random_secrets(), &relay.p2p_addr())
             .unwrap_or_else(|e| panic!("raw client cannot connect: {e}"))
     }
 

@@ -281,6 +281,24 @@ impl Relay {
             .collect()
     }
 
+    /// Its listen address with its peer id (`.../p2p/ID`), as a device dials it.
+    pub fn p2p_addr(&self) -> String {
+        format!("{}/p2p/{}", self.listen_addr(), self.peer_id())
+    }
+
+    /// The deployment id the relay serves (its database's metadata).
+    pub fn deployment(&self) -> musubi_crdt::ids::DeploymentId {
+        let id: String = self
+            .db()
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'deployment_id'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("the relay records its deployment");
+        id.parse().expect("a deployment id")
+    }
+
     /// The relay's device id (libp2p PeerId): from its printed address when that ends in `/p2p/ID`,
     /// else from a fresh invite code.
     pub fn peer_id(&self) -> DeviceId {

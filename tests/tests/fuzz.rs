@@ -11,25 +11,25 @@ const SECS_DEFAULT: u64 = 3;
 
 #[test]
 fn no_decoder_panics_on_mutated_input() {
-    let seed: u64 = match std::env::var("MUSUBI_FUZZ_SEED") {
-        Ok(s) => s.trim().parse().expect("MUSUBI_FUZZ_SEED is a number"),
-        Err(_) => rand::random(),
-    };
-    let secs: u64 = std::env::var("MUSUBI_FUZZ_SECS")
-        .ok()
-        .map(|s| s.trim().parse().expect("MUSUBI_FUZZ_SECS is a number"))
-        .unwrap_or(SECS_DEFAULT);
+    let seed: u64 = musubi_tests::env_or("MUSUBI_FUZZ_SEED", rand::random);
+    let secs = musubi_tests::env_or("MUSUBI_FUZZ_SECS", || SECS_DEFAULT);
     eprintln!("fuzz seed={seed} (replay with MUSUBI_FUZZ_SEED={seed}), {secs} s per target");
-    fuzz::silence_panics();
+    let targets: Vec<_> = fuzz::targets()
+        .into_iter()
+        .map(|target| {
+            let corpus = fuzz::corpus(&target);
+            assert!(
+                corpus.len() > (target.seeds)().len(),
+                "{}: the committed corpus adds inputs to the seeds",
+                target.name
+            );
+            (target, corpus)
+        })
+        .collect();
+    let hook = fuzz::silence_panics();
     let mut failures = Vec::new();
-    for target in fuzz::targets() {
-        let corpus = fuzz::corpus(&target);
-        assert!(
-            corpus.len() > (target.seeds)().len(),
-            "{}: the committed corpus adds inputs to the seeds",
-            target.name
-        );
-        let found = fuzz::fuzz(&target, &corpus, seed, u64::MAX, Duration::from_secs(secs));
+    for (target, corpus) in &targets {
+        let found = fuzz::fuzz(target, corpus, seed, u64::MAX, Duration::from_secs(secs));
         eprintln!(
             "{:>9}: {} executions, {} panics",
             target.name,
@@ -45,5 +45,7 @@ fn no_decoder_panics_on_mutated_input() {
             ));
         }
     }
+    // The hook back before asserting, so a failure is printed.
+    std::panic::set_hook(hook);
     assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
 }

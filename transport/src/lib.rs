@@ -167,7 +167,7 @@ impl Node {
     /// The connection limits of this kind of node (`limits.rs`): a peer, known or not, gets at
     /// most [`CONNECTIONS_PER_PEER_MAX`] connections, and at most
     /// [`CONNECTIONS_PENDING_INCOMING_MAX`] handshakes run at once.
-    pub fn connection_limits(self) -> connection_limits::ConnectionLimits {
+    fn connection_limits(self) -> connection_limits::ConnectionLimits {
         let incoming = match self {
             Node::Relay => RELAY_CONNECTIONS_INCOMING_MAX,
             Node::Facility { .. } => FACILITY_CONNECTIONS_INCOMING_MAX,

@@ -97,26 +97,22 @@ impl Tracker {
                     restored: r.restored,
                     times: u32::try_from(r.times).unwrap_or(u32::MAX),
                 });
-        let all = self.observer.store().quarantined(None).unwrap_or_default();
-        let names: std::collections::BTreeMap<String, String> = self
-            .observer
-            .directory()
-            .map(|d| {
-                d.facilities
-                    .into_iter()
-                    .map(|f| (f.id.to_string(), f.name))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let quarantined_total = u32::try_from(all.len()).unwrap_or(u32::MAX);
-        let quarantined = all
+        let store = self.observer.store();
+        let quarantined_total =
+            u32::try_from(store.quarantine_count().unwrap_or(0)).unwrap_or(u32::MAX);
+        let directory = self.observer.directory().ok();
+        let quarantined = store
+            .quarantined(QUARANTINE_SHOWN_MAX)
+            .unwrap_or_default()
             .into_iter()
-            .rev()
-            .take(QUARANTINE_SHOWN_MAX)
             .map(|q| QuarantinedNotice {
                 bundle: q.bundle.chars().take(16).collect(),
                 document: q.doc,
-                facility: names.get(&q.facility).cloned().unwrap_or(q.facility),
+                facility: directory
+                    .as_ref()
+                    .zip(q.facility.parse().ok())
+                    .and_then(|(d, id)| d.facility(id))
+                    .map_or(q.facility.clone(), |f| f.name.clone()),
                 device: q.author,
                 reason: q.reason,
                 at_ms: q.at_ms as f64,

@@ -256,14 +256,14 @@ impl Engine {
     /// Creates a facility device in `dir` (created if missing, made readable by its owner only,
     /// mode 0700): new device keys wrapped by `passphrase` (scrypt work factor `log_n`).
     ///
-    /// The shells check `log_n` against [`crypto::check_new_passphrase`] with the test flag they
-    /// read ([`weak_kdf_for_tests`]); here only the passphrase's length and the work factor's range
-    /// are checked (an in-process simulation wraps keys cheaply on purpose).
+    /// The shells check `log_n` against [`crypto::check_work_factor`] with the test flag they read
+    /// ([`weak_kdf_for_tests`]); here only the passphrase's length is checked, and the work
+    /// factor's range when wrapping (an in-process simulation wraps keys cheaply on purpose).
     ///
     /// Errors: [`EngineError::AlreadyInitialised`]; a passphrase shorter than
     /// [`crypto::PASSPHRASE_CHARS_MIN`]; IO and store errors.
     pub fn init(dir: &Path, name: &str, passphrase: &str, log_n: u8) -> Result<Engine> {
-        crypto::check_new_passphrase(passphrase, log_n, true)?;
+        crypto::check_passphrase(passphrase)?;
         let key_path = dir.join(KEY_FILE);
         if key_path.exists() {
             return Err(EngineError::AlreadyInitialised(dir.to_owned()));
@@ -755,8 +755,8 @@ impl Engine {
                 Ok(loaded) => return Ok(loaded),
                 // A bundle whose changes decoded but that Automerge would not apply: quarantined,
                 // then the document is loaded again without it.
-                Err(Some(bad)) => self.quarantine(&bad.0, &bad.1)?,
-                Err(None) => careful = true,
+                Err(ApplyFailed::Bundle(env, reason)) => self.quarantine(&env, &reason)?,
+                Err(ApplyFailed::Batch) => careful = true,
             }
         }
     }
@@ -765,11 +765,15 @@ impl Engine {
     /// refusal came from a view of the document or directory that has since moved) is released,
     /// and its document's snapshot dropped so the next load applies it. Returns how many.
     pub fn recheck_quarantine(&mut self) -> Result<usize> {
+        let quarantined = self.store.quarantined_pulled()?;
+        if quarantined.is_empty() {
+            return Ok(0);
+        }
         let Ok(dir) = self.directory() else {
             return Ok(0);
         };
         let mut released = 0;
-        for env in self.store.quarantined_pulled()? {
+        for env in quarantined {
             let Some(row) = self.store.document(env.doc)? else {
                 continue;
             };
@@ -794,12 +798,11 @@ impl Engine {
     }
 
     /// One attempt of [`Engine::load`]: the loaded document, or what [`apply_batch`] refused.
-    #[allow(clippy::type_complexity)]
     fn try_load(
         &self,
         doc: DocumentId,
         careful: bool,
-    ) -> Result<std::result::Result<Loaded, Option<Box<(Envelope, String)>>>> {
+    ) -> Result<std::result::Result<Loaded, ApplyFailed>> {
         let info = self
             .store
             .document(doc)?
@@ -882,9 +885,8 @@ impl Engine {
             self.store.set_meta_cbor(
                 &format!("doc_warning:{doc}"),
                 &format!(
-                    "{} change(s) of this document wait for {} change(s) this device does not hold (quarantined, or not arrived yet); what they change is not shown",
-                    blocked.iter().map(|(_, c)| c.len()).sum::<usize>().max(1),
-                    missing.len().max(1)
+                    "changes of this document wait for {} change(s) this device does not hold (quarantined, or not arrived yet); what they change is not shown",
+                    missing.len() + blocked.len()
                 ),
             )?;
         }
@@ -2373,19 +2375,27 @@ fn lost_right(dir: &Directory, info: &Membership, device: &DeviceId) -> bool {
     }
 }
 
+/// What applying decoded bundles could not do.
+enum ApplyFailed {
+    /// Applying the batch at once failed: `am` may hold part of it, so the document is loaded again
+    /// and its bundles applied one at a time.
+    Batch,
+    /// Applying this bundle on its own failed, with Automerge's reason: it is quarantined.
+    Bundle(Box<Envelope>, String),
+}
+
 /// Applies decoded bundles to `am`: all in one call, or (`careful`) one bundle at a time, each
 /// only once every change it depends on is in `am` (so a failure is the bundle's own, never that
 /// of an earlier change Automerge kept queued). In careful mode, bundles still waiting for a
 /// dependency stay in `blocked` for the next call.
 ///
-/// Errors: `Some(bundle, reason)` when applying one bundle failed (careful), `None` when the batch
-/// failed (`am` may then hold part of it: load again, carefully).
+/// Errors: an [`ApplyFailed`].
 fn apply_batch(
     am: &mut AutoCommit,
     batch: Vec<(Envelope, Vec<automerge::Change>)>,
     careful: bool,
     blocked: &mut Vec<(Envelope, Vec<automerge::Change>)>,
-) -> std::result::Result<(), Option<Box<(Envelope, String)>>> {
+) -> std::result::Result<(), ApplyFailed> {
     if careful {
         let mut pending = std::mem::take(blocked);
         pending.extend(batch);
@@ -2404,7 +2414,7 @@ fn apply_batch(
                     continue;
                 }
                 if let Err(e) = changes::apply(am, decoded) {
-                    return Err(Some(Box::new((env, e.to_string()))));
+                    return Err(ApplyFailed::Bundle(Box::new(env), e.to_string()));
                 }
                 progressed = true;
             }
@@ -2422,7 +2432,7 @@ fn apply_batch(
     }
     changes::apply(am, all).map_err(|e| {
         tracing::warn!("Automerge refused a batch of bundles ({e}); applying them one by one");
-        None
+        ApplyFailed::Batch
     })
 }
 

@@ -483,13 +483,9 @@ pub async fn sync_with(
         tokio::select! {
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id != relay && options.lan => {
-                    // Only current devices of the deployment's verified directory are answered on
-                    // the LAN; anyone else is disconnected before a frame of theirs is read.
-                    let known = lan.on_connected(engine, &mut swarm, peer_id);
-                    if !known {
-                        tracing::info!(peer = %peer_id, "disconnecting a LAN peer that is not a current device of the directory");
-                        let _ = swarm.disconnect_peer_id(peer_id);
-                    }
+                    // Only current devices of the verified directory get here: the allow list
+                    // (`refresh_allowed`) refuses anyone else when the connection is established.
+                    lan.on_connected(engine, &mut swarm, peer_id);
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id != relay => {
                     lan.on_closed(&peer_id);
@@ -865,7 +861,7 @@ pub fn apply_event(
                         // of that document must stay usable when it arrives where it belongs).
                         tracing::warn!(%doc, seq = %p.seq, "the relay served a bundle of another document: {}", e.message);
                     }
-                    Err(e) if membership::is_final(e.code) => {
+                    Err(e) if e.code.is_final() => {
                         // Kept, never applied, and listed with its author (`musubi status`); looked
                         // at again when this device's view of the document or directory moves.
                         tracing::warn!(%doc, seq = %p.seq, author = %p.envelope.author, "quarantining a bundle that is not admitted: {}", e.message);
@@ -1041,7 +1037,6 @@ fn item_author(item: &PushItem) -> Option<musubi_crdt::ids::DeviceId> {
     }
 }
 
-/// Drops from the session the outbox items the engine replaced (sealed or signed again).
 /// After a LAN exchange changed `touched`: key upkeep (which may retract outbox items the session
 /// holds), then each document's services, and the event for the front-end.
 fn after_lan(
@@ -1061,6 +1056,7 @@ fn after_lan(
     Ok(())
 }
 
+/// Drops from the session the outbox items the engine replaced (sealed or signed again).
 fn retract(engine: &mut Engine, session: &mut Session) {
     let retracted: BTreeSet<OutboxId> = engine.take_retracted().into_iter().map(OutboxId).collect();
     if !retracted.is_empty() {

@@ -231,7 +231,8 @@ impl Store {
             "CREATE TABLE IF NOT EXISTS quarantine (
                 bundle BLOB PRIMARY KEY, doc TEXT NOT NULL, author TEXT NOT NULL, facility TEXT NOT NULL,
                 seq INTEGER, reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
-             CREATE INDEX IF NOT EXISTS quarantine_doc ON quarantine(doc);",
+             CREATE INDEX IF NOT EXISTS quarantine_doc ON quarantine(doc);
+             CREATE INDEX IF NOT EXISTS bundles_unsent ON bundles(origin) WHERE seq IS NULL;",
         )?;
         Ok(Self { conn })
     }
@@ -1096,13 +1097,22 @@ impl Store {
         Ok(())
     }
 
-    /// Quarantined bundles, of one document or all, oldest first.
-    pub fn quarantined(&self, doc: Option<DocumentId>) -> Result<Vec<QuarantineRow>> {
+    /// How many bundles are quarantined.
+    pub fn quarantine_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM quarantine", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// The newest `limit` quarantined bundles, newest first (a sender controls how many there are).
+    pub fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT bundle, doc, author, facility, seq, reason, at_ms FROM quarantine
-             WHERE ?1 IS NULL OR doc = ?1 ORDER BY at_ms, rowid",
+             ORDER BY at_ms DESC, rowid DESC LIMIT ?1",
         )?;
-        let rows = stmt.query_map([doc.map(|d| d.to_string())], |r| {
+        let rows = stmt.query_map([limit as i64], |r| {
             Ok(QuarantineRow {
                 bundle: hex::encode(r.get::<_, Vec<u8>>(0)?),
                 doc: r.get(1)?,

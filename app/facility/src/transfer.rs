@@ -190,9 +190,9 @@ pub fn import(engine: &mut Engine, file: &Path) -> Result<ImportReport, Transfer
                     }
                 }
                 Decoded::End { .. } => {}
-                Decoded::Item(item) => {
+                Decoded::Item(item, bytes) => {
                     chunk.push(*item);
-                    chunk_bytes += dec.last_record_bytes();
+                    chunk_bytes += bytes;
                     if chunk.len() >= IMPORT_CHUNK_ITEMS || chunk_bytes >= IMPORT_CHUNK_BYTES_MAX {
                         apply(engine, &mut chunk)?;
                         chunk_bytes = 0;

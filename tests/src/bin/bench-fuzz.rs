@@ -13,9 +13,26 @@ use std::time::{Duration, Instant};
 
 use musubi_tests::fuzz;
 
+/// Fuzzes every decoder of hostile input (`musubi_tests::fuzz`).
+#[derive(clap::Parser)]
+struct Args {
+    /// Executions per target.
+    #[arg(default_value_t = 10_000_000)]
+    executions: u64,
+    /// The mutations' seed (default: random; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Only this target.
+    #[arg(long)]
+    only: Option<String>,
+    /// Write damaged variants of the seeds into the committed corpus instead.
+    #[arg(long)]
+    write_corpus: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--write-corpus") {
+    let args = <Args as clap::Parser>::parse();
+    if args.write_corpus {
         for t in fuzz::targets() {
             let n = fuzz::write_corpus(&t);
             println!(
@@ -26,39 +43,35 @@ fn main() {
         }
         return;
     }
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let budget: u64 = args
-        .iter()
-        .find(|a| {
-            !a.starts_with("--") && a.parse::<u64>().is_ok() && Some(*a) != value("--seed").as_ref()
-        })
-        .map(|a| a.parse().expect("a number"))
-        .unwrap_or(10_000_000);
-    let seed: u64 = value("--seed").map_or_else(rand::random, |s| s.parse().expect("--seed N"));
-    let only = value("--only");
+    let budget = args.executions;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let only = args.only;
     println!("fuzzing: {budget} executions per target, seed {seed}");
-    fuzz::silence_panics();
-    let started = Instant::now();
-    let handles: Vec<_> = fuzz::targets()
+    let targets: Vec<_> = fuzz::targets()
         .into_iter()
         .filter(|t| only.as_deref().is_none_or(|o| o == t.name))
         .map(|t| {
+            let corpus = fuzz::corpus(&t);
+            (t, corpus)
+        })
+        .collect();
+    let hook = fuzz::silence_panics();
+    let started = Instant::now();
+    let handles: Vec<_> = targets
+        .into_iter()
+        .map(|(t, corpus)| {
             std::thread::spawn(move || {
-                let corpus = fuzz::corpus(&t);
                 let t0 = Instant::now();
                 let found = fuzz::fuzz(&t, &corpus, seed, budget, Duration::MAX);
                 (t.name, found, t0.elapsed())
             })
         })
         .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+    std::panic::set_hook(hook);
     let mut panics = 0;
-    for h in handles {
-        let (name, found, took) = h.join().expect("a fuzzing thread");
+    for r in results {
+        let (name, found, took) = r.expect("a fuzzing thread");
         println!(
             "{name:>9}: {:>11} executions in {:>7.1} s ({:>9.0}/s), {} panics",
             found.executions,

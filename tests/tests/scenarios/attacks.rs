@@ -14,9 +14,7 @@ use std::time::Duration;
 use musubi_crdt::bundle::{Envelope, Payload};
 use musubi_crdt::crypto::{DeviceSecrets, DocumentKey};
 use musubi_crdt::directory::FacilityCert;
-use musubi_crdt::ids::{
-    DeploymentId, DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role,
-};
+use musubi_crdt::ids::{DeviceId, DocumentId, DocumentKind, Epoch, FacilityId, FacilityRole, Role};
 use musubi_crdt::ops::{DocOp, DocOpBody, KeyGrant, Member};
 use musubi_crdt::protocol::{ErrorCode, PushItem, PushResult, Request, Response};
 use musubi_tests::hostile::{LyingRelay, forged_file};
@@ -28,23 +26,6 @@ use musubi_tests::{
 use serde_json::Value;
 
 use super::{HOSPITAL_B, Story, relay_a_b, serial};
-
-/// The deployment id the relay serves.
-fn deployment(relay: &musubi_tests::Relay) -> DeploymentId {
-    let id: String = relay
-        .db()
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'deployment_id'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("the relay records its deployment");
-    id.parse().expect("a deployment id")
-}
-
-fn facility_id(f: &Facility) -> FacilityId {
-    f.id().parse().expect("a facility id")
-}
 
 /// The referral A sent B, synced to both: its id and document.
 fn letter(a: &Facility, b: &Facility) -> (String, DocumentId) {
@@ -98,9 +79,23 @@ pub(super) fn lan_addr(f: &Facility, port: u16) -> String {
 }
 
 /// A device the LAN listener at `addr` does not list as current (revoked, or never enrolled) gets
-/// nothing for `request`: it is disconnected before a frame is read (or, had the frame been read,
-/// refused as not enrolled).
-fn lan_gives_nothing(secrets: &DeviceSecrets, addr: &str, request: &Request, who: &str) {
+/// nothing for `request`: it is refused when the connection is established (or, had its frame been
+/// read, refused as not enrolled). `member`, a current device, is answered at the same address, so
+/// the refusal is the listener's and not a wrong address.
+pub(super) fn lan_gives_nothing(
+    secrets: &DeviceSecrets,
+    member: &DeviceSecrets,
+    addr: &str,
+    request: &Request,
+    who: &str,
+) {
+    let control = RawClient::connect(member.clone(), addr).expect("a member dials the listener");
+    assert!(
+        control
+            .try_request(&Request::GetDirectory { known_version: 0 })
+            .is_ok(),
+        "{who} answers a current device at {addr}"
+    );
     let Ok(peer) = RawClient::connect(secrets.clone(), addr) else {
         return;
     };
@@ -190,12 +185,12 @@ fn the_operator_cannot_enrol_a_device_or_an_hq_and_forged_ones_read_nothing() {
     story.step("modified relay code lists a laptop in the hospital's chain and a fake HQ");
     let lying = LyingRelay::of(&relay);
     let laptop = random_secrets();
-    lying.add_device(facility_id(&b), &laptop, &laptop);
+    lying.add_device(b.facility_id(), &laptop, &laptop);
     let fake_hq = random_secrets();
     let operator_key = random_secrets();
     let cert = FacilityCert::sign(
         &operator_key,
-        deployment(&relay),
+        relay.deployment(),
         FacilityId::from_random_bytes(rand::random()),
         "災害対策本部",
         FacilityRole::Hq,
@@ -235,7 +230,7 @@ fn the_operator_cannot_enrol_a_device_or_an_hq_and_forged_ones_read_nothing() {
     }
 
     story.step("the laptop and the fake HQ connect to the lying relay: ciphertext, and no key");
-    let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
+    let addr = relay.p2p_addr();
     let laptop_client = RawClient::connect(laptop.clone(), &addr).expect("connect");
     let fake_client = RawClient::connect(fake_hq.clone(), &addr).expect("connect");
     match laptop_client.request(&Request::ListDocuments) {
@@ -317,7 +312,7 @@ fn a_planted_grant_and_epoch_are_refused_and_never_used() {
     x.sync_once();
     let (id, doc) = letter(&a, &b);
     let xs = x.secrets();
-    let xf = facility_id(&x);
+    let xf = x.facility_id();
     let evil = random_key();
     let lying = LyingRelay::of(&relay);
     let head = lying.ops(doc).last().expect("the letter's chain").hash();
@@ -345,7 +340,7 @@ fn a_planted_grant_and_epoch_are_refused_and_never_used() {
         .collect();
 
     story.step("the outsider pushes them to the honest relay: refused");
-    let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
+    let addr = relay.p2p_addr();
     let xc = RawClient::connect(xs.clone(), &addr).expect("connect");
     let mut items = vec![PushItem::Op {
         op: new_epoch.clone(),
@@ -419,7 +414,7 @@ fn a_forged_create_and_a_planted_key_are_refused_by_file_and_over_the_lan() {
     x.sync_once();
     let (id, doc) = letter(&a, &b);
     let xs = x.secrets();
-    let xf = facility_id(&x);
+    let xf = x.facility_id();
     let evil = random_key();
     let lying = LyingRelay::of(&relay);
     let head = lying.ops(doc).last().expect("chain").hash();
@@ -432,7 +427,7 @@ fn a_forged_create_and_a_planted_key_are_refused_by_file_and_over_the_lan() {
         DocOpBody::Create {
             kind: DocumentKind::Referral,
             members: vec![Member {
-                facility: facility_id(&b),
+                facility: b.facility_id(),
                 role: Role::Writer,
             }],
             key_commitment: evil.commitment(),
@@ -492,7 +487,7 @@ fn a_forged_create_and_a_planted_key_are_refused_by_file_and_over_the_lan() {
 
     story.step("by a USB file");
     let file = world.path().join("forged.musubi");
-    forged_file(&file, deployment(&relay), &xs, &items);
+    forged_file(&file, relay.deployment(), &xs, &items);
     let report = b.run_json("bundle import", &[&file.display().to_string()]);
     assert_eq!(report["new"], 0, "nothing new is taken: {report:#}");
     assert!(
@@ -624,7 +619,7 @@ fn a_revoked_laptop_reads_nothing_new_by_any_route() {
     );
     let stale = Envelope::seal(
         &thief,
-        facility_id(&a),
+        a.facility_id(),
         doc,
         Epoch(0),
         &k0,
@@ -711,12 +706,18 @@ fn a_revoked_laptop_reads_nothing_new_by_any_route() {
     story.step("route 3, the LAN: the hospital refuses the revoked laptop");
     let port = listen_on_lan(&mut b);
     let offer = musubi_facility::lan::offer(&laptop.engine(), doc).expect("offer");
-    lan_gives_nothing(&thief, &lan_addr(&b, port), &offer, "the hospital");
+    lan_gives_nothing(
+        &thief,
+        &a.secrets(),
+        &lan_addr(&b, port),
+        &offer,
+        "the hospital",
+    );
     b.stop_watch();
 
     story.step("route 4, the operator holds the laptop: it signs a link adding a device of its own to the clinic's chain");
     let evil = random_secrets();
-    lying.add_device(facility_id(&a), &evil, &thief);
+    lying.add_device(a.facility_id(), &evil, &thief);
     a.sync_once();
     b.sync_once();
     for f in [&a, &b] {
@@ -727,7 +728,7 @@ fn a_revoked_laptop_reads_nothing_new_by_any_route() {
             f.name
         );
     }
-    let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
+    let addr = relay.p2p_addr();
     let _evil_client = RawClient::connect(evil.clone(), &addr).expect("the lying relay lets it in");
     assert!(
         keys_for(&lying, doc, &evil).is_empty()
@@ -748,6 +749,7 @@ fn a_revoked_laptop_reads_nothing_new_by_any_route() {
     let offer = musubi_facility::lan::offer(&laptop.engine(), doc).expect("offer");
     lan_gives_nothing(
         &thief,
+        &b.secrets(),
         &lan_addr(&reception, port),
         &offer,
         "the reception PC",
@@ -968,8 +970,8 @@ fn a_changed_root_key_gets_no_key_until_a_person_confirms_its_safety_number() {
         .expect("the authority");
     let cert = FacilityCert::sign(
         authority.secrets(),
-        deployment(&relay),
-        facility_id(&a),
+        relay.deployment(),
+        a.facility_id(),
         super::CLINIC_A,
         FacilityRole::Clinic,
         new_root.device_id(),

@@ -6,13 +6,13 @@
 use std::collections::BTreeSet;
 
 use musubi_crdt::bundle::{Envelope, Payload};
-use musubi_crdt::ids::{DeploymentId, Epoch, FacilityId};
+use musubi_crdt::ids::Epoch;
 use musubi_crdt::limits::TRANSFER_RECORD_BYTES_MAX;
 use musubi_crdt::protocol::{PushItem, PushResult};
 use musubi_tests::Facility;
 use musubi_tests::fuzz;
 use musubi_tests::hostile::{
-    LyingRelay, changes_as, deflate_bomb_chunk, forged_file_of, rebind_actor,
+    LyingRelay, changes_as, deflate_bomb_chunk, forged_file, rebind_actor,
 };
 use musubi_tests::measure::run_with_peak;
 use musubi_tests::raw::RawClient;
@@ -26,10 +26,6 @@ const SHOW_PEAK_KIB_MAX: u64 = 300 * 1024;
 fn automerge_panics_on() -> Vec<u8> {
     let path = fuzz::corpus_dir("changes").join("regression-0");
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn facility_id(f: &Facility) -> FacilityId {
-    f.id().parse().expect("a facility id")
 }
 
 /// `status --json`'s quarantine: (author, reason) of each quarantined bundle.
@@ -97,7 +93,7 @@ fn crafted_bundles_are_quarantined_and_every_member_still_reads_the_letter() {
         )
         .expect("seal")
     };
-    let af = facility_id(&a);
+    let af = a.facility_id();
     let junk = b"not an automerge change at all";
     let mut malformed = musubi_crdt::changes::CHUNK_MAGIC.to_vec();
     malformed.extend_from_slice(&[0, 0, 0, 0, 1, junk.len() as u8]);
@@ -120,7 +116,7 @@ fn crafted_bundles_are_quarantined_and_every_member_still_reads_the_letter() {
             ),
         ),
     ];
-    let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
+    let addr = relay.p2p_addr();
     let client = RawClient::connect(thief.clone(), &addr).expect("connect");
     let results = client.push(
         crafted
@@ -145,7 +141,7 @@ fn crafted_bundles_are_quarantined_and_every_member_still_reads_the_letter() {
     let outsider = x.secrets();
     lying.plant_bundle(&seal(
         &outsider,
-        facility_id(&x),
+        x.facility_id(),
         changes_as(&outsider.device_id(), "careplan"),
     ));
 
@@ -227,22 +223,13 @@ fn a_file_of_maximal_records_imports_in_bounded_memory() {
     let world = musubi_tests::World::new("bigfile");
     let (relay, a, b) = relay_a_b(&world);
     b.sync_once();
-    let deployment: DeploymentId = relay
-        .db()
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'deployment_id'",
-            [],
-            |r| r.get::<_, String>(0),
-        )
-        .expect("the relay records its deployment")
-        .parse()
-        .expect("a deployment id");
+    let deployment = relay.deployment();
 
     story.step("a stranger writes a file of maximal records");
     let stranger = musubi_tests::raw::random_secrets();
     let mut envelope = Envelope::seal(
         &stranger,
-        facility_id(&a),
+        a.facility_id(),
         musubi_crdt::ids::DocumentId::from_random_bytes([7; 16]),
         Epoch(0),
         &musubi_tests::raw::random_key(),
@@ -253,15 +240,13 @@ fn a_file_of_maximal_records_imports_in_bounded_memory() {
     envelope.ciphertext = vec![0x5a; TRANSFER_RECORD_BYTES_MAX - 1024];
     let item = PushItem::Bundle { envelope };
     let file = world.path().join("hostile.musubi");
-    let records: usize = std::env::var("MUSUBI_HOSTILE_FILE_RECORDS")
-        .ok()
-        .map(|s| {
-            s.trim()
-                .parse()
-                .expect("MUSUBI_HOSTILE_FILE_RECORDS is a number")
-        })
-        .unwrap_or(HOSTILE_FILE_RECORDS);
-    forged_file_of(&file, deployment, &stranger, &item, records);
+    let records = musubi_tests::env_or("MUSUBI_HOSTILE_FILE_RECORDS", || HOSTILE_FILE_RECORDS);
+    forged_file(
+        &file,
+        deployment,
+        &stranger,
+        std::iter::repeat_n(&item, records),
+    );
     let bytes = std::fs::metadata(&file).expect("the file").len();
 
     story.step("the hospital imports it");
@@ -313,14 +298,8 @@ fn commands_killed_at_random_points_leave_no_document_or_epoch_stranded() {
     use rand::{RngExt, SeedableRng};
     let _serial = serial();
     let story = Story::new("commands_killed_at_random_points_leave_no_document_or_epoch_stranded");
-    let seed: u64 = match std::env::var("MUSUBI_CRASH_SEED") {
-        Ok(s) => s.trim().parse().expect("MUSUBI_CRASH_SEED is a number"),
-        Err(_) => rand::random(),
-    };
-    let trials: u64 = std::env::var("MUSUBI_CRASH_TRIALS")
-        .ok()
-        .map(|s| s.trim().parse().expect("MUSUBI_CRASH_TRIALS is a number"))
-        .unwrap_or(CRASH_TRIALS_DEFAULT);
+    let seed: u64 = musubi_tests::env_or("MUSUBI_CRASH_SEED", rand::random);
+    let trials = musubi_tests::env_or("MUSUBI_CRASH_TRIALS", || CRASH_TRIALS_DEFAULT);
     eprintln!("crash seed={seed} (replay with MUSUBI_CRASH_SEED={seed}), {trials} trials");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let world = musubi_tests::World::new("crash");
@@ -499,16 +478,16 @@ fn a_stranger_gets_no_lan_answer_and_one_key_holds_few_relay_connections() {
     story.step("a stranger connects to the clinic's LAN listener and asks for its directory");
     let port = super::attacks::listen_on_lan(&mut a);
     let lan = super::attacks::lan_addr(&a, port);
-    match RawClient::connect(musubi_tests::raw::random_secrets(), &lan) {
-        Err(e) => eprintln!("the stranger's connection was refused: {e}"),
-        Ok(stranger) => assert!(
-            !answered(&stranger),
-            "a facility answers nobody outside the directory on the LAN"
-        ),
-    }
+    super::attacks::lan_gives_nothing(
+        &musubi_tests::raw::random_secrets(),
+        &b.secrets(),
+        &lan,
+        &musubi_crdt::protocol::Request::GetDirectory { known_version: 0 },
+        "the clinic",
+    );
 
     story.step("one key opens more connections to the relay than it may hold");
-    let addr = format!("{}/p2p/{}", relay.listen_addr(), relay.peer_id());
+    let addr = relay.p2p_addr();
     let key = musubi_tests::raw::random_secrets();
     let max = musubi_crdt::limits::CONNECTIONS_PER_PEER_MAX as usize;
     let held: Vec<RawClient> = (0..max)

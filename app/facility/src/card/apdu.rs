@@ -299,7 +299,8 @@ fn finish(
     }
 }
 
-/// The length of a BER-TLV element (tag of one or two bytes, definite length) from its first bytes.
+/// The length of a BER-TLV element (see [`tlv_header`]: tags of up to four bytes, definite length)
+/// from its first bytes.
 pub(crate) fn tlv_length(bytes: &[u8]) -> Option<usize> {
     tlv_header(bytes).map(|h| h.header + h.value)
 }

@@ -234,6 +234,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Quarantined bundles `status` lists (the newest; the total is given too).
+const QUARANTINE_LISTED_MAX: usize = 1000;
+
 fn run(cli: Cli) -> Result<()> {
     let pf = &cli.passphrase_file;
     match cli.command {
@@ -242,13 +245,11 @@ fn run(cli: Cli) -> Result<()> {
             name,
             scrypt_log_n,
         } => {
-            let passphrase = passphrase(pf)?;
-            musubi_crdt::crypto::check_new_passphrase(
-                &passphrase,
+            musubi_crdt::crypto::check_work_factor(
                 scrypt_log_n,
                 musubi_facility::engine::weak_kdf_for_tests(),
             )?;
-            let e = Engine::init(&data.data, &name, &passphrase, scrypt_log_n)?;
+            let e = Engine::init(&data.data, &name, &passphrase(pf)?, scrypt_log_n)?;
             println!("{}", e.device_id());
         }
         Command::Join {
@@ -399,7 +400,8 @@ fn run(cli: Cli) -> Result<()> {
                 .into_iter()
                 .map(|(id, doc, err)| serde_json::json!({"item": id, "doc": doc, "error": err}))
                 .collect();
-            let quarantined = e.store().quarantined(None)?;
+            let quarantined = e.store().quarantined(QUARANTINE_LISTED_MAX)?;
+            let quarantined_total = e.store().quarantine_count()?;
             let v = serde_json::json!({
                 "device": e.device_id().to_string(),
                 "facility": enrolment.as_ref().map(|x| serde_json::json!({"id": x.facility.to_string(), "name": x.facility_name, "role": x.role.to_string()})),
@@ -411,6 +413,7 @@ fn run(cli: Cli) -> Result<()> {
                 })),
                 "documents": docs,
                 "quarantined": quarantined,
+                "quarantined_total": quarantined_total,
             });
             if json.json {
                 print_json(&v)?;
@@ -432,13 +435,12 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 if !quarantined.is_empty() {
                     println!(
-                        "quarantine {} bundle(s) kept but not applied (隔離):",
-                        quarantined.len()
+                        "quarantine {quarantined_total} bundle(s) kept but not applied (隔離), newest first:"
                     );
                     for q in &quarantined {
                         println!(
                             "  {} document {} from device {} of facility {}: {}",
-                            &q.bundle[..16],
+                            q.bundle.get(..16).unwrap_or(&q.bundle),
                             q.doc,
                             q.author,
                             q.facility,
