@@ -82,6 +82,14 @@ pub const CONNECTIONS_PENDING_INCOMING_MAX: u32 = 256;
 /// the connection it replaces, over TCP and QUIC).
 pub const CONNECTIONS_PER_PEER_MAX: u32 = 4;
 
+/// Largest frame the relay reads from a peer that is not a current enrolled device, in bytes: such a
+/// key can only join (a join request is under 2 KiB), and keys cost nothing to make.
+pub const UNKNOWN_PEER_FRAME_BYTES_MAX: usize = 16 * 1024;
+
+/// Most frames of peers that are not current enrolled devices the relay reads at once, over all
+/// connections (so strangers hold at most this × [`UNKNOWN_PEER_FRAME_BYTES_MAX`] of its memory).
+pub const UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX: usize = 64;
+
 /// Most `/musubi/sync/1` streams open on one connection at once, both directions (a session keeps
 /// [`SESSION_REQUESTS_IN_FLIGHT_MAX`] requests in flight; notifications and LAN requests share the
 /// rest). With [`FRAME_BYTES_MAX`] per stream this bounds what one connection can make a node hold.

@@ -6,10 +6,15 @@
 //! the answer comes back with its notifications, which go to the connected member devices only.
 //! The db watch asks the database thread whether another process committed (`PRAGMA data_version`);
 //! if a device was revoked meanwhile, its connections are closed.
+//!
+//! The database thread keeps the swarm's [`FrameGate`] to the current devices, re-read whenever the
+//! directory's version changes (after each request, and on the db watch): frames from any other
+//! key are read only up to `UNKNOWN_PEER_FRAME_BYTES_MAX`, a few at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::Write as _;
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +25,7 @@ use musubi_transport::libp2p::multiaddr::Protocol;
 use musubi_transport::libp2p::request_response::{self, Message, ResponseChannel};
 use musubi_transport::libp2p::swarm::SwarmEvent;
 use musubi_transport::libp2p::{Multiaddr, PeerId};
-use musubi_transport::{BehaviourEvent, Node, build_swarm};
+use musubi_transport::{BehaviourEvent, FrameGate, Node, build_swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 
@@ -123,6 +128,10 @@ pub async fn serve_until(
     let generation = relay.generation();
     let local = keypair.public().to_peer_id();
     let mut swarm = build_swarm(keypair, Node::Relay)?;
+    let gate = swarm
+        .behaviour()
+        .frame_gate()
+        .expect("a relay's swarm has a frame gate");
     for addr in listen {
         swarm
             .listen_on(addr.clone())
@@ -137,7 +146,10 @@ pub async fn serve_until(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let worker = std::thread::Builder::new()
         .name("musubi-db".into())
-        .spawn(move || db_thread(relay, job_rx, done_tx))
+        .spawn({
+            let gate = gate.clone();
+            move || db_thread(relay, gate, job_rx, done_tx)
+        })
         .map_err(|_| ServeError::DatabaseThread)?;
 
     let mut pending: HashMap<u64, ResponseChannel<Vec<u8>>> = HashMap::new();
@@ -175,7 +187,8 @@ pub async fn serve_until(
                     }
                     Done::Directory(version) => {
                         let bytes = protocol::encode_request(&Request::NotifyDirectory { version });
-                        let peers: Vec<PeerId> = connected.keys().copied().collect();
+                        let peers: Vec<PeerId> =
+                            connected.keys().filter(|p| gate.is_known(p)).copied().collect();
                         for p in peers {
                             swarm.behaviour_mut().sync.send_request(&p, bytes.clone());
                         }
@@ -270,9 +283,35 @@ pub async fn serve_until(
     result
 }
 
-fn db_thread(mut relay: Relay, jobs: std_mpsc::Receiver<Job>, done: mpsc::UnboundedSender<Done>) {
+/// Re-reads the current devices into `gate` when the directory's version moved from `seen`;
+/// returns the new version when it did.
+fn refresh_known(relay: &Relay, gate: &FrameGate, seen: &mut Option<u64>) -> Option<u64> {
+    let version = relay.store().directory_version().ok();
+    if version.is_none() || version == *seen {
+        return None;
+    }
+    match relay.store().current_devices() {
+        Ok(devices) => {
+            gate.set_known(devices.into_iter().map(|d| d.0));
+            *seen = version;
+            version
+        }
+        Err(e) => {
+            error!(error = %e, "cannot read the current devices");
+            None
+        }
+    }
+}
+
+fn db_thread(
+    mut relay: Relay,
+    gate: Arc<FrameGate>,
+    jobs: std_mpsc::Receiver<Job>,
+    done: mpsc::UnboundedSender<Done>,
+) {
     let mut data_version = relay.store().data_version().ok();
-    let mut directory_version = relay.store().directory_version().ok();
+    let mut directory_version = None;
+    refresh_known(&relay, &gate, &mut directory_version);
     let mut revoked: HashSet<DeviceId> = relay.store().revoked_devices().unwrap_or_default();
     while let Ok(job) = jobs.recv() {
         let out = match job {
@@ -284,6 +323,10 @@ fn db_thread(mut relay: Relay, jobs: std_mpsc::Receiver<Job>, done: mpsc::Unboun
             } => {
                 let (frame, notes) =
                     span.in_scope(|| relay.handle(peer, &frame, SystemTime::now()));
+                // An approval or enrolment: the new device's next frame (a push) is read in full.
+                if let Some(v) = refresh_known(&relay, &gate, &mut directory_version) {
+                    let _ = done.send(Done::Directory(v));
+                }
                 Some(Done::Response {
                     id,
                     peer: peer.0,
@@ -308,12 +351,8 @@ fn db_thread(mut relay: Relay, jobs: std_mpsc::Receiver<Job>, done: mpsc::Unboun
             Job::Watch => {
                 // The directory changes by requests this thread handled too (approvals, enrolments):
                 // its version is read each time, not only when another process committed.
-                let version = relay.store().directory_version().ok();
-                if version.is_some() && version != directory_version {
-                    directory_version = version;
-                    if let Some(v) = version {
-                        let _ = done.send(Done::Directory(v));
-                    }
+                if let Some(v) = refresh_known(&relay, &gate, &mut directory_version) {
+                    let _ = done.send(Done::Directory(v));
                 }
                 let now = relay.store().data_version();
                 let changed = match (&now, data_version) {

@@ -744,6 +744,19 @@ impl Store {
         Ok(set)
     }
 
+    /// Devices that may use the relay: current devices (not revoked by the operator or their
+    /// facility's chain) of facilities that are not revoked. Their frames are read in full.
+    pub fn current_devices(&self) -> Result<HashSet<DeviceId>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT d.peer_id FROM devices d JOIN facilities f ON f.id = d.facility
+             WHERE NOT d.revoked AND NOT d.chain_revoked AND NOT f.revoked",
+        )?;
+        let set = st
+            .query_map([], |r| parse_col::<DeviceId>(r, 0))?
+            .collect::<Result<HashSet<_>, _>>()?;
+        Ok(set)
+    }
+
     /// SQLite's `PRAGMA data_version`: changes when another connection (another process) commits.
     pub fn data_version(&self) -> Result<i64, StoreError> {
         Ok(self

@@ -2678,13 +2678,20 @@ mod network {
         }
 
         /// Waits (bounded) for a notification.
+        /// The next notification other than a directory change (each join notifies every
+        /// connected device of the new directory version).
         async fn notification(&mut self) -> Request {
             let wait = async {
-                while self.notified.is_empty() {
-                    let event = self.swarm.select_next_some().await;
-                    self.on_event(event);
+                loop {
+                    while self.notified.is_empty() {
+                        let event = self.swarm.select_next_some().await;
+                        self.on_event(event);
+                    }
+                    let note = self.notified.remove(0);
+                    if !matches!(note, Request::NotifyDirectory { .. }) {
+                        break note;
+                    }
                 }
-                self.notified.remove(0)
             };
             tokio::time::timeout(Duration::from_secs(20), wait)
                 .await

@@ -3,23 +3,34 @@
 //! Transports are QUIC (rustls inside) and TCP + Noise + Yamux; behaviours are identify, ping,
 //! optional mDNS (LAN discovery at facilities), request-response carrying opaque frames (at most
 //! `STREAMS_PER_CONNECTION_MAX` streams per connection), and connection limits in all, in the
-//! handshake and per peer ([`Node::connection_limits`]).
+//! handshake and per peer ([`Node::connection_limits`]). At the relay, a [`FrameGate`] reads frames
+//! in full only from known peers (current enrolled devices); anyone else's are small and few.
 //! Frames are encoded and decoded by `musubi_crdt::protocol`; this crate only moves bounded bytes,
 //! so a malformed frame reaches the protocol layer, which answers it with a clear error.
 
+use std::collections::HashSet;
+use std::convert::Infallible;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::prelude::*;
-use libp2p::swarm::NetworkBehaviour;
+use libp2p::core::{Endpoint, transport::PortUse};
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm, dummy,
+};
 use libp2p::{
-    StreamProtocol, Swarm, allow_block_list, connection_limits, identify, identity::Keypair, mdns,
-    noise, ping, request_response, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify,
+    identity::Keypair, mdns, noise, ping, request_response, tcp, yamux,
 };
 use musubi_crdt::limits::{
     CONNECTIONS_PENDING_INCOMING_MAX, CONNECTIONS_PER_PEER_MAX, FACILITY_CONNECTIONS_INCOMING_MAX,
     FRAME_BYTES_MAX, RELAY_CONNECTIONS_INCOMING_MAX, STREAMS_PER_CONNECTION_MAX,
+    UNKNOWN_PEER_FRAME_BYTES_MAX, UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX,
 };
 use musubi_crdt::protocol::PROTOCOL_NAME;
 
@@ -30,19 +41,120 @@ pub const REQUEST_TIMEOUT_SECS: u64 = 60;
 /// How long an idle connection is kept open, in seconds (notifications need it open).
 pub const IDLE_CONNECTION_TIMEOUT_SECS: u64 = 24 * 3600;
 
-/// Moves one frame per stream direction: the whole stream's bytes, at most [`FRAME_BYTES_MAX`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FrameCodec;
+/// Which peers' frames a node reads in full.
+///
+/// At the relay, a known peer (a current device of an enrolled facility, as the relay's database
+/// says: [`FrameGate::set_known`]) sends frames of up to [`FRAME_BYTES_MAX`]. Any other key (it
+/// costs nothing to make one) may only join, so its frames are read up to
+/// [`UNKNOWN_PEER_FRAME_BYTES_MAX`], and at most [`UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX`] of them at
+/// once across all connections: past that, a stranger's stream is closed before a byte is read.
+/// Strangers thus make the relay hold at most 64 × 16 KiB, however many connections they open.
+#[derive(Debug, Default)]
+pub struct FrameGate {
+    known: RwLock<HashSet<PeerId>>,
+    /// The peer of the connection being established (set by [`PeerMark`] just before the
+    /// request-response behaviour makes that connection's handler and clones its codec).
+    establishing: Mutex<Option<PeerId>>,
+    unknown_in_flight: AtomicUsize,
+}
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+impl FrameGate {
+    /// Replaces the set of known peers (the relay calls this whenever its directory changes).
+    pub fn set_known(&self, peers: impl IntoIterator<Item = PeerId>) {
+        let set: HashSet<PeerId> = peers.into_iter().collect();
+        *self.known.write().unwrap_or_else(|e| e.into_inner()) = set;
+    }
+
+    /// Whether `peer` is known (its frames are read in full).
+    pub fn is_known(&self, peer: &PeerId) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(peer)
+    }
+
+    /// Frames of unknown peers being read now.
+    pub fn unknown_in_flight(&self) -> usize {
+        self.unknown_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The largest frame to read from `peer` and, for an unknown peer, its place among the frames
+    /// read at once. Errors: too many unknown peers' frames are being read already.
+    fn admit(self: &Arc<Self>, peer: Option<PeerId>) -> io::Result<(usize, Option<InFlight>)> {
+        if peer.is_some_and(|p| self.is_known(&p)) {
+            return Ok((FRAME_BYTES_MAX, None));
+        }
+        let before = self.unknown_in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self.clone());
+        if before >= UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "too many frames from peers that are not enrolled; retry later",
+            ));
+        }
+        Ok((UNKNOWN_PEER_FRAME_BYTES_MAX, Some(guard)))
+    }
+}
+
+/// One unknown peer's frame being read (released when dropped).
+struct InFlight(Arc<FrameGate>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.unknown_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Moves one frame per stream direction: the whole stream's bytes, at most [`FRAME_BYTES_MAX`]
+/// (with a [`FrameGate`], less from peers it does not know).
+///
+/// request-response clones the codec once per connection, when the connection is established,
+/// and then once per stream from that copy; the per-connection copy takes the peer [`PeerMark`]
+/// recorded for that connection, so each stream knows whose bytes it reads.
+#[derive(Debug, Default)]
+pub struct FrameCodec {
+    gate: Option<Arc<FrameGate>>,
+    peer: Option<PeerId>,
+}
+
+impl Clone for FrameCodec {
+    fn clone(&self) -> Self {
+        let peer = self.peer.or_else(|| {
+            self.gate.as_ref().and_then(|g| {
+                g.establishing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+            })
+        });
+        Self {
+            gate: self.gate.clone(),
+            peer,
+        }
+    }
+}
+
+impl FrameCodec {
+    /// The largest frame this stream may read, and the in-flight place it holds while reading.
+    fn admit(&self) -> io::Result<(usize, Option<InFlight>)> {
+        match &self.gate {
+            None => Ok((FRAME_BYTES_MAX, None)),
+            Some(gate) => gate.admit(self.peer),
+        }
+    }
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    admitted: io::Result<(usize, Option<InFlight>)>,
+) -> io::Result<Vec<u8>> {
+    let (max, _in_flight) = admitted?;
     let mut buf = Vec::new();
-    io.take(FRAME_BYTES_MAX as u64 + 1)
-        .read_to_end(&mut buf)
-        .await?;
-    if buf.len() > FRAME_BYTES_MAX {
+    io.take(max as u64 + 1).read_to_end(&mut buf).await?;
+    if buf.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("frame over the limit of {FRAME_BYTES_MAX} bytes"),
+            format!("frame over the limit of {max} bytes"),
         ));
     }
     Ok(buf)
@@ -75,7 +187,7 @@ impl request_response::Codec for FrameCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io)
+        read_frame(io, self.admit())
     }
 
     fn read_response<T>(
@@ -86,7 +198,7 @@ impl request_response::Codec for FrameCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io)
+        read_frame(io, self.admit())
     }
 
     fn write_request<T>(
@@ -114,6 +226,64 @@ impl request_response::Codec for FrameCodec {
     }
 }
 
+/// Records the peer of each connection being established for the [`FrameGate`] (no protocol of
+/// its own). It comes just before the request-response behaviour in [`Behaviour`], whose codec
+/// copy for the connection takes the peer from the gate.
+pub struct PeerMark {
+    gate: Option<Arc<FrameGate>>,
+}
+
+impl PeerMark {
+    fn mark(&self, peer: PeerId) {
+        if let Some(gate) = &self.gate {
+            *gate.establishing.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+        }
+    }
+}
+
+impl NetworkBehaviour for PeerMark {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.mark(peer);
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.mark(peer);
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        e: THandlerOutEvent<Self>,
+    ) {
+        match e {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+
+    fn on_swarm_event(&mut self, _: FromSwarm) {}
+}
+
 pub use behaviour::{Behaviour, BehaviourEvent};
 
 mod behaviour {
@@ -131,6 +301,8 @@ mod behaviour {
         /// current devices of its verified directory, kept up to date by the driver). Anyone else
         /// is refused when the connection is established, before a stream is opened.
         pub allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+        /// Tells the [`super::FrameGate`] whose connection is being set up. Just before `sync`.
+        pub mark: super::PeerMark,
         /// `/musubi/sync/1` request-response.
         pub sync: request_response::Behaviour<FrameCodec>,
         /// Identify (`/musubi/id/1`): lets peers learn each other's listen addresses.
@@ -139,6 +311,14 @@ mod behaviour {
         pub ping: ping::Behaviour,
         /// mDNS discovery on the LAN (facilities only).
         pub mdns: Toggle<mdns::tokio::Behaviour>,
+    }
+}
+
+impl Behaviour {
+    /// The relay's frame gate (`None` at a facility, which reads full frames from the peers its
+    /// allow list lets connect).
+    pub fn frame_gate(&self) -> Option<Arc<FrameGate>> {
+        self.mark.gate.clone()
     }
 }
 
@@ -153,7 +333,8 @@ pub enum TransportError {
 /// What a swarm is for, which sets its connection limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Node {
-    /// The relay: up to [`RELAY_CONNECTIONS_INCOMING_MAX`] devices.
+    /// The relay: up to [`RELAY_CONNECTIONS_INCOMING_MAX`] devices; frames read in full only from
+    /// the peers its [`FrameGate`] knows ([`Behaviour::frame_gate`]).
     Relay,
     /// A facility device (or a client): up to [`FACILITY_CONNECTIONS_INCOMING_MAX`] LAN peers;
     /// `lan_discovery` turns mDNS on (facilities on a shelter LAN find each other with it).
@@ -198,8 +379,12 @@ pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, Tra
         .map_err(|e| TransportError::Setup(e.to_string()))?
         .with_quic()
         .with_behaviour(|key| {
+            let gate = (node == Node::Relay).then(|| Arc::new(FrameGate::default()));
             let sync = request_response::Behaviour::with_codec(
-                FrameCodec,
+                FrameCodec {
+                    gate: gate.clone(),
+                    peer: None,
+                },
                 [(
                     StreamProtocol::new(PROTOCOL_NAME),
                     request_response::ProtocolSupport::Full,
@@ -222,6 +407,7 @@ pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, Tra
             Behaviour {
                 limits: connection_limits::Behaviour::new(node.connection_limits()),
                 allowed: Toggle::from(lan_discovery.then(allow_block_list::Behaviour::default)),
+                mark: PeerMark { gate },
                 sync,
                 identify,
                 ping,

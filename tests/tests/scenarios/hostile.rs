@@ -515,6 +515,76 @@ fn a_stranger_gets_no_lan_answer_and_one_key_holds_few_relay_connections() {
     assert!(b.show_text(&id).contains("診療情報提供書"));
 }
 
+/// A key that is not a current device of the deployment (any key, made for the attack) sends the relay
+/// full-size frames on every stream a connection may hold. The relay reads none of them past
+/// `UNKNOWN_PEER_FRAME_BYTES_MAX` and its memory stays flat; the stranger's small request is still
+/// answered (not enrolled), and a device enrolled a moment ago on its connection gets its full-size
+/// frame read and answered.
+#[test]
+fn a_stranger_cannot_make_the_relay_read_large_frames() {
+    use musubi_crdt::limits::{FRAME_BYTES_MAX, STREAMS_PER_CONNECTION_MAX};
+    use musubi_crdt::protocol::{ErrorCode, Request, Response, decode_response};
+
+    let _serial = serial();
+    let story = Story::new("a_stranger_cannot_make_the_relay_read_large_frames");
+    let world = musubi_tests::World::new("frames");
+    let relay = world.relay();
+    let pid = relay.pid().expect("the relay runs");
+    let stranger = RawClient::stranger(&relay);
+
+    story.step("the stranger's small request is answered: not enrolled");
+    match stranger.try_request(&Request::GetDirectory { known_version: 0 }) {
+        Ok(Response::Error {
+            code: ErrorCode::NotEnrolled,
+            ..
+        }) => {}
+        other => panic!("a stranger's small request is answered NotEnrolled: {other:?}"),
+    }
+
+    story.step("it sends a full-size frame on every stream of its connection at once");
+    let hwm = || musubi_tests::measure::vm_hwm_kib(pid).expect("the relay's VmHWM");
+    let before = hwm();
+    let big = vec![0x42u8; FRAME_BYTES_MAX];
+    let results = stranger.request_pipelined(vec![big.clone(); STREAMS_PER_CONNECTION_MAX]);
+    let after = hwm();
+    eprintln!(
+        "relay peak RSS {before} KiB before, {after} KiB after {STREAMS_PER_CONNECTION_MAX} frames of {FRAME_BYTES_MAX} bytes from a stranger"
+    );
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            r.is_err(),
+            "frame {i} of the stranger was read and answered: {:?}",
+            r.as_ref().map(|b| decode_response(b))
+        );
+    }
+    assert!(
+        after - before < 32 * 1024,
+        "the relay's peak RSS grew by {} KiB reading a stranger's frames",
+        after - before
+    );
+    match stranger.try_request(&Request::GetDirectory { known_version: 0 }) {
+        Ok(Response::Error {
+            code: ErrorCode::NotEnrolled,
+            ..
+        }) => {}
+        other => panic!("the stranger's next small request is still answered: {other:?}"),
+    }
+
+    story.step("a facility that just joined sends the same frame on its connection: it is read");
+    let member = RawClient::enrol(&relay, "新規診療所", "clinic");
+    let answer = member
+        .request_bytes(big)
+        .expect("an enrolled device's full-size frame is answered");
+    match decode_response(&answer) {
+        Ok(Response::Error { code, message }) => assert_eq!(
+            code,
+            ErrorCode::Malformed,
+            "the frame was read and found not a request: {message}"
+        ),
+        other => panic!("a frame of 0x42 bytes is answered as malformed: {other:?}"),
+    }
+}
+
 /// A lying relay answers the pull of one letter with an honest bundle of another (so that a device
 /// would quarantine it, and hide it when it arrives where it belongs). The hospital neither stores
 /// nor quarantines it, and reads the edit once the relay files it in its own letter.
