@@ -87,8 +87,16 @@ pub const CONNECTIONS_PER_PEER_MAX: u32 = 4;
 pub const UNKNOWN_PEER_FRAME_BYTES_MAX: usize = 16 * 1024;
 
 /// Most frames of peers that are not current enrolled devices the relay reads at once, over all
-/// connections (so strangers hold at most this × [`UNKNOWN_PEER_FRAME_BYTES_MAX`] of its memory).
-pub const UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX: usize = 64;
+/// connections (so strangers' frames being read hold at most this × [`UNKNOWN_PEER_FRAME_BYTES_MAX`],
+/// 4 MiB, of its memory).
+pub const UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX: usize = 256;
+
+/// Most frames of such a peer read at once on one connection (a join needs one).
+pub const UNKNOWN_PEER_FRAMES_PER_CONNECTION_MAX: usize = 2;
+
+/// Longest the relay waits for the whole of such a peer's frame, in seconds: a stream that trickles
+/// (or sends nothing) gives its place back by then.
+pub const UNKNOWN_PEER_FRAME_READ_SECS: u64 = 5;
 
 /// Most `/musubi/sync/1` streams open on one connection at once, both directions (a session keeps
 /// [`SESSION_REQUESTS_IN_FLIGHT_MAX`] requests in flight; notifications and LAN requests share the

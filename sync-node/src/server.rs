@@ -303,6 +303,24 @@ fn refresh_known(relay: &Relay, gate: &FrameGate, seen: &mut Option<u64>) -> Opt
     }
 }
 
+/// Devices revoked since `revoked` was read (which is brought up to date).
+fn newly_revoked(relay: &Relay, revoked: &mut HashSet<DeviceId>) -> Vec<DeviceId> {
+    match relay.store().revoked_devices() {
+        Ok(set) => {
+            let new: Vec<DeviceId> = set.difference(revoked).copied().collect();
+            *revoked = set;
+            if !new.is_empty() {
+                info!(devices = new.len(), "revocation noticed");
+            }
+            new
+        }
+        Err(e) => {
+            error!(error = %e, "cannot read revocations");
+            vec![]
+        }
+    }
+}
+
 fn db_thread(
     mut relay: Relay,
     gate: Arc<FrameGate>,
@@ -323,9 +341,14 @@ fn db_thread(
             } => {
                 let (frame, notes) =
                     span.in_scope(|| relay.handle(peer, &frame, SystemTime::now()));
-                // An approval or enrolment: the new device's next frame (a push) is read in full.
+                // An approval or enrolment: the new device's next frame (a push) is read in full. A
+                // facility revoking its own device through its chain: that device is cut off.
                 if let Some(v) = refresh_known(&relay, &gate, &mut directory_version) {
                     let _ = done.send(Done::Directory(v));
+                    let new = newly_revoked(&relay, &mut revoked);
+                    if !new.is_empty() {
+                        let _ = done.send(Done::Revoked(new));
+                    }
                 }
                 Some(Done::Response {
                     id,
@@ -351,7 +374,8 @@ fn db_thread(
             Job::Watch => {
                 // The directory changes by requests this thread handled too (approvals, enrolments):
                 // its version is read each time, not only when another process committed.
-                if let Some(v) = refresh_known(&relay, &gate, &mut directory_version) {
+                let directory = refresh_known(&relay, &gate, &mut directory_version);
+                if let Some(v) = directory {
                     let _ = done.send(Done::Directory(v));
                 }
                 let now = relay.store().data_version();
@@ -360,17 +384,10 @@ fn db_thread(
                     _ => true,
                 };
                 data_version = now.ok();
-                if changed {
-                    match relay.store().revoked_devices() {
-                        Ok(set) => {
-                            let new: Vec<DeviceId> = set.difference(&revoked).copied().collect();
-                            revoked = set;
-                            if !new.is_empty() {
-                                info!(devices = new.len(), "revocation noticed");
-                                let _ = done.send(Done::Revoked(new));
-                            }
-                        }
-                        Err(e) => error!(error = %e, "cannot read revocations"),
+                if changed || directory.is_some() {
+                    let new = newly_revoked(&relay, &mut revoked);
+                    if !new.is_empty() {
+                        let _ = done.send(Done::Revoked(new));
                     }
                 }
                 Some(Done::Watched)

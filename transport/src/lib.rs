@@ -30,7 +30,8 @@ use libp2p::{
 use musubi_crdt::limits::{
     CONNECTIONS_PENDING_INCOMING_MAX, CONNECTIONS_PER_PEER_MAX, FACILITY_CONNECTIONS_INCOMING_MAX,
     FRAME_BYTES_MAX, RELAY_CONNECTIONS_INCOMING_MAX, STREAMS_PER_CONNECTION_MAX,
-    UNKNOWN_PEER_FRAME_BYTES_MAX, UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX,
+    UNKNOWN_PEER_FRAME_BYTES_MAX, UNKNOWN_PEER_FRAME_READ_SECS, UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX,
+    UNKNOWN_PEER_FRAMES_PER_CONNECTION_MAX,
 };
 use musubi_crdt::protocol::PROTOCOL_NAME;
 
@@ -46,9 +47,12 @@ pub const IDLE_CONNECTION_TIMEOUT_SECS: u64 = 24 * 3600;
 /// At the relay, a known peer (a current device of an enrolled facility, as the relay's database
 /// says: [`FrameGate::set_known`]) sends frames of up to [`FRAME_BYTES_MAX`]. Any other key (it
 /// costs nothing to make one) may only join, so its frames are read up to
-/// [`UNKNOWN_PEER_FRAME_BYTES_MAX`], and at most [`UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX`] of them at
-/// once across all connections: past that, a stranger's stream is closed before a byte is read.
-/// Strangers thus make the relay hold at most 64 × 16 KiB, however many connections they open.
+/// [`UNKNOWN_PEER_FRAME_BYTES_MAX`], within [`UNKNOWN_PEER_FRAME_READ_SECS`], at most
+/// [`UNKNOWN_PEER_FRAMES_PER_CONNECTION_MAX`] at once on a connection and
+/// [`UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX`] across all: past that, a stranger's stream is closed
+/// before a byte is read. Strangers' frames being read thus hold at most 256 × 16 KiB of the
+/// relay's memory, however many connections they open; a flood of them can delay joins, never a
+/// known device.
 #[derive(Debug, Default)]
 pub struct FrameGate {
     known: RwLock<HashSet<PeerId>>,
@@ -78,15 +82,26 @@ impl FrameGate {
         self.unknown_in_flight.load(Ordering::Relaxed)
     }
 
-    /// The largest frame to read from `peer` and, for an unknown peer, its place among the frames
-    /// read at once. Errors: too many unknown peers' frames are being read already.
-    fn admit(self: &Arc<Self>, peer: Option<PeerId>) -> io::Result<(usize, Option<InFlight>)> {
+    /// The largest frame to read from `peer` on a connection whose unknown frames `on_connection`
+    /// counts and, for an unknown peer, its place among the frames read at once. Errors: too many
+    /// unknown peers' frames are being read already, on this connection or in all.
+    fn admit(
+        self: &Arc<Self>,
+        peer: Option<PeerId>,
+        on_connection: &Arc<AtomicUsize>,
+    ) -> io::Result<(usize, Option<InFlight>)> {
         if peer.is_some_and(|p| self.is_known(&p)) {
             return Ok((FRAME_BYTES_MAX, None));
         }
-        let before = self.unknown_in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight(self.clone());
-        if before >= UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX {
+        let in_all = self.unknown_in_flight.fetch_add(1, Ordering::AcqRel);
+        let here = on_connection.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight {
+            gate: self.clone(),
+            connection: on_connection.clone(),
+        };
+        if in_all >= UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX
+            || here >= UNKNOWN_PEER_FRAMES_PER_CONNECTION_MAX
+        {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 "too many frames from peers that are not enrolled; retry later",
@@ -96,12 +111,16 @@ impl FrameGate {
     }
 }
 
-/// One unknown peer's frame being read (released when dropped).
-struct InFlight(Arc<FrameGate>);
+/// One unknown peer's frame being read (its places are given back when dropped).
+struct InFlight {
+    gate: Arc<FrameGate>,
+    connection: Arc<AtomicUsize>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.unknown_in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.gate.unknown_in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.connection.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -109,37 +128,66 @@ impl Drop for InFlight {
 /// (with a [`FrameGate`], less from peers it does not know).
 ///
 /// request-response clones the codec once per connection, when the connection is established,
-/// and then once per stream from that copy; the per-connection copy takes the peer [`PeerMark`]
-/// recorded for that connection, so each stream knows whose bytes it reads.
-#[derive(Debug, Default)]
+/// and then once per stream from that copy. Only the behaviour's own codec (`root`) takes the peer
+/// [`PeerMark`] recorded for the connection being established; the connection's copy keeps it
+/// (and its count of unknown frames) for every stream, so each stream knows whose bytes it reads.
+/// A copy that never learnt its peer treats it as unknown.
+#[derive(Debug)]
 pub struct FrameCodec {
     gate: Option<Arc<FrameGate>>,
+    root: bool,
     peer: Option<PeerId>,
+    unknown_on_connection: Arc<AtomicUsize>,
+}
+
+impl Default for FrameCodec {
+    /// A codec without a gate (every peer's frames read in full), as facilities use.
+    fn default() -> Self {
+        Self::new(None)
+    }
 }
 
 impl Clone for FrameCodec {
     fn clone(&self) -> Self {
-        let peer = self.peer.or_else(|| {
-            self.gate.as_ref().and_then(|g| {
-                g.establishing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take()
-            })
+        if !self.root {
+            return Self {
+                gate: self.gate.clone(),
+                root: false,
+                peer: self.peer,
+                unknown_on_connection: self.unknown_on_connection.clone(),
+            };
+        }
+        let peer = self.gate.as_ref().and_then(|g| {
+            g.establishing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
         });
         Self {
             gate: self.gate.clone(),
+            root: false,
             peer,
+            unknown_on_connection: Arc::default(),
         }
     }
 }
 
 impl FrameCodec {
+    /// The behaviour's codec, gated by `gate` when given.
+    fn new(gate: Option<Arc<FrameGate>>) -> Self {
+        Self {
+            gate,
+            root: true,
+            peer: None,
+            unknown_on_connection: Arc::default(),
+        }
+    }
+
     /// The largest frame this stream may read, and the in-flight place it holds while reading.
     fn admit(&self) -> io::Result<(usize, Option<InFlight>)> {
         match &self.gate {
             None => Ok((FRAME_BYTES_MAX, None)),
-            Some(gate) => gate.admit(self.peer),
+            Some(gate) => gate.admit(self.peer, &self.unknown_on_connection),
         }
     }
 }
@@ -148,9 +196,28 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     admitted: io::Result<(usize, Option<InFlight>)>,
 ) -> io::Result<Vec<u8>> {
-    let (max, _in_flight) = admitted?;
+    let (max, in_flight) = admitted?;
     let mut buf = Vec::new();
-    io.take(max as u64 + 1).read_to_end(&mut buf).await?;
+    let mut limited = io.take(max as u64 + 1);
+    let read = limited.read_to_end(&mut buf);
+    if in_flight.is_some() {
+        // An unknown peer's frame: whole within the deadline, or its place is given back.
+        let deadline = futures_timer::Delay::new(Duration::from_secs(UNKNOWN_PEER_FRAME_READ_SECS));
+        match future::select(read, deadline).await {
+            future::Either::Left((read, _)) => {
+                read?;
+            }
+            future::Either::Right(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("frame not received within {UNKNOWN_PEER_FRAME_READ_SECS} s"),
+                ));
+            }
+        }
+    } else {
+        read.await?;
+    }
+    drop(in_flight);
     if buf.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -236,7 +303,12 @@ pub struct PeerMark {
 impl PeerMark {
     fn mark(&self, peer: PeerId) {
         if let Some(gate) = &self.gate {
-            *gate.establishing.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+            let mut slot = gate.establishing.lock().unwrap_or_else(|e| e.into_inner());
+            debug_assert!(
+                slot.is_none(),
+                "the request-response behaviour took no peer for the last connection"
+            );
+            *slot = Some(peer);
         }
     }
 }
@@ -381,10 +453,7 @@ pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, Tra
         .with_behaviour(|key| {
             let gate = (node == Node::Relay).then(|| Arc::new(FrameGate::default()));
             let sync = request_response::Behaviour::with_codec(
-                FrameCodec {
-                    gate: gate.clone(),
-                    peer: None,
-                },
+                FrameCodec::new(gate.clone()),
                 [(
                     StreamProtocol::new(PROTOCOL_NAME),
                     request_response::ProtocolSupport::Full,
@@ -420,4 +489,114 @@ pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, Tra
         })
         .build();
     Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::time::Instant;
+
+    fn peer() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    /// A stream that never delivers a byte (a stranger that opens a stream and waits).
+    struct Silent;
+
+    impl AsyncRead for Silent {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+    }
+
+    /// The connection copy of a gated codec for `peer`, as request-response makes it.
+    fn connection_codec(root: &FrameCodec, peer: PeerId) -> FrameCodec {
+        PeerMark {
+            gate: root.gate.clone(),
+        }
+        .mark(peer);
+        root.clone()
+    }
+
+    #[test]
+    fn strangers_get_small_frames_two_per_connection_and_few_in_all() {
+        let gate = Arc::new(FrameGate::default());
+        let root = FrameCodec::new(Some(gate.clone()));
+        let (member, stranger) = (peer(), peer());
+        gate.set_known([member]);
+
+        let m = connection_codec(&root, member);
+        let held: Vec<_> = (0..STREAMS_PER_CONNECTION_MAX)
+            .map(|_| m.clone().admit().expect("a member's frames are admitted"))
+            .collect();
+        assert!(
+            held.iter()
+                .all(|(max, slot)| *max == FRAME_BYTES_MAX && slot.is_none())
+        );
+
+        let s = connection_codec(&root, stranger);
+        let first = s.clone().admit().expect("first");
+        let second = s.clone().admit().expect("second");
+        assert_eq!(first.0, UNKNOWN_PEER_FRAME_BYTES_MAX);
+        assert!(
+            s.clone().admit().is_err(),
+            "a third frame on one connection is refused"
+        );
+        drop(first);
+        let third = s
+            .clone()
+            .admit()
+            .expect("a place given back is taken again");
+        assert_eq!(gate.unknown_in_flight(), 2);
+        drop((second, third));
+        assert_eq!(gate.unknown_in_flight(), 0, "every place is given back");
+
+        // Across connections (new keys cost nothing), the total is capped.
+        let mut all = Vec::new();
+        while let Ok(slot) = connection_codec(&root, peer()).admit() {
+            all.push(slot);
+            assert!(
+                all.len() <= UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX,
+                "no cap in all"
+            );
+        }
+        assert_eq!(all.len(), UNKNOWN_PEER_FRAMES_IN_FLIGHT_MAX);
+        assert!(
+            m.clone().admit().is_ok(),
+            "a member is read whatever strangers hold"
+        );
+        drop(all);
+        assert_eq!(gate.unknown_in_flight(), 0);
+
+        // A connection whose peer was never marked is a stranger's, and a member's connection
+        // copy keeps its peer for every stream whatever is marked later.
+        let unmarked = root.clone();
+        assert_eq!(
+            unmarked.admit().expect("admitted").0,
+            UNKNOWN_PEER_FRAME_BYTES_MAX
+        );
+        let _ = connection_codec(&root, stranger);
+        assert_eq!(m.clone().admit().expect("admitted").0, FRAME_BYTES_MAX);
+    }
+
+    #[test]
+    fn a_strangers_silent_stream_gives_its_place_back_by_the_deadline() {
+        let gate = Arc::new(FrameGate::default());
+        let codec = connection_codec(&FrameCodec::new(Some(gate.clone())), peer());
+        let began = Instant::now();
+        let err = futures::executor::block_on(read_frame(&mut Silent, codec.admit()))
+            .expect_err("a silent stream is not a frame");
+        let took = began.elapsed();
+        eprintln!("silent stream closed after {took:?}");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(took >= Duration::from_secs(UNKNOWN_PEER_FRAME_READ_SECS));
+        assert_eq!(gate.unknown_in_flight(), 0);
+    }
 }
