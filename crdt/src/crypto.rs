@@ -404,11 +404,173 @@ impl std::fmt::Debug for DeviceSecrets {
     }
 }
 
-/// A pseudonymous identifier: HMAC-SHA256 of `input` under the deployment's secret (DESIGN invariant 7).
-pub fn pseudonym(deployment_secret: &[u8; 32], domain: &str, input: &[u8]) -> [u8; 32] {
+/// A sector of pseudonymous ids (DESIGN invariant 7, the sectoral-ID model): each has its own key,
+/// so an id of one sector cannot be linked to the same card's id in another, and a facility holds
+/// only the keys of the sectors its role works in ([`PseudonymKeys::for_role`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PseudonymSector {
+    /// 避難所の受付と災害対策本部: evacuees' cards at check-in (避難者名簿), and HQ's view of them.
+    Reception,
+    /// 医療機関: patients' cards at a clinic or hospital.
+    Clinic,
+    /// 職員証: staff cards used to sign in, at every facility.
+    Staff,
+}
+
+impl PseudonymSector {
+    /// Every sector.
+    pub const ALL: [Self; 3] = [Self::Reception, Self::Clinic, Self::Staff];
+
+    /// Its name on the command line and in files (`reception`, `clinic`, `staff`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reception => "reception",
+            Self::Clinic => "clinic",
+            Self::Staff => "staff",
+        }
+    }
+
+    /// The sector whose cards a facility of `role` registers people by at its counter (residents,
+    /// evacuees, patients), if any: 避難所・本部 → reception, 医療機関 → clinic; a care office none.
+    pub fn of_residents(role: crate::ids::FacilityRole) -> Option<Self> {
+        use crate::ids::FacilityRole;
+        match role {
+            FacilityRole::Shelter | FacilityRole::Hq => Some(Self::Reception),
+            FacilityRole::Clinic => Some(Self::Clinic),
+            FacilityRole::CareOffice => None,
+        }
+    }
+}
+
+impl std::fmt::Display for PseudonymSector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PseudonymSector {
+    type Err = crate::ids::ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s.trim())
+            .ok_or_else(|| {
+                crate::ids::ParseIdError::new("pseudonym sector (reception, clinic or staff)", s)
+            })
+    }
+}
+
+/// The key of one sector, derived from the deployment's pseudonym secret, which only the
+/// authority keeps: HKDF-SHA256 (RFC 5869) with no salt and the info `musubi pseudonym sector v1
+/// <sector>`. Knowing one sector's key tells nothing of another's, nor of the secret.
+pub fn pseudonym_sector_key(deployment_secret: &[u8; 32], sector: PseudonymSector) -> [u8; 32] {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, deployment_secret);
+    let mut out = [0u8; 32];
+    hk.expand(
+        format!("musubi pseudonym sector v1 {}", sector.as_str()).as_bytes(),
+        &mut out,
+    )
+    .expect("32 bytes is a valid HKDF-SHA256 output length");
+    out
+}
+
+/// The pseudonym keys a facility's devices hold: one per sector its role works in.
+///
+/// Issued by the deployment authority at approval, sealed to the joining device (the relay passes
+/// the sealed bytes on and can open none); a device approving another device of its facility seals
+/// the same keys again. The sealed plaintext is CBOR `{v: 1, keys: [[sector, bytes(32)], ...]}`;
+/// a plaintext of exactly 32 bytes is the deployment secret itself, as approvals before sectors
+/// sealed it, from which [`PseudonymKeys::from_plain`] keeps only the role's sectors.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PseudonymKeys {
+    v: u8,
+    keys: Vec<(PseudonymSector, serde_bytes::ByteArray<32>)>,
+}
+
+impl std::fmt::Debug for PseudonymKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PseudonymKeys({:?})", self.sectors())
+    }
+}
+
+impl PseudonymKeys {
+    /// Largest sealed plaintext accepted, in bytes.
+    pub const PLAIN_BYTES_MAX: usize = 1024;
+
+    /// The sectors a facility of `role` works in: every facility signs its staff in by card;
+    /// shelters and HQ also hold reception's key (evacuee cards), clinics the clinic key.
+    pub fn sectors_of(role: crate::ids::FacilityRole) -> Vec<PseudonymSector> {
+        PseudonymSector::of_residents(role)
+            .into_iter()
+            .chain([PseudonymSector::Staff])
+            .collect()
+    }
+
+    /// The keys the authority issues to a facility of `role`.
+    pub fn for_role(deployment_secret: &[u8; 32], role: crate::ids::FacilityRole) -> Self {
+        Self {
+            v: 1,
+            keys: Self::sectors_of(role)
+                .into_iter()
+                .map(|s| {
+                    (
+                        s,
+                        serde_bytes::ByteArray::new(pseudonym_sector_key(deployment_secret, s)),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The key of `sector`, if these keys include it.
+    pub fn key(&self, sector: PseudonymSector) -> Option<&[u8; 32]> {
+        self.keys
+            .iter()
+            .find(|(s, _)| *s == sector)
+            .map(|(_, k)| &**k)
+    }
+
+    /// The sectors held.
+    pub fn sectors(&self) -> Vec<PseudonymSector> {
+        self.keys.iter().map(|(s, _)| *s).collect()
+    }
+
+    /// The plaintext to seal (CBOR, see the type's docs).
+    pub fn to_plain(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// Reads a sealed plaintext for a facility of `role`: the CBOR keys (only the role's sectors
+    /// are kept, whatever else an approver sealed), or a bare 32-byte deployment secret.
+    ///
+    /// Errors: [`CryptoError::MalformedKey`] when it is neither.
+    pub fn from_plain(plain: &[u8], role: crate::ids::FacilityRole) -> Result<Self, CryptoError> {
+        let all = match <&[u8; 32]>::try_from(plain) {
+            Ok(secret) => return Ok(Self::for_role(secret, role)),
+            Err(_) => ciborium::from_reader::<Self, _>(plain)
+                .ok()
+                .filter(|k| k.v == 1)
+                .ok_or(CryptoError::MalformedKey("pseudonym keys"))?,
+        };
+        Ok(Self {
+            v: 1,
+            keys: Self::sectors_of(role)
+                .into_iter()
+                .filter_map(|s| all.key(s).map(|k| (s, serde_bytes::ByteArray::new(*k))))
+                .collect(),
+        })
+    }
+}
+
+/// A pseudonymous identifier: HMAC-SHA256 of `domain`, a zero byte and `input`, under a sector's
+/// key ([`pseudonym_sector_key`]; DESIGN invariant 7).
+pub fn pseudonym(sector_key: &[u8; 32], domain: &str, input: &[u8]) -> [u8; 32] {
     use hmac::{Hmac, Mac};
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(deployment_secret)
-        .expect("HMAC takes any key length");
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(sector_key).expect("HMAC takes any key length");
     mac.update(domain.as_bytes());
     mac.update(&[0]);
     mac.update(input);
@@ -418,6 +580,47 @@ pub fn pseudonym(deployment_secret: &[u8; 32], domain: &str, input: &[u8]) -> [u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_role_gets_only_its_sectors_keys_and_sectors_do_not_link() {
+        use crate::ids::FacilityRole;
+        let secret = [7u8; 32];
+        let keys: Vec<[u8; 32]> = PseudonymSector::ALL
+            .iter()
+            .map(|s| pseudonym_sector_key(&secret, *s))
+            .collect();
+        assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
+        assert!(keys.iter().all(|k| *k != secret));
+        assert_eq!(
+            pseudonym_sector_key(&secret, PseudonymSector::Clinic),
+            keys[1],
+            "derivation is deterministic"
+        );
+        let card = b"IDm 0123456789ABCDEF";
+        let ids: Vec<[u8; 32]> = keys.iter().map(|k| pseudonym(k, "felica", card)).collect();
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+
+        let clinic = PseudonymKeys::for_role(&secret, FacilityRole::Clinic);
+        assert_eq!(
+            clinic.sectors(),
+            [PseudonymSector::Clinic, PseudonymSector::Staff]
+        );
+        assert_eq!(clinic.key(PseudonymSector::Reception), None);
+        let care = PseudonymKeys::for_role(&secret, FacilityRole::CareOffice);
+        assert_eq!(care.sectors(), [PseudonymSector::Staff]);
+        // An approver that sealed more than the role's sectors: only the role's are kept.
+        let hq = PseudonymKeys::for_role(&secret, FacilityRole::Hq);
+        let mut all = hq.clone();
+        all.keys.extend(clinic.keys.clone());
+        let kept = PseudonymKeys::from_plain(&all.to_plain(), FacilityRole::Shelter).expect("keys");
+        assert_eq!(kept.sectors(), hq.sectors());
+        // The bare deployment secret (approvals before sectors) gives the role's keys.
+        assert_eq!(
+            PseudonymKeys::from_plain(&secret, FacilityRole::Clinic).expect("keys"),
+            clinic
+        );
+        assert!(PseudonymKeys::from_plain(b"junk", FacilityRole::Clinic).is_err());
+    }
 
     #[test]
     fn signatures_verify_only_for_their_domain_and_signer() {

@@ -21,7 +21,7 @@ pub struct ParseIdError {
 }
 
 impl ParseIdError {
-    fn new(what: &'static str, input: &str) -> Self {
+    pub(crate) fn new(what: &'static str, input: &str) -> Self {
         Self {
             what,
             input: input.chars().take(80).collect(),

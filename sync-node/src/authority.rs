@@ -1,8 +1,9 @@
 //! The deployment authority's directory (`ADIR`): the municipality's key, kept off the relay host.
 //!
 //! Layout (made by `musubi-node authority init`; meant for a USB stick):
-//! - `ADIR/authority.age`: the authority's Ed25519 and age seeds and the deployment's pseudonym secret,
-//!   CBOR sealed with the authority's passphrase (age scrypt). Mode 0600.
+//! - `ADIR/authority.age`: the authority's Ed25519 and age seeds and the deployment's pseudonym secret
+//!   (from which each sector's key is derived), CBOR sealed with the authority's passphrase (age
+//!   scrypt). Mode 0600.
 //! - `ADIR/authority.pub`: the public part (CBOR of [`AuthorityPublic`]): deployment id and name, the
 //!   authority's key and age recipient. `musubi-node init` copies what the relay needs from it.
 //! - `ADIR/invites/<invite id>.age`: each new-facility invite's secret, name and role, age-encrypted
@@ -10,16 +11,17 @@
 //!   needs the key). Moved to `ADIR/invites/used/` once approved.
 //!
 //! Approving ([`Authority::approve`]) checks the joining device's proof of the invite's secret, and
-//! signs the facility's certificate with the device as its root key; it also seals the deployment's
-//! pseudonym secret (the HMAC key of card pseudonyms, DESIGN invariant 7) to the device, so the relay
-//! never holds it.
+//! signs the facility's certificate with the device as its root key; it also seals to the device the
+//! pseudonym keys of the sectors the facility's role works in (HMAC keys of card pseudonyms, DESIGN
+//! invariant 7: reception and HQ, clinics, staff cards; [`PseudonymKeys::for_role`]), so the relay
+//! never holds one and a facility holds no other sector's key.
 
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use musubi_crdt::crypto::{self, DeviceSecrets};
+use musubi_crdt::crypto::{self, DeviceSecrets, PseudonymKeys};
 use musubi_crdt::directory::{DeviceLink, FacilityCert, authority_fingerprint};
 use musubi_crdt::ids::{DeploymentId, DeviceId, FacilityRole};
 use musubi_crdt::invite::{
@@ -165,7 +167,7 @@ pub struct Approval {
     pub cert: FacilityCert,
     /// The first link of its device chain (from the join request).
     pub genesis: DeviceLink,
-    /// The pseudonym secret sealed to the joining device.
+    /// The pseudonym keys of the facility's role ([`PseudonymKeys`]) sealed to the joining device.
     pub sealed_pseudonym: Vec<u8>,
 }
 
@@ -338,7 +340,8 @@ impl Authority {
     }
 
     /// Approves a join request for `invite` at `now_ms`: checks the proof and the first link, signs
-    /// the facility's certificate with the joining device as its root, seals the pseudonym secret.
+    /// the facility's certificate with the joining device as its root, seals the pseudonym keys of
+    /// the invite's role to it.
     ///
     /// Errors: [`AuthorityError::Join`] when the request does not verify, [`AuthorityError::Expired`].
     pub fn approve(
@@ -364,8 +367,9 @@ impl Authority {
         );
         let recipient = crypto::parse_recipient(&request.device.age_recipient)
             .map_err(|_| JoinError::BadRecipient)?;
-        let sealed_pseudonym = crypto::seal_to(&[recipient], &self.pseudonym_secret)
-            .map_err(|_| JoinError::BadRecipient)?;
+        let keys = PseudonymKeys::for_role(&self.pseudonym_secret, invite.role);
+        let sealed_pseudonym =
+            crypto::seal_to(&[recipient], &keys.to_plain()).map_err(|_| JoinError::BadRecipient)?;
         Ok(Approval {
             cert,
             genesis,
@@ -393,6 +397,7 @@ impl Authority {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use musubi_crdt::crypto::PseudonymSector;
     use musubi_crdt::invite::{InviteCode, InviteFor};
 
     #[test]
@@ -448,9 +453,49 @@ mod tests {
             .expect("cert verifies");
         assert_eq!(approval.cert.root, device.device_id());
         assert_eq!(approval.cert.name, "港診療所");
-        let opened = crypto::open_with(device.age_identity(), &approval.sealed_pseudonym, 64)
-            .expect("the device opens the pseudonym secret");
-        assert_eq!(opened.len(), 32);
+        let opened = crypto::open_with(device.age_identity(), &approval.sealed_pseudonym, 1024)
+            .expect("the device opens its pseudonym keys");
+        let keys = PseudonymKeys::from_plain(&opened, FacilityRole::Clinic).expect("keys");
+        assert_eq!(
+            keys.sectors(),
+            [PseudonymSector::Clinic, PseudonymSector::Staff],
+            "a clinic gets the clinic and staff-card keys, not reception's"
+        );
+        assert!(
+            !opened
+                .windows(32)
+                .any(|w| w == authority.pseudonym_secret.as_slice()),
+            "the deployment's secret itself never leaves the authority"
+        );
+        let shelter = AuthorityInvite {
+            secret: [9; 32],
+            name: "七尾市立避難所".into(),
+            role: FacilityRole::Shelter,
+            expires_at_ms: 10_000,
+        };
+        let code = InviteCode {
+            secret: shelter.secret.to_vec(),
+            ..code.clone()
+        };
+        let other = DeviceSecrets::from_seeds([3; 32], [4; 32]);
+        let approved = authority
+            .approve(&JoinRequest::make(&code, &other, "受付", 5), &shelter, 5)
+            .expect("approve the shelter");
+        let shelter_keys = PseudonymKeys::from_plain(
+            &crypto::open_with(other.age_identity(), &approved.sealed_pseudonym, 1024)
+                .expect("open"),
+            FacilityRole::Shelter,
+        )
+        .expect("keys");
+        assert_eq!(
+            shelter_keys.sectors(),
+            [PseudonymSector::Reception, PseudonymSector::Staff]
+        );
+        assert_eq!(
+            shelter_keys.key(PseudonymSector::Staff),
+            keys.key(PseudonymSector::Staff),
+            "staff cards have one id across the deployment"
+        );
 
         let mut other = code.clone();
         other.secret = vec![8; 32];

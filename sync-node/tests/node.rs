@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use musubi_crdt::bundle::{Envelope, Payload};
-use musubi_crdt::crypto::{self, DevicePublic, DeviceSecrets, DocumentKey};
+use musubi_crdt::crypto::{
+    self, DevicePublic, DeviceSecrets, DocumentKey, PseudonymKeys, PseudonymSector,
+};
 use musubi_crdt::directory::{
     DeviceChange, DeviceLink, DeviceStatus, Devices as _, Directory, Pins, SignedDirectory, Trust,
 };
@@ -57,12 +59,24 @@ fn unlock(adir: &Path) -> Authority {
         .expect("unlock the authority")
 }
 
+/// The pseudonym keys sealed to `who` (the plaintext: CBOR of [`PseudonymKeys`]).
 fn open_pseudonym(who: &DeviceSecrets, sealed: &[u8]) -> Vec<u8> {
-    crypto::open_with(who.age_identity(), sealed, 32)
-        .expect("the device opens its pseudonym secret")
+    crypto::open_with(who.age_identity(), sealed, PseudonymKeys::PLAIN_BYTES_MAX)
+        .expect("the device opens its pseudonym keys")
 }
 
-/// An enrolled device: its secrets, its facility, and the deployment's pseudonym secret it opened.
+/// The sectors of the pseudonym keys sealed to `who`, for a facility of `role`.
+fn pseudonym_sectors(
+    who: &DeviceSecrets,
+    sealed: &[u8],
+    role: FacilityRole,
+) -> Vec<PseudonymSector> {
+    PseudonymKeys::from_plain(&open_pseudonym(who, sealed), role)
+        .expect("pseudonym keys")
+        .sectors()
+}
+
+/// An enrolled device: its secrets, its facility, and the pseudonym keys it opened (plaintext).
 #[derive(Clone)]
 struct Device {
     secrets: DeviceSecrets,
@@ -435,8 +449,8 @@ impl World {
     }
 }
 
-/// The next link of `approver`'s facility chain after `last`, adding `new`, with the deployment's
-/// pseudonym secret sealed to the new device.
+/// The next link of `approver`'s facility chain after `last`, adding `new`, with the approver's
+/// pseudonym keys sealed to the new device.
 fn approval(approver: &Device, last: &DeviceLink, new: &DevicePublic, at_ms: u64) -> PushItem {
     let link = DeviceLink::sign(
         approver,
@@ -674,7 +688,11 @@ fn a_device_joins_once_with_a_valid_invite_and_gets_the_signed_directory() {
         "the id derives from the invite"
     );
     let pseudonym = open_pseudonym(&a1, &sealed_pseudonym);
-    assert_eq!(pseudonym.len(), 32);
+    assert_eq!(
+        pseudonym_sectors(&a1, &sealed_pseudonym, FacilityRole::Clinic),
+        [PseudonymSector::Clinic, PseudonymSector::Staff],
+        "a clinic is issued the clinic and staff-card keys"
+    );
 
     // The directory verifies against the authority the device pins, and names it with its age key.
     let (dir, pins) = directory
@@ -715,10 +733,21 @@ fn a_device_joins_once_with_a_valid_invite_and_gets_the_signed_directory() {
     else {
         panic!("the invite is still unused")
     };
+    let hq = PseudonymKeys::from_plain(
+        &open_pseudonym(&device(5), &sealed_pseudonym),
+        FacilityRole::Hq,
+    )
+    .expect("keys");
+    let clinic = PseudonymKeys::from_plain(&pseudonym, FacilityRole::Clinic).expect("keys");
     assert_eq!(
-        open_pseudonym(&device(5), &sealed_pseudonym),
-        pseudonym,
-        "every device of the deployment gets the same pseudonym secret, sealed by the authority"
+        hq.sectors(),
+        [PseudonymSector::Reception, PseudonymSector::Staff],
+        "HQ is issued reception's key (evacuees' cards) and the staff-card key, not the clinics'"
+    );
+    assert_eq!(
+        hq.key(PseudonymSector::Staff),
+        clinic.key(PseudonymSector::Staff),
+        "the authority derives each sector's key once for the deployment"
     );
 
     // A secret nobody issued is refused.
@@ -933,7 +962,10 @@ fn a_new_facility_waits_for_the_authority_when_it_is_not_beside_the_relay() {
         panic!("joined after approval")
     };
     assert_eq!(facility, invite.facility());
-    assert_eq!(open_pseudonym(&a1, &sealed_pseudonym).len(), 32);
+    assert_eq!(
+        pseudonym_sectors(&a1, &sealed_pseudonym, FacilityRole::Clinic),
+        [PseudonymSector::Clinic, PseudonymSector::Staff]
+    );
     assert!(w.directory(&a1).is_current(&a1.device_id()));
     assert!(matches!(
         w.ask(
@@ -2433,13 +2465,17 @@ fn everything_acknowledged_survives_reopening_and_no_secret_reaches_the_relays_d
     let data = w.data();
     let mut w = w.reopen(|_| {});
 
-    // What the relay must never be able to read: the plaintext, the document key, the deployment's
-    // pseudonym secret (sealed by the authority and by an approving device), the invite secrets.
+    // What the relay must never be able to read: the plaintext, the document key, the pseudonym
+    // keys (sealed by the authority and by an approving device), the invite secrets.
     let mut forbidden: Vec<(String, Vec<u8>)> = vec![
         ("plaintext".into(), MARKER.as_bytes().to_vec()),
         ("document key".into(), key(0).seed().to_vec()),
-        ("pseudonym secret".into(), a1.pseudonym.clone()),
     ];
+    let keys = PseudonymKeys::from_plain(&a1.pseudonym, FacilityRole::Clinic).expect("keys");
+    for sector in keys.sectors() {
+        let k = keys.key(sector).expect("held");
+        forbidden.push((format!("{sector} pseudonym key"), k.to_vec()));
+    }
     assert_eq!(a2.pseudonym, a1.pseudonym);
     for s in &w.secrets_issued {
         forbidden.push(("invite secret".into(), s.to_vec()));

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use musubi_crdt::crypto::PseudonymSector;
 use musubi_facility::Engine;
 use musubi_facility::card::{self, CardEvent, CardState, NoPin, ReadOptions, Watcher};
 use musubi_facility::engine::now_ms;
@@ -93,7 +94,7 @@ fn wait_for_engine(state: &AppState, sink: &mut impl FnMut(Signal)) -> Engine {
     loop {
         let handle = state.session().as_ref().map(|u| u.engine.try_clone());
         let waiting = match handle {
-            Some(Ok(engine)) if engine.pseudonym_secret().is_ok() => return engine,
+            Some(Ok(engine)) if engine.pseudonym_keys().is_ok() => return engine,
             Some(Ok(_)) => CardReaderState::NotEnrolled,
             Some(Err(e)) => {
                 tracing::warn!("card task: the store cannot be opened: {e}");
@@ -146,7 +147,16 @@ fn status_of(w: &Watcher, last_error: Option<CardReadError>) -> CardStatus {
 /// Watches readers until `stop` is set: a [`Signal::Status`] whenever the reader side changes
 /// (first at once), a [`Signal::Tapped`] for each card placed and read. `at_ms` of a tap is when
 /// the watcher saw the card arrive (ms since the Unix epoch).
+///
+/// A tap's id is in the sector of the people this facility registers at its counter (evacuees at
+/// a shelter or HQ, patients at a clinic); at a care office, which registers no one by card, in
+/// the staff cards' sector.
 pub fn watch(engine: &Engine, stop: &AtomicBool, mut sink: impl FnMut(Signal)) {
+    let sector = engine
+        .resident_sector()
+        .ok()
+        .flatten()
+        .unwrap_or(PseudonymSector::Staff);
     let mut w = Watcher::new();
     let mut last: Option<CardStatus> = None;
     let mut last_error: Option<CardReadError> = None;
@@ -165,7 +175,7 @@ pub fn watch(engine: &Engine, stop: &AtomicBool, mut sink: impl FnMut(Signal)) {
                 timeout: READ_TIMEOUT,
                 ..ReadOptions::default()
             };
-            match card::read(engine, &opts, Box::new(NoPin)) {
+            match card::read(engine, sector, &opts, Box::new(NoPin)) {
                 Ok(read) => {
                     last_error = None;
                     tracing::debug!(

@@ -102,6 +102,7 @@ fn engine_kind(e: &EngineError) -> ErrorKind {
         E::InvalidExpiry => ErrorKind::InvalidInput,
         E::UnknownFacility(_) | E::UnknownDocument(_) | E::UnknownDevice(_) => ErrorKind::NotFound,
         E::NoKey(_) => ErrorKind::NoKey,
+        E::NoPseudonymKey { .. } => ErrorKind::Card,
         E::ReadOnly(_) | E::NotOwner => ErrorKind::ReadOnly,
         E::Store(_) | E::Io { .. } => ErrorKind::Storage,
         E::Document(_) | E::Fhir(_) => ErrorKind::InvalidInput,

@@ -20,7 +20,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use musubi_crdt::bundle::{BundleError, Envelope, Payload};
 use musubi_crdt::changes;
-use musubi_crdt::crypto::{self, CryptoError, DeviceSecrets, DocumentKey};
+use musubi_crdt::crypto::{
+    self, CryptoError, DeviceSecrets, DocumentKey, PseudonymKeys, PseudonymSector,
+};
 use musubi_crdt::directory::{
     DeviceChange, DeviceLink, DeviceStatus, Devices, Directory, DirectoryError, FacilityEntry,
     FacilityRecord, Pins, SignedDirectory, Trust,
@@ -52,9 +54,13 @@ pub const LOAD_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Largest local snapshot accepted when opening one, in bytes (256 MiB).
 pub const SNAPSHOT_BYTES_MAX: usize = 256 * 1024 * 1024;
 
-/// Metadata key of the deployment's pseudonym secret, sealed to this device's age key.
+/// Metadata key of this facility's pseudonym keys (one per sector its role works in, CBOR
+/// [`PseudonymKeys`]), sealed to this device's age key.
+const PSEUDONYM_KEYS_META: &str = "pseudonym_keys_sealed";
+/// Metadata key under which stores written before sectors kept the deployment's secret itself,
+/// sealed; it is replaced by the role's keys on first read.
 const PSEUDONYM_SECRET_META: &str = "pseudonym_secret_sealed";
-/// Metadata key under which stores written before it was sealed kept it in clear.
+/// Metadata key under which stores written before it was sealed kept that secret in clear.
 const PSEUDONYM_SECRET_CLEAR_META: &str = "pseudonym_secret";
 
 /// The file holding the device's passphrase-wrapped secrets (age scrypt).
@@ -91,6 +97,17 @@ pub enum EngineError {
     /// The device holds no key for a document yet.
     #[error("this device has no key for document {0} yet; run `musubi sync --once` to fetch it")]
     NoKey(DocumentId),
+    /// This facility's role holds no pseudonym key of that sector (the authority issues each
+    /// sector's key only to the roles that work in it).
+    #[error(
+        "a {role} facility holds no pseudonym key for {sector} cards; only the facilities that work with those cards can read them"
+    )]
+    NoPseudonymKey {
+        /// The sector asked for.
+        sector: PseudonymSector,
+        /// This facility's role.
+        role: FacilityRole,
+    },
     /// Only owners may change membership.
     #[error("only the owner facility of a document can change its members")]
     NotOwner,
@@ -409,21 +426,22 @@ impl Engine {
                     .into(),
             ));
         }
-        let secret =
-            crypto::open_with(self.secrets.age_identity(), sealed_pseudonym, 32).map_err(|_| {
-                EngineError::Trust("the pseudonym secret was not sealed to this device".into())
-            })?;
-        if secret.len() != 32 {
-            return Err(EngineError::Trust(
-                "the pseudonym secret is malformed".into(),
-            ));
-        }
         let mut enrolment = enrolment.clone();
         if let Some(f) = dir.facility(enrolment.facility) {
             enrolment.facility_name = f.name.clone();
             enrolment.role = f.role;
         }
-        self.store_pseudonym_secret(&secret)?;
+        let plain = crypto::open_with(
+            self.secrets.age_identity(),
+            sealed_pseudonym,
+            PseudonymKeys::PLAIN_BYTES_MAX,
+        )
+        .map_err(|_| {
+            EngineError::Trust("the pseudonym keys were not sealed to this device".into())
+        })?;
+        let keys = PseudonymKeys::from_plain(&plain, enrolment.role)
+            .map_err(|_| EngineError::Trust("the pseudonym keys are malformed".into()))?;
+        self.keep_pseudonym_keys(&keys)?;
         self.store.set_meta_cbor("enrolment", &enrolment)?;
         self.store_directory(directory, &dir, &pins, 0)?;
         if let Ok(body) = directory.open(&enrolment.relay) {
@@ -460,38 +478,73 @@ impl Engine {
         Ok(())
     }
 
-    /// The deployment's secret for pseudonymous ids (HMAC-SHA256 key of card identities, DESIGN
-    /// invariant 7), received at enrolment. Errors: [`EngineError::NotEnrolled`].
+    /// This facility's pseudonym keys (HMAC-SHA256 keys of card identities, one per sector its role
+    /// works in; DESIGN invariant 7), received at enrolment. Errors: [`EngineError::NotEnrolled`].
     ///
-    /// It is kept sealed to this device's age key (`pseudonym_secret_sealed`), as staff records
-    /// are: the store never holds it in clear. A store written before that is sealed on first read.
-    pub fn pseudonym_secret(&self) -> Result<[u8; 32]> {
-        let corrupt = |_| EngineError::Store(StoreError::Corrupt("pseudonym secret length".into()));
-        if let Some(sealed) = self.store.meta(PSEUDONYM_SECRET_META)? {
-            let bytes = crypto::open_with(self.secrets.age_identity(), &sealed, 64)?;
-            return bytes.try_into().map_err(corrupt);
+    /// They are kept sealed to this device's age key (`pseudonym_keys_sealed`), as staff records
+    /// are: the store never holds them in clear. A store written before sectors held the
+    /// deployment's secret itself (sealed, or in clear before that): on first read it is replaced
+    /// by the keys of this facility's role, derived from it as the authority derives them.
+    pub fn pseudonym_keys(&self) -> Result<PseudonymKeys> {
+        let corrupt = || EngineError::Store(StoreError::Corrupt("pseudonym keys".into()));
+        let role = self.enrolment()?.role;
+        if let Some(sealed) = self.store.meta(PSEUDONYM_KEYS_META)? {
+            let plain = crypto::open_with(
+                self.secrets.age_identity(),
+                &sealed,
+                PseudonymKeys::PLAIN_BYTES_MAX,
+            )?;
+            return PseudonymKeys::from_plain(&plain, role).map_err(|_| corrupt());
         }
-        let clear = self
-            .store
-            .meta(PSEUDONYM_SECRET_CLEAR_META)?
-            .ok_or(EngineError::NotEnrolled)?;
-        let secret: [u8; 32] = clear.try_into().map_err(corrupt)?;
-        self.store_pseudonym_secret(&secret)?;
-        Ok(secret)
+        let legacy = match self.store.meta(PSEUDONYM_SECRET_META)? {
+            Some(sealed) => crypto::open_with(self.secrets.age_identity(), &sealed, 64)?,
+            None => self
+                .store
+                .meta(PSEUDONYM_SECRET_CLEAR_META)?
+                .ok_or(EngineError::NotEnrolled)?,
+        };
+        let secret: &[u8; 32] = legacy.as_slice().try_into().map_err(|_| corrupt())?;
+        let keys = PseudonymKeys::for_role(secret, role);
+        self.keep_pseudonym_keys(&keys)?;
+        Ok(keys)
     }
 
-    /// Stores the pseudonym secret sealed to this device (and removes a copy in clear).
-    fn store_pseudonym_secret(&self, secret: &[u8]) -> Result<()> {
-        let sealed = crypto::seal_to(&[self.secrets.age_identity().to_public()], secret)?;
-        self.store.set_meta(PSEUDONYM_SECRET_META, &sealed)?;
+    /// Stores `keys` sealed to this device, and removes the deployment's secret a store from before
+    /// sectors held. For enrolment, and for tools that read cards on a device of their own.
+    pub fn keep_pseudonym_keys(&self, keys: &PseudonymKeys) -> Result<()> {
+        let sealed = crypto::seal_to(&[self.secrets.age_identity().to_public()], &keys.to_plain())?;
+        self.store.set_meta(PSEUDONYM_KEYS_META, &sealed)?;
+        self.store.delete_meta(PSEUDONYM_SECRET_META)?;
         self.store.delete_meta(PSEUDONYM_SECRET_CLEAR_META)?;
         Ok(())
     }
 
-    /// The pseudonymous id of a card identity (`domain` separates card kinds), as 64 hex digits.
-    pub fn pseudonym(&self, domain: &str, identity: &[u8]) -> Result<String> {
+    /// This facility's key of `sector`. Errors: [`EngineError::NotEnrolled`],
+    /// [`EngineError::NoPseudonymKey`] when its role was not issued that sector's key.
+    pub fn pseudonym_key(&self, sector: PseudonymSector) -> Result<[u8; 32]> {
+        let role = self.enrolment()?.role;
+        self.pseudonym_keys()?
+            .key(sector)
+            .copied()
+            .ok_or(EngineError::NoPseudonymKey { sector, role })
+    }
+
+    /// The sector of the cards this facility registers people by at its counter (evacuees at a
+    /// shelter or HQ, patients at a clinic; none at a care office). Errors: [`EngineError::NotEnrolled`].
+    pub fn resident_sector(&self) -> Result<Option<PseudonymSector>> {
+        Ok(PseudonymSector::of_residents(self.enrolment()?.role))
+    }
+
+    /// The pseudonymous id of a card identity in `sector` (`domain` separates card kinds), as 64
+    /// hex digits. Errors: as [`Engine::pseudonym_key`].
+    pub fn pseudonym(
+        &self,
+        sector: PseudonymSector,
+        domain: &str,
+        identity: &[u8],
+    ) -> Result<String> {
         Ok(hex::encode(crypto::pseudonym(
-            &self.pseudonym_secret()?,
+            &self.pseudonym_key(sector)?,
             domain,
             identity,
         )))
@@ -2249,7 +2302,9 @@ impl Engine {
                 now_ms(),
             );
             let recipient = crypto::parse_recipient(&r.device.age_recipient)?;
-            let sealed_pseudonym = crypto::seal_to(&[recipient], &self.pseudonym_secret()?)?;
+            // The new device is of this facility: it gets the keys of the same sectors.
+            let sealed_pseudonym =
+                crypto::seal_to(&[recipient], &self.pseudonym_keys()?.to_plain())?;
             self.store
                 .set_device_invite_used(&r.invite, Some(&r.device.device.to_string()))?;
             self.store.queue(&PushItem::Approve {

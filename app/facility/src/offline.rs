@@ -116,7 +116,7 @@ impl OfflineDeployment {
     }
 
     /// Records `engine`'s enrolment as a device of `facility`, as a real join would (the directory
-    /// verified against the authority, the pseudonym secret sealed to the device).
+    /// verified against the authority, the pseudonym keys of its role sealed to the device).
     ///
     /// Errors: the engine's, when the directory does not list the device.
     pub fn enrol(&self, engine: &Engine, facility: FacilityId) -> Result<Enrolment> {
@@ -126,7 +126,8 @@ impl OfflineDeployment {
             .find(|f| f.cert.facility == facility)
             .expect("a facility of this deployment");
         let recipient = engine.secrets().age_identity().to_public();
-        let sealed = crypto::seal_to(&[recipient], &self.pseudonym)?;
+        let keys = crypto::PseudonymKeys::for_role(&self.pseudonym, rec.cert.role);
+        let sealed = crypto::seal_to(&[recipient], &keys.to_plain())?;
         engine.record_enrolment(
             &Enrolment {
                 deployment: self.deployment,

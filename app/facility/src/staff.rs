@@ -405,7 +405,12 @@ pub fn sign_in_with_card(
         attributes: false,
         ..opts.clone()
     };
-    let read = card::read(e, &opts, prompt)?;
+    let read = card::read(
+        e,
+        musubi_crdt::crypto::PseudonymSector::Staff,
+        &opts,
+        prompt,
+    )?;
     match read.identity.kind {
         CardKind::MyNumber => sign_in_card(e, &read, None),
         CardKind::Contactless => {

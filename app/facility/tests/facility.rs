@@ -71,11 +71,13 @@ fn a_new_device_keeps_its_data_directory_to_its_owner() {
     );
 }
 
-/// A stolen laptop's disk does not give away the deployment's pseudonym secret (the HMAC key that
-/// turns card numbers into ids): it is kept sealed to the device's key, in no file of the data
-/// directory in clear, and the directory is its owner's alone.
+/// A stolen laptop's disk does not give away its pseudonym keys (the HMAC keys that turn card
+/// numbers into ids): they are kept sealed to the device's key, in no file of the data directory in
+/// clear, and the directory is its owner's alone. A shelter's device holds reception's key and the
+/// staff cards' key only: it cannot compute the id a clinic gives the same card.
 #[test]
-fn the_pseudonym_secret_is_sealed_at_rest_in_an_owner_only_directory() {
+fn the_pseudonym_keys_are_sealed_at_rest_and_a_shelter_holds_no_clinic_key() {
+    use musubi_crdt::crypto::PseudonymSector;
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path().join("reception");
@@ -89,10 +91,30 @@ fn the_pseudonym_secret_is_sealed_at_rest_in_an_owner_only_directory() {
         musubi_crdt::ids::FacilityRole::Shelter,
     );
     deployment.enrol(&engine, facility).expect("enrol");
-    let secret = engine.pseudonym_secret().expect("the secret");
+    let keys = engine.pseudonym_keys().expect("the keys");
+    assert_eq!(
+        keys.sectors(),
+        [PseudonymSector::Reception, PseudonymSector::Staff],
+        "a shelter holds the keys of reception and of staff cards"
+    );
+    let card = b"0123456789abcdef";
     let id = engine
-        .pseudonym("felica", b"0123456789abcdef")
+        .pseudonym(PseudonymSector::Reception, "felica", card)
         .expect("a pseudonym");
+    let staff_id = engine
+        .pseudonym(PseudonymSector::Staff, "felica", card)
+        .expect("a staff card id");
+    assert_ne!(id, staff_id, "one card has unrelated ids in two sectors");
+    match engine.pseudonym(PseudonymSector::Clinic, "felica", card) {
+        Err(musubi_facility::EngineError::NoPseudonymKey { sector, .. }) => {
+            assert_eq!(sector, PseudonymSector::Clinic)
+        }
+        other => panic!("a shelter computes no clinic id: {other:?}"),
+    }
+    let secrets: Vec<[u8; 32]> = [PseudonymSector::Reception, PseudonymSector::Staff]
+        .into_iter()
+        .map(|s| *keys.key(s).expect("held"))
+        .collect();
     drop(engine);
 
     let mut files = 0;
@@ -105,13 +127,15 @@ fn the_pseudonym_secret_is_sealed_at_rest_in_an_owner_only_directory() {
                 continue;
             }
             let bytes = std::fs::read(&path).expect("read a file");
-            let hex = hex::encode(secret);
-            assert!(
-                !bytes.windows(32).any(|w| w == secret)
-                    && !bytes.windows(hex.len()).any(|w| w == hex.as_bytes()),
-                "{} holds the pseudonym secret in clear",
-                path.display()
-            );
+            for secret in &secrets {
+                let hex = hex::encode(secret);
+                assert!(
+                    !bytes.windows(32).any(|w| w == secret)
+                        && !bytes.windows(hex.len()).any(|w| w == hex.as_bytes()),
+                    "{} holds a pseudonym key in clear",
+                    path.display()
+                );
+            }
             files += 1;
         }
     }
@@ -126,9 +150,70 @@ fn the_pseudonym_secret_is_sealed_at_rest_in_an_owner_only_directory() {
     let engine = musubi_facility::Engine::open(&dir, passphrase).expect("open again");
     assert_eq!(
         engine
-            .pseudonym("felica", b"0123456789abcdef")
+            .pseudonym(PseudonymSector::Reception, "felica", card)
             .expect("a pseudonym"),
         id,
         "a card's id is the same after the device is opened again"
+    );
+}
+
+/// A device enrolled before sectors kept the deployment's secret itself. On first use it keeps
+/// only its role's keys, derived as the authority derives them, so its card ids match those of a
+/// device enrolled since, and the secret is gone from its store.
+#[test]
+fn a_store_from_before_sectors_keeps_only_its_roles_keys() {
+    use musubi_crdt::crypto::{self, PseudonymKeys, PseudonymSector};
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path().join("clinic");
+    let engine = musubi_facility::Engine::init(&dir, "外来受付", "correct horse battery", 10)
+        .expect("init a device");
+    let mut deployment = musubi_facility::offline::OfflineDeployment::new(9);
+    let role = musubi_crdt::ids::FacilityRole::Clinic;
+    let facility = deployment.add_facility(&engine, "港診療所", role);
+    deployment.enrol(&engine, facility).expect("enrol");
+    let secret = [0x5a; 32];
+    let sealed = crypto::seal_to(
+        &[engine.secrets().age_identity().to_public()],
+        secret.as_slice(),
+    )
+    .expect("seal");
+    engine
+        .store()
+        .delete_meta("pseudonym_keys_sealed")
+        .expect("as before sectors");
+    engine
+        .store()
+        .set_meta("pseudonym_secret_sealed", &sealed)
+        .expect("as before sectors");
+
+    let keys = engine.pseudonym_keys().expect("the keys");
+    assert_eq!(keys, PseudonymKeys::for_role(&secret, role));
+    assert_eq!(
+        keys.sectors(),
+        [PseudonymSector::Clinic, PseudonymSector::Staff]
+    );
+    assert!(
+        engine
+            .store()
+            .meta("pseudonym_secret_sealed")
+            .expect("meta")
+            .is_none(),
+        "the deployment's secret is no longer kept"
+    );
+    let id = engine
+        .pseudonym(PseudonymSector::Clinic, "felica", b"card")
+        .expect("an id");
+    assert_eq!(
+        id,
+        hex::encode(crypto::pseudonym(
+            &crypto::pseudonym_sector_key(&secret, PseudonymSector::Clinic),
+            "felica",
+            b"card"
+        ))
+    );
+    assert!(
+        engine
+            .pseudonym(PseudonymSector::Reception, "felica", b"card")
+            .is_err()
     );
 }

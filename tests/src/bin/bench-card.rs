@@ -16,6 +16,8 @@ use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use musubi_crdt::crypto::PseudonymSector;
+use musubi_crdt::ids::FacilityRole;
 use musubi_facility::Engine;
 use musubi_facility::card::{self, NoPin, ReadOptions};
 use musubi_tests::World;
@@ -55,7 +57,8 @@ fn insertion_to_id(
                 timeout: Duration::from_secs(20),
                 ..ReadOptions::default()
             };
-            let r = card::read(engine, &opts, Box::new(NoPin)).map(|r| (Instant::now(), r));
+            let r = card::read(engine, PseudonymSector::Reception, &opts, Box::new(NoPin))
+                .map(|r| (Instant::now(), r));
             (placer.join().expect("the placing thread"), r)
         });
         let (done, r) = r.unwrap_or_else(|e| panic!("read {name}: {e}"));
@@ -79,13 +82,13 @@ fn main() {
         pcscd.port()
     );
 
-    // In process: an engine with a deployment secret is all `card::read` needs.
+    // In process: a shelter's device enrolled offline (it holds reception's pseudonym key) is all
+    // `card::read` needs.
     let dir = world.data_dir("engine");
     let engine = Engine::init(&dir, "bench", "bench passphrase", 10).expect("init");
-    engine
-        .store()
-        .set_meta("pseudonym_secret", &musubi_facility::engine::random::<32>())
-        .expect("secret");
+    let mut deployment = musubi_facility::offline::OfflineDeployment::new(7);
+    let shelter = deployment.add_facility(&engine, "bench", FacilityRole::Shelter);
+    deployment.enrol(&engine, shelter).expect("enrol");
     for (what, name, spec) in [
         (
             "My Number card, T=1 (JPKI certificate, 4 reads)",

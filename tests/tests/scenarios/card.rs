@@ -533,6 +533,51 @@ fn contactless_unsupported_and_misbehaving_cards() {
     d.pcscd.stop();
 }
 
+/// One card, four readers of it: the shelter's id (reception) is the one HQ computes, a clinic's is
+/// unrelated, and the staff-card id is the same everywhere. A clinic asked for reception's id
+/// (what a stolen clinic laptop would need to link its patients to the evacuee rosters) is refused:
+/// the authority never issued it that key.
+#[test]
+fn a_card_has_unrelated_ids_per_sector_and_each_facility_holds_only_its_own() {
+    let _serial = serial();
+    let story = Story::new("pseudonym sectors");
+    let mut d = desk("card-sectors");
+    let clinic = d
+        .world
+        .enrolled_facility(&d._relay, "clinic", "港診療所", "clinic");
+    let hq = d
+        .world
+        .enrolled_facility(&d._relay, "hq", "七尾市災害対策本部", "hq");
+
+    story.step("a Suica read at the shelter, at HQ and at the clinic");
+    d.vcard.insert("suica", "felica");
+    let at_shelter = id_of(&read_json(&d.f, &[], ""));
+    let at_hq = id_of(&read_json(&hq, &[], ""));
+    let at_clinic = id_of(&read_json(&clinic, &[], ""));
+    assert_eq!(at_shelter, at_hq, "HQ computes the ids shelters record");
+    assert_ne!(at_clinic, at_shelter, "a clinic's id is of another sector");
+
+    story.step("as a staff card, the id is the same at every facility and unrelated to the others");
+    let staff = id_of(&read_json(&d.f, &["--sector", "staff"], ""));
+    assert_eq!(
+        id_of(&read_json(&clinic, &["--sector", "staff"], "")),
+        staff
+    );
+    assert!(staff != at_shelter && staff != at_clinic);
+
+    story.step("the clinic cannot compute reception's id, nor the shelter a clinic's");
+    for (f, sector) in [(&clinic, "reception"), (&d.f, "clinic")] {
+        let out = read(f, &["--sector", sector], "").expect_fail();
+        assert!(
+            out.stderr
+                .contains(&format!("holds no pseudonym key for {sector} cards")),
+            "{}",
+            out.stderr
+        );
+    }
+    d.pcscd.stop();
+}
+
 /// Staff sign in with a staff card and its PIN: a My Number card proves possession with its own PIN; a
 /// Suica gets a Musubi staff PIN; each card is bound once; wrong PINs are counted.
 #[test]

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Engine, EngineError};
 use apdu::{Protocol, Transport};
 use contactless::Uid;
+use musubi_crdt::crypto::PseudonymSector;
 pub use mynumber::{Attributes, Pin, PinKind, PinPrompt, Sex};
 use mynumber::{AuthCertificate, MyNumberCard};
 
@@ -226,6 +227,12 @@ impl CardError {
                 format!("{}の入力が必要です。", which.label_ja())
             }
             CardError::SignatureInvalid => "カードの署名が証明書と一致しません。".into(),
+            CardError::Engine(e) if matches!(**e, EngineError::NoPseudonymKey { .. }) => {
+                "この施設の種別には、この用途のカードを読み取る鍵が発行されていません（例: 避難所の鍵で診療所の患者カードは読めません）。".into()
+            }
+            CardError::Engine(e) if matches!(**e, EngineError::NotEnrolled) => {
+                "この端末はまだ参加していないため、カードを読み取れません。".into()
+            }
             _ => format!("カードを読み取れませんでした（{}）。", self.kind()),
         }
     }
@@ -668,7 +675,8 @@ pub enum CardKind {
 pub struct CardIdentity {
     /// The kind.
     pub kind: CardKind,
-    /// HMAC-SHA256 under the deployment's secret of the card identifier (64 hex digits).
+    /// HMAC-SHA256 of the card identifier under the key of the sector it was read for (64 hex
+    /// digits): the same card has unrelated ids in different sectors.
     pub pseudonymous_id: String,
     /// The reader it was read in.
     pub reader: String,
@@ -733,15 +741,19 @@ impl Default for ReadOptions {
     }
 }
 
-/// Waits for a card and returns its pseudonymous identity; no PIN is asked or sent.
+/// Waits for a card and returns its pseudonymous identity in `sector`; no PIN is asked or sent.
 ///
-/// This is what `musubi shelter checkin --card` calls.
-pub fn wait_for_tap(engine: &Engine, timeout: Duration) -> Result<CardIdentity, CardError> {
+/// This is what `musubi shelter checkin --card` calls (reception's sector).
+pub fn wait_for_tap(
+    engine: &Engine,
+    sector: PseudonymSector,
+    timeout: Duration,
+) -> Result<CardIdentity, CardError> {
     let opts = ReadOptions {
         timeout,
         ..ReadOptions::default()
     };
-    Ok(read(engine, &opts, Box::new(NoPin))?.identity)
+    Ok(read(engine, sector, &opts, Box::new(NoPin))?.identity)
 }
 
 /// A prompt that never gives a PIN.
@@ -753,16 +765,21 @@ impl PinPrompt for NoPin {
     }
 }
 
-/// Waits for a card (one already on a reader counts) and reads it as `opts` asks.
+/// Waits for a card (one already on a reader counts) and reads it as `opts` asks; its id is the
+/// pseudonym in `sector` (evacuees' cards at reception, patients' at a clinic, staff cards).
 ///
 /// `prompt` is called only when a PIN is needed, with the tries left, and at most once per PIN.
+///
+/// Errors: [`CardError`]; before waiting, an engine error when this facility holds no key of
+/// `sector` (not enrolled, or its role was not issued that sector's key).
 pub fn read(
     engine: &Engine,
+    sector: PseudonymSector,
     opts: &ReadOptions,
     prompt: Box<dyn PinPrompt + Send>,
 ) -> Result<CardRead, CardError> {
-    // Fail before waiting when the deployment's secret is not here yet.
-    engine.pseudonym_secret()?;
+    // Fail before waiting when this sector's key is not here.
+    engine.pseudonym_key(sector)?;
     let start = Instant::now();
     let prompt = Arc::new(Mutex::new(prompt));
     let (reader, waited, raw) = loop {
@@ -788,7 +805,7 @@ pub fn read(
                 .unwrap_or(0);
             CardIdentity {
                 kind: CardKind::MyNumber,
-                pseudonymous_id: engine.pseudonym(DOMAIN_JPKI_AUTH, &cert.spki_der)?,
+                pseudonymous_id: engine.pseudonym(sector, DOMAIN_JPKI_AUTH, &cert.spki_der)?,
                 reader,
                 technology: raw.technology,
                 expires: Some(date_of(cert.not_after_unix)),
@@ -797,7 +814,7 @@ pub fn read(
         }
         RawIdentity::Contactless(uid) => CardIdentity {
             kind: CardKind::Contactless,
-            pseudonymous_id: engine.pseudonym(DOMAIN_CONTACTLESS_UID, &uid)?,
+            pseudonymous_id: engine.pseudonym(sector, DOMAIN_CONTACTLESS_UID, &uid)?,
             reader,
             technology: raw.technology,
             expires: None,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
+use musubi_crdt::crypto::PseudonymSector;
 use musubi_facility::card::{
     self, CardError, CardEvent, CardRead, CardState, Pin, PinKind, PinPrompt, ReadOptions, Watcher,
 };
@@ -58,6 +59,12 @@ pub(crate) enum CardCommand {
         /// Give up on a card that stops answering for this many seconds.
         #[arg(long, default_value_t = 8.0)]
         card_timeout: f64,
+        /// The sector of the id: `reception` (evacuees' cards at a shelter or HQ), `clinic`
+        /// (patients' cards), `staff` (staff cards). Default: the people this facility registers
+        /// (reception at a shelter or HQ, clinic at a clinic, staff at a care office). A facility
+        /// holds only its role's keys: another sector is refused.
+        #[arg(long)]
+        sector: Option<PseudonymSector>,
         #[command(flatten)]
         json: Json,
     },
@@ -237,6 +244,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CardCommand) -> Result<()> {
             reader,
             timeout,
             card_timeout,
+            sector,
             json,
         } => {
             let e = open(pf, &data.data)?;
@@ -259,7 +267,11 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CardCommand) -> Result<()> {
                 confirm_last_try,
                 exchange_timeout: Duration::from_secs_f64(card_timeout.max(0.1)),
             };
-            match card::read(&e, &opts, Box::new(StdinPins(lines))) {
+            let sector = match sector {
+                Some(s) => s,
+                None => e.resident_sector()?.unwrap_or(PseudonymSector::Staff),
+            };
+            match card::read(&e, sector, &opts, Box::new(StdinPins(lines))) {
                 Ok(r) => {
                     if attributes && r.attributes.is_none() {
                         eprintln!(

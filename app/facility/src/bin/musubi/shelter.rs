@@ -423,8 +423,11 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
                 .map(|r| shelter::parse_relative(r))
                 .collect::<Result<Vec<_>, _>>()?;
             let (card_id, m) = if card {
-                let tap =
-                    musubi_facility::card::wait_for_tap(&e, Duration::from_secs(card_timeout))?;
+                let tap = musubi_facility::card::wait_for_tap(
+                    &e,
+                    musubi_crdt::crypto::PseudonymSector::Reception,
+                    Duration::from_secs(card_timeout),
+                )?;
                 let m = match (m.as_str(), tap.kind) {
                     ("manual", musubi_facility::card::CardKind::MyNumber) => {
                         "my-number-card".to_owned()

@@ -145,8 +145,13 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: StaffCommand) -> Result<()> {
                 confirm_last_try,
                 ..ReadOptions::default()
             };
-            let read = card::read(&e, &opts, Box::new(StdinPins(Some(lines.clone()))))
-                .map_err(|err| report(err.into(), json.json))?;
+            let read = card::read(
+                &e,
+                musubi_crdt::crypto::PseudonymSector::Staff,
+                &opts,
+                Box::new(StdinPins(Some(lines.clone()))),
+            )
+            .map_err(|err| report(err.into(), json.json))?;
             let pin = match read.identity.kind {
                 card::CardKind::MyNumber => None,
                 card::CardKind::Contactless => Some(lines.next().context(
