@@ -431,6 +431,15 @@ impl PseudonymSector {
         }
     }
 
+    /// Its name in Japanese, as staff see it (避難所受付・災害対策本部, 医療機関, 職員証).
+    pub fn label_ja(self) -> &'static str {
+        match self {
+            Self::Reception => "避難所受付・災害対策本部",
+            Self::Clinic => "医療機関",
+            Self::Staff => "職員証",
+        }
+    }
+
     /// The sector whose cards a facility of `role` registers people by at its counter (residents,
     /// evacuees, patients), if any: 避難所・本部 → reception, 医療機関 → clinic; a care office none.
     pub fn of_residents(role: crate::ids::FacilityRole) -> Option<Self> {
@@ -534,6 +543,13 @@ impl PseudonymKeys {
     /// The sectors held.
     pub fn sectors(&self) -> Vec<PseudonymSector> {
         self.keys.iter().map(|(s, _)| *s).collect()
+    }
+
+    /// The check value the authority signs into the facility's certificate: BLAKE3 (derive-key
+    /// mode, context `musubi pseudonym keys check v1`) of [`PseudonymKeys::to_plain`]. It reveals
+    /// nothing of the keys; equal keys of equal sectors give equal values.
+    pub fn check(&self) -> [u8; 32] {
+        blake3::derive_key("musubi pseudonym keys check v1", &self.to_plain())
     }
 
     /// The plaintext to seal (CBOR, see the type's docs).

@@ -51,6 +51,12 @@ pub struct FacilityCert {
     pub issued_at_ms: u64,
     /// The signing authority's key (as a device id: a PeerId that embeds the Ed25519 key).
     pub authority: DeviceId,
+    /// The check value of the card-pseudonym keys the authority issued to this facility's role
+    /// ([`crypto::PseudonymKeys::check`]): a device refuses keys that do not match, whoever sealed
+    /// them to it (the relay passes them on; another device of the facility seals them again).
+    /// Absent in certificates signed before sectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pseudonym_check: Option<serde_bytes::ByteArray<32>>,
     /// Ed25519 signature by `authority` over [`FacilityCert::signed_bytes`].
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
@@ -76,15 +82,24 @@ impl FacilityCert {
             root,
             issued_at_ms,
             authority: authority.device_id(),
+            pseudonym_check: None,
             signature: vec![],
         };
         cert.signature = authority.sign(crypto::domain::FACILITY_CERT, &cert.signed_bytes());
         cert
     }
 
-    /// The bytes the signature covers (everything but the signature).
+    /// The certificate with `check` as its pseudonym keys' check value, signed again by `authority`.
+    pub fn with_pseudonym_check(mut self, authority: &DeviceSecrets, check: [u8; 32]) -> Self {
+        self.pseudonym_check = Some(serde_bytes::ByteArray::new(check));
+        self.signature = authority.sign(crypto::domain::FACILITY_CERT, &self.signed_bytes());
+        self
+    }
+
+    /// The bytes the signature covers (everything but the signature; the pseudonym check value
+    /// only when present, so certificates signed before it still verify).
     pub fn signed_bytes(&self) -> Vec<u8> {
-        cbor(&(
+        let fields = (
             &self.deployment,
             &self.facility,
             &self.name,
@@ -92,7 +107,11 @@ impl FacilityCert {
             &self.root,
             self.issued_at_ms,
             &self.authority,
-        ))
+        );
+        match &self.pseudonym_check {
+            None => cbor(&fields),
+            Some(check) => cbor(&(fields, check)),
+        }
     }
 
     /// Checks that `authority` signed it, for `deployment`, with a valid name.
@@ -521,6 +540,9 @@ pub struct FacilityEntry {
     pub devices: Vec<DeviceEntry>,
     /// Chain links the relay served that were refused, with the reason.
     pub refused: Vec<String>,
+    /// The check value of the pseudonym keys its certificate names, if it names one.
+    #[serde(default)]
+    pub pseudonym_check: Option<serde_bytes::ByteArray<32>>,
 }
 
 impl FacilityEntry {
@@ -981,6 +1003,7 @@ impl DirectoryBody {
                 trust,
                 devices,
                 refused,
+                pseudonym_check: cert.pseudonym_check,
             });
         }
         Ok((dir, next))

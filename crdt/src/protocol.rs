@@ -162,7 +162,8 @@ pub enum PushItem {
     Approve {
         /// The link.
         link: DeviceLink,
-        /// For an added device: the deployment's pseudonym secret, age-encrypted to its recipient.
+        /// For an added device: the facility's pseudonym keys ([`crate::crypto::PseudonymKeys`]),
+        /// age-encrypted to its recipient.
         #[serde(with = "serde_bytes")]
         sealed_pseudonym: Vec<u8>,
     },
@@ -268,8 +269,9 @@ pub enum Response {
         role: FacilityRole,
         /// The directory including the new device.
         directory: SignedDirectory,
-        /// The deployment's 32-byte secret for pseudonymous card ids (HMAC-SHA256 key), age-encrypted
-        /// by the approver to the device's recipient (the relay cannot read it).
+        /// The pseudonym keys of the facility's role ([`crate::crypto::PseudonymKeys`]: HMAC-SHA256
+        /// keys of card ids, one per sector), age-encrypted by the approver to the device's
+        /// recipient (the relay cannot read them).
         #[serde(with = "serde_bytes")]
         sealed_pseudonym: Vec<u8>,
     },

@@ -340,8 +340,8 @@ impl Authority {
     }
 
     /// Approves a join request for `invite` at `now_ms`: checks the proof and the first link, signs
-    /// the facility's certificate with the joining device as its root, seals the pseudonym keys of
-    /// the invite's role to it.
+    /// the facility's certificate with the joining device as its root (and the check value of the
+    /// role's pseudonym keys), seals those keys to it.
     ///
     /// Errors: [`AuthorityError::Join`] when the request does not verify, [`AuthorityError::Expired`].
     pub fn approve(
@@ -356,6 +356,7 @@ impl Authority {
         let facility = facility_id_of_secret(&invite.secret);
         request.verify(&invite.secret, Some(facility))?;
         let genesis = request.genesis.clone().ok_or(JoinError::BadGenesis)?;
+        let keys = PseudonymKeys::for_role(&self.pseudonym_secret, invite.role);
         let cert = FacilityCert::sign(
             &self.secrets,
             self.dir.public.deployment,
@@ -364,10 +365,10 @@ impl Authority {
             invite.role,
             request.device.device,
             now_ms,
-        );
+        )
+        .with_pseudonym_check(&self.secrets, keys.check());
         let recipient = crypto::parse_recipient(&request.device.age_recipient)
             .map_err(|_| JoinError::BadRecipient)?;
-        let keys = PseudonymKeys::for_role(&self.pseudonym_secret, invite.role);
         let sealed_pseudonym =
             crypto::seal_to(&[recipient], &keys.to_plain()).map_err(|_| JoinError::BadRecipient)?;
         Ok(Approval {

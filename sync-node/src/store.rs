@@ -657,7 +657,7 @@ impl Store {
     }
 
     /// Stores the authority's approval of a new facility (certificate, first link, the device, the
-    /// sealed pseudonym secret for the joining device) and bumps the directory version.
+    /// pseudonym keys sealed to the joining device) and bumps the directory version.
     ///
     /// Errors: the invite or request is unknown or already used; database errors.
     pub fn store_approval(

@@ -2,15 +2,15 @@
 //! [`Watcher`]) and, for each card placed on a reader, reads its pseudonymous id the way
 //! `musubi shelter checkin --card` does ([`card::read`] without a PIN: the JPKI
 //! user-authentication certificate of a My Number card, the UID/IDm of a contactless card, each an
-//! HMAC under the deployment's secret) and sends [`CardTapped`]. Reader and service changes go out
+//! HMAC under the facility's key of the sector of the people it registers) and sends [`CardTapped`]. Reader and service changes go out
 //! as [`CardStatus`] (only when they change).
 //!
 //! No pcscd, or no reader, is a normal state: it is reported once and looked at again every
 //! [`RETRY`] (at once when pcscd announces a reader, where it can). A card left on the reader is
 //! read once; it must leave and come back to be read again. Card ids and numbers are never logged.
 //!
-//! The task starts with the app and waits until the facility is unlocked and enrolled (the
-//! deployment's secret is needed to derive ids). Every tap is announced, whatever screen is shown:
+//! The task starts with the app and waits until the facility is unlocked and enrolled (its
+//! pseudonym keys are needed to derive ids). Every tap is announced, whatever screen is shown:
 //! screens that do not take cards ignore the event.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -90,11 +90,11 @@ pub struct DocumentChanged {
     pub kind: DocumentKind,
 }
 
-/// An IC card was tapped on the reader: its pseudonymous id for this deployment (never the card's
-/// own number). The reception screen checks the holder in.
+/// An IC card was tapped on the reader: its pseudonymous id in the sector of the people this
+/// facility registers (never the card's own number). The reception screen checks the holder in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, specta::Type, tauri_specta::Event)]
 pub struct CardTapped {
-    /// The pseudonymous card id (HMAC of the card's id under the deployment's secret).
+    /// The pseudonymous card id (HMAC of the card's id under the facility's key of that sector).
     pub card_id: String,
     /// The card type: マイナンバーカード or a contactless card (Suica and other FeliCa/MIFARE).
     pub card_kind: musubi_facility::card::CardKind,

@@ -100,7 +100,7 @@ pub enum EngineError {
     /// This facility's role holds no pseudonym key of that sector (the authority issues each
     /// sector's key only to the roles that work in it).
     #[error(
-        "a {role} facility holds no pseudonym key for {sector} cards; only the facilities that work with those cards can read them"
+        "this facility (role {role}) holds no pseudonym key for {sector} cards; only the facilities that work with those cards can read them"
     )]
     NoPseudonymKey {
         /// The sector asked for.
@@ -332,12 +332,25 @@ impl Engine {
         let secrets = DeviceSecrets::unwrap(&wrapped, passphrase)
             .map_err(|_| EngineError::WrongPassphrase)?;
         let store = Store::open(dir)?;
-        Ok(Engine {
+        let engine = Engine {
             dir: dir.to_owned(),
             store,
             secrets,
             retracted: BTreeSet::new(),
-        })
+        };
+        engine.migrate_pseudonym_secret()?;
+        Ok(engine)
+    }
+
+    /// A store from before pseudonym sectors holds the deployment's secret itself: it is replaced by
+    /// this facility's sector keys when the device is first unlocked, not at its first card read.
+    fn migrate_pseudonym_secret(&self) -> Result<()> {
+        let legacy = self.store.meta(PSEUDONYM_SECRET_META)?.is_some()
+            || self.store.meta(PSEUDONYM_SECRET_CLEAR_META)?.is_some();
+        if legacy && self.store.meta(PSEUDONYM_KEYS_META)?.is_none() && self.enrolment().is_ok() {
+            self.pseudonym_keys()?;
+        }
+        Ok(())
     }
 
     /// A second handle on this unlocked device: the same keys, its own store connection.
@@ -398,9 +411,11 @@ impl Engine {
 
     /// Records a successful join: verifies the relay's directory against the authority pinned from
     /// the invite (this device must be a current device of its facility in it), opens the pseudonym
-    /// secret the inviter sealed to this device, and stores all three.
+    /// keys the approver sealed to this device (only the sectors of the facility's role are kept,
+    /// and they must match the check value its certificate names), and stores all three.
     ///
-    /// Errors: [`EngineError::Trust`] when the directory does not verify or does not list this device.
+    /// Errors: [`EngineError::Trust`] when the directory does not verify or does not list this
+    /// device, or the pseudonym keys are malformed or not the ones the authority certified.
     ///
     /// Returns the enrolment as recorded: the facility's name and role are the ones its certificate
     /// gives, whatever the relay said.
@@ -441,6 +456,18 @@ impl Engine {
         })?;
         let keys = PseudonymKeys::from_plain(&plain, enrolment.role)
             .map_err(|_| EngineError::Trust("the pseudonym keys are malformed".into()))?;
+        // The keys must be the authority's: whoever sealed them (the relay passes them on, another
+        // device of this facility seals them again) could have chosen others.
+        if let Some(check) = dir
+            .facility(enrolment.facility)
+            .and_then(|f| f.pseudonym_check)
+            && *check != keys.check()
+        {
+            return Err(EngineError::Trust(
+                "the card-pseudonym keys sealed to this device are not the ones the authority certified for this facility; ask the authority's operator"
+                    .into(),
+            ));
+        }
         self.keep_pseudonym_keys(&keys)?;
         self.store.set_meta_cbor("enrolment", &enrolment)?;
         self.store_directory(directory, &dir, &pins, 0)?;
@@ -514,8 +541,12 @@ impl Engine {
     pub fn keep_pseudonym_keys(&self, keys: &PseudonymKeys) -> Result<()> {
         let sealed = crypto::seal_to(&[self.secrets.age_identity().to_public()], &keys.to_plain())?;
         self.store.set_meta(PSEUDONYM_KEYS_META, &sealed)?;
-        self.store.delete_meta(PSEUDONYM_SECRET_META)?;
-        self.store.delete_meta(PSEUDONYM_SECRET_CLEAR_META)?;
+        if self.store.meta(PSEUDONYM_SECRET_META)?.is_some()
+            || self.store.meta(PSEUDONYM_SECRET_CLEAR_META)?.is_some()
+        {
+            self.store
+                .erase_meta(&[PSEUDONYM_SECRET_META, PSEUDONYM_SECRET_CLEAR_META])?;
+        }
         Ok(())
     }
 
@@ -2260,8 +2291,8 @@ impl Engine {
     }
 
     /// Approves join requests for invites this device issued: checks each proof against the kept
-    /// secret, signs the next link of the facility's device chain adding the device, seals the
-    /// pseudonym secret to it, and queues the approval. Requests for other devices' invites are left
+    /// secret, signs the next link of the facility's device chain adding the device, seals this
+    /// facility's pseudonym keys to it, and queues the approval. Requests for other devices' invites are left
     /// to them; expired or used invites and bad proofs are refused.
     pub fn approve_joins(&mut self, requests: &[JoinRequest]) -> Result<Approvals> {
         let enrolment = self.enrolment()?;

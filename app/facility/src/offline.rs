@@ -62,6 +62,10 @@ impl OfflineDeployment {
             role,
             root.device_id(),
             now_ms(),
+        )
+        .with_pseudonym_check(
+            &self.authority,
+            crypto::PseudonymKeys::for_role(&self.pseudonym, role).check(),
         );
         let genesis = DeviceLink::genesis(root.secrets(), facility, now_ms());
         self.facilities.push(FacilityRecord {
@@ -120,14 +124,25 @@ impl OfflineDeployment {
     ///
     /// Errors: the engine's, when the directory does not list the device.
     pub fn enrol(&self, engine: &Engine, facility: FacilityId) -> Result<Enrolment> {
-        let rec = self
-            .facilities
-            .iter()
-            .find(|f| f.cert.facility == facility)
-            .expect("a facility of this deployment");
+        let role = self.record(facility).cert.role;
+        let keys = crypto::PseudonymKeys::for_role(&self.pseudonym, role);
+        self.enrol_with_keys(engine, facility, &keys.to_plain())
+    }
+
+    /// [`OfflineDeployment::enrol`] with `plain` sealed to the device as its pseudonym keys,
+    /// whatever they are (what a lying relay, or another device of the facility, could seal).
+    ///
+    /// Errors: the engine's, when the directory does not list the device or the keys are not the
+    /// ones the facility's certificate names.
+    pub fn enrol_with_keys(
+        &self,
+        engine: &Engine,
+        facility: FacilityId,
+        plain: &[u8],
+    ) -> Result<Enrolment> {
+        let rec = self.record(facility);
         let recipient = engine.secrets().age_identity().to_public();
-        let keys = crypto::PseudonymKeys::for_role(&self.pseudonym, rec.cert.role);
-        let sealed = crypto::seal_to(&[recipient], &keys.to_plain())?;
+        let sealed = crypto::seal_to(&[recipient], plain)?;
         engine.record_enrolment(
             &Enrolment {
                 deployment: self.deployment,
@@ -141,6 +156,13 @@ impl OfflineDeployment {
             &self.signed(),
             &sealed,
         )
+    }
+
+    fn record(&self, facility: FacilityId) -> &FacilityRecord {
+        self.facilities
+            .iter()
+            .find(|f| f.cert.facility == facility)
+            .expect("a facility of this deployment")
     }
 
     /// Gives `engine` the current directory; returns whether it took it.

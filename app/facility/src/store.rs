@@ -279,6 +279,23 @@ impl Store {
         Ok(())
     }
 
+    /// Removes metadata values that held a secret, so that no copy stays in the database file or
+    /// its write-ahead log: deleted with SQLite's `secure_delete` (the freed space is overwritten
+    /// with zeros), then the log is checkpointed and truncated.
+    pub fn erase_meta(&self, keys: &[&str]) -> Result<()> {
+        self.conn.pragma_update(None, "secure_delete", true)?;
+        let deleted = keys.iter().try_for_each(|k| {
+            self.conn
+                .execute("DELETE FROM meta WHERE key = ?1", params![k])
+                .map(|_| ())
+        });
+        self.conn.pragma_update(None, "secure_delete", false)?;
+        deleted?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     /// Writes a CBOR metadata value.
     pub fn set_meta_cbor<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<()> {
         self.set_meta(key, &cbor(value))

@@ -157,48 +157,106 @@ fn the_pseudonym_keys_are_sealed_at_rest_and_a_shelter_holds_no_clinic_key() {
     );
 }
 
-/// A device enrolled before sectors kept the deployment's secret itself. On first use it keeps
-/// only its role's keys, derived as the authority derives them, so its card ids match those of a
-/// device enrolled since, and the secret is gone from its store.
+/// Whoever seals a device its pseudonym keys (the relay passes the authority's on; another device of
+/// the facility seals them again) cannot choose them: keys other than the ones the facility's
+/// certificate names are refused at enrolment, and the device is not enrolled.
+#[test]
+fn pseudonym_keys_the_authority_did_not_certify_are_refused() {
+    use musubi_crdt::crypto::PseudonymKeys;
+    use musubi_crdt::ids::FacilityRole;
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let mut deployment = musubi_facility::offline::OfflineDeployment::new(11);
+    let engine =
+        musubi_facility::Engine::init(&tmp.path().join("c"), "外来", "correct horse battery", 10)
+            .expect("init a device");
+    let clinic = deployment.add_facility(&engine, "港診療所", FacilityRole::Clinic);
+    let chosen = [0x77; 32];
+    for (what, plain) in [
+        (
+            "keys of the attacker's own secret",
+            PseudonymKeys::for_role(&chosen, FacilityRole::Clinic).to_plain(),
+        ),
+        ("a bare secret of the attacker's", chosen.to_vec()),
+        (
+            "a shelter's keys",
+            PseudonymKeys::for_role(&chosen, FacilityRole::Shelter).to_plain(),
+        ),
+    ] {
+        match deployment.enrol_with_keys(&engine, clinic, &plain) {
+            Err(musubi_facility::EngineError::Trust(m)) => {
+                assert!(
+                    m.contains("not the ones the authority certified"),
+                    "{what}: {m}"
+                )
+            }
+            other => panic!("{what} are refused: {other:?}"),
+        }
+        assert!(
+            matches!(
+                engine.enrolment(),
+                Err(musubi_facility::EngineError::NotEnrolled)
+            ),
+            "{what}: the device is not enrolled"
+        );
+    }
+    deployment
+        .enrol(&engine, clinic)
+        .expect("the authority's keys are taken");
+}
+
+/// A device enrolled before sectors kept the deployment's secret itself (in clear, before it was
+/// sealed). When it is next unlocked it keeps only its role's keys, derived as the authority derives
+/// them, so its card ids match those of a device enrolled since; the secret is gone from every file
+/// of its data directory, free pages and write-ahead log included.
 #[test]
 fn a_store_from_before_sectors_keeps_only_its_roles_keys() {
     use musubi_crdt::crypto::{self, PseudonymKeys, PseudonymSector};
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path().join("clinic");
-    let engine = musubi_facility::Engine::init(&dir, "外来受付", "correct horse battery", 10)
-        .expect("init a device");
+    let passphrase = "correct horse battery";
+    let engine =
+        musubi_facility::Engine::init(&dir, "外来受付", passphrase, 10).expect("init a device");
     let mut deployment = musubi_facility::offline::OfflineDeployment::new(9);
     let role = musubi_crdt::ids::FacilityRole::Clinic;
     let facility = deployment.add_facility(&engine, "港診療所", role);
     deployment.enrol(&engine, facility).expect("enrol");
-    let secret = [0x5a; 32];
-    let sealed = crypto::seal_to(
-        &[engine.secrets().age_identity().to_public()],
-        secret.as_slice(),
-    )
-    .expect("seal");
+    let secret: [u8; 32] = std::array::from_fn(|i| 0xA0 ^ i as u8);
     engine
         .store()
         .delete_meta("pseudonym_keys_sealed")
         .expect("as before sectors");
     engine
         .store()
-        .set_meta("pseudonym_secret_sealed", &sealed)
+        .set_meta("pseudonym_secret", &secret)
         .expect("as before sectors");
+    drop(engine);
 
+    let engine = musubi_facility::Engine::open(&dir, passphrase).expect("unlock");
+    for key in ["pseudonym_secret", "pseudonym_secret_sealed"] {
+        assert!(
+            engine.store().meta(key).expect("meta").is_none(),
+            "{key} is no longer kept"
+        );
+    }
+    drop(engine);
+    for f in musubi_facility_test_files(&dir) {
+        let bytes = std::fs::read(&f).expect("read a file");
+        assert!(
+            !bytes.windows(32).any(|w| w == secret)
+                && !bytes
+                    .windows(64)
+                    .any(|w| w == hex::encode(secret).as_bytes()),
+            "{} still holds the deployment's secret",
+            f.display()
+        );
+    }
+
+    let engine = musubi_facility::Engine::open(&dir, passphrase).expect("unlock");
     let keys = engine.pseudonym_keys().expect("the keys");
     assert_eq!(keys, PseudonymKeys::for_role(&secret, role));
     assert_eq!(
         keys.sectors(),
         [PseudonymSector::Clinic, PseudonymSector::Staff]
-    );
-    assert!(
-        engine
-            .store()
-            .meta("pseudonym_secret_sealed")
-            .expect("meta")
-            .is_none(),
-        "the deployment's secret is no longer kept"
     );
     let id = engine
         .pseudonym(PseudonymSector::Clinic, "felica", b"card")
@@ -216,4 +274,21 @@ fn a_store_from_before_sectors_keeps_only_its_roles_keys() {
             .pseudonym(PseudonymSector::Reception, "felica", b"card")
             .is_err()
     );
+}
+
+/// Every file under `dir`.
+fn musubi_facility_test_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read a directory") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
 }

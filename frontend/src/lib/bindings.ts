@@ -1314,12 +1314,12 @@ message_en: string;
  */
 last_error: CardReadError | null }
 /**
- * An IC card was tapped on the reader: its pseudonymous id for this deployment (never the card's
- * own number). The reception screen checks the holder in.
+ * An IC card was tapped on the reader: its pseudonymous id in the sector of the people this
+ * facility registers (never the card's own number). The reception screen checks the holder in.
  */
 export type CardTapped = { 
 /**
- * The pseudonymous card id (HMAC of the card's id under the deployment's secret).
+ * The pseudonymous card id (HMAC of the card's id under the facility's key of that sector).
  */
 card_id: string; 
 /**

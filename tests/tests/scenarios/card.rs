@@ -566,13 +566,23 @@ fn a_card_has_unrelated_ids_per_sector_and_each_facility_holds_only_its_own() {
     assert!(staff != at_shelter && staff != at_clinic);
 
     story.step("the clinic cannot compute reception's id, nor the shelter a clinic's");
-    for (f, sector) in [(&clinic, "reception"), (&d.f, "clinic")] {
-        let out = read(f, &["--sector", sector], "").expect_fail();
+    for (f, sector, ja) in [
+        (&clinic, "reception", "避難所受付・災害対策本部"),
+        (&d.f, "clinic", "医療機関"),
+    ] {
+        let out = read(f, &["--sector", sector, "--json"], "").expect_fail();
         assert!(
             out.stderr
                 .contains(&format!("holds no pseudonym key for {sector} cards")),
             "{}",
             out.stderr
+        );
+        let v: Value = serde_json::from_str(&out.stdout).expect("a JSON error");
+        assert_eq!(v["error"]["kind"], "no_sector_key", "{v:#}");
+        let message = v["error"]["message_ja"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(ja),
+            "the desk reads which cards: {message}"
         );
     }
     d.pcscd.stop();

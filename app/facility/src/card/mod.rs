@@ -185,6 +185,9 @@ impl CardError {
             CardError::PinBlocked { .. } => "pin_blocked",
             CardError::SignatureInvalid => "signature_invalid",
             CardError::Pcsc(_) => "pcsc",
+            CardError::Engine(e) if matches!(**e, EngineError::NoPseudonymKey { .. }) => {
+                "no_sector_key"
+            }
             CardError::Engine(_) => "engine",
         }
     }
@@ -227,14 +230,30 @@ impl CardError {
                 format!("{}の入力が必要です。", which.label_ja())
             }
             CardError::SignatureInvalid => "カードの署名が証明書と一致しません。".into(),
-            CardError::Engine(e) if matches!(**e, EngineError::NoPseudonymKey { .. }) => {
-                "この施設の種別には、この用途のカードを読み取る鍵が発行されていません（例: 避難所の鍵で診療所の患者カードは読めません）。".into()
-            }
-            CardError::Engine(e) if matches!(**e, EngineError::NotEnrolled) => {
-                "この端末はまだ参加していないため、カードを読み取れません。".into()
-            }
+            CardError::Engine(e) => match &**e {
+                EngineError::NoPseudonymKey { sector, role } => format!(
+                    "この施設（{}）には「{}」用のカードを読み取る鍵が発行されていません。",
+                    role_ja(*role),
+                    sector.label_ja()
+                ),
+                EngineError::NotEnrolled => {
+                    "この端末はまだ参加していないため、カードを読み取れません。".into()
+                }
+                _ => format!("カードを読み取れませんでした（{}）。", self.kind()),
+            },
             _ => format!("カードを読み取れませんでした（{}）。", self.kind()),
         }
+    }
+}
+
+/// A facility role as staff name it.
+fn role_ja(role: musubi_crdt::ids::FacilityRole) -> &'static str {
+    use musubi_crdt::ids::FacilityRole as R;
+    match role {
+        R::Clinic => "診療所・病院",
+        R::CareOffice => "居宅介護支援事業所",
+        R::Shelter => "避難所",
+        R::Hq => "災害対策本部",
     }
 }
 

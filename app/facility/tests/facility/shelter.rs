@@ -14,7 +14,7 @@ use musubi_facility::services::hq::{self, World};
 use musubi_facility::services::shelter::{self, CheckIn, Desk, OpenShelter, search_fold};
 
 /// A device of a new facility named `name`, enrolled in a deployment of its own (certified by an
-/// in-process authority), with the deployment's pseudonym secret.
+/// in-process authority), with the pseudonym keys of its role.
 fn enrolled(dir: &Path, name: &str, role: FacilityRole) -> Engine {
     let engine = Engine::init(dir, name, "correct horse battery", 10).expect("init a device");
     let mut deployment = OfflineDeployment::new(4);
