@@ -28,6 +28,10 @@ trap cleanup EXIT INT TERM
 # The demo's one device passphrase (a real deployment gives each device its own) and the authority's.
 export MUSUBI_PASSPHRASE="musubi demo passphrase 結び"
 export MUSUBI_AUTHORITY_PASSPHRASE="musubi demo authority passphrase"
+# The staff member every command acts as (each device's first account, its administrator); the
+# audit log (`musubi audit list`) names them.
+export MUSUBI_STAFF=demo
+export MUSUBI_STAFF_PASSWORD="musubi demo staff password"
 
 say() { printf '\n==> %s\n' "$*"; }
 
@@ -45,8 +49,12 @@ for _ in $(seq 300); do
 done
 grep '^listening on ' "$demo/relay.out" || { echo "demo: the relay did not start" >&2; exit 1; }
 
+first_staff() { # DIR
+    printf '%s\n' "$MUSUBI_STAFF_PASSWORD" | "$musubi" staff add --data "$1" --login "$MUSUBI_STAFF" --name "デモ 職員" --role admin >/dev/null
+}
 enrol() { # DIR NAME
     "$musubi" init --data "$1" --name "$2" >/dev/null
+    first_staff "$1"
     local code
     code=$("$node" invite --data "$demo/relay" --authority "$demo/authority" --name "$2" --role clinic 2>/dev/null)
     echo "$2 joins: facility $("$musubi" join --data "$1" "$code" 2>/dev/null)"
@@ -60,6 +68,7 @@ say "港診療所 adds its reception PC: a device invite, approved by its first 
 code=$("$musubi" device invite --data "$demo/clinic-a" 2>/dev/null)
 "$musubi" sync --data "$demo/clinic-a" --once
 "$musubi" init --data "$demo/clinic-a2" --name 港診療所-受付 >/dev/null
+first_staff "$demo/clinic-a2"
 "$musubi" join --data "$demo/clinic-a2" "$code" --no-wait 2>/dev/null
 "$musubi" sync --data "$demo/clinic-a" --once
 echo "the reception PC joins: facility $("$musubi" join --data "$demo/clinic-a2" "$code" 2>/dev/null)"
@@ -84,6 +93,10 @@ say "港診療所 syncs and reads the reply; so does its reception PC"
 
 say "safety numbers: each clinic reads the other's to it by phone"
 "$musubi" facilities --data "$demo/clinic-b"
+
+say "who saw what at the hospital: its audit log (administrators only), and its check"
+"$musubi" audit list --data "$demo/clinic-b"
+"$musubi" audit verify --data "$demo/clinic-b"
 
 say "what the relay holds: ciphertext only"
 "$node" facilities --data "$demo/relay"

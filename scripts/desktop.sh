@@ -70,8 +70,10 @@ done
 # The CLI clinic that writes to the app (its own passphrase, kept beside its data).
 clinic="$home/clinic"
 export MUSUBI_PASSPHRASE="musubi demo clinic passphrase"
+export MUSUBI_STAFF=demo MUSUBI_STAFF_PASSWORD="musubi demo staff password"
 if [[ ! -f $clinic/device.age ]]; then
     "$musubi" init --data "$clinic" --name 港診療所 >/dev/null
+    printf '%s\n' "$MUSUBI_STAFF_PASSWORD" | "$musubi" staff add --data "$clinic" --login demo --name "デモ 職員" --role admin >/dev/null
     "$musubi" join --data "$clinic" "$("$node" invite --data "$relay_dir" --authority "$authority_dir" --name 港診療所 --role clinic 2>/dev/null)" >/dev/null
 fi
 

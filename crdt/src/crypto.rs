@@ -112,6 +112,8 @@ pub mod domain {
     pub const JOIN_REQUEST: &[u8] = b"musubi/join-request/v1\0";
     /// A device's registration of an invite it issued for another device of its facility.
     pub const INVITE_REGISTRATION: &[u8] = b"musubi/invite-registration/v1\0";
+    /// An audit log entry (`audit::SignedEntry`).
+    pub const AUDIT: &[u8] = b"musubi/audit/v1\0";
 }
 
 fn age_identity_from_seed(seed: [u8; 32]) -> age::x25519::Identity {

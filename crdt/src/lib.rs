@@ -12,6 +12,7 @@
 //! Randomness is passed in as bytes (`[u8; 32]` seeds); see ARCHITECTURE.md for the one exception,
 //! the per-message file keys and nonces that the age library draws itself.
 
+pub mod audit;
 pub mod bundle;
 pub mod changes;
 pub mod crypto;

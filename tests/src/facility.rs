@@ -13,6 +13,12 @@ use crate::{COMMAND_TIMEOUT, Output, TEST_SCRYPT_LOG_N, World, bin, cmdline, run
 /// How long `sync --once` may take in the tests (passed as `--timeout`).
 pub const SYNC_TIMEOUT_SECS: u64 = 60;
 
+/// The staff account [`Facility::init`] makes on every device (its administrator), as whom every
+/// command acts (`MUSUBI_STAFF`, `MUSUBI_STAFF_PASSWORD`).
+pub const STAFF_LOGIN: &str = "shiken";
+/// Its password.
+pub const STAFF_PASSWORD: &str = "correct horse battery (staff)";
+
 /// One device of a facility. Its passphrase is handed to every command as `MUSUBI_PASSPHRASE`.
 ///
 /// Dropping the value kills its `sync --watch` child, if any.
@@ -67,6 +73,8 @@ impl Facility {
             .arg(&self.data)
             .args(args);
         cmd.env("MUSUBI_PASSPHRASE", &self.passphrase)
+            .env("MUSUBI_STAFF", STAFF_LOGIN)
+            .env("MUSUBI_STAFF_PASSWORD", STAFF_PASSWORD)
             .env(crate::WEAK_KDF_FOR_TESTS.0, crate::WEAK_KDF_FOR_TESTS.1);
         // Info logs on stderr: they land in `logs/NAME.log`, which the confidentiality test greps too.
         if std::env::var_os("MUSUBI_LOG").is_none() {
@@ -115,6 +123,21 @@ impl Facility {
             "init",
             &["--name", &self.name.clone(), "--scrypt-log-n", &n],
         );
+        // The device's first staff account (its administrator), as whom every later command acts.
+        let mut cmd = self.command(
+            "staff add",
+            &[
+                "--login",
+                STAFF_LOGIN,
+                "--name",
+                "試験 職員",
+                "--role",
+                "admin",
+            ],
+        );
+        cmd.env_remove("MUSUBI_STAFF");
+        crate::vcard::harness::run_with_stdin(cmd, &format!("{STAFF_PASSWORD}\n"), COMMAND_TIMEOUT)
+            .expect_ok();
     }
 
     /// This device's engine, opened in the test's process (to read what it holds, or to act as an

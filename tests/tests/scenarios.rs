@@ -28,6 +28,8 @@ use serde_json::Value;
 
 #[path = "scenarios/attacks.rs"]
 mod attacks;
+#[path = "scenarios/audit.rs"]
+mod audit;
 #[path = "scenarios/card.rs"]
 mod card;
 #[path = "scenarios/careplan.rs"]

@@ -246,6 +246,8 @@ pub struct Engine {
     pub(crate) secrets: DeviceSecrets,
     /// Outbox rows replaced (re-sealed or re-signed) since the driver last asked.
     retracted: BTreeSet<u64>,
+    /// The staff member signed in (login), to whom audit entries are attributed.
+    staff: Option<String>,
 }
 
 /// What a device's join came to.
@@ -311,6 +313,7 @@ impl Engine {
             store,
             secrets,
             retracted: BTreeSet::new(),
+            staff: None,
         })
     }
 
@@ -337,6 +340,7 @@ impl Engine {
             store,
             secrets,
             retracted: BTreeSet::new(),
+            staff: None,
         };
         engine.migrate_pseudonym_secret()?;
         Ok(engine)
@@ -353,6 +357,16 @@ impl Engine {
         Ok(())
     }
 
+    /// The staff member signed in (login), if any: audit entries name them.
+    pub fn staff(&self) -> Option<&str> {
+        self.staff.as_deref()
+    }
+
+    /// Sets who is signed in (`None` after sign-out). The shells call this once a sign-in succeeded.
+    pub fn set_staff(&mut self, login: Option<String>) {
+        self.staff = login;
+    }
+
     /// A second handle on this unlocked device: the same keys, its own store connection.
     ///
     /// For a process that runs the sync loop beside user commands (the desktop app), without
@@ -365,6 +379,7 @@ impl Engine {
             store: Store::open(&self.dir)?,
             secrets: self.secrets.clone(),
             retracted: BTreeSet::new(),
+            staff: None,
         })
     }
 

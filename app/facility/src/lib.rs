@@ -14,6 +14,7 @@
 //! store transaction, and exits; `musubi sync --watch` keeps a session with the relay and applies
 //! what arrives. The store is the only shared state between them.
 
+pub mod audit;
 pub mod card;
 pub mod engine;
 pub mod lan;

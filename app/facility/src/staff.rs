@@ -18,6 +18,8 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use musubi_crdt::audit::AuditAction;
+
 use crate::card::{self, CardError, CardKind, CardRead, PinPrompt, ReadOptions};
 use crate::engine::{Engine, EngineError, now_ms, random};
 use crate::store::StoreError;
@@ -119,6 +121,29 @@ impl From<CardError> for StaffError {
 
 type Result<T> = std::result::Result<T, StaffError>;
 
+/// What a staff member may do at this facility's device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
+#[serde(rename_all = "snake_case")]
+pub enum StaffRole {
+    /// 管理者: also adds staff accounts and reads, verifies and exports the audit log.
+    Admin,
+    /// 職員: works with documents.
+    #[default]
+    Staff,
+}
+
+impl std::str::FromStr for StaffRole {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.trim() {
+            "admin" => Ok(Self::Admin),
+            "staff" => Ok(Self::Staff),
+            other => Err(format!("a staff role is admin or staff, not {other:?}")),
+        }
+    }
+}
+
 /// A staff member as the app sees them (no secrets).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "specta", derive(specta::Type))]
@@ -129,6 +154,8 @@ pub struct Staff {
     pub login: String,
     /// The name shown in the audit log.
     pub name: String,
+    /// What they may do (the first account of a device is its administrator).
+    pub role: StaffRole,
     /// The kind of staff card bound, if any.
     pub card: Option<CardKind>,
 }
@@ -151,6 +178,9 @@ struct Record {
     card: Option<BoundCard>,
     failed_pins: u8,
     created_ms: u64,
+    /// Accounts made before roles were staff, except that the oldest is taken as administrator.
+    #[serde(default)]
+    role: Option<StaffRole>,
 }
 
 impl Record {
@@ -159,6 +189,7 @@ impl Record {
             id: self.id.clone(),
             login: self.login.clone(),
             name: self.name.clone(),
+            role: self.role.unwrap_or_default(),
             card: self.card.as_ref().map(|c| c.kind),
         }
     }
@@ -191,6 +222,12 @@ fn records(e: &Engine) -> Result<Vec<Record>> {
             EngineError::Store(StoreError::Corrupt(format!("staff account {id}: {err}")))
         })?;
         out.push(rec);
+    }
+    // Accounts made before roles: the oldest is the device's administrator.
+    if !out.iter().any(|r| r.role == Some(StaffRole::Admin))
+        && let Some(first) = out.iter_mut().min_by_key(|r| r.created_ms)
+    {
+        first.role = Some(StaffRole::Admin);
     }
     Ok(out)
 }
@@ -229,8 +266,16 @@ fn check_password(password: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates a staff account with a password.
-pub fn create(e: &Engine, login: &str, name: &str, password: &str) -> Result<Staff> {
+/// Creates a staff account with a password, and records it in the audit log (`staff-add`, the new
+/// login and role as its fields). The device's first account is its administrator whatever `role`
+/// says; the shells let only a signed-in administrator add later ones.
+pub fn create(
+    e: &Engine,
+    login: &str,
+    name: &str,
+    password: &str,
+    role: StaffRole,
+) -> Result<Staff> {
     if login.is_empty() || login.len() > LOGIN_BYTES_MAX || login.chars().any(char::is_whitespace) {
         return Err(StaffError::BadLogin);
     }
@@ -242,6 +287,11 @@ pub fn create(e: &Engine, login: &str, name: &str, password: &str) -> Result<Sta
     if all.iter().any(|r| r.login == login) {
         return Err(StaffError::LoginTaken(login.to_owned()));
     }
+    let role = if all.is_empty() {
+        StaffRole::Admin
+    } else {
+        role
+    };
     let rec = Record {
         id: hex::encode(random::<16>()),
         login: login.to_owned(),
@@ -250,8 +300,21 @@ pub fn create(e: &Engine, login: &str, name: &str, password: &str) -> Result<Sta
         card: None,
         failed_pins: 0,
         created_ms: now_ms(),
+        role: Some(role),
     };
     save(e, &rec)?;
+    let role_field = match role {
+        StaffRole::Admin => "role=admin",
+        StaffRole::Staff => "role=staff",
+    };
+    // The first account has no one signed in to add it: it is its own author.
+    crate::audit::record_as(
+        e,
+        e.staff().or(Some(login)),
+        AuditAction::StaffAdd,
+        None,
+        &[&format!("login={login}"), role_field],
+    )?;
     Ok(rec.public())
 }
 
@@ -273,14 +336,55 @@ fn by_password(e: &Engine, login: &str, password: &str) -> Result<Record> {
     }
 }
 
-/// Signs in with login and password (also unlocks a staff card locked by wrong staff PINs).
+/// Signs in with login and password (also unlocks a staff card locked by wrong staff PINs). A
+/// wrong login or password is recorded in the audit log (`sign-in-failed`, naming the login
+/// tried); a success is not (a session's shell records `sign-in`, see [`sign_in_session`]).
 pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff> {
-    let mut rec = by_password(e, login, password)?;
+    let rec = match by_password(e, login, password) {
+        Ok(rec) => rec,
+        Err(err) => {
+            crate::audit::record_as(
+                e,
+                Some(login),
+                AuditAction::SignInFailed,
+                None,
+                &["password"],
+            )?;
+            return Err(err);
+        }
+    };
+    let mut rec = rec;
     if rec.failed_pins > 0 {
         rec.failed_pins = 0;
         save(e, &rec)?;
     }
     Ok(rec.public())
+}
+
+/// Starts a session (the desktop app): [`sign_in_password`], then `e` attributes everything to the
+/// staff member and the audit log records `sign-in`.
+pub fn sign_in_session(e: &mut Engine, login: &str, password: &str) -> Result<Staff> {
+    let who = sign_in_password(e, login, password)?;
+    e.set_staff(Some(who.login.clone()));
+    crate::audit::record(e, AuditAction::SignIn, None, &["password"])?;
+    Ok(who)
+}
+
+/// Ends a session: records `sign-out` for whoever is signed in at `e`, who no longer is.
+pub fn sign_out_session(e: &mut Engine) -> Result<()> {
+    if e.staff().is_some() {
+        crate::audit::record(e, AuditAction::SignOut, None, &[])?;
+    }
+    e.set_staff(None);
+    Ok(())
+}
+
+/// The account of `login`, if any (no secrets).
+pub fn find(e: &Engine, login: &str) -> Result<Option<Staff>> {
+    Ok(records(e)?
+        .iter()
+        .find(|r| r.login == login)
+        .map(Record::public))
 }
 
 fn check_staff_pin(pin: &str) -> Result<()> {
@@ -459,13 +563,13 @@ mod tests {
     #[test]
     fn accounts_are_sealed_and_sign_in_works() {
         let (dir, e) = engine();
-        let s = create(&e, "sato", "佐藤 一郎", "correct horse").expect("create");
+        let s = create(&e, "sato", "佐藤 一郎", "correct horse", StaffRole::Staff).expect("create");
         assert!(matches!(
-            create(&e, "sato", "x", "correct horse"),
+            create(&e, "sato", "x", "correct horse", StaffRole::Staff),
             Err(StaffError::LoginTaken(_))
         ));
         assert!(matches!(
-            create(&e, "x", "x", "short"),
+            create(&e, "x", "x", "short", StaffRole::Staff),
             Err(StaffError::BadPassword)
         ));
         assert_eq!(
@@ -494,8 +598,8 @@ mod tests {
     #[test]
     fn cards_bind_once_and_sign_in_with_pins() {
         let (_dir, e) = engine();
-        create(&e, "sato", "佐藤", "correct horse").expect("create");
-        create(&e, "suzuki", "鈴木", "correct horse").expect("create");
+        create(&e, "sato", "佐藤", "correct horse", StaffRole::Staff).expect("create");
+        create(&e, "suzuki", "鈴木", "correct horse", StaffRole::Staff).expect("create");
         let mn = read(CardKind::MyNumber, "aa", false);
         assert!(matches!(
             bind_card(&e, "sato", "correct horse", &mn, None),

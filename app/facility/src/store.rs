@@ -232,6 +232,7 @@ impl Store {
                 bundle BLOB PRIMARY KEY, doc TEXT NOT NULL, author TEXT NOT NULL, facility TEXT NOT NULL,
                 seq INTEGER, reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS quarantine_doc ON quarantine(doc);
+             CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, sealed BLOB NOT NULL);
              CREATE INDEX IF NOT EXISTS bundles_unsent ON bundles(origin) WHERE seq IS NULL;",
         )?;
         Ok(Self { conn })
@@ -277,6 +278,71 @@ impl Store {
         self.conn
             .execute("DELETE FROM meta WHERE key = ?1", params![key])?;
         Ok(())
+    }
+
+    /// Appends an audit entry (`sealed`, at `seq`) and records the chain's new head (`head`, CBOR of
+    /// `audit::ChainHead`) in one IMMEDIATE transaction. `expect_head` is the head the entry was
+    /// chained to: if another process appended meanwhile, nothing is written and `Ok(false)` says
+    /// to chain again.
+    pub fn audit_append(
+        &self,
+        expect_head: Option<&[u8]>,
+        seq: u64,
+        sealed: &[u8],
+        head: &[u8],
+    ) -> Result<bool> {
+        // Inside an engine operation's transaction, a savepoint; else a transaction of its own.
+        let nested = !self.conn.is_autocommit();
+        self.conn.execute_batch(if nested {
+            "SAVEPOINT audit_append"
+        } else {
+            "BEGIN IMMEDIATE"
+        })?;
+        let written = (|| -> Result<bool> {
+            let now: Option<Vec<u8>> = self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if now.as_deref() != expect_head {
+                return Ok(false);
+            }
+            self.conn.execute(
+                "INSERT INTO audit (seq, sealed) VALUES (?1, ?2)",
+                params![seq as i64, sealed],
+            )?;
+            self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('audit_head', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![head],
+            )?;
+            Ok(true)
+        })();
+        let end = match (&written, nested) {
+            (Ok(true), true) => "RELEASE audit_append",
+            (Ok(true), false) => "COMMIT",
+            (_, true) => "ROLLBACK TO audit_append; RELEASE audit_append",
+            (_, false) => "ROLLBACK",
+        };
+        self.conn.execute_batch(end)?;
+        written
+    }
+
+    /// The audit chain's head as recorded (CBOR of `audit::ChainHead`), if any entry was written.
+    pub fn audit_head(&self) -> Result<Option<Vec<u8>>> {
+        self.meta("audit_head")
+    }
+
+    /// Every stored audit row, in order: its number and sealed entry.
+    pub fn audit_rows(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT seq, sealed FROM audit ORDER BY seq")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 
     /// Removes metadata values that held a secret, so that no copy stays in the database file or

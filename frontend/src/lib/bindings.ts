@@ -3785,9 +3785,25 @@ login: string;
  */
 name: string; 
 /**
+ * What they may do (the first account of a device is its administrator).
+ */
+role: StaffRole; 
+/**
  * The kind of staff card bound, if any.
  */
 card: CardKind | null }
+/**
+ * What a staff member may do at this facility's device.
+ */
+export type StaffRole = 
+/**
+ * 管理者: also adds staff accounts and reads, verifies and exports the audit log.
+ */
+"admin" | 
+/**
+ * 職員: works with documents.
+ */
+"staff"
 /**
  * When a letter was created and when it reached each later status, as RFC 3339 timestamps
  * (`None`: not reached, or moved by a build that did not record times).

@@ -185,7 +185,7 @@ export function sleep(ms: number): Promise<void> {
 /** 2025-01-09 14:05 in Japan (the tests run in Asia/Tokyo). */
 export const LAST_SYNC_MS = Date.UTC(2025, 0, 9, 5, 5);
 
-export const DEFAULT_STAFF: Staff = { id: 'staff-1', login: 'yamada', name: '山田 花子', card: null };
+export const DEFAULT_STAFF: Staff = { id: 'staff-1', login: 'yamada', name: '山田 花子', role: 'admin', card: null };
 export const DEFAULT_FACILITY_ID = '0194a3c2-7d1e-7c3a-9f00-0000000000c1';
 /** The certification authority's fingerprint the default invites and directory name. */
 export const AUTHORITY_FINGERPRINT = '40213 88710 05126 93384 71502 66049';
@@ -421,7 +421,7 @@ export const defaultHandlers: Handlers = {
     if (!l || /\s/.test(l)) fail('invalid_input', 'a login is 1 to 64 bytes without spaces');
     if ([...String(password ?? '')].length < 8) fail('invalid_input', 'a password has at least 8 characters (and at most 1024 bytes)');
     if (state.staff_list.some((s) => s.login === l)) fail('invalid_input', `a staff account "${l}" already exists`);
-    const staff: Staff = { id: `staff-${state.staff_list.length + 1}`, login: l, name: String(name).trim(), card: null };
+    const staff: Staff = { id: `staff-${state.staff_list.length + 1}`, login: l, name: String(name).trim(), role: state.staff_list.length === 0 ? 'admin' : 'staff', card: null };
     state.staff_list.push(staff);
     state.passwords[l] = password;
     if (state.phase === 'no_staff') state.phase = 'signed_out';

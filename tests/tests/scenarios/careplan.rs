@@ -386,7 +386,7 @@ fn care_plan_edited_offline_by_office_and_clinic_converges_and_exports() {
             &office,
             "version",
             &plan,
-            &["--note", "初回作成", "--staff", "佐藤"]
+            &["--note", "初回作成", "--writer", "佐藤"]
         ),
         "1"
     );
@@ -454,7 +454,7 @@ fn care_plan_edited_offline_by_office_and_clinic_converges_and_exports() {
             "訪問",
             "--text",
             "自宅訪問。浴室に手すり設置を提案。",
-            "--staff",
+            "--writer",
             "佐藤",
         ],
     );
@@ -479,7 +479,7 @@ fn care_plan_edited_offline_by_office_and_clinic_converges_and_exports() {
             &bath,
             "--text",
             "入浴前に血圧を測ってください。",
-            "--staff",
+            "--writer",
             "大河内医師",
         ],
     );
@@ -494,7 +494,7 @@ fn care_plan_edited_offline_by_office_and_clinic_converges_and_exports() {
             "往診",
             "--text",
             "往診。血圧 128/76、安定。",
-            "--staff",
+            "--writer",
             "大河内医師",
         ],
     );
@@ -509,7 +509,7 @@ fn care_plan_edited_offline_by_office_and_clinic_converges_and_exports() {
             &meds_short,
             "--text",
             "服薬は概ねできている。",
-            "--staff",
+            "--writer",
             "大河内医師",
         ],
     );

@@ -13,10 +13,12 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use musubi_crdt::audit::AuditAction;
 use musubi_crdt::documents::shelter::RequestStatus;
 use musubi_crdt::ids::{DocumentId, DocumentKind};
 use musubi_facility::Engine;
 use musubi_facility::EngineError;
+use musubi_facility::audit;
 use musubi_facility::services::hq::{self as svc, History, InquiryAnswer, Summary, World};
 use serde::{Deserialize, Serialize};
 use tauri::State;
@@ -117,7 +119,11 @@ pub async fn hq_history(state: State<'_, AppState>, times: Vec<String>) -> AppRe
 pub async fn hq_inquiry(state: State<'_, AppState>, name: String) -> AppResult<Vec<InquiryAnswer>> {
     let st = state.inner().clone();
     state
-        .with_staff(move |engine, _| with_world(&st, engine, |w| Ok(svc::inquiry_of(w, &name))))
+        .with_staff(move |engine, _| {
+            let answers = with_world(&st, engine, |w| Ok(svc::inquiry_of(w, &name)))?;
+            audit::record(engine, AuditAction::SafetyInquiry, None, &["name"])?;
+            Ok(answers)
+        })
         .await
 }
 
@@ -191,6 +197,7 @@ pub async fn hq_export_roster(state: State<'_, AppState>, path: String) -> AppRe
         .with_staff(move |engine, _| {
             let mut out = Vec::new();
             let rows = with_world(&st, engine, |w| svc::export_roster_of(w, &mut out))?;
+            audit::record(engine, AuditAction::Export, None, &["roster.csv"])?;
             write_file(&path, &out)?;
             Ok(report(path, rows, out.len()))
         })
@@ -222,6 +229,7 @@ pub async fn hq_export_aggregate(
             let rows = with_world(&st, engine, |w| {
                 svc::export_aggregate_of(w, &org, at.as_deref(), &mut out)
             })?;
+            audit::record(engine, AuditAction::Export, None, &["aggregate.csv"])?;
             write_file(&path, &out)?;
             Ok(report(path, rows, out.len()))
         })

@@ -342,17 +342,29 @@ pub async fn create_staff(
 ) -> AppResult<Staff> {
     state
         .with_unlocked(move |u| {
-            if u.staff.is_none() && !staff::list(&u.engine)?.is_empty() {
-                return Err(AppError::new(
-                    ErrorKind::NotSignedIn,
-                    "sign in to add staff accounts",
-                ));
+            if !staff::list(&u.engine)?.is_empty() {
+                match &u.staff {
+                    None => {
+                        return Err(AppError::new(
+                            ErrorKind::NotSignedIn,
+                            "sign in to add staff accounts",
+                        ));
+                    }
+                    Some(s) if s.role != staff::StaffRole::Admin => {
+                        return Err(AppError::new(
+                            ErrorKind::ReadOnly,
+                            "only an administrator of this device adds staff accounts",
+                        ));
+                    }
+                    Some(_) => {}
+                }
             }
             Ok(staff::create(
                 &u.engine,
                 login.trim(),
                 name.trim(),
                 &password,
+                staff::StaffRole::Staff,
             )?)
         })
         .await
@@ -379,7 +391,7 @@ pub async fn sign_in(
 ) -> AppResult<Staff> {
     state
         .with_unlocked(move |u| {
-            let who = staff::sign_in_password(&u.engine, login.trim(), &password)?;
+            let who = staff::sign_in_session(&mut u.engine, login.trim(), &password)?;
             u.staff = Some(who.clone());
             Ok(who)
         })
@@ -392,6 +404,7 @@ pub async fn sign_in(
 pub async fn sign_out(state: State<'_, AppState>) -> AppResult<()> {
     state
         .with_unlocked(|u| {
+            staff::sign_out_session(&mut u.engine)?;
             u.staff = None;
             u.desk = None;
             Ok(())

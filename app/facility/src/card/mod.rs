@@ -840,6 +840,12 @@ pub fn read(
             expired: false,
         },
     };
+    crate::audit::record(
+        engine,
+        musubi_crdt::audit::AuditAction::CardRead,
+        None,
+        &[sector.as_str()],
+    )?;
     Ok(CardRead {
         identity,
         possession_verified: raw.verified,

@@ -7,6 +7,7 @@
 //! monitoring, comments, versions) are attributed to this facility and the staff member given.
 
 use automerge::AutoCommit;
+use musubi_crdt::audit::AuditAction;
 use musubi_crdt::documents::careplan::{
     self as schema, Activity, Author, CarePlan, Comment, ItemKind, LogEntry, MonitoringEntry,
     Placement, PlanField, Service, Sheet1, Weekday, WeeklyEntry,
@@ -139,9 +140,12 @@ fn author(engine: &Engine, staff: &str) -> Result<Author> {
 }
 
 /// Loads the plan, lets `edit` change it (it sees the plan as read before the edit), commits.
+/// Loads the plan, applies `edit`, commits, and records the change in the audit log as touching
+/// `what` (a field or part of the plan, never its value).
 fn edit_plan<T>(
     engine: &mut Engine,
     id: &str,
+    what: &str,
     edit: impl FnOnce(&mut AutoCommit, &CarePlan) -> Result<T>,
 ) -> Result<T> {
     let doc = parse_id(engine, id)?;
@@ -149,6 +153,7 @@ fn edit_plan<T>(
     let plan = schema::read(&loaded.doc)?;
     let out = edit(&mut loaded.doc, &plan)?;
     engine.commit(&mut loaded)?;
+    super::audit(engine, AuditAction::Edit, Some(doc), &[what])?;
     Ok(out)
 }
 
@@ -197,10 +202,12 @@ pub fn create(
             role,
         });
     }
-    engine.create_document(DocumentKind::CarePlan, members, |doc| {
+    let doc = engine.create_document(DocumentKind::CarePlan, members, |doc| {
         schema::init(doc, sheet1)?;
         Ok(())
-    })
+    })?;
+    super::audit(engine, AuditAction::Create, Some(doc), &[])?;
+    Ok(doc)
 }
 
 /// Every plan this facility can read, oldest first.
@@ -250,15 +257,20 @@ fn show_doc(engine: &Engine, doc: DocumentId, version: Option<usize>) -> Result<
     })
 }
 
-/// One plan, or (with `version`) one of its recorded versions as it was then.
+/// One plan, or (with `version`) one of its recorded versions as it was then (recorded as read in
+/// the audit log).
 pub fn show(engine: &Engine, id: &str, version: Option<usize>) -> Result<PlanView> {
-    show_doc(engine, parse_id(engine, id)?, version)
+    let doc = parse_id(engine, id)?;
+    let view = show_doc(engine, doc, version)?;
+    super::audit(engine, AuditAction::Read, Some(doc), &[])?;
+    Ok(view)
 }
 
 /// Sets a field of 第1表 (`field` is a key such as `policy` or `resident.address`; see [`PlanField`]).
 pub fn edit(engine: &mut Engine, id: &str, field: &str, value: &str) -> Result<()> {
+    let field_name = field;
     let field: PlanField = field.parse()?;
-    edit_plan(engine, id, |doc, _| {
+    edit_plan(engine, id, field_name, |doc, _| {
         schema::set_field(doc, field, value)?;
         Ok(())
     })
@@ -266,7 +278,7 @@ pub fn edit(engine: &mut Engine, id: &str, field: &str, value: &str) -> Result<(
 
 /// Records the resident's consent (同意): 説明・同意日 and who consented.
 pub fn consent(engine: &mut Engine, id: &str, date: &str, by: &str) -> Result<()> {
-    edit_plan(engine, id, |doc, _| {
+    edit_plan(engine, id, "consent", |doc, _| {
         schema::set_field(doc, PlanField::ConsentDate, date)?;
         schema::set_field(doc, PlanField::ConsentBy, by)?;
         Ok(())
@@ -281,7 +293,7 @@ pub fn add_need(
     placement: &Placement,
 ) -> Result<String> {
     let new = new_id();
-    edit_plan(engine, id, |doc, plan| {
+    edit_plan(engine, id, "add-need", |doc, plan| {
         let placement = resolve_placement(plan, placement)?;
         schema::add_need(doc, &new, text, &placement)?;
         Ok(())
@@ -300,7 +312,7 @@ pub fn add_goal(
     placement: &Placement,
 ) -> Result<(String, ItemKind)> {
     let new = new_id();
-    let kind = edit_plan(engine, id, |doc, plan| {
+    let kind = edit_plan(engine, id, "add-goal", |doc, plan| {
         let (parent, kind) = plan.resolve_item(parent)?;
         let placement = resolve_placement(plan, placement)?;
         match kind {
@@ -334,7 +346,7 @@ pub fn add_service(
     placement: &Placement,
 ) -> Result<String> {
     let new = new_id();
-    edit_plan(engine, id, |doc, plan| {
+    edit_plan(engine, id, "add-service", |doc, plan| {
         let goal = resolve(plan, goal, Some(ItemKind::ShortTermGoal))?;
         let placement = resolve_placement(plan, placement)?;
         schema::add_service(doc, &goal, &new, service, &placement)?;
@@ -345,7 +357,7 @@ pub fn add_service(
 
 /// Sets a field of an item of 第2表 or 第3表 (see [`ItemKind::fields`]).
 pub fn edit_item(engine: &mut Engine, id: &str, item: &str, key: &str, value: &str) -> Result<()> {
-    edit_plan(engine, id, |doc, plan| {
+    edit_plan(engine, id, "edit-item", |doc, plan| {
         let item = resolve(plan, item, None)?;
         schema::set_item_field(doc, &item, key, value)?;
         Ok(())
@@ -354,7 +366,7 @@ pub fn edit_item(engine: &mut Engine, id: &str, item: &str, key: &str, value: &s
 
 /// Moves an item of 第2表 among its siblings.
 pub fn move_item(engine: &mut Engine, id: &str, item: &str, placement: &Placement) -> Result<()> {
-    edit_plan(engine, id, |doc, plan| {
+    edit_plan(engine, id, "move-item", |doc, plan| {
         let item = resolve(plan, item, None)?;
         let placement = resolve_placement(plan, placement)?;
         schema::move_item(doc, &item, &placement)?;
@@ -364,7 +376,7 @@ pub fn move_item(engine: &mut Engine, id: &str, item: &str, placement: &Placemen
 
 /// Removes an item (with what is under it); returns what kind of item it was.
 pub fn remove_item(engine: &mut Engine, id: &str, item: &str) -> Result<ItemKind> {
-    edit_plan(engine, id, |doc, plan| {
+    edit_plan(engine, id, "remove-item", |doc, plan| {
         let item = resolve(plan, item, None)?;
         Ok(schema::remove_item(doc, &item)?)
     })
@@ -386,7 +398,7 @@ pub fn schedule(
         end: end.to_owned(),
         service: service.to_owned(),
     };
-    edit_plan(engine, id, |doc, _| {
+    edit_plan(engine, id, "schedule", |doc, _| {
         Ok(schema::add_weekly_entry(doc, &entry)?)
     })?;
     Ok(entry.id)
@@ -406,7 +418,7 @@ pub fn add_activity(
         end: end.to_owned(),
         text: text.to_owned(),
     };
-    edit_plan(engine, id, |doc, _| {
+    edit_plan(engine, id, "add-activity", |doc, _| {
         Ok(schema::add_activity(doc, &activity)?)
     })?;
     Ok(activity.id)
@@ -414,7 +426,9 @@ pub fn add_activity(
 
 /// Sets 週単位以外のサービス (第3表).
 pub fn set_non_weekly(engine: &mut Engine, id: &str, text: &str) -> Result<()> {
-    edit_plan(engine, id, |doc, _| Ok(schema::set_non_weekly(doc, text)?))
+    edit_plan(engine, id, "set-non-weekly", |doc, _| {
+        Ok(schema::set_non_weekly(doc, text)?)
+    })
 }
 
 /// What a 支援経過 entry says (its id, author and recording time are added here).
@@ -441,7 +455,9 @@ pub fn log(engine: &mut Engine, id: &str, input: &LogInput, staff: &str) -> Resu
         author: author(engine, staff)?,
         recorded_at: now_rfc3339(),
     };
-    edit_plan(engine, id, |doc, _| Ok(schema::append_log(doc, &entry)?))?;
+    edit_plan(engine, id, "log", |doc, _| {
+        Ok(schema::append_log(doc, &entry)?)
+    })?;
     Ok(entry.id)
 }
 
@@ -462,7 +478,7 @@ pub fn monitor(
         author: author(engine, staff)?,
         recorded_at: now_rfc3339(),
     };
-    edit_plan(engine, id, |doc, plan| {
+    edit_plan(engine, id, "monitor", |doc, plan| {
         if let Some(goal) = goal {
             entry.goal = resolve(plan, goal, None)?;
         }
@@ -486,7 +502,7 @@ pub fn comment(
         text: text.to_owned(),
         author: author(engine, staff)?,
     };
-    edit_plan(engine, id, |doc, plan| {
+    edit_plan(engine, id, "comment", |doc, plan| {
         if let Some(about) = about {
             comment.about = resolve(plan, about, None)?;
         }
@@ -499,7 +515,7 @@ pub fn comment(
 pub fn record_version(engine: &mut Engine, id: &str, note: &str, staff: &str) -> Result<usize> {
     let who = author(engine, staff)?;
     let at = now_rfc3339();
-    edit_plan(engine, id, |doc, _| {
+    edit_plan(engine, id, "record-version", |doc, _| {
         Ok(schema::record_version(doc, &new_id(), note, &who, &at)?)
     })
 }
@@ -511,7 +527,9 @@ pub fn export_csv(
     file: CsvFile,
     version: Option<usize>,
 ) -> Result<Vec<u8>> {
-    let view = show(engine, id, version)?;
+    let doc = parse_id(engine, id)?;
+    let view = show_doc(engine, doc, version)?;
+    super::audit(engine, AuditAction::Export, Some(doc), &["csv"])?;
     Ok(careplan_csv::export(file, &view.plan)?)
 }
 
@@ -525,7 +543,9 @@ pub fn export_csv_files(
     to_office: &str,
     to_service_type: &str,
 ) -> Result<Vec<(String, Vec<u8>)>> {
-    let view = show(engine, id, version)?;
+    let doc = parse_id(engine, id)?;
+    let view = show_doc(engine, doc, version)?;
+    super::audit(engine, AuditAction::Export, Some(doc), &["csv"])?;
     let made_at = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms() + 9 * 3_600_000),
     )
@@ -558,8 +578,10 @@ pub fn export_pdf(
     id: &str,
     version: Option<usize>,
 ) -> std::result::Result<Vec<u8>, PdfExportError> {
-    let view = show(engine, id, version)?;
+    let doc = parse_id(engine, id)?;
+    let view = show_doc(engine, doc, version)?;
     let font = pdf::find_font()?;
+    super::audit(engine, AuditAction::Print, Some(doc), &["第1表〜第3表"])?;
     Ok(pdf::render(&view.plan, &font)?)
 }
 

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 
+use musubi_crdt::audit::AuditAction;
 use musubi_crdt::crypto;
 use musubi_crdt::documents::shelter::{
     self as schema, Evacuee, Presence, Roster, ShelterStatus, SupplyRequest, rfc3339_ms,
@@ -366,6 +367,7 @@ fn group_people(shelters: &[(DocumentId, Roster)]) -> Vec<Vec<(usize, usize)>> {
 /// HQ's summary now, or at `at` (RFC 3339) from the stay events up to then.
 pub fn summary(engine: &Engine, at: Option<&str>) -> Result<Summary> {
     let world = World::load(engine)?;
+    super::audit(engine, AuditAction::Read, None, &["summary"])?;
     summarise(&world, at)
 }
 
@@ -498,7 +500,9 @@ pub fn inquiry(engine: &Engine, name: &str) -> Result<Vec<InquiryAnswer>> {
     if schema::normalise_name(name).is_empty() {
         return Ok(Vec::new());
     }
-    Ok(inquiry_of(&World::load(engine)?, name))
+    let answers = inquiry_of(&World::load(engine)?, name);
+    super::audit(engine, AuditAction::SafetyInquiry, None, &["name"])?;
+    Ok(answers)
 }
 
 /// [`inquiry`] over an already loaded [`World`].
@@ -547,7 +551,9 @@ fn csv_err(e: impl std::fmt::Display) -> EngineError {
 /// The roster of every shelter as CSV (UTF-8 with BOM for spreadsheet software): one row per merged
 /// evacuee. Returns the number of rows.
 pub fn export_roster(engine: &Engine, out: impl Write) -> Result<usize> {
-    export_roster_of(&World::load(engine)?, out)
+    let world = World::load(engine)?;
+    super::audit(engine, AuditAction::Export, None, &["roster.csv"])?;
+    export_roster_of(&world, out)
 }
 
 /// [`export_roster`] over an already loaded [`World`].
@@ -621,7 +627,9 @@ pub fn export_aggregate(engine: &Engine, at: Option<&str>, out: impl Write) -> R
         .enrolment()
         .map(|e| e.facility_name)
         .unwrap_or_default();
-    export_aggregate_of(&World::load(engine)?, &org, at, out)
+    let world = World::load(engine)?;
+    super::audit(engine, AuditAction::Export, None, &["aggregate.csv"])?;
+    export_aggregate_of(&world, &org, at, out)
 }
 
 /// [`export_aggregate`] over an already loaded [`World`]; `org` is the `#org` column (this

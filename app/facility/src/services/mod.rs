@@ -15,6 +15,17 @@ pub mod hq;
 pub mod referral;
 pub mod shelter;
 
+/// Records in the audit log that the signed-in staff member did `action` on `doc`, touching `fields`
+/// (names only). Views record before they are returned, changes after they are committed.
+pub(crate) fn audit(
+    engine: &Engine,
+    action: musubi_crdt::audit::AuditAction,
+    doc: Option<DocumentId>,
+    fields: &[&str],
+) -> Result<()> {
+    crate::audit::record(engine, action, doc, fields).map(|_| ())
+}
+
 /// Runs after a sync step touched `doc`: marks a referral received at the recipient facility.
 pub fn after_sync(engine: &mut Engine, doc: DocumentId) -> Result<()> {
     let Some(row) = engine.store().document(doc)? else {

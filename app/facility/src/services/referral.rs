@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use musubi_crdt::audit::AuditAction;
 use musubi_crdt::documents::referral::{
     self as schema, AttachmentRef, ReferralField, ReferralLetter, ReferralStatus,
 };
@@ -259,6 +260,7 @@ pub fn detail(engine: &Engine, id: &str) -> Result<LetterDetail> {
     let counterpart = facility_name(dir.as_ref(), other, fallback);
     let can_write = my_role(&r.info, me).is_some_and(Role::can_write);
     let draft = letter.status == ReferralStatus::Draft;
+    super::audit(engine, AuditAction::Read, Some(doc), &[])?;
     Ok(LetterDetail {
         id: doc,
         direction,
@@ -299,12 +301,14 @@ pub fn create(engine: &mut Engine, to: &str, author: &str) -> Result<DocumentId>
         ..ReferralLetter::default()
     };
     let at = now_rfc3339();
-    engine.create_document(DocumentKind::Referral, vec![], |doc| {
+    let doc = engine.create_document(DocumentKind::Referral, vec![], |doc| {
         schema::init(doc, &letter)?;
         schema::set_recipient(doc, &target.id.to_string())?;
         schema::set_status_time(doc, ReferralStatus::Draft, &at)?;
         Ok(())
-    })
+    })?;
+    super::audit(engine, AuditAction::Create, Some(doc), &["draft"])?;
+    Ok(doc)
 }
 
 /// Sends a draft: makes the recipient facility a writer of the letter (it gets the key and every
@@ -349,6 +353,7 @@ pub fn send(engine: &mut Engine, id: &str) -> Result<()> {
     schema::set_status(&mut loaded.doc, ReferralStatus::Sent)?;
     schema::set_status_time(&mut loaded.doc, ReferralStatus::Sent, &now_rfc3339())?;
     engine.commit(&mut loaded)?;
+    super::audit(engine, AuditAction::Share, Some(doc), &["send"])?;
     Ok(())
 }
 
@@ -372,7 +377,7 @@ pub fn import_fhir(engine: &mut Engine, to: &str, json: &str) -> Result<Document
     let target = engine.find_facility(to)?;
     letter.status = ReferralStatus::Sent;
     let at = now_rfc3339();
-    engine.create_document(
+    let doc = engine.create_document(
         DocumentKind::Referral,
         vec![Member {
             facility: target.id,
@@ -385,7 +390,9 @@ pub fn import_fhir(engine: &mut Engine, to: &str, json: &str) -> Result<Document
             schema::set_status_time(doc, ReferralStatus::Sent, &at)?;
             Ok(())
         },
-    )
+    )?;
+    super::audit(engine, AuditAction::Create, Some(doc), &["fhir"])?;
+    Ok(doc)
 }
 
 /// Every letter this facility can read, oldest first.
@@ -393,7 +400,10 @@ pub fn list(engine: &Engine) -> Result<Vec<LetterView>> {
     let mut out = Vec::new();
     for row in engine.store().documents(Some(DocumentKind::Referral))? {
         match show_doc(engine, row.info.id) {
-            Ok(v) => out.push(v),
+            Ok(v) => {
+                super::audit(engine, AuditAction::Read, Some(v.id), &["list"])?;
+                out.push(v)
+            }
             Err(EngineError::NoKey(_)) => {}
             Err(e) => return Err(e),
         }
@@ -411,18 +421,21 @@ fn show_doc(engine: &Engine, doc: DocumentId) -> Result<LetterView> {
     })
 }
 
-/// One letter.
+/// One letter (recorded as read in the audit log).
 pub fn show(engine: &Engine, id: &str) -> Result<LetterView> {
-    show_doc(engine, parse_id(engine, id)?)
+    let view = show_doc(engine, parse_id(engine, id)?)?;
+    super::audit(engine, AuditAction::Read, Some(view.id), &[])?;
+    Ok(view)
 }
 
 /// Replaces one field's text (`field` is a key such as `remarks` or `patient.name`).
 pub fn edit(engine: &mut Engine, id: &str, field: &str, text: &str) -> Result<()> {
-    let field: ReferralField = field.parse()?;
+    let parsed: ReferralField = field.parse()?;
     let doc = parse_id(engine, id)?;
     let mut loaded = engine.load(doc)?;
-    schema::set_field(&mut loaded.doc, field, text)?;
+    schema::set_field(&mut loaded.doc, parsed, text)?;
     engine.commit(&mut loaded)?;
+    super::audit(engine, AuditAction::Edit, Some(doc), &[field])?;
     Ok(())
 }
 
@@ -448,6 +461,7 @@ pub fn reply(engine: &mut Engine, id: &str, text: &str) -> Result<()> {
     schema::set_status(&mut loaded.doc, ReferralStatus::Replied)?;
     schema::set_status_time(&mut loaded.doc, ReferralStatus::Replied, &now_rfc3339())?;
     engine.commit(&mut loaded)?;
+    super::audit(engine, AuditAction::Edit, Some(doc), &["reply"])?;
     Ok(())
 }
 
@@ -478,7 +492,8 @@ pub fn mark_received(engine: &mut Engine, doc: DocumentId) -> Result<()> {
 
 /// The letter as an HL7 FHIR JP eReferral document Bundle.
 pub fn export_fhir(engine: &Engine, id: &str) -> Result<serde_json::Value> {
-    let view = show(engine, id)?;
+    let view = show_doc(engine, parse_id(engine, id)?)?;
+    super::audit(engine, AuditAction::Export, Some(view.id), &["fhir"])?;
     let timestamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     Ok(referral_fhir::export_bundle(
         &view.letter,
@@ -560,6 +575,7 @@ pub fn attach_bytes(
     };
     schema::add_attachment(&mut loaded.doc, &att)?;
     engine.commit(&mut loaded)?;
+    super::audit(engine, AuditAction::Edit, Some(doc), &["attachment"])?;
     Ok(att)
 }
 
@@ -581,7 +597,10 @@ pub fn attachment_data(
             name,
             media_type,
             data,
-        }) => Ok((name, media_type, data)),
+        }) => {
+            super::audit(engine, AuditAction::Read, Some(doc), &["attachment"])?;
+            Ok((name, media_type, data))
+        }
         _ => Err(missing()),
     }
 }
@@ -608,6 +627,7 @@ pub fn export_pdf(engine: &Engine, id: &str) -> std::result::Result<Vec<u8>, Pdf
     let doc = parse_id(engine, id)?;
     let r = read_doc(engine, doc)?;
     let font = crate::pdf::find_font()?;
+    super::audit(engine, AuditAction::Print, Some(doc), &["様式11"])?;
     Ok(crate::pdf::render_referral(
         &r.view.letter,
         &written_on(&r.times),

@@ -15,6 +15,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, UNIX_EPOCH};
 
+use musubi_crdt::audit::AuditAction;
 use musubi_crdt::documents::shelter::{
     self as schema, CareFlag, Evacuee, MedicalNote, MedicalNotes, Method, Need, NewEvacuee,
     Presence, Relative, RequestStatus, Roster, ShelterInfo, ShelterStatus, StayEvent, StayKind,
@@ -384,6 +385,7 @@ pub fn roster(engine: &Engine, shelter: &str) -> Result<RosterView> {
     let doc = shelter_doc(engine, shelter)?;
     let loaded = engine.load(doc)?;
     let roster = schema::read(&loaded.doc)?;
+    super::audit(engine, AuditAction::Read, Some(doc), &["roster"])?;
     Ok(view(doc, roster))
 }
 
@@ -875,6 +877,7 @@ pub fn checkin(engine: &mut Engine, shelter: &str, req: &CheckIn) -> Result<Chec
     desk.ensure_open()?;
     let mut outcome = desk.checkin(&req)?;
     desk.commit(engine)?;
+    super::audit(engine, AuditAction::Edit, Some(doc), &["checkin"])?;
     if !outcome.already_present {
         let keys = desk
             .roster()
@@ -1112,7 +1115,9 @@ pub fn medical_note(engine: &mut Engine, shelter: &str, note: &MedicalNote) -> R
 pub fn medical_show(engine: &Engine, shelter: &str) -> Result<MedicalNotes> {
     let doc = medical_doc(engine, shelter)?;
     let loaded = engine.load(doc)?;
-    Ok(schema::read_medical(&loaded.doc)?)
+    let notes = schema::read_medical(&loaded.doc)?;
+    super::audit(engine, AuditAction::Read, Some(doc), &["medical"])?;
+    Ok(notes)
 }
 
 /// Parses `NAME:EMAIL` (the e-mail is after the last colon).

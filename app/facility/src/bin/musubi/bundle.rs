@@ -7,7 +7,7 @@ use clap::Subcommand;
 use musubi_crdt::ids::DocumentId;
 use musubi_facility::transfer::{self, HaveList};
 
-use crate::{Data, Json, open, print_json};
+use crate::{Data, Json, open_staff, print_json};
 
 #[derive(Subcommand)]
 pub(crate) enum BundleCommand {
@@ -56,7 +56,7 @@ pub(crate) enum BundleCommand {
 pub(crate) fn run(pf: &Option<PathBuf>, cmd: BundleCommand) -> Result<()> {
     match cmd {
         BundleCommand::List { data, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let rows = e.store().all_bundles()?;
             if json.json {
                 let v: Vec<_> = rows
@@ -84,7 +84,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: BundleCommand) -> Result<()> {
             out,
             json,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let docs = docs
                 .iter()
                 .map(|d| {
@@ -117,7 +117,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: BundleCommand) -> Result<()> {
             }
         }
         BundleCommand::Import { data, file, json } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let r = transfer::import(&mut e, &file)?;
             if json.json {
                 print_json(&r)?;
@@ -132,7 +132,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: BundleCommand) -> Result<()> {
             }
         }
         BundleCommand::Have { data, out } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let list = transfer::have_list(&e)?;
             let mut bytes = Vec::new();
             ciborium::into_writer(&list, &mut bytes).context("encoding the have-list")?;

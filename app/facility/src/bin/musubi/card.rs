@@ -14,7 +14,7 @@ use musubi_facility::card::{
 };
 use zeroize::Zeroizing;
 
-use crate::{Data, Json, open, print_json};
+use crate::{Data, Json, open_staff, print_json};
 
 /// Most bytes read from standard input for PINs and passwords.
 const STDIN_BYTES_MAX: usize = 4096;
@@ -247,7 +247,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CardCommand) -> Result<()> {
             sector,
             json,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let needs_pin = attributes || verify;
             let lines = if pin_stdin && needs_pin {
                 let l = StdinLines::read()?;

@@ -13,7 +13,7 @@ use musubi_crdt::documents::careplan_csv::CsvFile;
 use musubi_crdt::ids::Role;
 use musubi_facility::services::careplan::{self, LogInput, PlanView};
 
-use crate::{Data, Json, open, print_json, refresh_directory_for};
+use crate::{Data, Json, open_staff, print_json, refresh_directory_for};
 
 #[derive(Args)]
 #[command(group(ArgGroup::new("placement").multiple(false)))]
@@ -45,9 +45,22 @@ impl Place {
 
 #[derive(Args)]
 pub(crate) struct Staff {
-    /// The staff member writing the entry (記入者).
-    #[arg(long, env = "MUSUBI_STAFF", default_value = "")]
-    staff: String,
+    /// 記入者 as the entry names them (default: the name of the staff member signed in).
+    #[arg(long, default_value = "")]
+    writer: String,
+}
+
+impl Staff {
+    /// The 記入者: as given, else the signed-in staff member's name.
+    fn name(&self, e: &musubi_facility::Engine) -> Result<String> {
+        if !self.writer.trim().is_empty() {
+            return Ok(self.writer.trim().to_owned());
+        }
+        let login = e.staff().unwrap_or_default();
+        Ok(musubi_facility::staff::find(e, login)?
+            .map(|s| s.name)
+            .unwrap_or_else(|| login.to_owned()))
+    }
 }
 
 #[derive(Args)]
@@ -437,7 +450,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             with,
             role,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let mut sheet = sheet1(&plan)?;
             if sheet.office.name.is_empty() {
                 sheet.office.name = e.enrolment()?.facility_name;
@@ -453,7 +466,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             println!("{id}");
         }
         CareplanCommand::List { data, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let plans = careplan::list(&e)?;
             if json.json {
                 print_json(&plans)?;
@@ -481,7 +494,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             version,
             json,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let v = careplan::show(&e, &id, version)?;
             if json.json {
                 print_json(&v)?;
@@ -495,7 +508,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             field,
             value,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             careplan::edit(&mut e, &id, &field, &value)?;
         }
         CareplanCommand::AddNeed {
@@ -504,7 +517,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             text,
             place,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             println!(
                 "{}",
                 careplan::add_need(&mut e, &id, &text, &place.placement())?
@@ -518,7 +531,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             period,
             place,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let (new, kind) =
                 careplan::add_goal(&mut e, &id, &under, &text, &period, &place.placement())?;
             println!("{new}");
@@ -537,7 +550,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             not_insured,
             place,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let service = Service {
                 id: String::new(),
                 content,
@@ -558,7 +571,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             field,
             value,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             careplan::edit_item(&mut e, &id, &item, &field, &value)?;
         }
         CareplanCommand::Move {
@@ -567,11 +580,11 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             item,
             place,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             careplan::move_item(&mut e, &id, &item, &place.placement())?;
         }
         CareplanCommand::Remove { data, id, item } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let kind = careplan::remove_item(&mut e, &id, &item)?;
             eprintln!("removed a {}", kind.label());
         }
@@ -585,7 +598,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             end,
             non_weekly,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             if let Some(text) = non_weekly {
                 careplan::set_non_weekly(&mut e, &id, &text)?;
             } else if let Some(text) = activity {
@@ -616,14 +629,15 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             category,
             staff,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let input = LogInput {
                 date,
                 time,
                 category,
                 text,
             };
-            println!("{}", careplan::log(&mut e, &id, &input, &staff.staff)?);
+            let writer = staff.name(&e)?;
+            println!("{}", careplan::log(&mut e, &id, &input, &writer)?);
         }
         CareplanCommand::Monitor {
             data,
@@ -633,8 +647,9 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             goal,
             staff,
         } => {
-            let mut e = open(pf, &data.data)?;
-            let new = careplan::monitor(&mut e, &id, &date, goal.as_deref(), &text, &staff.staff)?;
+            let mut e = open_staff(pf, &data.data)?;
+            let writer = staff.name(&e)?;
+            let new = careplan::monitor(&mut e, &id, &date, goal.as_deref(), &text, &writer)?;
             println!("{new}");
         }
         CareplanCommand::Comment {
@@ -644,12 +659,13 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             about,
             staff,
         } => {
-            let mut e = open(pf, &data.data)?;
-            let new = careplan::comment(&mut e, &id, about.as_deref(), &text, &staff.staff)?;
+            let mut e = open_staff(pf, &data.data)?;
+            let writer = staff.name(&e)?;
+            let new = careplan::comment(&mut e, &id, about.as_deref(), &text, &writer)?;
             println!("{new}");
         }
         CareplanCommand::Consent { data, id, date, by } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let date = if date.is_empty() {
                 careplan::today_jst()
             } else {
@@ -663,11 +679,9 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             note,
             staff,
         } => {
-            let mut e = open(pf, &data.data)?;
-            println!(
-                "{}",
-                careplan::record_version(&mut e, &id, &note, &staff.staff)?
-            );
+            let mut e = open_staff(pf, &data.data)?;
+            let writer = staff.name(&e)?;
+            println!("{}", careplan::record_version(&mut e, &id, &note, &writer)?);
         }
         CareplanCommand::ExportCsv {
             data,
@@ -678,7 +692,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             to_service,
             version,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             if let Some(table) = table {
                 let file: CsvFile = table.parse()?;
                 let bytes = careplan::export_csv(&e, &id, file, version)?;
@@ -705,7 +719,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: CareplanCommand) -> Result<()> {
             out,
             version,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let bytes = careplan::export_pdf(&e, &id, version)?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {} ({} bytes)", out.display(), bytes.len());

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use musubi_crdt::directory::{Trust, authority_fingerprint};
 use musubi_facility::engine::Engine;
 
-use crate::{Data, Json, open, print_json};
+use crate::{Data, Json, open_staff, print_json};
 
 #[derive(Subcommand)]
 pub(crate) enum DeviceCommand {
@@ -40,7 +40,7 @@ pub(crate) fn run(pf: &Option<std::path::PathBuf>, cmd: DeviceCommand) -> Result
             expires,
             json,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let code = e.device_invite(Duration::from(expires))?;
             let text = code.encode();
             if json.json {
@@ -59,7 +59,7 @@ pub(crate) fn run(pf: &Option<std::path::PathBuf>, cmd: DeviceCommand) -> Result
             }
         }
         DeviceCommand::Revoke { data, device } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             e.revoke_device(&device)?;
             e.maintain()?;
             println!("revoked {device}; the relay learns it at the next sync");

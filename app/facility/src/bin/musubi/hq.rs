@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use musubi_facility::services::hq;
 
-use crate::{Data, Json, open, print_json};
+use crate::{Data, Json, open_staff, print_json};
 
 #[derive(Subcommand)]
 pub(crate) enum HqCommand {
@@ -66,7 +66,7 @@ pub(crate) enum HqCommand {
 pub(crate) fn run(pf: &Option<PathBuf>, cmd: HqCommand) -> Result<()> {
     match cmd {
         HqCommand::Summary { data, at, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let s = hq::summary(&e, at.as_deref())?;
             if json.json {
                 print_json(&s)?;
@@ -110,7 +110,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: HqCommand) -> Result<()> {
             }
         }
         HqCommand::History { data, at, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let h = hq::history(&e, &at)?;
             if json.json {
                 print_json(&h)?;
@@ -126,7 +126,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: HqCommand) -> Result<()> {
             }
         }
         HqCommand::Inquiry { data, name, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let answers = hq::inquiry(&e, &name)?;
             if json.json {
                 print_json(&answers)?;
@@ -148,7 +148,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: HqCommand) -> Result<()> {
             at,
             out,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let file = std::fs::File::create(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
             let rows = if roster {

@@ -2,6 +2,7 @@
 //!
 //! One module per domain (`referral`, ...), each with its subcommand enum and handler.
 
+mod audit;
 mod bundle;
 mod card;
 mod careplan;
@@ -29,9 +30,25 @@ struct Cli {
     /// Read the passphrase from this file (else from the MUSUBI_PASSPHRASE environment variable).
     #[arg(long, global = true, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
+    /// Act as this staff member (login; else MUSUBI_STAFF): every command that reads or changes
+    /// documents, exports, prints, reads cards or manages devices needs one, and the audit log
+    /// names them.
+    #[arg(long, global = true, value_name = "LOGIN")]
+    staff: Option<String>,
+    /// Read that staff member's password from this file (else MUSUBI_STAFF_PASSWORD).
+    #[arg(long, global = true, value_name = "FILE")]
+    staff_password_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// Who the command acts as (from `--staff`/`MUSUBI_STAFF` and the password file or variable).
+struct StaffArgs {
+    login: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+static STAFF_ARGS: std::sync::OnceLock<StaffArgs> = std::sync::OnceLock::new();
 
 #[derive(Args)]
 pub(crate) struct Data {
@@ -170,6 +187,9 @@ enum Command {
     /// 職員 (staff accounts and sign-in).
     #[command(subcommand)]
     Staff(staff::StaffCommand),
+    /// 監査ログ (this device's audit log; administrators only).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 pub(crate) fn passphrase(cli_file: &Option<PathBuf>) -> Result<String> {
@@ -186,6 +206,55 @@ pub(crate) fn passphrase(cli_file: &Option<PathBuf>) -> Result<String> {
 
 pub(crate) fn open(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
     Ok(Engine::open(dir, &passphrase(cli)?)?)
+}
+
+/// Opens the device and signs the staff member in (`--staff`/`MUSUBI_STAFF` and their password):
+/// what the command does is recorded in the audit log under their login. A wrong login or password
+/// is recorded too (`sign-in-failed`).
+///
+/// Errors: no staff member given, no account on this device yet, a wrong login or password.
+pub(crate) fn open_staff(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
+    let mut e = open(cli, dir)?;
+    let args = STAFF_ARGS.get();
+    let login = args
+        .and_then(|a| a.login.clone())
+        .or_else(|| std::env::var("MUSUBI_STAFF").ok().filter(|s| !s.is_empty()));
+    let Some(login) = login else {
+        bail!(
+            "this command is recorded in the audit log under a staff member: sign in with MUSUBI_STAFF=LOGIN and MUSUBI_STAFF_PASSWORD (or --staff LOGIN --staff-password-file FILE){}",
+            if musubi_facility::staff::list(&e)?.is_empty() {
+                "; this device has no staff account yet: create the first with `musubi staff add --data DIR --login LOGIN --name NAME` (password on standard input)"
+            } else {
+                ""
+            }
+        );
+    };
+    let password = match args.and_then(|a| a.password_file.as_ref()) {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the staff password file {}", f.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => std::env::var("MUSUBI_STAFF_PASSWORD").map_err(|_| {
+            anyhow::anyhow!(
+                "no password for staff member {login}: set MUSUBI_STAFF_PASSWORD or pass --staff-password-file FILE"
+            )
+        })?,
+    };
+    let who = musubi_facility::staff::sign_in_password(&e, &login, &password)?;
+    e.set_staff(Some(who.login));
+    Ok(e)
+}
+
+/// [`open_staff`], for a staff member who is an administrator of this device.
+pub(crate) fn open_admin(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
+    let e = open_staff(cli, dir)?;
+    let login = e.staff().unwrap_or_default().to_owned();
+    match musubi_facility::staff::find(&e, &login)? {
+        Some(s) if s.role == musubi_facility::staff::StaffRole::Admin => Ok(e),
+        _ => bail!("only an administrator of this device may do this; {login} is not one"),
+    }
 }
 
 /// The directory may predate a facility's enrolment: when `facility` is not in it, sync once to refresh it.
@@ -239,6 +308,10 @@ const QUARANTINE_LISTED_MAX: usize = 1000;
 
 fn run(cli: Cli) -> Result<()> {
     let pf = &cli.passphrase_file;
+    let _ = STAFF_ARGS.set(StaffArgs {
+        login: cli.staff.clone(),
+        password_file: cli.staff_password_file.clone(),
+    });
     match cli.command {
         Command::Init {
             data,
@@ -359,7 +432,7 @@ fn run(cli: Cli) -> Result<()> {
             role,
             remove,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let doc = e.document_info(&doc)?.id;
             refresh_directory_for(&mut e, &with)?;
             let role = if remove {
@@ -368,6 +441,17 @@ fn run(cli: Cli) -> Result<()> {
                 role.as_deref().map(str::parse::<Role>).transpose()?
             };
             e.share(doc, &with, role)?;
+            let facility = format!("facility={with}");
+            musubi_facility::audit::record(
+                &e,
+                if remove {
+                    musubi_crdt::audit::AuditAction::Unshare
+                } else {
+                    musubi_crdt::audit::AuditAction::Share
+                },
+                Some(doc),
+                &[&facility],
+            )?;
             println!(
                 "{}",
                 if remove {
@@ -472,6 +556,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mail(cmd) => shelter::run_mail(pf, cmd)?,
         Command::Card(cmd) => card::run(pf, cmd)?,
         Command::Staff(cmd) => staff::run(pf, cmd)?,
+        Command::Audit(cmd) => audit::run(pf, cmd)?,
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use musubi_facility::net::{self, Mode};
 use musubi_facility::services::referral;
 
-use crate::{Data, Json, open, print_json, refresh_directory_for, runtime};
+use crate::{Data, Json, open_staff, print_json, refresh_directory_for, runtime};
 
 #[derive(Subcommand)]
 pub(crate) enum ReferralCommand {
@@ -94,7 +94,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
             no_send,
             file,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let json = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             refresh_directory_for(&mut e, &to)?;
@@ -114,7 +114,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
             }
         }
         ReferralCommand::List { data, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let letters = referral::list(&e)?;
             if json.json {
                 print_json(&letters)?;
@@ -132,7 +132,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
             }
         }
         ReferralCommand::Show { data, id, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let v = referral::show(&e, &id)?;
             if json.json {
                 print_json(&v)?;
@@ -146,11 +146,11 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
             field,
             text,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             referral::edit(&mut e, &id, &field, &text)?;
         }
         ReferralCommand::Reply { data, id, text } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             referral::reply(&mut e, &id, &text)?;
         }
         ReferralCommand::Attach {
@@ -159,12 +159,12 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ReferralCommand) -> Result<()> {
             file,
             media_type,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let att = referral::attach(&mut e, &id, &file, &media_type)?;
             println!("{}", att.id);
         }
         ReferralCommand::ExportFhir { data, id } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             print_json(&referral::export_fhir(&e, &id)?)?;
         }
     }

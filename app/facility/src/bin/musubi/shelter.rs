@@ -13,7 +13,7 @@ use musubi_facility::engine::now_ms;
 use musubi_facility::mail;
 use musubi_facility::services::shelter;
 
-use crate::{Data, Json, open, print_json, refresh_directory_for, runtime};
+use crate::{Data, Json, open_staff, print_json, refresh_directory_for, runtime};
 
 #[derive(Args)]
 pub(crate) struct Shelter {
@@ -350,7 +350,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             when,
             json,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             for h in &health_sections {
                 refresh_directory_for(&mut e, h)?;
             }
@@ -372,7 +372,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             }
         }
         ShelterCommand::List { data, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let list = shelter::list(&e)?;
             if json.json {
                 print_json(&list)?;
@@ -417,7 +417,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             when,
             json,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let relatives = relatives
                 .iter()
                 .map(|r| shelter::parse_relative(r))
@@ -493,7 +493,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             shelter: s,
             when,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             shelter::set_status(&mut e, &s.shelter, ShelterStatus::Closed, when.at)?;
         }
         ShelterCommand::Reopen {
@@ -501,7 +501,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             shelter: s,
             when,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             shelter::set_status(&mut e, &s.shelter, ShelterStatus::Open, when.at)?;
         }
         ShelterCommand::Roster {
@@ -509,7 +509,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             shelter: s,
             json,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let r = shelter::roster(&e, &s.shelter)?;
             if json.json {
                 print_json(&r)?;
@@ -539,7 +539,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             resolve,
             json,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             if let Some(text) = add {
                 println!("{}", shelter::add_need(&mut e, &s.shelter, &text)?);
                 return Ok(());
@@ -586,7 +586,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             id,
             status,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             match (id, status, item) {
                 (Some(id), Some(status), _) => {
                     let status: RequestStatus = status.parse()?;
@@ -610,7 +610,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             evacuee,
             relative,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             let r = shelter::parse_relative(&relative)?;
             shelter::add_relative(&mut e, &s.shelter, &evacuee, &r)?;
         }
@@ -619,7 +619,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             shelter: s,
             with,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             refresh_directory_for(&mut e, &with)?;
             shelter::medical_share(&mut e, &s.shelter, &with)?;
             println!("shared; it reaches the facility at the next sync");
@@ -633,7 +633,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             care_level,
             notes,
         } => {
-            let mut e = open(pf, &data.data)?;
+            let mut e = open_staff(pf, &data.data)?;
             shelter::medical_note(
                 &mut e,
                 &s.shelter,
@@ -652,7 +652,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
             shelter: s,
             json,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let notes = shelter::medical_show(&e, &s.shelter)?;
             if json.json {
                 print_json(&notes)?;
@@ -670,7 +670,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: ShelterCommand) -> Result<()> {
 }
 
 fn stay(pf: &Option<PathBuf>, a: StayArgs, kind: StayKind) -> Result<()> {
-    let mut e = open(pf, &a.data.data)?;
+    let mut e = open_staff(pf, &a.data.data)?;
     let id = shelter::stay(
         &mut e,
         &a.shelter.shelter,
@@ -694,7 +694,7 @@ pub(crate) fn run_mail(pf: &Option<PathBuf>, cmd: MailCommand) -> Result<()> {
             watch,
             json,
         } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let (host, port) = smtp
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_owned(), p.parse().ok()?)))
@@ -750,7 +750,7 @@ pub(crate) fn run_mail(pf: &Option<PathBuf>, cmd: MailCommand) -> Result<()> {
             }
         }
         MailCommand::Status { data, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let rows = mail::status(&e)?;
             if json.json {
                 print_json(&rows)?;
@@ -767,7 +767,7 @@ pub(crate) fn run_mail(pf: &Option<PathBuf>, cmd: MailCommand) -> Result<()> {
             }
         }
         MailCommand::Resend { data, id } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             if !mail::resend(&e, &id)? {
                 bail!("no unconfirmed or failed message {id} in the outbox");
             }

@@ -11,11 +11,13 @@ use musubi_facility::card::{self, ReadOptions};
 use musubi_facility::staff::{self, Staff, StaffError};
 
 use crate::card::{StdinLines, StdinPins, card_error_json};
-use crate::{Data, Json, open, print_json};
+use crate::{Data, Json, open, open_admin, open_staff, print_json};
 
 #[derive(Subcommand)]
 pub(crate) enum StaffCommand {
-    /// Create a staff account; its password is the first line of standard input.
+    /// Create a staff account; its password is the first line of standard input. The device's
+    /// first account needs no sign-in and is its administrator; later ones are added by a signed-in
+    /// administrator (MUSUBI_STAFF, MUSUBI_STAFF_PASSWORD).
     Add {
         #[command(flatten)]
         data: Data,
@@ -25,6 +27,9 @@ pub(crate) enum StaffCommand {
         /// The name the audit log shows.
         #[arg(long)]
         name: String,
+        /// `admin` (also adds staff and reads the audit log) or `staff`.
+        #[arg(long, default_value = "staff")]
+        role: staff::StaffRole,
     },
     /// The staff accounts of this device.
     List {
@@ -109,15 +114,28 @@ fn report(err: StaffError, json: bool) -> anyhow::Error {
 
 pub(crate) fn run(pf: &Option<PathBuf>, cmd: StaffCommand) -> Result<()> {
     match cmd {
-        StaffCommand::Add { data, login, name } => {
-            let e = open(pf, &data.data)?;
+        StaffCommand::Add {
+            data,
+            login,
+            name,
+            role,
+        } => {
+            let first = staff::list(&open(pf, &data.data)?)?.is_empty();
+            let e = if first {
+                open(pf, &data.data)?
+            } else {
+                open_admin(pf, &data.data)?
+            };
             let lines = StdinLines::read()?;
             let password = lines.next().context("no password on standard input")?;
-            let s = staff::create(&e, &login, &name, &password)?;
+            let s = staff::create(&e, &login, &name, &password, role)?;
+            if first && role != staff::StaffRole::Admin {
+                eprintln!("note: the first account of a device is its administrator");
+            }
             println!("{}", s.id);
         }
         StaffCommand::List { data, json } => {
-            let e = open(pf, &data.data)?;
+            let e = open_staff(pf, &data.data)?;
             let all = staff::list(&e)?;
             if json.json {
                 print_json(&all)?;
