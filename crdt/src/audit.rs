@@ -218,7 +218,7 @@ pub struct ChainSummary {
 ///
 /// Errors: the first [`ChainBreak`]: an entry that does not open, decode or verify, that is
 /// another device's, whose `seq` is not its row's, a gap, a `prev` that is not the previous
-/// entry's hash, or a chain that ends before `head` (or differs from it).
+/// entry's hash, a chain that ends before `head` (or differs from it), or entries without a head.
 pub fn verify_chain(
     device: &DeviceId,
     start: (u64, [u8; 32]),
@@ -264,6 +264,13 @@ pub fn verify_chain(
         summary.first.get_or_insert(row);
         summary.last = Some(row);
         expect = row + 1;
+    }
+    if head.is_none() && summary.last.is_some() {
+        return Err(brk(
+            expect,
+            "the record of the newest entry is missing (entries may have been removed after it)"
+                .into(),
+        ));
     }
     if let Some(head) = head {
         match summary.last {
@@ -378,9 +385,13 @@ mod tests {
         let b = verify_chain(&d, (1, [0; 32]), rows(&c[..3]), head).expect_err("truncated");
         assert!(b.reason.contains("newest were removed"), "{b}");
 
+        // The head removed while entries remain.
+        let b = verify_chain(&d, (1, [0; 32]), rows(&c), None).expect_err("no head");
+        assert!(b.reason.contains("newest entry is missing"), "{b}");
+
         // Another device's entry.
         let other = DeviceSecrets::from_seeds([3; 32], [4; 32]);
-        let b = verify_chain(&d, (1, [0; 32]), rows(&chain(&other, 1)), None)
+        let b = verify_chain(&d, (1, [0; 32]), rows(&chain(&other, 1)), head)
             .expect_err("another device");
         assert!(b.reason.contains("another device"), "{b}");
     }

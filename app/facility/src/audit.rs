@@ -105,21 +105,27 @@ pub fn record_as(
     fields: &[&str],
 ) -> Result<u64> {
     let recipient = e.secrets().age_identity().to_public();
+    // A login as typed at a failed sign-in: at most LOGIN_CHARS_MAX characters, no control
+    // characters (it is printed and exported).
+    let staff = staff.map(clean);
+    let fields: Vec<String> = fields.iter().take(FIELDS_MAX).map(|f| clean(f)).collect();
     for _ in 0..APPEND_TRIES {
         let (raw, head) = head(e)?;
+        if head.is_none() && !e.store().audit_rows_empty()? {
+            return Err(EngineError::Trust(
+                "the audit log's record of its newest entry is missing: entries may have been removed; an administrator should run `musubi audit verify`"
+                    .into(),
+            ));
+        }
         let (seq, prev) = head.map_or((1, [0; 32]), |h| (h.seq + 1, h.hash));
         let entry = AuditEntry {
             seq,
             at_ms: now_ms(),
             device: e.device_id(),
-            staff: staff.map(str::to_owned),
+            staff: staff.clone(),
             doc,
             action,
-            fields: fields
-                .iter()
-                .take(FIELDS_MAX)
-                .map(|f| (*f).to_owned())
-                .collect(),
+            fields: fields.clone(),
             prev,
         };
         let signed = SignedEntry::sign(e.secrets(), &entry);
@@ -141,9 +147,20 @@ pub fn record_as(
             return Ok(seq);
         }
     }
-    Err(corrupt(
-        "the audit log kept changing under this process; try again",
+    Err(EngineError::Trust(
+        "other programs kept writing to the audit log at the same time; try again".into(),
     ))
+}
+
+/// Longest login or field name kept in an entry, in characters.
+pub const TEXT_CHARS_MAX: usize = 128;
+
+/// `s` cut to [`TEXT_CHARS_MAX`] characters, control characters replaced by `?`.
+fn clean(s: &str) -> String {
+    s.chars()
+        .take(TEXT_CHARS_MAX)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Records `action` on `doc` touching `fields`, attributed to whoever is signed in at `e`.
@@ -212,21 +229,30 @@ pub fn verify(e: &Engine) -> Result<std::result::Result<ChainSummary, ChainBreak
     Ok(verify_chain(&device, (1, [0; 32]), rows, head))
 }
 
-/// Writes `records` as CSV (UTF-8, a header row; fields joined by `;`).
+/// Writes `records` as CSV (UTF-8, a header row; fields joined by `;`; a cell that a spreadsheet
+/// would take for a formula starts with `'`).
 ///
 /// Errors: IO errors of `out`.
 pub fn write_csv(records: &[AuditRecord], out: impl std::io::Write) -> std::io::Result<()> {
     let mut w = csv::Writer::from_writer(out);
     w.write_record(["seq", "time", "staff", "device", "doc", "action", "fields"])?;
+    // A cell starting with = + - @ would be a formula in a spreadsheet (CSV injection): quoted.
+    let cell = |s: &str| -> String {
+        if s.starts_with(['=', '+', '-', '@']) {
+            format!("'{s}")
+        } else {
+            s.to_owned()
+        }
+    };
     for r in records {
         w.write_record([
             r.seq.to_string().as_str(),
             &r.time,
-            r.staff.as_deref().unwrap_or(""),
+            &cell(r.staff.as_deref().unwrap_or("")),
             &r.device,
             r.doc.as_deref().unwrap_or(""),
             &r.action,
-            &r.fields.join(";"),
+            &cell(&r.fields.join(";")),
         ])?;
     }
     w.flush()

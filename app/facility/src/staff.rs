@@ -371,9 +371,14 @@ pub fn sign_in_session(e: &mut Engine, login: &str, password: &str) -> Result<St
 }
 
 /// Ends a session: records `sign-out` for whoever is signed in at `e`, who no longer is.
+///
+/// Signing out always succeeds: when the entry cannot be written, the failure is logged and the
+/// staff member is signed out anyway.
 pub fn sign_out_session(e: &mut Engine) -> Result<()> {
-    if e.staff().is_some() {
-        crate::audit::record(e, AuditAction::SignOut, None, &[])?;
+    if e.staff().is_some()
+        && let Err(err) = crate::audit::record(e, AuditAction::SignOut, None, &[])
+    {
+        tracing::error!("could not record a sign-out in the audit log: {err}");
     }
     e.set_staff(None);
     Ok(())
@@ -436,6 +441,13 @@ pub fn bind_card(
     });
     rec.failed_pins = 0;
     save(e, &rec)?;
+    crate::audit::record_as(
+        e,
+        e.staff().or(Some(login)),
+        AuditAction::StaffChange,
+        None,
+        &[&format!("login={login}"), "card-bound"],
+    )?;
     Ok(rec.public())
 }
 
@@ -445,12 +457,46 @@ pub fn unbind_card(e: &Engine, login: &str, password: &str) -> Result<Staff> {
     rec.card = None;
     rec.failed_pins = 0;
     save(e, &rec)?;
+    crate::audit::record_as(
+        e,
+        e.staff().or(Some(login)),
+        AuditAction::StaffChange,
+        None,
+        &[&format!("login={login}"), "card-unbound"],
+    )?;
     Ok(rec.public())
 }
 
 /// Signs in with a card already read: a My Number card must have proved possession (its own PIN,
 /// checked by the card); a contactless card needs its staff PIN.
+///
+/// A refusal (unknown card, no possession proof, wrong or locked staff PIN) is recorded in the
+/// audit log (`sign-in-failed`, naming the account when the card is bound to one).
 pub fn sign_in_card(e: &Engine, read: &CardRead, staff_pin: Option<&str>) -> Result<Staff> {
+    let out = card_sign_in(e, read, staff_pin);
+    if let Err(err) = &out
+        && !matches!(err, StaffError::Engine(_) | StaffError::Card(_))
+    {
+        let login = records(e)?
+            .into_iter()
+            .find(|r| {
+                r.card
+                    .as_ref()
+                    .is_some_and(|c| c.pseudonymous_id == read.identity.pseudonymous_id)
+            })
+            .map(|r| r.login);
+        crate::audit::record_as(
+            e,
+            login.as_deref(),
+            AuditAction::SignInFailed,
+            None,
+            &["card"],
+        )?;
+    }
+    out
+}
+
+fn card_sign_in(e: &Engine, read: &CardRead, staff_pin: Option<&str>) -> Result<Staff> {
     let id = &read.identity.pseudonymous_id;
     let mut rec = records(e)?
         .into_iter()

@@ -334,6 +334,13 @@ impl Store {
         self.meta("audit_head")
     }
 
+    /// Whether the audit table holds no row.
+    pub fn audit_rows_empty(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT NOT EXISTS (SELECT 1 FROM audit)", [], |r| r.get(0))?)
+    }
+
     /// Every stored audit row, in order: its number and sealed entry.
     pub fn audit_rows(&self) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut st = self

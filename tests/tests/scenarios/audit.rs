@@ -225,7 +225,8 @@ fn an_audit_log_altered_or_cut_on_disk_is_detected() {
     let restore = || {
         let conn = rusqlite::Connection::open(&db).expect("open");
         conn.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'audit_head'",
+            "INSERT INTO meta (key, value) VALUES ('audit_head', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             rusqlite::params![backup_head],
         )
         .expect("head");
@@ -281,6 +282,20 @@ fn an_audit_log_altered_or_cut_on_disk_is_detected() {
         .expect("copy");
     }
     broken("copied", "entry 2");
+    restore();
+
+    story.step("the record of the newest entry removed");
+    rusqlite::Connection::open(&db)
+        .expect("open")
+        .execute("DELETE FROM meta WHERE key = 'audit_head'", [])
+        .expect("remove the head");
+    broken("head removed", "newest entry is missing");
+    let out = a.run("referral show", &[&letter]).expect_fail();
+    assert!(
+        out.stderr.contains("audit log") && !out.stdout.contains("診療情報提供書"),
+        "no entry, no data: {}",
+        out.stderr
+    );
     restore();
 
     story.step("the newest entries cut off");

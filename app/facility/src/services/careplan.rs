@@ -212,6 +212,8 @@ pub fn create(
 
 /// Every plan this facility can read, oldest first.
 pub fn list(engine: &Engine) -> Result<Vec<PlanSummary>> {
+    // The list shows each resident's name, birth date and care level.
+    super::audit(engine, AuditAction::Read, None, &["care-plan-list"])?;
     let mut out = Vec::new();
     for row in engine.store().documents(Some(DocumentKind::CarePlan))? {
         let view = match show_doc(engine, row.info.id, None) {

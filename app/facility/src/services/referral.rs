@@ -199,6 +199,8 @@ fn facility_name(
 /// Letters whose key or first bundle has not arrived yet are left out (they appear after sync).
 pub fn summaries(engine: &Engine) -> Result<Vec<LetterSummary>> {
     let me = engine.enrolment()?.facility;
+    // The list shows each letter's patient name.
+    super::audit(engine, AuditAction::Read, None, &["referral-list"])?;
     let dir = engine.directory().ok();
     let mut out = Vec::new();
     for row in engine.store().documents(Some(DocumentKind::Referral))? {

@@ -325,6 +325,7 @@ pub fn open(engine: &mut Engine, req: &OpenShelter) -> Result<Opened> {
     let mut loaded = engine.load(shelter)?;
     schema::set_medical_doc(&mut loaded.doc, &info.medical_doc)?;
     engine.commit(&mut loaded)?;
+    super::audit(engine, AuditAction::Create, Some(loaded.info.id), &["open"])?;
     Ok(Opened { shelter, medical })
 }
 
@@ -429,6 +430,8 @@ impl Desk {
     pub fn open(engine: &Engine, doc: DocumentId) -> Result<Desk> {
         let loaded = engine.load(doc)?;
         let roster = schema::read(&loaded.doc)?;
+        // The desk holds the whole roster for the staff member at the counter.
+        super::audit(engine, AuditAction::Read, Some(doc), &["desk"])?;
         let mut index = HashMap::new();
         for (i, e) in roster.evacuees.iter().enumerate() {
             for k in e.keys() {
@@ -851,6 +854,9 @@ impl Desk {
     /// notifications in the mail outbox. Returns how many bundles were written.
     pub fn commit(&mut self, engine: &mut Engine) -> Result<usize> {
         let written = engine.commit(&mut self.loaded)?;
+        if written > 0 {
+            super::audit(engine, AuditAction::Edit, Some(self.doc), &["roster"])?;
+        }
         for draft in self.notifications.drain(..) {
             mail::enqueue(engine, &draft)?;
         }
@@ -877,7 +883,6 @@ pub fn checkin(engine: &mut Engine, shelter: &str, req: &CheckIn) -> Result<Chec
     desk.ensure_open()?;
     let mut outcome = desk.checkin(&req)?;
     desk.commit(engine)?;
-    super::audit(engine, AuditAction::Edit, Some(doc), &["checkin"])?;
     if !outcome.already_present {
         let keys = desk
             .roster()
@@ -970,6 +975,12 @@ pub fn set_status(
         &at.unwrap_or_else(now_rfc3339),
     )?;
     engine.commit(&mut loaded)?;
+    super::audit(
+        engine,
+        AuditAction::Edit,
+        Some(loaded.info.id),
+        &["set-status"],
+    )?;
     Ok(())
 }
 
@@ -979,6 +990,12 @@ pub fn set_capacity(engine: &mut Engine, shelter: &str, capacity: u64) -> Result
     let mut loaded = engine.load(doc)?;
     schema::set_capacity(&mut loaded.doc, capacity)?;
     engine.commit(&mut loaded)?;
+    super::audit(
+        engine,
+        AuditAction::Edit,
+        Some(loaded.info.id),
+        &["set-capacity"],
+    )?;
     Ok(())
 }
 
@@ -1009,6 +1026,12 @@ pub fn request(
         },
     )?;
     engine.commit(&mut loaded)?;
+    super::audit(
+        engine,
+        AuditAction::Edit,
+        Some(loaded.info.id),
+        &["request"],
+    )?;
     Ok(id)
 }
 
@@ -1023,6 +1046,12 @@ pub fn set_request_status(
     let mut loaded = engine.load(doc)?;
     schema::set_request_status(&mut loaded.doc, request, status)?;
     engine.commit(&mut loaded)?;
+    super::audit(
+        engine,
+        AuditAction::Edit,
+        Some(loaded.info.id),
+        &["set-request-status"],
+    )?;
     Ok(())
 }
 
@@ -1041,6 +1070,12 @@ pub fn add_need(engine: &mut Engine, shelter: &str, text: &str) -> Result<String
         },
     )?;
     engine.commit(&mut loaded)?;
+    super::audit(
+        engine,
+        AuditAction::Edit,
+        Some(loaded.info.id),
+        &["add-need"],
+    )?;
     Ok(id)
 }
 
@@ -1050,6 +1085,12 @@ pub fn resolve_need(engine: &mut Engine, shelter: &str, need: &str) -> Result<()
     let mut loaded = engine.load(doc)?;
     schema::resolve_need(&mut loaded.doc, need)?;
     engine.commit(&mut loaded)?;
+    super::audit(
+        engine,
+        AuditAction::Edit,
+        Some(loaded.info.id),
+        &["resolve-need"],
+    )?;
     Ok(())
 }
 
@@ -1108,6 +1149,12 @@ pub fn medical_note(engine: &mut Engine, shelter: &str, note: &MedicalNote) -> R
     let mut loaded = engine.load(doc)?;
     schema::set_medical_note(&mut loaded.doc, &note)?;
     engine.commit(&mut loaded)?;
+    super::audit(
+        engine,
+        AuditAction::Edit,
+        Some(loaded.info.id),
+        &["medical-note"],
+    )?;
     Ok(())
 }
 

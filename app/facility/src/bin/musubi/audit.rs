@@ -128,7 +128,12 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: AuditCommand) -> Result<()> {
             let e = open_admin(pf, &data.data)?;
             // Verified first, so that this check's own entry is not what it checks.
             let verdict = audit::verify(&e)?;
-            audit::record(&e, AuditAction::AuditRead, None, &["verify"])?;
+            // A broken log may refuse new entries too: the break is what to report then.
+            if let Err(err) = audit::record(&e, AuditAction::AuditRead, None, &["verify"])
+                && verdict.is_ok()
+            {
+                return Err(err.into());
+            }
             match verdict {
                 Ok(summary) => {
                     if json.json {
