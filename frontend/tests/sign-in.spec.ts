@@ -61,6 +61,23 @@ test('a clerk unlocks the computer, signs in, moves between screens and signs ou
   expect(app.callsTo('sign_out')).toHaveLength(1);
 });
 
+test('after five wrong passwords sign-in pauses, and the clerk is told to wait', async ({ page }) => {
+  const app = await openApp(page, {}, { phase: 'signed_out' });
+  for (let i = 0; i < 5; i++) {
+    await page.locator('#login').fill('yamada');
+    await page.locator('#password').fill(`guess-${i}`);
+    await page.locator('#password').press('Enter');
+    await expect(page.getByRole('alert')).toContainText('ログインIDまたはパスワードが違います。');
+  }
+  // Even the right password now waits out the pause.
+  await page.locator('#login').fill('yamada');
+  await page.locator('#password').fill('password123');
+  await page.locator('#password').press('Enter');
+  await expect(page.getByRole('alert')).toContainText('サインインをしばらく停止しています');
+  await expect(page.getByTestId('staff-name')).toHaveCount(0);
+  expect(app.callsTo('sign_in')).toHaveLength(6);
+});
+
 test('empty sign-in fields are pointed out before asking the engine', async ({ page }) => {
   const app = await openApp(page, {}, { phase: 'signed_out' });
   await page.locator('#login').press('Enter');

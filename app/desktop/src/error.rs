@@ -24,6 +24,8 @@ pub enum ErrorKind {
     NotSignedIn,
     /// The login or password is wrong.
     BadCredentials,
+    /// Too many wrong passwords in a row: sign-in for that account is paused for a while.
+    SignInLocked,
     /// This device has not joined a deployment (no invite accepted yet).
     NotEnrolled,
     /// The text is not an invite code (not `musubi2...`, cut short, or mistyped).
@@ -121,6 +123,7 @@ impl From<StaffError> for AppError {
         use StaffError as S;
         let kind = match &e {
             S::BadCredentials => ErrorKind::BadCredentials,
+            S::LockedOut { .. } => ErrorKind::SignInLocked,
             S::LoginTaken(_) | S::BadLogin | S::BadPassword => ErrorKind::InvalidInput,
             S::Engine(inner) => engine_kind(inner),
             S::Card(_)

@@ -32,6 +32,25 @@ pub const PASSWORD_BYTES_MAX: usize = 1024;
 pub const STAFF_PIN_DIGITS: std::ops::RangeInclusive<usize> = 4..=8;
 /// Wrong staff PINs in a row after which a contactless staff card is locked (a password sign-in unlocks it).
 pub const STAFF_PIN_TRIES_MAX: u8 = 5;
+/// Wrong passwords in a row for one account before sign-in pauses (then each wrong one pauses it
+/// longer: [`lockout_ms`]).
+pub const SIGN_IN_FAILURES_FREE: u32 = 5;
+/// The first pause, in milliseconds (it doubles with each wrong password after that).
+pub const SIGN_IN_LOCKOUT_MS_FIRST: u64 = 30_000;
+/// The longest pause, in milliseconds (15 minutes).
+pub const SIGN_IN_LOCKOUT_MS_MAX: u64 = 15 * 60_000;
+
+/// How long sign-in pauses after `failures` wrong passwords in a row, in milliseconds: none for the
+/// first [`SIGN_IN_FAILURES_FREE`] - 1, then 30 s, 60 s, 120 s, ... up to 15 minutes (a back-off, so a
+/// guesser gets a handful of tries an hour while a colleague who mistyped waits half a minute).
+pub fn lockout_ms(failures: u32) -> u64 {
+    if failures < SIGN_IN_FAILURES_FREE {
+        return 0;
+    }
+    let doublings = (failures - SIGN_IN_FAILURES_FREE).min(16);
+    (SIGN_IN_LOCKOUT_MS_FIRST << doublings).min(SIGN_IN_LOCKOUT_MS_MAX)
+}
+
 /// Longest login name, in bytes.
 pub const LOGIN_BYTES_MAX: usize = 64;
 /// Largest sealed account record opened, in bytes.
@@ -90,6 +109,12 @@ pub enum StaffError {
     /// Too many accounts.
     #[error("this device already has {ACCOUNTS_MAX} staff accounts")]
     TooMany,
+    /// Too many wrong passwords in a row for this account: sign-in is paused.
+    #[error("too many wrong passwords for this account: try again in {retry_after_s} s")]
+    LockedOut {
+        /// Seconds until the next try is taken.
+        retry_after_s: u64,
+    },
     /// The card could not be read.
     #[error(transparent)]
     Card(Box<CardError>),
@@ -181,6 +206,12 @@ struct Record {
     /// Accounts made before roles were staff, except that the oldest is taken as administrator.
     #[serde(default)]
     role: Option<StaffRole>,
+    /// Wrong passwords in a row.
+    #[serde(default)]
+    failed_passwords: u32,
+    /// No password is checked before this time (ms since the Unix epoch).
+    #[serde(default)]
+    locked_until_ms: u64,
 }
 
 impl Record {
@@ -301,6 +332,8 @@ pub fn create(
         failed_pins: 0,
         created_ms: now_ms(),
         role: Some(role),
+        failed_passwords: 0,
+        locked_until_ms: 0,
     };
     save(e, &rec)?;
     let role_field = match role {
@@ -324,16 +357,32 @@ pub fn list(e: &Engine) -> Result<Vec<Staff>> {
 }
 
 fn by_password(e: &Engine, login: &str, password: &str) -> Result<Record> {
-    let rec = records(e)?.into_iter().find(|r| r.login == login);
-    match rec {
-        Some(r) if matches(password.as_bytes(), &r.password_hash)? => Ok(r),
-        Some(_) => Err(StaffError::BadCredentials),
-        None => {
-            // Spend the same time as a wrong password, so a login's existence does not show.
-            let _ = hash(password.as_bytes());
-            Err(StaffError::BadCredentials)
-        }
+    let now = now_ms();
+    let Some(mut r) = records(e)?.into_iter().find(|r| r.login == login) else {
+        // Spend the same time as a wrong password, so a login's existence does not show.
+        let _ = hash(password.as_bytes());
+        return Err(StaffError::BadCredentials);
+    };
+    if now < r.locked_until_ms {
+        return Err(StaffError::LockedOut {
+            retry_after_s: (r.locked_until_ms - now).div_ceil(1000),
+        });
     }
+    if matches(password.as_bytes(), &r.password_hash)? {
+        if r.failed_passwords > 0 || r.locked_until_ms > 0 {
+            r.failed_passwords = 0;
+            r.locked_until_ms = 0;
+            save(e, &r)?;
+        }
+        return Ok(r);
+    }
+    r.failed_passwords = r.failed_passwords.saturating_add(1);
+    let pause = lockout_ms(r.failed_passwords);
+    if pause > 0 {
+        r.locked_until_ms = now + pause;
+    }
+    save(e, &r)?;
+    Err(StaffError::BadCredentials)
 }
 
 /// Signs in with login and password (also unlocks a staff card locked by wrong staff PINs). A
@@ -343,13 +392,12 @@ pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff
     let rec = match by_password(e, login, password) {
         Ok(rec) => rec,
         Err(err) => {
-            crate::audit::record_as(
-                e,
-                Some(login),
-                AuditAction::SignInFailed,
-                None,
-                &["password"],
-            )?;
+            let why = if matches!(err, StaffError::LockedOut { .. }) {
+                "locked"
+            } else {
+                "password"
+            };
+            crate::audit::record_as(e, Some(login), AuditAction::SignInFailed, None, &[why])?;
             return Err(err);
         }
     };
@@ -581,6 +629,43 @@ pub fn sign_in_with_card(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sign_in_pauses_after_repeated_wrong_passwords_and_longer_each_time() {
+        assert_eq!(lockout_ms(SIGN_IN_FAILURES_FREE - 1), 0);
+        assert_eq!(lockout_ms(SIGN_IN_FAILURES_FREE), 30_000);
+        assert_eq!(lockout_ms(SIGN_IN_FAILURES_FREE + 1), 60_000);
+        assert_eq!(lockout_ms(SIGN_IN_FAILURES_FREE + 3), 240_000);
+        assert_eq!(lockout_ms(u32::MAX), SIGN_IN_LOCKOUT_MS_MAX);
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let e =
+            Engine::init(&tmp.path().join("d"), "受付", "correct horse battery", 10).expect("init");
+        create(&e, "sato", "佐藤", "correct horse", StaffRole::Staff).expect("create");
+        for _ in 0..SIGN_IN_FAILURES_FREE {
+            assert!(matches!(
+                sign_in_password(&e, "sato", "wrong horse"),
+                Err(StaffError::BadCredentials)
+            ));
+        }
+        match sign_in_password(&e, "sato", "correct horse") {
+            Err(StaffError::LockedOut { retry_after_s }) => {
+                assert!((1..=30).contains(&retry_after_s), "{retry_after_s}")
+            }
+            other => panic!("the right password waits out the pause: {other:?}"),
+        }
+        let failed = crate::audit::list(
+            &e,
+            &crate::audit::Filter {
+                action: Some(AuditAction::SignInFailed),
+                ..Default::default()
+            },
+        )
+        .expect("audit");
+        assert_eq!(failed.len(), SIGN_IN_FAILURES_FREE as usize + 1);
+        assert_eq!(failed.last().expect("entry").fields, ["locked"]);
+    }
+
     use super::*;
     use crate::card::{CardIdentity, ReadTimings};
 

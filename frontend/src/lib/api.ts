@@ -21,6 +21,7 @@ export const ERROR_KINDS: readonly ErrorKind[] = [
   'locked',
   'not_signed_in',
   'bad_credentials',
+  'sign_in_locked',
   'not_enrolled',
   'bad_invite',
   'invite_expired',

@@ -1721,6 +1721,10 @@ export type ErrorKind =
  */
 "bad_credentials" | 
 /**
+ * Too many wrong passwords in a row: sign-in for that account is paused for a while.
+ */
+"sign_in_locked" | 
+/**
  * This device has not joined a deployment (no invite accepted yet).
  */
 "not_enrolled" | 

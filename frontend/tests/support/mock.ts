@@ -80,6 +80,9 @@ export interface MockState {
   staff_list: Staff[];
   /** Passwords by login (for `sign_in`). */
   passwords: Record<string, string>;
+  /** Wrong passwords in a row, by login: from the fifth on, `sign_in` answers `sign_in_locked`
+   * (the engine pauses sign-in for 30 s, then longer). */
+  failed_sign_ins: Record<string, number>;
   /** The passphrase `unlock` accepts. */
   passphrase: string;
   /**
@@ -295,6 +298,7 @@ function initialState(o: OpenOptions): MockState {
     staff: phase === 'ready' ? staff : null,
     staff_list: staffList,
     passwords: o.passwords ?? { [staff.login]: 'password123' },
+    failed_sign_ins: {},
     passphrase: o.passphrase ?? 'correct horse battery',
     invites: o.invites ?? {},
     sync,
@@ -435,7 +439,14 @@ export const defaultHandlers: Handlers = {
     requireUnlocked(state);
     const l = String(login ?? '').trim();
     const who = state.staff_list.find((s) => s.login === l);
-    if (!who || state.passwords[l] !== password) fail('bad_credentials', 'wrong login or password');
+    if (who && (state.failed_sign_ins[l] ?? 0) >= 5) {
+      fail('sign_in_locked', 'too many wrong passwords for this account: try again in 30 s');
+    }
+    if (!who || state.passwords[l] !== password) {
+      if (who) state.failed_sign_ins[l] = (state.failed_sign_ins[l] ?? 0) + 1;
+      fail('bad_credentials', 'wrong login or password');
+    }
+    state.failed_sign_ins[l] = 0;
     state.staff = who;
     state.phase = 'ready';
     return who;
