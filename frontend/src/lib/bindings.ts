@@ -94,9 +94,10 @@ async createStaff(login: string, name: string, password: string) : Promise<Resul
 }
 },
 /**
- * The staff accounts of this device.
+ * The staff accounts of this device, for a signed-in staff member only (logins are what a
+ * password guesser needs first).
  * 
- * Errors: `locked`; `storage`.
+ * Errors: `locked`; `not_signed_in`; `storage`.
  */
 async listStaff() : Promise<Result<Staff[], AppError>> {
     try {

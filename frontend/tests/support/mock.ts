@@ -433,6 +433,7 @@ export const defaultHandlers: Handlers = {
   },
   list_staff: (_a, { state }) => {
     requireUnlocked(state);
+    if (!state.staff) fail('not_signed_in', 'no staff member is signed in');
     return state.staff_list;
   },
   sign_in: ({ login, password }, { state }) => {

@@ -370,13 +370,14 @@ pub async fn create_staff(
         .await
 }
 
-/// The staff accounts of this device.
+/// The staff accounts of this device, for a signed-in staff member only (logins are what a
+/// password guesser needs first).
 ///
-/// Errors: `locked`; `storage`.
+/// Errors: `locked`; `not_signed_in`; `storage`.
 #[tauri::command]
 #[specta::specta]
 pub async fn list_staff(state: State<'_, AppState>) -> AppResult<Vec<Staff>> {
-    state.with_unlocked(|u| Ok(staff::list(&u.engine)?)).await
+    state.with_staff(|engine, _| Ok(staff::list(engine)?)).await
 }
 
 /// Signs a staff member in with their own password; every change from now on is attributed to them.
