@@ -1057,6 +1057,32 @@ impl Engine {
         out
     }
 
+    /// [`Engine::commit`] together with its audit entry (`action` on the document, touching
+    /// `fields`, by the staff member signed in), in one transaction: a change is stored only with
+    /// the entry that names it, and an entry only with its change. Nothing written, no entry.
+    ///
+    /// Errors: as [`Engine::commit`], and the audit log's (then neither is stored).
+    pub fn commit_recorded(
+        &mut self,
+        loaded: &mut Loaded,
+        action: musubi_crdt::audit::AuditAction,
+        fields: &[&str],
+    ) -> Result<usize> {
+        let heads = loaded.heads.clone();
+        let doc = loaded.info.id;
+        let out = self.atomic(|e| {
+            let written = e.commit_in(loaded)?;
+            if written > 0 {
+                crate::audit::record(e, action, Some(doc), fields)?;
+            }
+            Ok(written)
+        });
+        if out.is_err() {
+            loaded.heads = heads;
+        }
+        out
+    }
+
     fn commit_in(&mut self, loaded: &mut Loaded) -> Result<usize> {
         let doc_id = loaded.info.id;
         if !self.my_role(&loaded.info)?.is_some_and(Role::can_write) {

@@ -296,6 +296,18 @@ fn an_audit_log_altered_or_cut_on_disk_is_detected() {
         "no entry, no data: {}",
         out.stderr
     );
+    // An edit is stored only with its entry: refused, it leaves the letter as it was.
+    a.run(
+        "referral edit",
+        &[&letter, "--field", "remarks", "--text", "記録されない編集"],
+    )
+    .expect_fail();
+    restore();
+    assert!(
+        !a.run_ok("referral show", &[&letter])
+            .contains("記録されない編集"),
+        "an edit without its audit entry is not stored"
+    );
     restore();
 
     story.step("the newest entries cut off");

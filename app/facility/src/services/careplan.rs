@@ -152,8 +152,7 @@ fn edit_plan<T>(
     let mut loaded = engine.load(doc)?;
     let plan = schema::read(&loaded.doc)?;
     let out = edit(&mut loaded.doc, &plan)?;
-    engine.commit(&mut loaded)?;
-    super::audit(engine, AuditAction::Edit, Some(doc), &[what])?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &[what])?;
     Ok(out)
 }
 

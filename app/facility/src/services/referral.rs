@@ -354,8 +354,7 @@ pub fn send(engine: &mut Engine, id: &str) -> Result<()> {
     }
     schema::set_status(&mut loaded.doc, ReferralStatus::Sent)?;
     schema::set_status_time(&mut loaded.doc, ReferralStatus::Sent, &now_rfc3339())?;
-    engine.commit(&mut loaded)?;
-    super::audit(engine, AuditAction::Share, Some(doc), &["send"])?;
+    engine.commit_recorded(&mut loaded, AuditAction::Share, &["send"])?;
     Ok(())
 }
 
@@ -436,8 +435,7 @@ pub fn edit(engine: &mut Engine, id: &str, field: &str, text: &str) -> Result<()
     let doc = parse_id(engine, id)?;
     let mut loaded = engine.load(doc)?;
     schema::set_field(&mut loaded.doc, parsed, text)?;
-    engine.commit(&mut loaded)?;
-    super::audit(engine, AuditAction::Edit, Some(doc), &[field])?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &[field])?;
     Ok(())
 }
 
@@ -462,8 +460,7 @@ pub fn reply(engine: &mut Engine, id: &str, text: &str) -> Result<()> {
     schema::set_field(&mut loaded.doc, ReferralField::Reply, text)?;
     schema::set_status(&mut loaded.doc, ReferralStatus::Replied)?;
     schema::set_status_time(&mut loaded.doc, ReferralStatus::Replied, &now_rfc3339())?;
-    engine.commit(&mut loaded)?;
-    super::audit(engine, AuditAction::Edit, Some(doc), &["reply"])?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["reply"])?;
     Ok(())
 }
 
@@ -576,8 +573,7 @@ pub fn attach_bytes(
         ..att
     };
     schema::add_attachment(&mut loaded.doc, &att)?;
-    engine.commit(&mut loaded)?;
-    super::audit(engine, AuditAction::Edit, Some(doc), &["attachment"])?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["attachment"])?;
     Ok(att)
 }
 

@@ -324,8 +324,7 @@ pub fn open(engine: &mut Engine, req: &OpenShelter) -> Result<Opened> {
     info.medical_doc = medical.to_string();
     let mut loaded = engine.load(shelter)?;
     schema::set_medical_doc(&mut loaded.doc, &info.medical_doc)?;
-    engine.commit(&mut loaded)?;
-    super::audit(engine, AuditAction::Create, Some(loaded.info.id), &["open"])?;
+    engine.commit_recorded(&mut loaded, AuditAction::Create, &["open"])?;
     Ok(Opened { shelter, medical })
 }
 
@@ -853,10 +852,7 @@ impl Desk {
     /// Seals the edits into a bundle (durable before it returns) and queues the relatives'
     /// notifications in the mail outbox. Returns how many bundles were written.
     pub fn commit(&mut self, engine: &mut Engine) -> Result<usize> {
-        let written = engine.commit(&mut self.loaded)?;
-        if written > 0 {
-            super::audit(engine, AuditAction::Edit, Some(self.doc), &["roster"])?;
-        }
+        let written = engine.commit_recorded(&mut self.loaded, AuditAction::Edit, &["roster"])?;
         for draft in self.notifications.drain(..) {
             mail::enqueue(engine, &draft)?;
         }
@@ -974,13 +970,7 @@ pub fn set_status(
         status,
         &at.unwrap_or_else(now_rfc3339),
     )?;
-    engine.commit(&mut loaded)?;
-    super::audit(
-        engine,
-        AuditAction::Edit,
-        Some(loaded.info.id),
-        &["set-status"],
-    )?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["set-status"])?;
     Ok(())
 }
 
@@ -989,13 +979,7 @@ pub fn set_capacity(engine: &mut Engine, shelter: &str, capacity: u64) -> Result
     let doc = shelter_doc(engine, shelter)?;
     let mut loaded = engine.load(doc)?;
     schema::set_capacity(&mut loaded.doc, capacity)?;
-    engine.commit(&mut loaded)?;
-    super::audit(
-        engine,
-        AuditAction::Edit,
-        Some(loaded.info.id),
-        &["set-capacity"],
-    )?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["set-capacity"])?;
     Ok(())
 }
 
@@ -1025,13 +1009,7 @@ pub fn request(
             note: note.to_owned(),
         },
     )?;
-    engine.commit(&mut loaded)?;
-    super::audit(
-        engine,
-        AuditAction::Edit,
-        Some(loaded.info.id),
-        &["request"],
-    )?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["request"])?;
     Ok(id)
 }
 
@@ -1045,13 +1023,7 @@ pub fn set_request_status(
     let doc = shelter_doc(engine, shelter)?;
     let mut loaded = engine.load(doc)?;
     schema::set_request_status(&mut loaded.doc, request, status)?;
-    engine.commit(&mut loaded)?;
-    super::audit(
-        engine,
-        AuditAction::Edit,
-        Some(loaded.info.id),
-        &["set-request-status"],
-    )?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["set-request-status"])?;
     Ok(())
 }
 
@@ -1069,13 +1041,7 @@ pub fn add_need(engine: &mut Engine, shelter: &str, text: &str) -> Result<String
             resolved: false,
         },
     )?;
-    engine.commit(&mut loaded)?;
-    super::audit(
-        engine,
-        AuditAction::Edit,
-        Some(loaded.info.id),
-        &["add-need"],
-    )?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["add-need"])?;
     Ok(id)
 }
 
@@ -1084,13 +1050,7 @@ pub fn resolve_need(engine: &mut Engine, shelter: &str, need: &str) -> Result<()
     let doc = shelter_doc(engine, shelter)?;
     let mut loaded = engine.load(doc)?;
     schema::resolve_need(&mut loaded.doc, need)?;
-    engine.commit(&mut loaded)?;
-    super::audit(
-        engine,
-        AuditAction::Edit,
-        Some(loaded.info.id),
-        &["resolve-need"],
-    )?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["resolve-need"])?;
     Ok(())
 }
 
@@ -1148,13 +1108,7 @@ pub fn medical_note(engine: &mut Engine, shelter: &str, note: &MedicalNote) -> R
     }
     let mut loaded = engine.load(doc)?;
     schema::set_medical_note(&mut loaded.doc, &note)?;
-    engine.commit(&mut loaded)?;
-    super::audit(
-        engine,
-        AuditAction::Edit,
-        Some(loaded.info.id),
-        &["medical-note"],
-    )?;
+    engine.commit_recorded(&mut loaded, AuditAction::Edit, &["medical-note"])?;
     Ok(())
 }
 
