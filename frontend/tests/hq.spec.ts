@@ -191,7 +191,7 @@ test('HQ sees every shelter’s counts and an over-capacity shelter flagged', as
   await expect(page.locator('th[aria-sort=ascending]')).toContainText('避難所');
 });
 
-test('a safety inquiry finds a person', async ({ page }) => {
+test('a safety inquiry records who asks, then finds a person', async ({ page }) => {
   const answers: InquiryAnswer[] = [
     {
       name: '能登 花子',
@@ -213,14 +213,26 @@ test('a safety inquiry finds a person', async ({ page }) => {
   );
   await expect(page.getByTestId('hq-row').first()).toBeVisible();
 
+  // Nothing is looked up before the person asking is written down.
   await page.locator('#inquiry-name').fill('のと はなこ');
   await page.locator('#inquiry-name').press('Enter');
+  await expect(page.getByTestId('inquirer-missing')).toContainText('問い合わせ者の氏名と続柄を入力してください');
+  expect(app.callsTo('hq_inquiry')).toHaveLength(0);
+
+  await page.locator('#inquirer-name').fill('能登 一郎');
+  await page.locator('#inquirer-relationship').fill('長男');
+  await page.locator('#inquirer-contact').fill('090-0000-0000');
+  await page.locator('#inquiry-name').press('Enter');
+  await expect(page.getByTestId('inquirer-missing')).toHaveCount(0);
   const answer = page.getByTestId('inquiry-answer');
   await expect(answer).toHaveCount(1);
   await expect(answer).toContainText('能登 花子');
   await expect(answer).toContainText('御祓地区コミュニティセンター');
   await expect(answer).toContainText('在所');
-  expect(app.callsTo('hq_inquiry')[0].name).toBe('のと はなこ');
+  expect(app.callsTo('hq_inquiry')[0]).toEqual({
+    name: 'のと はなこ',
+    inquirer: { name: '能登 一郎', relationship: '長男', contact: '090-0000-0000' },
+  });
 
   // Somebody who is not found (or did not consent) gets the same plain answer.
   await page.locator('#inquiry-name').fill('七尾 太郎');

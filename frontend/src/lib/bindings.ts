@@ -536,13 +536,14 @@ async hqHistory(times: string[]) : Promise<Result<History, AppError>> {
 /**
  * 安否確認: where is the person named `name` (full name or kana; width, spaces and case ignored)?
  * Answers only for evacuees who consented to disclosure; anyone else gets the same empty answer
- * as a person who is in no shelter. Present first, then the latest news first.
+ * as a person who is in no shelter. Present first, then the latest news first. Who asked
+ * (`inquirer`: 問い合わせ者氏名, 続柄, 連絡先) is recorded in the audit log with the answer.
  * 
- * Errors: `locked`; `not_signed_in`.
+ * Errors: `invalid_input` (no inquirer name or relationship); `locked`; `not_signed_in`.
  */
-async hqInquiry(name: string) : Promise<Result<InquiryAnswer[], AppError>> {
+async hqInquiry(name: string, inquirer: Inquirer) : Promise<Result<InquiryAnswer[], AppError>> {
     try {
-    return { status: "ok", data: await TAURI_INVOKE("hq_inquiry", { name }) };
+    return { status: "ok", data: await TAURI_INVOKE("hq_inquiry", { name, inquirer }) };
 } catch (e) {
     if(e instanceof Error) throw e;
     else return { status: "error", error: e  as any };
@@ -2090,6 +2091,23 @@ name: string;
  * Why it was left out (English).
  */
 reason: string }
+/**
+ * Who asks in a 安否確認: recorded with the answer in the audit log, as the guideline expects
+ * (who asked, their relationship to the person, how to reach them).
+ */
+export type Inquirer = { 
+/**
+ * 問い合わせ者氏名 (required).
+ */
+name: string; 
+/**
+ * 続柄 (relationship to the person asked about; required).
+ */
+relationship: string; 
+/**
+ * 連絡先 (telephone or address; may be empty).
+ */
+contact: string }
 /**
  * An answer to a safety inquiry (only for evacuees who consented to disclosure).
  */

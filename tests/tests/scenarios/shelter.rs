@@ -782,17 +782,49 @@ fn medical_notes_inquiry_exports_and_confidentiality() {
         "shelter request",
         &["--shelter", &sid, "--id", &rid, "--status", "arranged"],
     );
-    let found = hq.run_json("hq inquiry", &["--name", &consenting.replace(' ', "　")]);
+    let found = hq.run_json(
+        "hq inquiry",
+        &[
+            "--name",
+            &consenting.replace(' ', "　"),
+            "--inquirer",
+            "能登 一郎",
+            "--relationship",
+            "長男",
+            "--contact",
+            "090-0000-0000",
+        ],
+    );
     assert_eq!(found.as_array().map(Vec::len), Some(1), "{found:#}");
     assert_eq!(found[0]["shelter_name"], "御祓地区コミュニティセンター");
     assert_eq!(
-        hq.run_json("hq inquiry", &["--name", "カイジ ドウイコ"])
-            .as_array()
-            .map(Vec::len),
+        hq.run_json(
+            "hq inquiry",
+            &[
+                "--name",
+                "カイジ ドウイコ",
+                "--inquirer",
+                "能登 一郎",
+                "--relationship",
+                "長男",
+            ],
+        )
+        .as_array()
+        .map(Vec::len),
         Some(1),
         "by kana too"
     );
-    let hidden = hq.run_json("hq inquiry", &["--name", &private]);
+    let hidden = hq.run_json(
+        "hq inquiry",
+        &[
+            "--name",
+            &private,
+            "--inquirer",
+            "能登 一郎",
+            "--relationship",
+            "長男",
+        ],
+    );
     assert_eq!(hidden, serde_json::json!([]), "no answer without consent");
 
     story.step("exports: roster CSV and HXL aggregates");

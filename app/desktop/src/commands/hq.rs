@@ -19,7 +19,9 @@ use musubi_crdt::ids::{DocumentId, DocumentKind};
 use musubi_facility::Engine;
 use musubi_facility::EngineError;
 use musubi_facility::audit;
-use musubi_facility::services::hq::{self as svc, History, InquiryAnswer, Summary, World};
+use musubi_facility::services::hq::{
+    self as svc, History, Inquirer, InquiryAnswer, Summary, World,
+};
 use serde::{Deserialize, Serialize};
 use tauri::State;
 
@@ -111,17 +113,23 @@ pub async fn hq_history(state: State<'_, AppState>, times: Vec<String>) -> AppRe
 
 /// 安否確認: where is the person named `name` (full name or kana; width, spaces and case ignored)?
 /// Answers only for evacuees who consented to disclosure; anyone else gets the same empty answer
-/// as a person who is in no shelter. Present first, then the latest news first.
+/// as a person who is in no shelter. Present first, then the latest news first. Who asked
+/// (`inquirer`: 問い合わせ者氏名, 続柄, 連絡先) is recorded in the audit log with the answer.
 ///
-/// Errors: `locked`; `not_signed_in`.
+/// Errors: `invalid_input` (no inquirer name or relationship); `locked`; `not_signed_in`.
 #[tauri::command]
 #[specta::specta]
-pub async fn hq_inquiry(state: State<'_, AppState>, name: String) -> AppResult<Vec<InquiryAnswer>> {
+pub async fn hq_inquiry(
+    state: State<'_, AppState>,
+    name: String,
+    inquirer: Inquirer,
+) -> AppResult<Vec<InquiryAnswer>> {
+    inquirer.check()?;
     let st = state.inner().clone();
     state
         .with_staff(move |engine, _| {
             let answers = with_world(&st, engine, |w| Ok(svc::inquiry_of(w, &name)))?;
-            audit::record(engine, AuditAction::SafetyInquiry, None, &["name"])?;
+            svc::record_inquiry(engine, &inquirer, answers.len())?;
             Ok(answers)
         })
         .await

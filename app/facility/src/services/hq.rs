@@ -21,7 +21,7 @@ use musubi_crdt::documents::shelter::{
     self as schema, Evacuee, Presence, Roster, ShelterStatus, SupplyRequest, rfc3339_ms,
 };
 use musubi_crdt::ids::{DocumentId, DocumentKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::shelter::{ms_to_rfc3339, now_rfc3339, search_fold};
 use crate::engine::{Engine, EngineError, Result, now_ms};
@@ -495,14 +495,79 @@ pub fn history_of(world: &World, times: &[String]) -> Result<History> {
 
 /// 安否確認: where is the person named `name` (the whole name or kana: width, spaces, case and
 /// hiragana/katakana ignored, see [`search_fold`]; never a partial match)? Answers only for evacuees who consented to disclosure; for anyone else the answer is empty,
-/// exactly as for a person who is in no shelter.
-pub fn inquiry(engine: &Engine, name: &str) -> Result<Vec<InquiryAnswer>> {
+/// exactly as for a person who is in no shelter. The answer and `inquirer` are recorded in the
+/// audit log ([`record_inquiry`]).
+///
+/// Errors: `InvalidValue` for an inquirer without a name or relationship ([`Inquirer::check`]).
+pub fn inquiry(engine: &Engine, name: &str, inquirer: &Inquirer) -> Result<Vec<InquiryAnswer>> {
+    inquirer.check()?;
     if schema::normalise_name(name).is_empty() {
         return Ok(Vec::new());
     }
     let answers = inquiry_of(&World::load(engine)?, name);
-    super::audit(engine, AuditAction::SafetyInquiry, None, &["name"])?;
+    record_inquiry(engine, inquirer, answers.len())?;
     Ok(answers)
+}
+
+/// Who asks in a 安否確認: recorded with the answer in the audit log, as the guideline expects
+/// (who asked, their relationship to the person, how to reach them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
+pub struct Inquirer {
+    /// 問い合わせ者氏名 (required).
+    pub name: String,
+    /// 続柄 (relationship to the person asked about; required).
+    pub relationship: String,
+    /// 連絡先 (telephone or address; may be empty).
+    pub contact: String,
+}
+
+/// Longest inquirer detail kept, in characters.
+pub const INQUIRER_CHARS_MAX: usize = 100;
+
+impl Inquirer {
+    /// Errors: `InvalidValue` when the name or the relationship is empty, or a detail is over
+    /// [`INQUIRER_CHARS_MAX`] characters.
+    pub fn check(&self) -> Result<()> {
+        let invalid = |key: &str, message: &str| {
+            EngineError::from(musubi_crdt::documents::DocumentError::InvalidValue {
+                key: key.to_owned(),
+                reason: message.to_owned(),
+            })
+        };
+        for (key, v, required) in [
+            ("inquirer.name", &self.name, true),
+            ("inquirer.relationship", &self.relationship, true),
+            ("inquirer.contact", &self.contact, false),
+        ] {
+            if required && v.trim().is_empty() {
+                return Err(invalid(
+                    key,
+                    "a safety inquiry records who asks and their relationship to the person",
+                ));
+            }
+            if v.chars().count() > INQUIRER_CHARS_MAX {
+                return Err(invalid(key, "at most 100 characters"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Records a 安否確認 answer: the inquirer's details (the one place the audit log keeps values: the
+/// guideline asks who was told), how many answers were given, and the staff member who answered.
+pub fn record_inquiry(engine: &Engine, inquirer: &Inquirer, answers: usize) -> Result<()> {
+    super::audit(
+        engine,
+        AuditAction::SafetyInquiry,
+        None,
+        &[
+            &format!("inquirer={}", inquirer.name.trim()),
+            &format!("relationship={}", inquirer.relationship.trim()),
+            &format!("contact={}", inquirer.contact.trim()),
+            &format!("answers={answers}"),
+        ],
+    )
 }
 
 /// [`inquiry`] over an already loaded [`World`].

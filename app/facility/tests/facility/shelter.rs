@@ -252,9 +252,38 @@ fn hq_keeps_its_world_until_a_shelter_changes_and_answers_the_same_from_it() {
         hq::inquiry_of(&world, "やまだ").is_empty(),
         "never a partial match"
     );
+    let asker = hq::Inquirer {
+        name: "山田 花子".into(),
+        relationship: "妻".into(),
+        contact: "0767-52-0000".into(),
+    };
     assert_eq!(
         hq::inquiry_of(&world, "山田太郎").len(),
-        hq::inquiry(&engine, "山田太郎").expect("inquiry").len()
+        hq::inquiry(&engine, "山田太郎", &asker)
+            .expect("inquiry")
+            .len()
+    );
+    assert!(
+        hq::inquiry(&engine, "山田太郎", &hq::Inquirer::default()).is_err(),
+        "an inquiry records who asks"
+    );
+    let recorded = musubi_facility::audit::list(
+        &engine,
+        &musubi_facility::audit::Filter {
+            action: Some(musubi_crdt::audit::AuditAction::SafetyInquiry),
+            ..Default::default()
+        },
+    )
+    .expect("audit");
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(
+        recorded[0].fields,
+        [
+            "inquirer=山田 花子",
+            "relationship=妻",
+            "contact=0767-52-0000",
+            "answers=1"
+        ]
     );
     let times = vec![
         "2024-01-09T08:00:00+09:00".to_owned(),

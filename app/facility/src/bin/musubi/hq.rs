@@ -37,6 +37,15 @@ pub(crate) enum HqCommand {
         /// 氏名 or かな (spaces and full/half width are ignored).
         #[arg(long)]
         name: String,
+        /// 問い合わせ者氏名: who asks (recorded in the audit log with the answer).
+        #[arg(long)]
+        inquirer: String,
+        /// 続柄: their relationship to the person asked about.
+        #[arg(long)]
+        relationship: String,
+        /// 連絡先: how to reach them.
+        #[arg(long, default_value = "")]
+        contact: String,
         #[command(flatten)]
         json: Json,
     },
@@ -125,9 +134,21 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: HqCommand) -> Result<()> {
                 }
             }
         }
-        HqCommand::Inquiry { data, name, json } => {
+        HqCommand::Inquiry {
+            data,
+            name,
+            inquirer,
+            relationship,
+            contact,
+            json,
+        } => {
             let e = open_staff(pf, &data.data)?;
-            let answers = hq::inquiry(&e, &name)?;
+            let inquirer = hq::Inquirer {
+                name: inquirer,
+                relationship,
+                contact,
+            };
+            let answers = hq::inquiry(&e, &name, &inquirer)?;
             if json.json {
                 print_json(&answers)?;
             } else if answers.is_empty() {
