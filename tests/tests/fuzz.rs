@@ -13,7 +13,13 @@ const SECS_DEFAULT: u64 = 3;
 fn no_decoder_panics_on_mutated_input() {
     let seed: u64 = musubi_tests::env_or("MUSUBI_FUZZ_SEED", rand::random);
     let secs = musubi_tests::env_or("MUSUBI_FUZZ_SECS", || SECS_DEFAULT);
-    eprintln!("fuzz seed={seed} (replay with MUSUBI_FUZZ_SEED={seed}), {secs} s per target");
+    // Straight to stderr, past the test harness's capture: an abort (which no `catch_unwind`
+    // stops) would lose captured output, and the seed is what replays it.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("fuzz seed={seed} (replay with MUSUBI_FUZZ_SEED={seed}), {secs} s per target\n")
+            .as_bytes(),
+    );
     let targets: Vec<_> = fuzz::targets()
         .into_iter()
         .map(|target| {
