@@ -240,9 +240,9 @@ mod tests {
     #[test]
     fn a_change_with_text_marks_is_refused_before_automerge_applies_it() {
         use automerge::transaction::Transactable as _;
-        use automerge::{ActorId, AutoCommit, ObjType, ROOT};
+        use automerge::{AutoCommit, ObjType, ROOT};
         let me = DeviceSecrets::from_seeds([1; 32], [2; 32]).device_id();
-        let mut doc = AutoCommit::new().with_actor(ActorId::from(device_actor(&me, [7; 8])));
+        let mut doc = AutoCommit::new().with_actor(device_actor(&me, [7; 8]));
         let text = doc
             .put_object(ROOT, "remarks", ObjType::Text)
             .expect("text");
