@@ -630,6 +630,28 @@ pub fn sign_in_with_card(
 #[cfg(test)]
 mod tests {
 
+    /// A login typed to attack the log (100 KiB, control characters that would forge lines of
+    /// `audit list`): refused, recorded cut and cleaned, and the log still verifies.
+    #[test]
+    fn a_hostile_login_is_recorded_cut_and_clean_and_the_log_verifies() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let e =
+            Engine::init(&tmp.path().join("d"), "受付", "correct horse battery", 10).expect("init");
+        let login = format!(
+            "sato\n2024-01-01 sign-in admin\u{1b}[2J{}",
+            "x".repeat(100 * 1024)
+        );
+        assert!(matches!(
+            sign_in_password(&e, &login, "whatever"),
+            Err(StaffError::BadCredentials)
+        ));
+        let all = crate::audit::list(&e, &crate::audit::Filter::default()).expect("list");
+        let staff = all[0].staff.as_deref().expect("the login tried");
+        assert!(staff.chars().count() <= crate::audit::TEXT_CHARS_MAX);
+        assert!(!staff.chars().any(char::is_control), "{staff:?}");
+        assert!(crate::audit::verify(&e).expect("verify").is_ok());
+    }
+
     #[test]
     fn sign_in_pauses_after_repeated_wrong_passwords_and_longer_each_time() {
         assert_eq!(lockout_ms(SIGN_IN_FAILURES_FREE - 1), 0);

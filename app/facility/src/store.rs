@@ -292,19 +292,9 @@ impl Store {
         head: &[u8],
     ) -> Result<bool> {
         // Inside an engine operation's transaction, a savepoint; else a transaction of its own.
-        let nested = !self.conn.is_autocommit();
-        self.conn.execute_batch(if nested {
-            "SAVEPOINT audit_append"
-        } else {
-            "BEGIN IMMEDIATE"
-        })?;
+        let top = self.begin_operation()?;
         let written = (|| -> Result<bool> {
-            let now: Option<Vec<u8>> = self
-                .conn
-                .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
+            let now: Option<Vec<u8>> = self.meta("audit_head")?;
             if now.as_deref() != expect_head {
                 return Ok(false);
             }
@@ -319,13 +309,7 @@ impl Store {
             )?;
             Ok(true)
         })();
-        let end = match (&written, nested) {
-            (Ok(true), true) => "RELEASE audit_append",
-            (Ok(true), false) => "COMMIT",
-            (_, true) => "ROLLBACK TO audit_append; RELEASE audit_append",
-            (_, false) => "ROLLBACK",
-        };
-        self.conn.execute_batch(end)?;
+        self.end_operation(top, matches!(written, Ok(true)))?;
         written
     }
 

@@ -117,28 +117,7 @@ fn the_pseudonym_keys_are_sealed_at_rest_and_a_shelter_holds_no_clinic_key() {
         .collect();
     drop(engine);
 
-    let mut files = 0;
-    let mut stack = vec![dir.clone()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("read the data directory") {
-            let path = entry.expect("an entry").path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let bytes = std::fs::read(&path).expect("read a file");
-            for secret in &secrets {
-                let hex = hex::encode(secret);
-                assert!(
-                    !bytes.windows(32).any(|w| w == secret)
-                        && !bytes.windows(hex.len()).any(|w| w == hex.as_bytes()),
-                    "{} holds a pseudonym key in clear",
-                    path.display()
-                );
-            }
-            files += 1;
-        }
-    }
+    let files = assert_in_no_file(&dir, &secrets, "a pseudonym key");
     assert!(files >= 2, "the store and the key file were read");
     let mode = std::fs::metadata(&dir)
         .expect("metadata")
@@ -239,17 +218,7 @@ fn a_store_from_before_sectors_keeps_only_its_roles_keys() {
         );
     }
     drop(engine);
-    for f in musubi_facility_test_files(&dir) {
-        let bytes = std::fs::read(&f).expect("read a file");
-        assert!(
-            !bytes.windows(32).any(|w| w == secret)
-                && !bytes
-                    .windows(64)
-                    .any(|w| w == hex::encode(secret).as_bytes()),
-            "{} still holds the deployment's secret",
-            f.display()
-        );
-    }
+    assert_in_no_file(&dir, &[secret], "the deployment's secret");
 
     let engine = musubi_facility::Engine::open(&dir, passphrase).expect("unlock");
     let keys = engine.pseudonym_keys().expect("the keys");
@@ -276,19 +245,30 @@ fn a_store_from_before_sectors_keeps_only_its_roles_keys() {
     );
 }
 
-/// Every file under `dir`.
-fn musubi_facility_test_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
+/// Asserts that no file under `dir` holds any of `secrets`, raw or as hex (`what` names them in
+/// the failure); returns how many files were read.
+fn assert_in_no_file(dir: &std::path::Path, secrets: &[[u8; 32]], what: &str) -> usize {
+    let mut files = 0;
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).expect("read a directory") {
             let path = entry.expect("an entry").path();
             if path.is_dir() {
                 stack.push(path);
-            } else {
-                out.push(path);
+                continue;
             }
+            let bytes = std::fs::read(&path).expect("read a file");
+            for secret in secrets {
+                let hex = hex::encode(secret);
+                assert!(
+                    !bytes.windows(32).any(|w| w == secret)
+                        && !bytes.windows(hex.len()).any(|w| w == hex.as_bytes()),
+                    "{} holds {what} in clear",
+                    path.display()
+                );
+            }
+            files += 1;
         }
     }
-    out
+    files
 }

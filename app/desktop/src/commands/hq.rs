@@ -8,8 +8,6 @@
 //! the sync task reports a shelter document changed (which also covers keys arriving for a shelter
 //! that was unreadable).
 
-use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -154,32 +152,12 @@ fn export_path(path: &str) -> AppResult<PathBuf> {
 /// Writes `bytes` to `path` through a sibling `.part` file renamed into place, readable by this
 /// user only (the roster holds personal data).
 fn write_file(path: &Path, bytes: &[u8]) -> AppResult<()> {
-    let storage = |e: std::io::Error| {
+    musubi_facility::services::write_owner_only(path, bytes).map_err(|e| {
         AppError::new(
             ErrorKind::Storage,
             format!("writing {}: {e}", path.display()),
         )
-    };
-    let mut part = path.as_os_str().to_owned();
-    part.push(".part");
-    let part = PathBuf::from(part);
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
-    }
-    let result = (|| {
-        let mut f = opts.open(&part)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&part, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&part);
-    }
-    result.map_err(storage)
+    })
 }
 
 fn report(path: PathBuf, rows: usize, bytes: usize) -> ExportReport {

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Engine, EngineError};
 use apdu::{Protocol, Transport};
 use contactless::Uid;
-use musubi_crdt::crypto::PseudonymSector;
+use musubi_crdt::crypto::{self, PseudonymSector};
 pub use mynumber::{Attributes, Pin, PinKind, PinPrompt, Sex};
 use mynumber::{AuthCertificate, MyNumberCard};
 
@@ -797,8 +797,9 @@ pub fn read(
     opts: &ReadOptions,
     prompt: Box<dyn PinPrompt + Send>,
 ) -> Result<CardRead, CardError> {
-    // Fail before waiting when this sector's key is not here.
-    engine.pseudonym_key(sector)?;
+    // Fail before waiting when this sector's key is not here; the key is unsealed once per read.
+    let key = engine.pseudonym_key(sector)?;
+    let id_of = |domain: &str, input: &[u8]| hex::encode(crypto::pseudonym(&key, domain, input));
     let start = Instant::now();
     let prompt = Arc::new(Mutex::new(prompt));
     let (reader, waited, raw) = loop {
@@ -824,7 +825,7 @@ pub fn read(
                 .unwrap_or(0);
             CardIdentity {
                 kind: CardKind::MyNumber,
-                pseudonymous_id: engine.pseudonym(sector, DOMAIN_JPKI_AUTH, &cert.spki_der)?,
+                pseudonymous_id: id_of(DOMAIN_JPKI_AUTH, &cert.spki_der),
                 reader,
                 technology: raw.technology,
                 expires: Some(date_of(cert.not_after_unix)),
@@ -833,7 +834,7 @@ pub fn read(
         }
         RawIdentity::Contactless(uid) => CardIdentity {
             kind: CardKind::Contactless,
-            pseudonymous_id: engine.pseudonym(sector, DOMAIN_CONTACTLESS_UID, &uid)?,
+            pseudonymous_id: id_of(DOMAIN_CONTACTLESS_UID, &uid),
             reader,
             technology: raw.technology,
             expires: None,

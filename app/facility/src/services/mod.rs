@@ -15,6 +15,35 @@ pub mod hq;
 pub mod referral;
 pub mod shelter;
 
+/// Writes `bytes` to `path` for this user only (mode 0600) and atomically: into `PATH.part`, synced,
+/// then renamed over `path` (an existing file is replaced whole or not at all; the part file is
+/// removed on failure). For exports that carry personal data (rosters, the audit log).
+///
+/// Errors: the IO error of the first step that failed.
+pub fn write_owner_only(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    let part = std::path::PathBuf::from(part);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let result = (|| {
+        let mut f = opts.open(&part)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&part, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
 /// Records in the audit log that the signed-in staff member did `action` on `doc`, touching `fields`
 /// (names only). Views record before they are returned, changes after they are committed.
 pub(crate) fn audit(

@@ -58,7 +58,7 @@ pub(crate) enum AuditCommand {
         /// csv or json.
         #[arg(long)]
         format: Format,
-        /// The file to write (mode 0600; an existing file is replaced).
+        /// The file to write (mode 0600, written whole or not at all; an existing file is replaced).
         #[arg(long)]
         out: PathBuf,
     },
@@ -81,20 +81,6 @@ fn print_records(records: &[AuditRecord]) {
             r.fields.join(",")
         );
     }
-}
-
-/// Writes `bytes` to `path`, readable by its owner only (mode 0600), replacing what was there.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 pub(crate) fn run(pf: &Option<PathBuf>, cmd: AuditCommand) -> Result<()> {
@@ -168,7 +154,8 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: AuditCommand) -> Result<()> {
                 Format::Csv => audit::write_csv(&records, &mut bytes)?,
                 Format::Json => serde_json::to_writer_pretty(&mut bytes, &records)?,
             }
-            write_private(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            musubi_facility::services::write_owner_only(&out, &bytes)
+                .with_context(|| format!("writing {}", out.display()))?;
             println!("{} entries written to {}", records.len(), out.display());
         }
     }
