@@ -113,6 +113,19 @@ pub fn actor_is_bound(actor: &ActorId, device: &DeviceId) -> bool {
 /// Errors: a [`ChangesError`] naming the first chunk that fails; nothing is decoded past it, and no
 /// more than [`CHANGES_INFLATED_BYTES_MAX`] bytes are inflated in all.
 pub fn decode_changes(data: &[u8], author: &DeviceId) -> Result<Vec<Change>, ChangesError> {
+    decode_changes_by(data, author, false)
+}
+
+/// [`decode_changes`] for a bundle this device signed itself (`own`): its changes are not expanded
+/// to look for text marks, which this device never writes (the expansion costs a load about a
+/// tenth of its time). Everything else is checked the same.
+///
+/// Errors: as [`decode_changes`].
+pub fn decode_changes_by(
+    data: &[u8],
+    author: &DeviceId,
+    own: bool,
+) -> Result<Vec<Change>, ChangesError> {
     let mut out = Vec::new();
     let mut rest = data;
     let mut inflated_budget = CHANGES_INFLATED_BYTES_MAX;
@@ -177,7 +190,11 @@ pub fn decode_changes(data: &[u8], author: &DeviceId) -> Result<Vec<Change>, Cha
         // panic in a destructor aborts the process, which no `catch_unwind` stops; found by
         // fuzzing, seed 12725757932369830143). Musubi writes no marks, so a change with any is
         // refused before Automerge applies it.
-        match holds_marks(&change) {
+        match if own {
+            Some(false)
+        } else {
+            holds_marks(&change)
+        } {
             Some(false) => {}
             Some(true) => return Err(ChangesError::Marks { index }),
             None => {

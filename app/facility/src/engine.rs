@@ -239,6 +239,12 @@ pub struct Loaded {
     pub unreadable: usize,
 }
 
+/// The pseudonymous id of a card identity under a sector's key, as 64 hex digits (what rosters and
+/// staff records keep; see [`Engine::pseudonym`]).
+pub fn pseudonym_hex(sector_key: &[u8; 32], domain: &str, identity: &[u8]) -> String {
+    hex::encode(crypto::pseudonym(sector_key, domain, identity))
+}
+
 /// An open facility device.
 pub struct Engine {
     dir: PathBuf,
@@ -589,11 +595,11 @@ impl Engine {
         domain: &str,
         identity: &[u8],
     ) -> Result<String> {
-        Ok(hex::encode(crypto::pseudonym(
+        Ok(pseudonym_hex(
             &self.pseudonym_key(sector)?,
             domain,
             identity,
-        )))
+        ))
     }
 
     /// The directory as this device verified it last.
@@ -942,7 +948,11 @@ impl Engine {
         for (rowid, row) in self.store.bundles_after(doc, upto)? {
             match open_any(&keys, &row.envelope) {
                 Some(Payload::Changes { data }) => {
-                    match changes::decode_changes(&data, &row.envelope.author) {
+                    match changes::decode_changes_by(
+                        &data,
+                        &row.envelope.author,
+                        row.envelope.author == self.device_id(),
+                    ) {
                         Ok(decoded) => {
                             let inflated: usize = decoded.iter().map(|c| c.raw_bytes().len()).sum();
                             if load_bytes + inflated > LOAD_CHANGES_INFLATED_BYTES_MAX {

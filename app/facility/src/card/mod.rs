@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Engine, EngineError};
 use apdu::{Protocol, Transport};
 use contactless::Uid;
-use musubi_crdt::crypto::{self, PseudonymSector};
+use musubi_crdt::crypto::PseudonymSector;
 pub use mynumber::{Attributes, Pin, PinKind, PinPrompt, Sex};
 use mynumber::{AuthCertificate, MyNumberCard};
 
@@ -799,7 +799,7 @@ pub fn read(
 ) -> Result<CardRead, CardError> {
     // Fail before waiting when this sector's key is not here; the key is unsealed once per read.
     let key = engine.pseudonym_key(sector)?;
-    let id_of = |domain: &str, input: &[u8]| hex::encode(crypto::pseudonym(&key, domain, input));
+    let id_of = |domain: &str, input: &[u8]| crate::engine::pseudonym_hex(&key, domain, input);
     let start = Instant::now();
     let prompt = Arc::new(Mutex::new(prompt));
     let (reader, waited, raw) = loop {
