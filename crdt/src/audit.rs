@@ -49,11 +49,16 @@ pub enum AuditAction {
     SafetyInquiry,
     /// The audit log itself was listed, verified or exported.
     AuditRead,
+    /// An administrator reviewed the log of a period (定期確認); the fields name the period.
+    Review,
+    /// A session was locked after the staff member was idle (the drafts stay; signing in again
+    /// is a `sign-in`).
+    Lock,
 }
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::Read,
         Self::Create,
         Self::Edit,
@@ -69,6 +74,8 @@ impl AuditAction {
         Self::StaffChange,
         Self::SafetyInquiry,
         Self::AuditRead,
+        Self::Review,
+        Self::Lock,
     ];
 
     /// The stable name (`read`, `edit`, `export`, `print`, `share`, `sign-in`, ...).
@@ -89,6 +96,8 @@ impl AuditAction {
             Self::StaffChange => "staff-change",
             Self::SafetyInquiry => "safety-inquiry",
             Self::AuditRead => "audit-read",
+            Self::Review => "review",
+            Self::Lock => "lock",
         }
     }
 }
@@ -274,7 +283,9 @@ pub fn verify_chain(
     }
     if let Some(head) = head {
         match summary.last {
-            Some(last) if last == head.seq && prev == head.hash => {}
+            // Every entry up to the head read, or none left after the start (retention removed
+            // them all, and the start is the head).
+            _ if expect - 1 == head.seq && prev == head.hash => {}
             Some(last) if last == head.seq => {
                 return Err(brk(last, "it is not the newest entry recorded".into()));
             }
@@ -291,6 +302,176 @@ pub fn verify_chain(
         }
     }
     Ok(summary)
+}
+
+/// The facility's audit document ([`crate::ids::DocumentKind::Audit`]): each of its devices copies
+/// its signed entries into it, so that the log outlives a lost or wiped device.
+///
+/// Shape (Automerge): the root map holds `facility` (text, the facility id), optionally
+/// `retention_days` (an integer: how long entries are kept, set by an administrator for every
+/// device of the facility), and `entries`, a map from `"<device>/<seq>"` (the device id in hex, the
+/// entry's `seq` as 20 zero-padded digits) to the [`SignedEntry`]'s CBOR (bytes). A flat map with one
+/// key per entry: two processes of one device publishing at once write the same key with the
+/// same value, and a key never hides another.
+///
+/// The entries are the device's own signed chain: whoever writes them, they verify only as that
+/// device's ([`verify_chain`] over [`synced_chains`]).
+pub mod document {
+    use std::collections::BTreeMap;
+
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, AutomergeError, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+
+    use super::{AuditEntry, SignedEntry};
+    use crate::ids::{DeviceId, FacilityId};
+
+    /// Most entries a device copies into the document in one change.
+    pub const PUBLISH_BATCH_MAX: usize = 2_000;
+    /// Largest entry (CBOR bytes) read from the document.
+    pub const ENTRY_BYTES_MAX: usize = 16 * 1024;
+
+    fn key(device: &DeviceId, seq: u64) -> String {
+        format!("{device}/{seq:020}")
+    }
+
+    fn entries_obj(doc: &AutoCommit) -> Option<automerge::ObjId> {
+        match doc.get(ROOT, "entries") {
+            Ok(Some((Value::Object(ObjType::Map), id))) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Writes a new audit document's root for `facility`.
+    ///
+    /// Errors: Automerge's.
+    pub fn init(doc: &mut AutoCommit, facility: &FacilityId) -> Result<(), AutomergeError> {
+        doc.put(ROOT, "facility", facility.to_string())?;
+        doc.put_object(ROOT, "entries", ObjType::Map)?;
+        Ok(())
+    }
+
+    /// Copies `entries` of `device` into the document (an entry already there is written again
+    /// with the same value).
+    ///
+    /// Errors: Automerge's; `entries` missing from the root (not an audit document).
+    pub fn append(
+        doc: &mut AutoCommit,
+        device: &DeviceId,
+        entries: &[(u64, SignedEntry)],
+    ) -> Result<(), AutomergeError> {
+        let obj = match entries_obj(doc) {
+            Some(o) => o,
+            None => doc.put_object(ROOT, "entries", ObjType::Map)?,
+        };
+        for (seq, signed) in entries {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(signed, &mut bytes).expect("writing to a Vec cannot fail");
+            doc.put(&obj, key(device, *seq), ScalarValue::Bytes(bytes))?;
+        }
+        Ok(())
+    }
+
+    /// Removes `device`'s entries up to `through` (retention).
+    ///
+    /// Errors: Automerge's.
+    pub fn remove_through(
+        doc: &mut AutoCommit,
+        device: &DeviceId,
+        through: u64,
+    ) -> Result<usize, AutomergeError> {
+        let Some(obj) = entries_obj(doc) else {
+            return Ok(0);
+        };
+        let prefix = format!("{device}/");
+        let doomed: Vec<String> = doc
+            .keys(&obj)
+            .filter(|k| {
+                k.strip_prefix(&prefix)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .is_some_and(|seq| seq <= through)
+            })
+            .collect();
+        for k in &doomed {
+            doc.delete(&obj, k.as_str())?;
+        }
+        Ok(doomed.len())
+    }
+
+    /// How long entries are kept, in days, if an administrator set it.
+    pub fn retention_days(doc: &AutoCommit) -> Option<u64> {
+        match doc.get(ROOT, "retention_days") {
+            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                ScalarValue::Uint(n) => Some(*n),
+                ScalarValue::Int(n) if *n > 0 => Some(*n as u64),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Sets how long entries are kept, in days.
+    ///
+    /// Errors: Automerge's.
+    pub fn set_retention_days(doc: &mut AutoCommit, days: u64) -> Result<(), AutomergeError> {
+        doc.put(ROOT, "retention_days", ScalarValue::Uint(days))
+    }
+
+    /// The newest `seq` of `device` in the document.
+    pub fn last_seq(doc: &AutoCommit, device: &DeviceId) -> Option<u64> {
+        let obj = entries_obj(doc)?;
+        let prefix = format!("{device}/");
+        doc.keys(&obj)
+            .filter_map(|k| k.strip_prefix(&prefix).and_then(|s| s.parse::<u64>().ok()))
+            .max()
+    }
+
+    /// One device's entries as the document holds them: each key's `seq` and the entry (or why
+    /// it cannot be read), in `seq` order.
+    pub type Chain = Vec<(u64, Result<SignedEntry, String>)>;
+
+    /// Every device's entries the document holds (keys that do not parse are reported under no
+    /// device: `Err` with the key).
+    pub fn synced_chains(doc: &AutoCommit) -> (BTreeMap<DeviceId, Chain>, Vec<String>) {
+        let mut out: BTreeMap<DeviceId, Chain> = BTreeMap::new();
+        let mut bad = Vec::new();
+        let Some(obj) = entries_obj(doc) else {
+            return (out, bad);
+        };
+        for k in doc.keys(&obj) {
+            let parsed = k
+                .split_once('/')
+                .and_then(|(d, s)| Some((d.parse::<DeviceId>().ok()?, s.parse::<u64>().ok()?)));
+            let Some((device, seq)) = parsed else {
+                bad.push(k);
+                continue;
+            };
+            let entry = match doc.get(&obj, k.as_str()) {
+                Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                    ScalarValue::Bytes(b) if b.len() <= ENTRY_BYTES_MAX => {
+                        ciborium::from_reader::<SignedEntry, _>(b.as_slice())
+                            .map_err(|_| "it does not decode".to_owned())
+                    }
+                    ScalarValue::Bytes(_) => Err("it is too large".to_owned()),
+                    _ => Err("it is not an entry".to_owned()),
+                },
+                _ => Err("it is not an entry".to_owned()),
+            };
+            out.entry(device).or_default().push((seq, entry));
+        }
+        for chain in out.values_mut() {
+            chain.sort_by_key(|(seq, _)| *seq);
+        }
+        (out, bad)
+    }
+
+    /// The entry of a synced chain, opened (its signature verified), if it is there.
+    pub fn opened(chain: &Chain, seq: u64) -> Option<AuditEntry> {
+        chain
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .and_then(|(_, e)| e.as_ref().ok())
+            .and_then(|e| e.open().ok())
+    }
 }
 
 #[cfg(test)]
@@ -394,6 +575,81 @@ mod tests {
         let b = verify_chain(&d, (1, [0; 32]), rows(&chain(&other, 1)), head)
             .expect_err("another device");
         assert!(b.reason.contains("another device"), "{b}");
+    }
+
+    #[test]
+    fn the_audit_document_merges_devices_and_copies_and_drops_what_retention_ends() {
+        use automerge::AutoCommit;
+        let (a, b) = (
+            DeviceSecrets::from_seeds([1; 32], [2; 32]),
+            DeviceSecrets::from_seeds([3; 32], [4; 32]),
+        );
+        let facility = crate::ids::FacilityId::from_random_bytes([5; 16]);
+        let mut doc = AutoCommit::new();
+        document::init(&mut doc, &facility).expect("init");
+        let mut other = doc.fork();
+        let ca = chain(&a, 3);
+        let cb = chain(&b, 2);
+        let numbered = |c: &[SignedEntry]| -> Vec<(u64, SignedEntry)> {
+            c.iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, s)| (i as u64 + 1, s))
+                .collect()
+        };
+        // Device a publishes its first two, then all three (the same entries again, and one new),
+        // while device b publishes on a copy made before: the merge holds both chains whole.
+        document::append(&mut doc, &a.device_id(), &numbered(&ca[..2])).expect("append");
+        document::append(&mut doc, &a.device_id(), &numbered(&ca)).expect("append");
+        document::append(&mut other, &b.device_id(), &numbered(&cb)).expect("append");
+        doc.merge(&mut other).expect("merge");
+        assert_eq!(document::last_seq(&doc, &a.device_id()), Some(3));
+        assert_eq!(document::last_seq(&doc, &b.device_id()), Some(2));
+        let (chains, bad) = document::synced_chains(&doc);
+        assert!(bad.is_empty());
+        for (dev, c) in [(a.device_id(), &ca), (b.device_id(), &cb)] {
+            let held = &chains[&dev];
+            let head = Some(ChainHead {
+                seq: held.len() as u64,
+                hash: entry_hash(c.last().expect("entries")),
+            });
+            let ok = verify_chain(&dev, (1, [0; 32]), held.iter().cloned(), head).expect("whole");
+            assert_eq!(ok.entries, c.len() as u64);
+        }
+        // Retention removes a's first two: its chain verifies from entry 3, after entry 2.
+        assert_eq!(
+            document::remove_through(&mut doc, &a.device_id(), 2).expect("remove"),
+            2
+        );
+        let (chains, _) = document::synced_chains(&doc);
+        let held = &chains[&a.device_id()];
+        assert_eq!(held.len(), 1);
+        let ok = verify_chain(
+            &a.device_id(),
+            (3, entry_hash(&ca[1])),
+            held.iter().cloned(),
+            Some(ChainHead {
+                seq: 3,
+                hash: entry_hash(&ca[2]),
+            }),
+        )
+        .expect("from the anchor");
+        assert_eq!((ok.first, ok.last), (Some(3), Some(3)));
+        // Every entry removed: the start is the head.
+        let none: Vec<(u64, Result<SignedEntry, String>)> = Vec::new();
+        verify_chain(
+            &a.device_id(),
+            (4, entry_hash(&ca[2])),
+            none,
+            Some(ChainHead {
+                seq: 3,
+                hash: entry_hash(&ca[2]),
+            }),
+        )
+        .expect("nothing left after the anchor");
+        assert_eq!(document::retention_days(&doc), None);
+        document::set_retention_days(&mut doc, 3_650).expect("set");
+        assert_eq!(document::retention_days(&doc), Some(3_650));
     }
 
     #[test]

@@ -310,6 +310,9 @@ pub enum DocumentKind {
     Shelter,
     /// Medical notes about a shelter's evacuees (fewer members than the roster).
     ShelterMedical,
+    /// A facility's 監査ログ: its devices' signed audit entries of one calendar year (UTC), so
+    /// that a lost or wiped device does not take its log with it. Its facility is its only member.
+    Audit,
 }
 
 impl fmt::Display for DocumentKind {
@@ -319,6 +322,7 @@ impl fmt::Display for DocumentKind {
             Self::CarePlan => "care-plan",
             Self::Shelter => "shelter",
             Self::ShelterMedical => "shelter-medical",
+            Self::Audit => "audit",
         })
     }
 }
@@ -331,6 +335,7 @@ impl FromStr for DocumentKind {
             "care-plan" => Ok(Self::CarePlan),
             "shelter" => Ok(Self::Shelter),
             "shelter-medical" => Ok(Self::ShelterMedical),
+            "audit" => Ok(Self::Audit),
             _ => Err(ParseIdError::new("document kind", s)),
         }
     }

@@ -287,6 +287,14 @@ pub fn admit_op(
                     "the document id is not the one its Create derives",
                 );
             }
+            // An audit log is its facility's alone: no other facility, not even HQ, reads who
+            // looked at what.
+            if *kind == DocumentKind::Audit && !members.is_empty() {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    "an audit document has no member but the facility that keeps it",
+                );
+            }
             // HQ counts every shelter roster it is a member of (避難者名簿 → 避難所別集計): only a
             // facility the authority certified as a shelter, or an HQ (which may open one for a
             // shelter it runs), opens one, so an enrolled clinic cannot add a made-up shelter to
@@ -366,6 +374,12 @@ pub fn admit_op(
             match body {
                 DocOpBody::Create { .. } => unreachable!("matched above"),
                 DocOpBody::SetMember { facility, role: to } => {
+                    if view.kind == DocumentKind::Audit {
+                        return refuse(
+                            ErrorCode::Forbidden,
+                            "an audit document is not shared: its facility is its only member",
+                        );
+                    }
                     match role {
                         None => {
                             return refuse(
@@ -855,6 +869,58 @@ mod tests {
                 .code,
             ErrorCode::Forbidden
         );
+    }
+
+    #[test]
+    fn an_audit_document_never_has_another_member_at_any_point() {
+        let mut who = Who::default();
+        let (clinic, hq) = (party(&mut who, 1), party(&mut who, 2));
+        who.facilities
+            .insert(hq.facility, FacilityStatus::Current(FacilityRole::Hq));
+        let key = DocumentKey::from_seed([9; 32]);
+        let audit = |members: Vec<Member>| {
+            DocOp::create(
+                &clinic.device,
+                clinic.facility,
+                1,
+                DocOpBody::Create {
+                    kind: DocumentKind::Audit,
+                    members,
+                    key_commitment: key.commitment(),
+                    nonce: [1; 16],
+                },
+            )
+            .expect("create")
+        };
+        let with_hq = audit(vec![Member {
+            facility: hq.facility,
+            role: Role::Reader,
+        }]);
+        for point in [Point::Relay, Point::Peer, Point::Pulled] {
+            assert_eq!(
+                admit_op(&with_hq, None, &who, point)
+                    .expect_err("an audit document created with another member")
+                    .code,
+                ErrorCode::Forbidden
+            );
+        }
+        let view = admit_op(&audit(vec![]), None, &who, Point::Relay).expect("its facility's own");
+        let share = next(
+            &clinic,
+            &view,
+            DocOpBody::SetMember {
+                facility: hq.facility,
+                role: Some(Role::Reader),
+            },
+        );
+        for point in [Point::Relay, Point::Peer, Point::Pulled] {
+            assert_eq!(
+                admit_op(&share, Some(&view), &who, point)
+                    .expect_err("an audit document shared later")
+                    .code,
+                ErrorCode::Forbidden
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,20 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Copies the regular files directly in `from` into `to` (created if missing), as an operator's
+/// file copy of a data directory taken while nothing runs.
+///
+/// Panics on an IO error (a test fixture).
+pub fn copy_flat(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for e in fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_file() {
+            fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
 /// Whether `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)

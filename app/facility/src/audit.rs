@@ -10,13 +10,24 @@
 //!
 //! Entries are written before a view is returned or a file is written (no audit entry, no
 //! data), and after a change is committed.
+//!
+//! [`publish`] copies the entries into the facility's audit document
+//! ([`musubi_crdt::audit::document`], a document whose only member is the facility), which syncs
+//! like any document: sealed at the relay, held by every device of the facility, so a lost or
+//! wiped laptop does not take its log with it. [`list`] and [`verify_all`] read the other devices'
+//! entries from there, and compare this device's copy with its own (a device put back to an older
+//! copy of its disk is seen). [`publish`] also enforces retention ([`retention_days`]).
 
+use std::collections::BTreeMap;
+
+use musubi_crdt::audit::document::{self as audit_doc, Chain, PUBLISH_BATCH_MAX};
 use musubi_crdt::audit::{
     AuditAction, AuditEntry, ChainBreak, ChainHead, ChainSummary, SignedEntry, entry_hash,
     verify_chain,
 };
 use musubi_crdt::crypto;
-use musubi_crdt::ids::{DeviceId, DocumentId};
+use musubi_crdt::directory::Devices;
+use musubi_crdt::ids::{DeviceId, DocumentId, DocumentKind, Role};
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineError, Result, now_ms};
@@ -28,6 +39,15 @@ pub const ENTRY_BYTES_MAX: usize = 64 * 1024;
 pub const FIELDS_MAX: usize = 64;
 /// Times an append is retried when another process appended meanwhile.
 const APPEND_TRIES: usize = 8;
+/// How long entries are kept when no administrator set it: 5 years (1,827 days), the period the
+/// 安全管理ガイドライン asks access logs to be kept alongside the records they concern.
+pub const DEFAULT_RETENTION_DAYS: u64 = 1_827;
+/// The shortest retention an administrator may set, in days (entries removed earlier than this
+/// would make an unsigned cut look like retention).
+pub const RETENTION_DAYS_MIN: u64 = 365;
+/// The longest, in days (30 years).
+pub const RETENTION_DAYS_MAX: u64 = 10_958;
+const DAY_MS: u64 = 86_400_000;
 
 /// One entry as `musubi audit list` and the 監査ログ screen show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -195,12 +215,14 @@ fn to_record(entry: AuditEntry) -> AuditRecord {
     }
 }
 
-/// The entries that match `filter`, oldest first. Entries that cannot be read are left out: run
-/// [`verify`] to learn where the log is broken.
+/// The entries that match `filter`, oldest first: this device's from its disk, the facility's
+/// other devices' from its audit document (what they published before the last sync). Entries
+/// that cannot be read are left out: run [`verify_all`] to learn where a log is broken.
 ///
 /// Errors: store errors.
 pub fn list(e: &Engine, filter: &Filter) -> Result<Vec<AuditRecord>> {
     let mut out = Vec::new();
+    let me = e.device_id();
     for (_, sealed) in e.store().audit_rows()? {
         let Ok(signed) = open_row(e, &sealed) else {
             continue;
@@ -210,6 +232,24 @@ pub fn list(e: &Engine, filter: &Filter) -> Result<Vec<AuditRecord>> {
             out.push(to_record(entry));
         }
     }
+    // The other devices' entries, from the facility's audit document: only those signed by the
+    // device they are filed under, a device that is or was of this facility.
+    let (chains, _) = synced(e)?;
+    let ours = of_this_facility(e);
+    for (device, chain) in chains {
+        if device == me || !ours(&device) {
+            continue;
+        }
+        for (seq, signed) in chain {
+            let Some(entry) = signed.ok().and_then(|s| s.open().ok()) else {
+                continue;
+            };
+            if entry.device == device && entry.seq == seq && filter.matches(&entry) {
+                out.push(to_record(entry));
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.at_ms, &a.device, a.seq).cmp(&(b.at_ms, &b.device, b.seq)));
     Ok(out)
 }
 
@@ -219,14 +259,27 @@ pub fn list(e: &Engine, filter: &Filter) -> Result<Vec<AuditRecord>> {
 ///
 /// Errors: store errors.
 pub fn verify(e: &Engine) -> Result<std::result::Result<ChainSummary, ChainBreak>> {
+    verify_at(e, now_ms())
+}
+
+/// [`verify`] at `now_ms` (ms since the Unix epoch; the time the retention anchor is judged
+/// against: entries may have gone by retention only if the anchor is over
+/// [`RETENTION_DAYS_MIN`] days old).
+///
+/// Errors: store errors.
+pub fn verify_at(e: &Engine, now_ms: u64) -> Result<std::result::Result<ChainSummary, ChainBreak>> {
     let (_, head) = head(e)?;
     let device: DeviceId = e.device_id();
+    let start = match local_start(e, now_ms) {
+        Ok(start) => start,
+        Err(broken) => return Ok(Err(broken)),
+    };
     let rows = e
         .store()
         .audit_rows()?
         .into_iter()
         .map(|(seq, sealed)| (seq, open_row(e, &sealed)));
-    Ok(verify_chain(&device, (1, [0; 32]), rows, head))
+    Ok(verify_chain(&device, start, rows, head))
 }
 
 /// Writes `records` as CSV (UTF-8, a header row; fields joined by `;`; a cell that a spreadsheet
@@ -256,4 +309,442 @@ pub fn write_csv(records: &[AuditRecord], out: impl std::io::Write) -> std::io::
         ])?;
     }
     w.flush()
+}
+
+/// This facility's audit documents (normally one; two when two devices created one before either
+/// had synced), smallest id first.
+///
+/// Errors: store errors.
+pub fn audit_documents(e: &Engine) -> Result<Vec<DocumentId>> {
+    let Ok(me) = e.enrolment().map(|en| en.facility) else {
+        return Ok(Vec::new());
+    };
+    let mut ids: Vec<DocumentId> = e
+        .store()
+        .documents(Some(DocumentKind::Audit))?
+        .into_iter()
+        .filter(|r| {
+            r.info
+                .members
+                .iter()
+                .any(|m| m.facility == me && m.role == Role::Owner)
+        })
+        .map(|r| r.info.id)
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Every device's entries the facility's audit documents hold, merged by device and `seq` (the same
+/// entry in two documents is one; two different entries at one place are both kept, for
+/// [`verify_all`] to report).
+fn synced(e: &Engine) -> Result<(BTreeMap<DeviceId, Chain>, Option<u64>)> {
+    let mut all: BTreeMap<DeviceId, Chain> = BTreeMap::new();
+    let mut retention = None;
+    for id in audit_documents(e)? {
+        let loaded = match e.load(id) {
+            Ok(l) => l,
+            // Not readable yet (its key has not arrived): nothing of it to show.
+            Err(EngineError::NoKey(_)) => continue,
+            Err(err) => return Err(err),
+        };
+        retention = retention.or(audit_doc::retention_days(&loaded.doc));
+        let (chains, _) = audit_doc::synced_chains(&loaded.doc);
+        for (device, chain) in chains {
+            let into = all.entry(device).or_default();
+            for (seq, entry) in chain {
+                if !into.iter().any(|(s, e)| *s == seq && *e == entry) {
+                    into.push((seq, entry));
+                }
+            }
+        }
+    }
+    for chain in all.values_mut() {
+        chain.sort_by_key(|(seq, _)| *seq);
+    }
+    Ok((all, retention))
+}
+
+/// How long entries are kept, in days: what an administrator set in the facility's audit
+/// document ([`set_retention_days`]), else [`DEFAULT_RETENTION_DAYS`].
+///
+/// Errors: store errors.
+pub fn retention_days(e: &Engine) -> Result<u64> {
+    for id in audit_documents(e)? {
+        if let Ok(loaded) = e.load(id)
+            && let Some(days) = audit_doc::retention_days(&loaded.doc)
+        {
+            return Ok(days.clamp(RETENTION_DAYS_MIN, RETENTION_DAYS_MAX));
+        }
+    }
+    Ok(DEFAULT_RETENTION_DAYS)
+}
+
+/// Sets how long every device of the facility keeps audit entries (days, from
+/// [`RETENTION_DAYS_MIN`] to [`RETENTION_DAYS_MAX`]); recorded as an `audit-read` of `retention`
+/// by the staff member signed in. Takes effect at each device's next [`publish`].
+///
+/// Errors: [`EngineError::Invalid`] outside the range; [`EngineError::NotEnrolled`]-like errors of
+/// a device that has not joined; store errors.
+pub fn set_retention_days(e: &mut Engine, days: u64) -> Result<()> {
+    if !(RETENTION_DAYS_MIN..=RETENTION_DAYS_MAX).contains(&days) {
+        return Err(EngineError::Invalid(format!(
+            "retention must be from {RETENTION_DAYS_MIN} to {RETENTION_DAYS_MAX} days, not {days}"
+        )));
+    }
+    let id = ensure_document(e)?;
+    let mut loaded = e.load(id)?;
+    audit_doc::set_retention_days(&mut loaded.doc, days)
+        .map_err(|err| corrupt(format!("audit document: {err}")))?;
+    let field = format!("retention:{days}d");
+    e.commit_recorded(&mut loaded, AuditAction::AuditRead, &["retention", &field])?;
+    Ok(())
+}
+
+fn ensure_document(e: &mut Engine) -> Result<DocumentId> {
+    if let Some(id) = audit_documents(e)?.first() {
+        return Ok(*id);
+    }
+    let facility = e.enrolment()?.facility;
+    e.create_document(DocumentKind::Audit, Vec::new(), |doc| {
+        audit_doc::init(doc, &facility).map_err(|err| corrupt(format!("audit document: {err}")))
+    })
+}
+
+/// What one [`publish`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Published {
+    /// Entries of this device copied into the audit document.
+    pub copied: usize,
+    /// Entries removed from this device's disk because their retention ended.
+    pub pruned_local: usize,
+    /// Entries (of any device of the facility) removed from the audit document for the same reason.
+    pub pruned_synced: usize,
+}
+
+/// Copies this device's entries not yet in the facility's audit document into it (creating the
+/// document the first time; at most [`PUBLISH_BATCH_MAX`] entries a call), and removes entries
+/// older than [`retention_days`] from this device's disk (only entries already copied) and from
+/// the document. `now_ms` is the time (ms since the Unix epoch). With `create` false, nothing is
+/// done until the device holds the facility's audit document (a device that has not synced yet
+/// would otherwise start a second one). Nothing to do on a device that has not joined or has no
+/// entry.
+///
+/// Errors: [`EngineError::Trust`] when the document holds entries of this device that its disk no
+/// longer has, or holds them differently (the disk was put back to an older copy, or the log was
+/// cut or altered); the entries are then not copied, and [`verify_all`] names the break. Store,
+/// crypto and Automerge errors.
+pub fn publish(e: &mut Engine, now_ms: u64, create: bool) -> Result<Published> {
+    let mut out = Published::default();
+    if e.enrolment().is_err() || (!create && audit_documents(e)?.is_empty()) {
+        return Ok(out);
+    }
+    let (_, head) = head(e)?;
+    let Some(head) = head else {
+        return Ok(out);
+    };
+    if e.store().meta_cbor::<u64>("audit_published")? == Some(head.seq)
+        && !retention_due(e, now_ms)?
+    {
+        return Ok(out);
+    }
+    let id = ensure_document(e)?;
+    let mut loaded = e.load(id)?;
+    let me = e.device_id();
+    let in_doc = audit_doc::last_seq(&loaded.doc, &me).unwrap_or(0);
+    if in_doc > head.seq {
+        return Err(EngineError::Trust(format!(
+            "the facility's audit document holds entries of this device up to {in_doc}, but its disk only up to {}: the disk was put back to an older copy or its log was cut; an administrator should run `musubi audit verify`",
+            head.seq
+        )));
+    }
+    if in_doc > 0
+        && let Some((_, sealed)) = e.store().audit_rows_after(in_doc - 1, 1)?.first()
+        && let (Ok(local), Some((_, Ok(synced)))) = (
+            open_row(e, sealed),
+            audit_doc::synced_chains(&loaded.doc)
+                .0
+                .get(&me)
+                .and_then(|c| c.iter().find(|(s, _)| *s == in_doc)),
+        )
+        && local != *synced
+    {
+        return Err(EngineError::Trust(format!(
+            "this device's audit entry {in_doc} differs from the copy in the facility's audit document: the log was altered; an administrator should run `musubi audit verify`"
+        )));
+    }
+    let rows = e.store().audit_rows_after(in_doc, PUBLISH_BATCH_MAX)?;
+    let mut batch = Vec::with_capacity(rows.len());
+    for (seq, sealed) in rows {
+        let signed = open_row(e, &sealed).map_err(|reason| {
+            EngineError::Trust(format!(
+                "audit entry {seq} {reason}; an administrator should run `musubi audit verify`"
+            ))
+        })?;
+        batch.push((seq, signed));
+    }
+    out.copied = batch.len();
+    let published = batch.last().map_or(in_doc, |(s, _)| *s);
+    audit_doc::append(&mut loaded.doc, &me, &batch)
+        .map_err(|err| corrupt(format!("audit document: {err}")))?;
+
+    // Retention: entries older than the cutoff go, on this disk (once copied) and in the document.
+    let days = audit_doc::retention_days(&loaded.doc).map_or(DEFAULT_RETENTION_DAYS, |d| {
+        d.clamp(RETENTION_DAYS_MIN, RETENTION_DAYS_MAX)
+    });
+    let cutoff = now_ms.saturating_sub(days * DAY_MS);
+    out.pruned_local = prune_local(e, cutoff, published)?;
+    let (chains, _) = audit_doc::synced_chains(&loaded.doc);
+    for (device, chain) in &chains {
+        let expired = chain
+            .iter()
+            .take_while(|(_, entry)| {
+                entry
+                    .as_ref()
+                    .ok()
+                    .and_then(|s| s.open().ok())
+                    .is_some_and(|en| en.at_ms < cutoff)
+            })
+            .last()
+            .map(|(seq, _)| *seq);
+        if let Some(through) = expired {
+            out.pruned_synced += audit_doc::remove_through(&mut loaded.doc, device, through)
+                .map_err(|err| corrupt(format!("audit document: {err}")))?;
+        }
+    }
+    e.atomic(|e| {
+        e.commit(&mut loaded)?;
+        e.store().set_meta_cbor("audit_published", &published)?;
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Whether this device's oldest entry on disk is past its retention (a cheap check: one row).
+fn retention_due(e: &Engine, now_ms: u64) -> Result<bool> {
+    let Some((_, sealed)) = e.store().audit_rows_after(0, 1)?.first().cloned() else {
+        return Ok(false);
+    };
+    let Ok(entry) = open_row(e, &sealed).and_then(|s| s.open().map_err(str::to_owned)) else {
+        return Ok(false);
+    };
+    Ok(entry.at_ms < now_ms.saturating_sub(RETENTION_DAYS_MIN * DAY_MS))
+}
+
+/// Removes this device's rows older than `cutoff` and not after `published`, keeping the last one
+/// removed (sealed) as the anchor verification starts from. Returns how many.
+fn prune_local(e: &Engine, cutoff: u64, published: u64) -> Result<usize> {
+    let mut last: Option<(u64, Vec<u8>)> = None;
+    let mut after = 0;
+    'scan: loop {
+        let rows = e.store().audit_rows_after(after, 512)?;
+        if rows.is_empty() {
+            break;
+        }
+        for (seq, sealed) in rows {
+            after = seq;
+            if seq > published {
+                break 'scan;
+            }
+            let Ok(entry) = open_row(e, &sealed).and_then(|s| s.open().map_err(str::to_owned))
+            else {
+                // A row that does not open stays for `verify` to report.
+                break 'scan;
+            };
+            if entry.at_ms >= cutoff {
+                break 'scan;
+            }
+            last = Some((seq, sealed));
+        }
+    }
+    match last {
+        None => Ok(0),
+        Some((through, sealed)) => Ok(e.store().audit_prune(through, &sealed)?),
+    }
+}
+
+/// Where this device's chain on disk starts: after the anchor retention left (its signature and
+/// age checked), or at 1.
+fn local_start(e: &Engine, now_ms: u64) -> std::result::Result<(u64, [u8; 32]), ChainBreak> {
+    let Ok(Some(sealed)) = e.store().meta("audit_anchor") else {
+        return Ok((1, [0; 32]));
+    };
+    let brk = |reason: &str| ChainBreak {
+        seq: 1,
+        reason: reason.to_owned(),
+    };
+    let signed = open_row(e, &sealed).map_err(|r| brk(&format!("the retention anchor: {r}")))?;
+    let entry = signed
+        .open()
+        .map_err(|r| brk(&format!("the retention anchor: {r}")))?;
+    if entry.device != e.device_id() {
+        return Err(brk("the retention anchor is another device's entry"));
+    }
+    if entry.at_ms >= now_ms.saturating_sub(RETENTION_DAYS_MIN * DAY_MS) {
+        return Err(ChainBreak {
+            seq: entry.seq,
+            reason: format!(
+                "entries up to {} were removed before their retention ended",
+                entry.seq
+            ),
+        });
+    }
+    Ok((entry.seq + 1, entry_hash(&signed)))
+}
+
+/// Whether a device is, or was, one of this facility's (by the verified directory).
+fn of_this_facility(e: &Engine) -> impl Fn(&DeviceId) -> bool {
+    let facility = e.enrolment().ok().map(|en| en.facility);
+    let dir = e.directory().ok();
+    move |device| {
+        dir.as_ref()
+            .and_then(|d| d.device_status(device).ever())
+            .is_some_and(|f| Some(f) == facility)
+    }
+}
+
+/// One device's chain as [`verify_all`] found it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceChain {
+    /// The device (hex).
+    pub device: String,
+    /// Whether it is this device (its chain read from its disk, and compared with its copy in the
+    /// audit document); else the chain is the copy in the audit document.
+    pub this_device: bool,
+    /// What verified, or the first break.
+    pub result: std::result::Result<ChainSummary, ChainBreak>,
+}
+
+/// Verifies this device's chain on disk ([`verify`]), compares it with its copy in the facility's
+/// audit document (entries there that the disk no longer has, or has differently, are a break),
+/// and verifies every other device's chain in the document: each entry signed by the device it is
+/// filed under, a device that is or was of this facility, following the one before with no gap.
+/// This device first, then the others by id.
+///
+/// Errors: store errors.
+pub fn verify_all(e: &Engine) -> Result<Vec<DeviceChain>> {
+    verify_all_at(e, now_ms())
+}
+
+/// [`verify_all`] at `now_ms` (as [`verify_at`]).
+///
+/// Errors: store errors.
+pub fn verify_all_at(e: &Engine, now_ms: u64) -> Result<Vec<DeviceChain>> {
+    let me = e.device_id();
+    let mine = verify_at(e, now_ms)?;
+    let (chains, _) = synced(e)?;
+    let of_facility = of_this_facility(e);
+    let mut out = Vec::new();
+    let mine = match (mine, chains.get(&me)) {
+        (Ok(summary), Some(copy)) => compare_copy(e, summary, copy)?,
+        (r, _) => r,
+    };
+    out.push(DeviceChain {
+        device: me.to_string(),
+        this_device: true,
+        result: mine,
+    });
+    for (device, chain) in chains {
+        if device == me {
+            continue;
+        }
+        let result = if !of_facility(&device) {
+            Err(ChainBreak {
+                seq: chain.first().map_or(0, |(s, _)| *s),
+                reason: "the entries are filed under a device that is not one of this facility's"
+                    .into(),
+            })
+        } else {
+            verify_copy(&device, &chain)
+        };
+        out.push(DeviceChain {
+            device: device.to_string(),
+            this_device: false,
+            result,
+        });
+    }
+    Ok(out)
+}
+
+/// Verifies a device's chain as the audit document holds it: from its first entry held (earlier
+/// ones went by retention) to its last.
+fn verify_copy(device: &DeviceId, chain: &Chain) -> std::result::Result<ChainSummary, ChainBreak> {
+    for w in chain.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(ChainBreak {
+                seq: w[0].0,
+                reason: "two different entries are filed at this place".into(),
+            });
+        }
+    }
+    let Some((first, Ok(first_entry))) = chain.first() else {
+        return match chain.first() {
+            None => Ok(ChainSummary {
+                entries: 0,
+                first: None,
+                last: None,
+            }),
+            Some((seq, Err(reason))) => Err(ChainBreak {
+                seq: *seq,
+                reason: reason.clone(),
+            }),
+            Some(_) => unreachable!("matched above"),
+        };
+    };
+    let prev = first_entry
+        .open()
+        .map(|en| en.prev)
+        .map_err(|r| ChainBreak {
+            seq: *first,
+            reason: r.to_owned(),
+        })?;
+    let head = match chain.last() {
+        Some((seq, Ok(last))) => Some(ChainHead {
+            seq: *seq,
+            hash: entry_hash(last),
+        }),
+        _ => None,
+    };
+    verify_chain(device, (*first, prev), chain.iter().cloned(), head)
+}
+
+/// Compares this device's verified chain with its copy in the audit document.
+fn compare_copy(
+    e: &Engine,
+    summary: ChainSummary,
+    copy: &Chain,
+) -> Result<std::result::Result<ChainSummary, ChainBreak>> {
+    let last_local = summary.last.unwrap_or(0);
+    if let Some((beyond, _)) = copy.iter().find(|(s, _)| *s > last_local) {
+        return Ok(Err(ChainBreak {
+            seq: *beyond,
+            reason: format!(
+                "the facility's audit document holds entries from {beyond} that this device's disk no longer has (the disk was put back to an older copy, or its newest entries were removed with their record)"
+            ),
+        }));
+    }
+    let first_local = summary.first.unwrap_or(u64::MAX);
+    let local: BTreeMap<u64, Vec<u8>> = e
+        .store()
+        .audit_rows_after(first_local.saturating_sub(1), usize::MAX >> 1)?
+        .into_iter()
+        .collect();
+    for (seq, synced) in copy {
+        if *seq < first_local {
+            continue;
+        }
+        let same = local
+            .get(seq)
+            .and_then(|sealed| open_row(e, sealed).ok())
+            .is_some_and(|l| Ok(l) == *synced);
+        if !same {
+            return Ok(Err(ChainBreak {
+                seq: *seq,
+                reason:
+                    "this device's entry differs from its copy in the facility's audit document"
+                        .into(),
+            }));
+        }
+    }
+    Ok(Ok(summary))
 }

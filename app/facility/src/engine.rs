@@ -145,6 +145,9 @@ pub enum EngineError {
     /// Operation or grant handling failed.
     #[error(transparent)]
     Op(#[from] OpError),
+    /// A value given is out of its range (the message says which and why).
+    #[error("{0}")]
+    Invalid(String),
     /// Automerge refused the document data.
     #[error("document data is damaged: {0}")]
     Automerge(Box<automerge::AutomergeError>),
@@ -813,7 +816,7 @@ impl Engine {
     ///
     /// A panic inside `f` (rolled back, then resumed), or a failed `COMMIT`, rolls back too, so the
     /// connection is never left inside a transaction that later operations would join.
-    fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    pub(crate) fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let top = self.store.begin_operation()?;
         let out = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
             Ok(out) => out,

@@ -420,6 +420,7 @@ pub async fn sync_with(
     };
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_list = tokio::time::Instant::now();
+    let mut last_audit = tokio::time::Instant::now();
     let emit = |e: SyncEvent| {
         if let Some(tx) = &options.events {
             let _ = tx.send(e);
@@ -461,6 +462,9 @@ pub async fn sync_with(
                 Applied::Continue => {}
                 Applied::Progress => on_progress(&report),
                 Applied::CaughtUp => {
+                    // The relay's list is in: the audit log goes to the facility's audit document
+                    // (created now if the facility has none).
+                    publish_audit(engine, true);
                     // Anything queued meanwhile (by this task or another process) goes first.
                     let fresh = engine.store().pending(last_outbox)?;
                     if fresh.is_empty() && matches!(mode, Mode::Once { .. }) {
@@ -608,6 +612,10 @@ pub async fn sync_with(
                         emit(SyncEvent::LanPeers(now_peers));
                     }
                 }
+                if last_audit.elapsed() >= AUDIT_PUBLISH_INTERVAL {
+                    last_audit = tokio::time::Instant::now();
+                    publish_audit(engine, connected);
+                }
                 if connected && last_list.elapsed() >= RELIST_INTERVAL {
                     last_list = tokio::time::Instant::now();
                     session.want_documents();
@@ -665,6 +673,7 @@ pub fn start_session(engine: &mut Engine) -> Result<(Session, u64), SyncError> {
     );
     engine.maintain()?;
     engine.take_retracted();
+    publish_audit(engine, false);
     // The queue drains in order of urgency: shelter rosters before referrals before care plans;
     // a stable sort keeps each document's own items in the order they were made.
     let mut last_outbox = 0u64;
@@ -684,6 +693,26 @@ pub fn start_session(engine: &mut Engine) -> Result<(Session, u64), SyncError> {
         session.push(OutboxId(row.id), row.item);
     }
     Ok((session, last_outbox))
+}
+
+/// How often a running sync copies new audit entries into the facility's audit document.
+pub const AUDIT_PUBLISH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Copies this device's new audit entries into the facility's audit document
+/// ([`crate::audit::publish`]), which then syncs like any document. A failure is logged, never
+/// stops the sync: a log this device cannot publish (it was put back to an older copy, or cut) is
+/// what `musubi audit verify` reports. `create`: as in [`crate::audit::publish`] (false before
+/// the session has heard the relay's list of documents).
+pub fn publish_audit(engine: &mut Engine, create: bool) {
+    match crate::audit::publish(engine, crate::engine::now_ms(), create) {
+        Ok(p) if p != crate::audit::Published::default() => {
+            tracing::debug!(?p, "audit entries published");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!("could not copy the audit log to the facility's audit document: {e}")
+        }
+    }
 }
 
 /// Queues outbox items written since `last_outbox` (by this process or another); returns whether any were.
@@ -1094,13 +1123,15 @@ fn mark_relay_behind(engine: &Engine, restored: bool) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// Lower drains first: rosters and medical notes of shelters, then referrals, then care plans.
+/// Lower drains first: rosters and medical notes of shelters, then referrals, then care plans,
+/// then the audit log.
 pub fn urgency_of(kind: musubi_crdt::ids::DocumentKind) -> u8 {
     use musubi_crdt::ids::DocumentKind::*;
     match kind {
         Shelter | ShelterMedical => 0,
         Referral => 1,
         CarePlan => 2,
+        Audit => 3,
     }
 }
 

@@ -336,6 +336,34 @@ impl Store {
         Ok(rows)
     }
 
+    /// Up to `limit` stored audit rows after `seq`, in order: their number and sealed entry.
+    pub fn audit_rows_after(&self, seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT seq, sealed FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = st
+            .query_map(params![seq as i64, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Removes the audit rows up to `through` (retention) and keeps `anchor` (the sealed last
+    /// removed entry, where verification starts again), in one transaction.
+    pub fn audit_prune(&self, through: u64, anchor: &[u8]) -> Result<usize> {
+        let top = self.begin_operation()?;
+        let out = (|| -> Result<usize> {
+            let n = self
+                .conn
+                .execute("DELETE FROM audit WHERE seq <= ?1", params![through as i64])?;
+            self.set_meta("audit_anchor", anchor)?;
+            Ok(n)
+        })();
+        self.end_operation(top, out.is_ok())?;
+        out
+    }
+
     /// Removes metadata values that held a secret, so that no copy stays in the database file or
     /// its write-ahead log: deleted with SQLite's `secure_delete` (the freed space is overwritten
     /// with zeros), then the log is checkpointed and truncated.

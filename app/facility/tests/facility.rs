@@ -2,6 +2,8 @@
 //! enrolled by hand (a directory signed by a stand-in relay key), with no relay and no network.
 //! Each test is the story of a user; scenario tests with real processes live in `tests/`.
 
+#[path = "facility/audit.rs"]
+mod audit;
 #[path = "facility/careplan.rs"]
 mod careplan;
 #[path = "facility/lying_relay.rs"]

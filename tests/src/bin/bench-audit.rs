@@ -1,6 +1,7 @@
 //! Audit log overhead (issue 12): what one entry costs, what it adds to a check-in and to a
-//! 1,000-row roster view, how large the log grows per 1,000 actions, and how long listing and
-//! verifying take.
+//! 1,000-row roster view, how large the log grows per 1,000 actions, how long listing and
+//! verifying take, and what copying the log into the facility's audit document costs (time, and
+//! the document's sealed bundle bytes per 1,000 entries).
 //!
 //! Usage: `cargo run --release -p musubi-tests --bin bench-audit [ENTRIES]` (default 1,000).
 //!
@@ -155,5 +156,47 @@ fn main() {
         ms(list_time),
         ms(verify_time),
         verified.entries
+    );
+
+    // 4. Copying the log into the audit document (what each sync does), all of it at once.
+    let bundle_bytes = |e: &Engine| -> i64 {
+        let mut sum = 0;
+        for d in audit::audit_documents(e).expect("audit documents") {
+            let id = d.to_string();
+            sum += e
+                .store()
+                .conn()
+                .query_row(
+                    "SELECT COALESCE(SUM(length(envelope)), 0) FROM bundles WHERE doc = ?1",
+                    [&id],
+                    |r| r.get::<_, i64>(0),
+                )
+                .expect("bundles");
+        }
+        sum
+    };
+    let before = bundle_bytes(&e);
+    let t = Instant::now();
+    let mut copied = 0;
+    loop {
+        let p = audit::publish(&mut e, musubi_facility::engine::now_ms(), true).expect("publish");
+        if p.copied == 0 {
+            break;
+        }
+        copied += p.copied;
+    }
+    let publish_time = t.elapsed();
+    let doc_bytes = (bundle_bytes(&e) - before) as f64;
+    println!(
+        "publish {copied} entries to the audit document: {} ; its sealed bundles {} per 1,000 entries",
+        ms(publish_time),
+        human_bytes(doc_bytes / copied.max(1) as f64 * 1000.0)
+    );
+    let t = Instant::now();
+    let chains = audit::verify_all(&e).expect("verify all");
+    assert!(chains.iter().all(|c| c.result.is_ok()));
+    println!(
+        "verify_all (disk chain compared with its copy): {}",
+        ms(t.elapsed())
     );
 }

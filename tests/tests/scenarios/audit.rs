@@ -28,14 +28,18 @@ fn add_staff(f: &Facility, login: &str, name: &str, password: &str) {
     .expect_ok();
 }
 
-/// `(staff, action, doc, fields)` of each entry of `audit list --json`, leaving out the
-/// administrator's own account and log reads.
-fn entries(f: &Facility, args: &[&str]) -> Vec<(String, String, String, String)> {
+/// `(staff, action, doc, fields)` of each entry of `audit list --json ARGS` at `f` that `keep`
+/// keeps.
+fn listed(
+    f: &Facility,
+    args: &[&str],
+    keep: impl Fn(&Value) -> bool,
+) -> Vec<(String, String, String, String)> {
     let v: Value = f.run_json("audit list", args);
     v.as_array()
         .unwrap_or_else(|| panic!("audit list --json prints a list: {v:#}"))
         .iter()
-        .filter(|e| e["staff"] != STAFF_LOGIN)
+        .filter(|e| keep(e))
         .map(|e| {
             for key in ["time", "staff", "device", "doc", "action", "fields"] {
                 assert!(e.get(key).is_some(), "an entry has {key}: {e:#}");
@@ -56,6 +60,12 @@ fn entries(f: &Facility, args: &[&str]) -> Vec<(String, String, String, String)>
             )
         })
         .collect()
+}
+
+/// The entries of `audit list --json ARGS`, leaving out the administrator's own account and log
+/// reads.
+fn entries(f: &Facility, args: &[&str]) -> Vec<(String, String, String, String)> {
+    listed(f, args, |e| e["staff"] != STAFF_LOGIN)
 }
 
 fn tuple(staff: &str, action: &str, doc: &str, fields: &str) -> (String, String, String, String) {
@@ -161,7 +171,7 @@ fn every_read_change_and_export_is_in_the_audit_log_under_the_staff_member() {
     );
     for f in [&b, &hq] {
         let out = f.run_ok("audit verify", &[]);
-        assert!(out.contains("audit log intact"), "{out}");
+        assert!(out.contains("this device: intact"), "{out}");
     }
 
     story.step("a staff member who is not an administrator cannot read the log");
@@ -331,4 +341,141 @@ fn an_audit_log_altered_or_cut_on_disk_is_detected() {
             );
         }
     }
+}
+
+/// The entries `audit list --json` at `f` shows for `device`, by 田中.
+fn entries_of(f: &Facility, device: &str) -> Vec<(String, String, String, String)> {
+    listed(f, &[], |e| {
+        e["device"] == device && e["staff"] == "kansa-tanaka"
+    })
+}
+
+/// A clinic's laptop copies its log into the facility's audit document at each sync: the clinic's
+/// desk device lists and verifies the laptop's entries; after the laptop is wiped and joined again
+/// as a new device, the new one lists them too. Another facility (a member of the same letter)
+/// never receives the audit document. The desk put back to an older copy of its disk is seen
+/// against its copy in the audit document. Nothing of the log is readable at the relay or on the
+/// disks.
+#[test]
+fn a_laptops_audit_reaches_its_other_device_and_survives_wiping_it() {
+    let _serial = serial();
+    let story = Story::new("a_laptops_audit_reaches_its_other_device_and_survives_wiping_it");
+    let world = musubi_tests::World::new("audit-sync");
+    let (relay, laptop, b) = relay_a_b(&world);
+    let desk = world.enrolled_device(&relay, &laptop, "clinic-a-desk");
+    let letter = laptop.import_fhir(HOSPITAL_B, &musubi_tests::referral_bundle_path());
+
+    story.step("on the laptop, 田中 fails to sign in once, then reads the letter and exports it");
+    add_staff(&laptop, "kansa-tanaka", "田中 花子", "tanaka password");
+    as_staff(
+        &laptop,
+        "kansa-tanaka",
+        "wrong",
+        "referral show",
+        &[&letter],
+    )
+    .expect_fail();
+    as_staff(
+        &laptop,
+        "kansa-tanaka",
+        "tanaka password",
+        "referral show",
+        &[&letter],
+    )
+    .expect_ok();
+    as_staff(
+        &laptop,
+        "kansa-tanaka",
+        "tanaka password",
+        "referral export-fhir",
+        &[&letter],
+    )
+    .expect_ok();
+    let laptop_id = laptop.device_id().to_string();
+    let expected = vec![
+        tuple("kansa-tanaka", "sign-in-failed", "-", "password"),
+        tuple("kansa-tanaka", "read", &letter, ""),
+        tuple("kansa-tanaka", "export", &letter, "fhir"),
+    ];
+    assert_eq!(entries_of(&laptop, &laptop_id), expected);
+
+    story
+        .step("the laptop syncs; the desk's administrator lists and verifies the laptop's entries");
+    laptop.sync_once();
+    desk.sync_once();
+    b.sync_once();
+    assert_eq!(entries_of(&desk, &laptop_id), expected);
+    let out = desk.run_ok("audit verify", &[]);
+    assert!(
+        out.contains("this device: intact")
+            && out.contains(&format!(
+                "device {laptop_id} (from the facility's audit document): intact"
+            )),
+        "{out}"
+    );
+
+    story.step("hospital B, a member of the letter, holds no audit document of the clinic");
+    let clinic = laptop.facility_id();
+    let audit_docs = |f: &Facility| {
+        f.engine()
+            .store()
+            .documents(Some(musubi_crdt::ids::DocumentKind::Audit))
+            .expect("documents")
+            .into_iter()
+            .filter(|r| r.info.members.iter().any(|m| m.facility == clinic))
+            .count()
+    };
+    assert_eq!(
+        audit_docs(&desk),
+        1,
+        "the desk holds the clinic's audit document"
+    );
+    assert_eq!(audit_docs(&b), 0, "another facility never receives it");
+
+    story.step("nothing of the log lies in the clear at the relay, in the logs or on the disks");
+    let needles: Vec<Vec<u8>> = ["kansa-tanaka", "sign-in-failed"]
+        .iter()
+        .map(|n| n.as_bytes().to_vec())
+        .collect();
+    let logs = world.logs();
+    let found = musubi_tests::files::grep_tree(
+        &[
+            relay.data.as_path(),
+            logs.as_path(),
+            laptop.data.as_path(),
+            desk.data.as_path(),
+            b.data.as_path(),
+        ],
+        &needles,
+    );
+    assert!(found.is_empty(), "audit plaintext found: {found:?}");
+
+    story.step("the laptop is wiped and joins again as a new device: the old entries are there");
+    std::fs::remove_dir_all(&laptop.data).expect("wipe the laptop");
+    let again = world.enrolled_device(&relay, &desk, "clinic-a-laptop-again");
+    again.sync_once();
+    assert_eq!(entries_of(&again, &laptop_id), expected);
+    assert_eq!(entries_of(&desk, &laptop_id), expected);
+    let out = again.run_ok("audit verify", &[]);
+    assert!(out.contains(&format!("device {laptop_id}")), "{out}");
+
+    story.step("the desk put back to an older copy of its disk is seen against the audit document");
+    let copy = world.path().join("desk-copy");
+    musubi_tests::files::copy_flat(&desk.data, &copy);
+    for _ in 0..2 {
+        desk.run_ok("referral show", &[&letter]);
+    }
+    desk.sync_once();
+    for name in ["facility.db", "facility.db-wal", "facility.db-shm"] {
+        let _ = std::fs::remove_file(desk.data.join(name));
+    }
+    musubi_tests::files::copy_flat(&copy, &desk.data);
+    desk.sync_once();
+    let out = desk.run("audit verify", &[]).expect_fail();
+    assert!(
+        out.stdout.contains("no longer has") && out.stderr.contains("監査ログ"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
 }

@@ -15,7 +15,7 @@ use musubi_facility::services::shelter::{self, CheckIn, Desk, OpenShelter, searc
 
 /// A device of a new facility named `name`, enrolled in a deployment of its own (certified by an
 /// in-process authority), with the pseudonym keys of its role.
-fn enrolled(dir: &Path, name: &str, role: FacilityRole) -> Engine {
+pub(crate) fn enrolled(dir: &Path, name: &str, role: FacilityRole) -> Engine {
     let engine = Engine::init(dir, name, "correct horse battery", 10).expect("init a device");
     let mut deployment = OfflineDeployment::new(4);
     let facility = deployment.add_facility(&engine, name, role);

@@ -43,13 +43,24 @@ pub(crate) enum AuditCommand {
         #[command(flatten)]
         json: Json,
     },
-    /// Check the whole log: exit 0 when every entry verifies and follows the one before; else name
-    /// the first break (an entry altered, removed, or the newest ones cut off).
+    /// Check the whole log: this device's chain on disk, its copy in the facility's audit
+    /// document, and every other device's chain there. Exit 0 when every entry verifies and
+    /// follows the one before; else name each chain's first break (an entry altered, removed, the
+    /// newest ones cut off, or a disk put back to an older copy).
     Verify {
         #[command(flatten)]
         data: Data,
         #[command(flatten)]
         json: Json,
+    },
+    /// Show, or set for every device of the facility, how many days entries are kept (default
+    /// 1827, five years; from 365 to 10958). Older entries are removed at each device's next sync.
+    Retention {
+        #[command(flatten)]
+        data: Data,
+        /// The new retention, in days.
+        #[arg(long)]
+        days: Option<u64>,
     },
     /// Write every entry to a file (CSV with a header row, or JSON).
     Export {
@@ -113,31 +124,50 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: AuditCommand) -> Result<()> {
         AuditCommand::Verify { data, json } => {
             let e = open_admin(pf, &data.data)?;
             // Verified first, so that this check's own entry is not what it checks.
-            let verdict = audit::verify(&e)?;
+            let chains = audit::verify_all(&e)?;
+            let ok = chains.iter().all(|c| c.result.is_ok());
             // A broken log may refuse new entries too: the break is what to report then.
             if let Err(err) = audit::record(&e, AuditAction::AuditRead, None, &["verify"])
-                && verdict.is_ok()
+                && ok
             {
                 return Err(err.into());
             }
-            match verdict {
-                Ok(summary) => {
-                    if json.json {
-                        print_json(&serde_json::json!({"ok": true, "summary": summary}))?;
+            if json.json {
+                print_json(&serde_json::json!({"ok": ok, "chains": chains}))?;
+            } else {
+                for c in &chains {
+                    let whose = if c.this_device {
+                        "this device".to_owned()
                     } else {
-                        println!(
-                            "audit log intact: {} entries verified (entries {}..={})",
+                        format!("device {} (from the facility's audit document)", c.device)
+                    };
+                    match &c.result {
+                        Ok(summary) => println!(
+                            "{whose}: intact, {} entries verified (entries {}..={})",
                             summary.entries,
                             summary.first.unwrap_or(0),
                             summary.last.unwrap_or(0)
-                        );
+                        ),
+                        Err(broken) => println!("{whose}: {broken}"),
                     }
                 }
-                Err(broken) => {
-                    if json.json {
-                        print_json(&serde_json::json!({"ok": false, "break": broken}))?;
-                    }
-                    bail!("{broken} (監査ログの改ざんまたは欠落を検出しました)");
+            }
+            if let Some(broken) = chains.iter().find_map(|c| c.result.as_ref().err()) {
+                bail!("{broken} (監査ログの改ざんまたは欠落を検出しました)");
+            }
+        }
+        AuditCommand::Retention { data, days } => {
+            let mut e = open_admin(pf, &data.data)?;
+            match days {
+                Some(days) => {
+                    audit::set_retention_days(&mut e, days)?;
+                    println!(
+                        "audit entries are kept {days} days on every device of this facility (from its next sync)"
+                    );
+                }
+                None => {
+                    audit::record(&e, AuditAction::AuditRead, None, &["retention"])?;
+                    println!("{}", audit::retention_days(&e)?);
                 }
             }
         }
