@@ -236,6 +236,21 @@ fn facility_ok(devices: &dyn Devices, facility: FacilityId, point: Point) -> Res
     }
 }
 
+/// Whether `owner` (a facility keeping an audit document) may give `member` the role `role` in
+/// it: only a certified shelter gives a current HQ facility the reader role (or removes it,
+/// `role: None`). Any other member of an audit document is refused.
+fn audit_reader_allowed(
+    devices: &dyn Devices,
+    owner: FacilityId,
+    member: FacilityId,
+    role: Option<Role>,
+) -> bool {
+    member != owner
+        && matches!(role, Some(Role::Reader) | None)
+        && devices.current_facility(owner) == Some(FacilityRole::Shelter)
+        && (role.is_none() || devices.current_facility(member) == Some(FacilityRole::Hq))
+}
+
 /// Admits an operation: `Create` when the document is not known, else the next link of its chain.
 /// Returns the membership after it.
 pub fn admit_op(
@@ -287,12 +302,19 @@ pub fn admit_op(
                     "the document id is not the one its Create derives",
                 );
             }
-            // An audit log is its facility's alone: no other facility, not even HQ, reads who
-            // looked at what.
-            if *kind == DocumentKind::Audit && !members.is_empty() {
+            // An audit log is its facility's alone, except that HQ reads a shelter's (who looked
+            // at which evacuee): no other facility reads who looked at what.
+            if *kind == DocumentKind::Audit
+                && let Some(m) = members
+                    .iter()
+                    .find(|m| !audit_reader_allowed(devices, op.facility, m.facility, Some(m.role)))
+            {
                 return refuse(
                     ErrorCode::Forbidden,
-                    "an audit document has no member but the facility that keeps it",
+                    format!(
+                        "facility {} cannot be a {} of an audit document: only HQ reads a shelter's, and no one else reads any",
+                        m.facility, m.role
+                    ),
                 );
             }
             // HQ counts every shelter roster it is a member of (避難者名簿 → 避難所別集計): only a
@@ -374,10 +396,12 @@ pub fn admit_op(
             match body {
                 DocOpBody::Create { .. } => unreachable!("matched above"),
                 DocOpBody::SetMember { facility, role: to } => {
-                    if view.kind == DocumentKind::Audit {
+                    if view.kind == DocumentKind::Audit
+                        && !audit_reader_allowed(devices, op.facility, *facility, *to)
+                    {
                         return refuse(
                             ErrorCode::Forbidden,
-                            "an audit document is not shared: its facility is its only member",
+                            "an audit document is not shared, except a shelter's with HQ as a reader",
                         );
                     }
                     match role {
@@ -872,16 +896,20 @@ mod tests {
     }
 
     #[test]
-    fn an_audit_document_never_has_another_member_at_any_point() {
+    fn only_hq_reads_an_audit_document_and_only_a_shelters_at_any_point() {
         let mut who = Who::default();
-        let (clinic, hq) = (party(&mut who, 1), party(&mut who, 2));
+        let (clinic, hq, centre) = (party(&mut who, 1), party(&mut who, 2), party(&mut who, 3));
         who.facilities
             .insert(hq.facility, FacilityStatus::Current(FacilityRole::Hq));
+        who.facilities.insert(
+            centre.facility,
+            FacilityStatus::Current(FacilityRole::Shelter),
+        );
         let key = DocumentKey::from_seed([9; 32]);
-        let audit = |members: Vec<Member>| {
+        let audit = |by: &Party, members: Vec<Member>| {
             DocOp::create(
-                &clinic.device,
-                clinic.facility,
+                &by.device,
+                by.facility,
                 1,
                 DocOpBody::Create {
                     kind: DocumentKind::Audit,
@@ -892,34 +920,58 @@ mod tests {
             )
             .expect("create")
         };
-        let with_hq = audit(vec![Member {
-            facility: hq.facility,
-            role: Role::Reader,
-        }]);
-        for point in [Point::Relay, Point::Peer, Point::Pulled] {
-            assert_eq!(
-                admit_op(&with_hq, None, &who, point)
-                    .expect_err("an audit document created with another member")
-                    .code,
-                ErrorCode::Forbidden
-            );
+        let member = |p: &Party, role| Member {
+            facility: p.facility,
+            role,
+        };
+        let points = [Point::Relay, Point::Peer, Point::Pulled];
+        // A clinic's log: HQ may not read it. A shelter's: HQ may read it, not write it, and no
+        // clinic reads it.
+        for refused in [
+            audit(&clinic, vec![member(&hq, Role::Reader)]),
+            audit(&centre, vec![member(&hq, Role::Writer)]),
+            audit(&centre, vec![member(&clinic, Role::Reader)]),
+        ] {
+            for point in points {
+                assert_eq!(
+                    admit_op(&refused, None, &who, point)
+                        .expect_err("an audit document with a member it may not have")
+                        .code,
+                    ErrorCode::Forbidden
+                );
+            }
         }
-        let view = admit_op(&audit(vec![]), None, &who, Point::Relay).expect("its facility's own");
-        let share = next(
-            &clinic,
-            &view,
-            DocOpBody::SetMember {
-                facility: hq.facility,
-                role: Some(Role::Reader),
-            },
-        );
-        for point in [Point::Relay, Point::Peer, Point::Pulled] {
-            assert_eq!(
-                admit_op(&share, Some(&view), &who, point)
-                    .expect_err("an audit document shared later")
-                    .code,
-                ErrorCode::Forbidden
+        let shelter_log = admit_op(
+            &audit(&centre, vec![member(&hq, Role::Reader)]),
+            None,
+            &who,
+            Point::Relay,
+        )
+        .expect("HQ reads a shelter's log");
+        assert_eq!(shelter_log.role_of(hq.facility), Some(Role::Reader));
+        // Shared later: a clinic's never; a shelter's with a clinic never.
+        let clinic_log =
+            admit_op(&audit(&clinic, vec![]), None, &who, Point::Relay).expect("its own");
+        for (by, view, to) in [
+            (&clinic, &clinic_log, &hq),
+            (&centre, &shelter_log, &clinic),
+        ] {
+            let share = next(
+                by,
+                view,
+                DocOpBody::SetMember {
+                    facility: to.facility,
+                    role: Some(Role::Reader),
+                },
             );
+            for point in points {
+                assert_eq!(
+                    admit_op(&share, Some(view), &who, point)
+                        .expect_err("an audit document shared later")
+                        .code,
+                    ErrorCode::Forbidden
+                );
+            }
         }
     }
 

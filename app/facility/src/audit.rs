@@ -27,7 +27,8 @@ use musubi_crdt::audit::{
 };
 use musubi_crdt::crypto;
 use musubi_crdt::directory::Devices;
-use musubi_crdt::ids::{DeviceId, DocumentId, DocumentKind, Role};
+use musubi_crdt::ids::{DeviceId, DocumentId, DocumentKind, FacilityId, FacilityRole, Role};
+use musubi_crdt::ops::Member;
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineError, Result, now_ms};
@@ -62,6 +63,8 @@ pub struct AuditRecord {
     pub staff: Option<String>,
     /// The device that wrote it.
     pub device: String,
+    /// The facility of that device (this facility's, or a shelter's whose log HQ reads).
+    pub facility: String,
     /// The document, if any.
     pub doc: Option<String>,
     /// The action's stable name (`read`, `edit`, `export`, `print`, `share`, `sign-in`, ...).
@@ -202,8 +205,9 @@ fn open_row(e: &Engine, sealed: &[u8]) -> std::result::Result<SignedEntry, Strin
     ciborium::from_reader(plain.as_slice()).map_err(|_| "it does not decode".to_owned())
 }
 
-fn to_record(entry: AuditEntry) -> AuditRecord {
+fn to_record(entry: AuditEntry, facility: &str) -> AuditRecord {
     AuditRecord {
+        facility: facility.to_owned(),
         seq: entry.seq,
         time: crate::services::shelter::ms_to_rfc3339(entry.at_ms as i64),
         at_ms: entry.at_ms,
@@ -216,36 +220,43 @@ fn to_record(entry: AuditEntry) -> AuditRecord {
 }
 
 /// The entries that match `filter`, oldest first: this device's from its disk, the facility's
-/// other devices' from its audit document (what they published before the last sync). Entries
-/// that cannot be read are left out: run [`verify_all`] to learn where a log is broken.
+/// other devices' from its audit document (what they published before the last sync), and at an
+/// HQ the shelters' from theirs. Entries that cannot be read are left out: run [`verify_all`] to
+/// learn where a log is broken.
 ///
 /// Errors: store errors.
 pub fn list(e: &Engine, filter: &Filter) -> Result<Vec<AuditRecord>> {
     let mut out = Vec::new();
     let me = e.device_id();
+    let mine = e
+        .enrolment()
+        .map(|en| en.facility.to_string())
+        .unwrap_or_default();
     for (_, sealed) in e.store().audit_rows()? {
         let Ok(signed) = open_row(e, &sealed) else {
             continue;
         };
         let Ok(entry) = signed.open() else { continue };
         if filter.matches(&entry) {
-            out.push(to_record(entry));
+            out.push(to_record(entry, &mine));
         }
     }
-    // The other devices' entries, from the facility's audit document: only those signed by the
-    // device they are filed under, a device that is or was of this facility.
-    let (chains, _) = synced(e)?;
-    let ours = of_this_facility(e);
-    for (device, chain) in chains {
-        if device == me || !ours(&device) {
-            continue;
-        }
-        for (seq, signed) in chain {
-            let Some(entry) = signed.ok().and_then(|s| s.open().ok()) else {
+    // The other devices' entries, from the audit documents: only those signed by the device they
+    // are filed under, a device that is or was of the facility that keeps the document.
+    for (facility, chains) in sources(e)? {
+        let ours = of_facility(e, facility);
+        let facility = facility.to_string();
+        for (device, chain) in chains {
+            if device == me || !ours(&device) {
                 continue;
-            };
-            if entry.device == device && entry.seq == seq && filter.matches(&entry) {
-                out.push(to_record(entry));
+            }
+            for (seq, signed) in chain {
+                let Some(entry) = signed.ok().and_then(|s| s.open().ok()) else {
+                    continue;
+                };
+                if entry.device == device && entry.seq == seq && filter.matches(&entry) {
+                    out.push(to_record(entry, &facility));
+                }
             }
         }
     }
@@ -335,20 +346,39 @@ pub fn audit_documents(e: &Engine) -> Result<Vec<DocumentId>> {
     Ok(ids)
 }
 
-/// Every device's entries the facility's audit documents hold, merged by device and `seq` (the same
+/// The audit documents this device reads, by the facility that keeps them: this facility's first,
+/// then (at an HQ) each shelter's, and every device's entries each holds.
+fn sources(e: &Engine) -> Result<Vec<(FacilityId, BTreeMap<DeviceId, Chain>)>> {
+    let Ok(me) = e.enrolment().map(|en| en.facility) else {
+        return Ok(Vec::new());
+    };
+    let mut others: BTreeMap<FacilityId, Vec<DocumentId>> = BTreeMap::new();
+    for row in e.store().documents(Some(DocumentKind::Audit))? {
+        if let Some(owner) = row.info.members.iter().find(|m| m.role == Role::Owner)
+            && owner.facility != me
+        {
+            others.entry(owner.facility).or_default().push(row.info.id);
+        }
+    }
+    let mut out = vec![(me, synced(e, &audit_documents(e)?)?)];
+    for (facility, ids) in others {
+        out.push((facility, synced(e, &ids)?));
+    }
+    Ok(out)
+}
+
+/// Every device's entries the audit documents `ids` hold, merged by device and `seq` (the same
 /// entry in two documents is one; two different entries at one place are both kept, for
 /// [`verify_all`] to report).
-fn synced(e: &Engine) -> Result<(BTreeMap<DeviceId, Chain>, Option<u64>)> {
+fn synced(e: &Engine, ids: &[DocumentId]) -> Result<BTreeMap<DeviceId, Chain>> {
     let mut all: BTreeMap<DeviceId, Chain> = BTreeMap::new();
-    let mut retention = None;
-    for id in audit_documents(e)? {
-        let loaded = match e.load(id) {
+    for id in ids {
+        let loaded = match e.load(*id) {
             Ok(l) => l,
             // Not readable yet (its key has not arrived): nothing of it to show.
             Err(EngineError::NoKey(_)) => continue,
             Err(err) => return Err(err),
         };
-        retention = retention.or(audit_doc::retention_days(&loaded.doc));
         let (chains, _) = audit_doc::synced_chains(&loaded.doc);
         for (device, chain) in chains {
             let into = all.entry(device).or_default();
@@ -362,7 +392,7 @@ fn synced(e: &Engine) -> Result<(BTreeMap<DeviceId, Chain>, Option<u64>)> {
     for chain in all.values_mut() {
         chain.sort_by_key(|(seq, _)| *seq);
     }
-    Ok((all, retention))
+    Ok(all)
 }
 
 /// How long entries are kept, in days: what an administrator set in the facility's audit
@@ -405,10 +435,29 @@ fn ensure_document(e: &mut Engine) -> Result<DocumentId> {
     if let Some(id) = audit_documents(e)?.first() {
         return Ok(*id);
     }
-    let facility = e.enrolment()?.facility;
-    e.create_document(DocumentKind::Audit, Vec::new(), |doc| {
+    let enrolment = e.enrolment()?;
+    let facility = enrolment.facility;
+    let readers = hq_readers(e, enrolment.role)?;
+    e.create_document(DocumentKind::Audit, readers, |doc| {
         audit_doc::init(doc, &facility).map_err(|err| corrupt(format!("audit document: {err}")))
     })
+}
+
+/// The HQ facilities that read a shelter's audit log (the admission rule lets no one else in):
+/// every current HQ for a shelter, no one for any other facility.
+fn hq_readers(e: &Engine, role: FacilityRole) -> Result<Vec<Member>> {
+    if role != FacilityRole::Shelter {
+        return Ok(Vec::new());
+    }
+    Ok(e.directory()?
+        .facilities
+        .iter()
+        .filter(|f| f.role == FacilityRole::Hq && !f.revoked)
+        .map(|f| Member {
+            facility: f.id,
+            role: Role::Reader,
+        })
+        .collect())
 }
 
 /// What one [`publish`] did.
@@ -449,6 +498,15 @@ pub fn publish(e: &mut Engine, now_ms: u64, create: bool) -> Result<Published> {
         return Ok(out);
     }
     let id = ensure_document(e)?;
+    // An HQ that enrolled after the shelter's log was started reads it from now on.
+    let enrolment = e.enrolment()?;
+    if let Some(row) = e.store().document(id)? {
+        for hq in hq_readers(e, enrolment.role)? {
+            if row.info.role_of(hq.facility).is_none() {
+                e.share(id, &hq.facility.to_string(), Some(Role::Reader))?;
+            }
+        }
+    }
     let mut loaded = e.load(id)?;
     let me = e.device_id();
     let in_doc = audit_doc::last_seq(&loaded.doc, &me).unwrap_or(0);
@@ -494,7 +552,7 @@ pub fn publish(e: &mut Engine, now_ms: u64, create: bool) -> Result<Published> {
     });
     let cutoff = now_ms.saturating_sub(days * DAY_MS);
     out.pruned_local = prune_local(e, cutoff, published)?;
-    let (chains, _) = audit_doc::synced_chains(&loaded.doc);
+    let chains = audit_doc::synced_chains(&loaded.doc).0;
     for (device, chain) in &chains {
         let expired = chain
             .iter()
@@ -592,14 +650,13 @@ fn local_start(e: &Engine, now_ms: u64) -> std::result::Result<(u64, [u8; 32]), 
     Ok((entry.seq + 1, entry_hash(&signed)))
 }
 
-/// Whether a device is, or was, one of this facility's (by the verified directory).
-fn of_this_facility(e: &Engine) -> impl Fn(&DeviceId) -> bool {
-    let facility = e.enrolment().ok().map(|en| en.facility);
+/// Whether a device is, or was, one of `facility`'s (by the verified directory).
+fn of_facility(e: &Engine, facility: FacilityId) -> impl Fn(&DeviceId) -> bool {
     let dir = e.directory().ok();
     move |device| {
         dir.as_ref()
             .and_then(|d| d.device_status(device).ever())
-            .is_some_and(|f| Some(f) == facility)
+            .is_some_and(|f| f == facility)
     }
 }
 
@@ -608,6 +665,8 @@ fn of_this_facility(e: &Engine) -> impl Fn(&DeviceId) -> bool {
 pub struct DeviceChain {
     /// The device (hex).
     pub device: String,
+    /// Its facility (this facility, or a shelter whose log HQ reads).
+    pub facility: String,
     /// Whether it is this device (its chain read from its disk, and compared with its copy in the
     /// audit document); else the chain is the copy in the audit document.
     pub this_device: bool,
@@ -617,9 +676,10 @@ pub struct DeviceChain {
 
 /// Verifies this device's chain on disk ([`verify`]), compares it with its copy in the facility's
 /// audit document (entries there that the disk no longer has, or has differently, are a break),
-/// and verifies every other device's chain in the document: each entry signed by the device it is
-/// filed under, a device that is or was of this facility, following the one before with no gap.
-/// This device first, then the others by id.
+/// and verifies every other device's chain in the document (and at an HQ, in each shelter's): each
+/// entry signed by the device it is filed under, a device that is or was of the facility that
+/// keeps the document, following the one before with no gap. This device first, then the others
+/// by facility and id.
 ///
 /// Errors: store errors.
 pub fn verify_all(e: &Engine) -> Result<Vec<DeviceChain>> {
@@ -632,36 +692,44 @@ pub fn verify_all(e: &Engine) -> Result<Vec<DeviceChain>> {
 pub fn verify_all_at(e: &Engine, now_ms: u64) -> Result<Vec<DeviceChain>> {
     let me = e.device_id();
     let mine = verify_at(e, now_ms)?;
-    let (chains, _) = synced(e)?;
-    let of_facility = of_this_facility(e);
+    let sources = sources(e)?;
+    let my_facility = e
+        .enrolment()
+        .map(|en| en.facility.to_string())
+        .unwrap_or_default();
     let mut out = Vec::new();
-    let mine = match (mine, chains.get(&me)) {
+    let mine = match (mine, sources.first().and_then(|(_, c)| c.get(&me))) {
         (Ok(summary), Some(copy)) => compare_copy(e, summary, copy)?,
         (r, _) => r,
     };
     out.push(DeviceChain {
         device: me.to_string(),
+        facility: my_facility,
         this_device: true,
         result: mine,
     });
-    for (device, chain) in chains {
-        if device == me {
-            continue;
+    for (facility, chains) in sources {
+        let ours = of_facility(e, facility);
+        for (device, chain) in chains {
+            if device == me {
+                continue;
+            }
+            let result = if !ours(&device) {
+                Err(ChainBreak {
+                    seq: chain.first().map_or(0, |(s, _)| *s),
+                    reason: "the entries are filed under a device that is not one of the facility's that keeps the document"
+                        .into(),
+                })
+            } else {
+                verify_copy(&device, &chain)
+            };
+            out.push(DeviceChain {
+                device: device.to_string(),
+                facility: facility.to_string(),
+                this_device: false,
+                result,
+            });
         }
-        let result = if !of_facility(&device) {
-            Err(ChainBreak {
-                seq: chain.first().map_or(0, |(s, _)| *s),
-                reason: "the entries are filed under a device that is not one of this facility's"
-                    .into(),
-            })
-        } else {
-            verify_copy(&device, &chain)
-        };
-        out.push(DeviceChain {
-            device: device.to_string(),
-            this_device: false,
-            result,
-        });
     }
     Ok(out)
 }

@@ -174,6 +174,27 @@ fn every_read_change_and_export_is_in_the_audit_log_under_the_staff_member() {
         assert!(out.contains("this device: intact"), "{out}");
     }
 
+    story.step("HQ also reads the shelter's log (who opened the roster); the hospital does not");
+    let centre_id = centre.facility_id().to_string();
+    let from_centre = |f: &Facility| listed(f, &[], |e| e["facility"] == centre_id.as_str());
+    let at_hq = from_centre(&hq);
+    assert!(
+        at_hq
+            .iter()
+            .any(|(staff, action, _, _)| staff == STAFF_LOGIN && action == "create"),
+        "HQ lists the shelter's entries: {at_hq:?}"
+    );
+    assert!(
+        from_centre(&b).is_empty(),
+        "a clinic reads no shelter's log"
+    );
+    let out = hq.run_ok("audit verify", &[]);
+    let centre_device = centre.device_id().to_string();
+    assert!(
+        out.contains(&format!("device {centre_device}")) && !out.contains("broken"),
+        "{out}"
+    );
+
     story.step("a staff member who is not an administrator cannot read the log");
     let out = as_staff(&b, "tanaka", "tanaka password", "audit list", &[]).expect_fail();
     assert!(
@@ -409,7 +430,8 @@ fn a_laptops_audit_reaches_its_other_device_and_survives_wiping_it() {
     assert!(
         out.contains("this device: intact")
             && out.contains(&format!(
-                "device {laptop_id} (from the facility's audit document): intact"
+                "device {laptop_id} of facility {} (from its audit document): intact",
+                laptop.facility_id()
             )),
         "{out}"
     );

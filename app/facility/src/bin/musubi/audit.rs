@@ -139,7 +139,10 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: AuditCommand) -> Result<()> {
                     let whose = if c.this_device {
                         "this device".to_owned()
                     } else {
-                        format!("device {} (from the facility's audit document)", c.device)
+                        format!(
+                            "device {} of facility {} (from its audit document)",
+                            c.device, c.facility
+                        )
                     };
                     match &c.result {
                         Ok(summary) => println!(
