@@ -115,6 +115,12 @@ pub enum StaffError {
         /// Seconds until the next try is taken.
         retry_after_s: u64,
     },
+    /// This device requires 二要素認証 (two-factor authentication): a password alone does not sign
+    /// in; a staff card with its PIN does.
+    #[error(
+        "this device requires two-factor sign-in: sign in with your staff card and its PIN (この端末は二要素認証が必要です。職員カードとPINでサインインしてください)"
+    )]
+    SecondFactorNeeded,
     /// The card could not be read.
     #[error(transparent)]
     Card(Box<CardError>),
@@ -129,6 +135,12 @@ pub enum StaffError {
 impl From<rusqlite::Error> for StaffError {
     fn from(e: rusqlite::Error) -> Self {
         Self::from(EngineError::Store(StoreError::Sqlite(e)))
+    }
+}
+
+impl From<StoreError> for StaffError {
+    fn from(e: StoreError) -> Self {
+        Self::from(EngineError::Store(e))
     }
 }
 
@@ -389,6 +401,16 @@ fn by_password(e: &Engine, login: &str, password: &str) -> Result<Record> {
 /// wrong login or password is recorded in the audit log (`sign-in-failed`, naming the login
 /// tried); a success is not (a session's shell records `sign-in`, see [`sign_in_session`]).
 pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff> {
+    if two_factor_required(e)? {
+        crate::audit::record_as(
+            e,
+            Some(login),
+            AuditAction::SignInFailed,
+            None,
+            &["password", "second-factor-needed"],
+        )?;
+        return Err(StaffError::SecondFactorNeeded);
+    }
     let rec = match by_password(e, login, password) {
         Ok(rec) => rec,
         Err(err) => {
@@ -407,6 +429,53 @@ pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff
         save(e, &rec)?;
     }
     Ok(rec.public())
+}
+
+/// Whether this device requires 二要素認証 for every sign-in (医療情報システムの安全管理に関する
+/// ガイドライン 第6.0版: 二要素認証): then only a staff card with its PIN signs in (a My Number
+/// card's PIN is checked by the card, a contactless card's staff PIN by this device), never a
+/// password alone. A password still unbinds a card and unlocks one locked by wrong PINs.
+///
+/// Errors: store errors.
+pub fn two_factor_required(e: &Engine) -> Result<bool> {
+    Ok(e.store()
+        .meta_cbor::<bool>("staff_two_factor")?
+        .unwrap_or(false))
+}
+
+/// Sets whether this device requires 二要素認証 ([`two_factor_required`]). Only an administrator
+/// signed in at `e`; recorded as `staff-change` (`two-factor:on` or `two-factor:off`). Turning it
+/// on needs at least one administrator with a staff card, so that someone can still sign in.
+///
+/// Errors: [`StaffError::BadCredentials`] when no administrator is signed in; [`StaffError::UnknownCard`]
+/// when turning it on and no administrator has a card; store errors.
+pub fn set_two_factor_required(e: &Engine, required: bool) -> Result<()> {
+    let admin = match e.staff() {
+        Some(login) => find(e, login)?.filter(|s| s.role == StaffRole::Admin),
+        None => None,
+    };
+    if admin.is_none() {
+        return Err(StaffError::BadCredentials);
+    }
+    if required
+        && !list(e)?
+            .iter()
+            .any(|s| s.role == StaffRole::Admin && s.card.is_some())
+    {
+        return Err(StaffError::UnknownCard);
+    }
+    e.store().set_meta_cbor("staff_two_factor", &required)?;
+    crate::audit::record(
+        e,
+        AuditAction::StaffChange,
+        None,
+        &[if required {
+            "two-factor:on"
+        } else {
+            "two-factor:off"
+        }],
+    )?;
+    Ok(())
 }
 
 /// Starts a session (the desktop app): [`sign_in_password`], then `e` attributes everything to the

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use musubi_tests::facility::{STAFF_LOGIN, STAFF_PASSWORD};
 use musubi_tests::vcard::harness::{
     Pcscd, READER_0, VCard, Watch, command_of, run_with_stdin, running_pcscd,
     selects_individual_number, sends_pin,
@@ -706,6 +707,54 @@ fn staff_sign_in_with_a_staff_card_and_pin() {
         listing.contains("sato") && listing.contains("suzuki"),
         "{listing}"
     );
+
+    story.step("二要素認証: the administrator binds a card, then a password alone signs no one in");
+    let out = run_in(f, "staff two-factor", &["on"], "").expect_fail();
+    assert!(out.stderr.contains("no administrator"), "{}", out.stderr);
+    d.vcard.insert("admin-suica", "felica");
+    run_in(
+        f,
+        "staff bind-card",
+        &["--login", STAFF_LOGIN, "--timeout", "10"],
+        &format!("{STAFF_PASSWORD}\n24680\n"),
+    )
+    .expect_ok();
+    run_in(f, "staff two-factor", &["on"], "").expect_ok();
+    let out = run_in(f, "audit list", &[], "").expect_fail();
+    assert!(
+        out.stderr.contains("two-factor") && out.stderr.contains("二要素認証"),
+        "{}",
+        out.stderr
+    );
+    let out = run_in(f, "staff sign-in", &["--login", "sato"], "correct horse\n").expect_fail();
+    assert!(out.stderr.contains("two-factor"), "{}", out.stderr);
+    let with_card = |sub: &str, args: &[&str], pin: &str| {
+        let mut cmd = f.command(sub, args);
+        cmd.arg("--staff-card").env("MUSUBI_STAFF_PIN", pin);
+        musubi_tests::run_command(cmd, Duration::from_secs(60))
+    };
+    let out = with_card("audit list", &["--json"], "11111").expect_fail();
+    assert!(out.stderr.contains("tries left"), "{}", out.stderr);
+    let listed: Value =
+        serde_json::from_str(&with_card("audit list", &["--json"], "24680").expect_ok())
+            .expect("JSON");
+    let refused = listed
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| {
+            e["action"] == "sign-in-failed"
+                && e["fields"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|x| x == "second-factor-needed"))
+        })
+        .count();
+    assert_eq!(
+        refused, 2,
+        "each password-only try is in the log: {listed:#}"
+    );
+    with_card("staff two-factor", &["off"], "24680").expect_ok();
+    run_in(f, "audit list", &[], "").expect_ok();
     d.pcscd.stop();
 }
 

@@ -105,6 +105,18 @@ impl StdinLines {
 }
 
 /// Hands out PINs from standard input, telling the person how many tries are left.
+/// A card's PIN from MUSUBI_STAFF_PIN (`--staff-card`), given once: a wrong PIN is not sent again.
+pub(crate) struct EnvPin(pub(crate) bool);
+
+impl PinPrompt for EnvPin {
+    fn pin(&mut self, _which: PinKind, _tries_left: u8) -> Option<Pin> {
+        if std::mem::replace(&mut self.0, true) {
+            return None;
+        }
+        Pin::new(&std::env::var("MUSUBI_STAFF_PIN").ok()?).ok()
+    }
+}
+
 pub(crate) struct StdinPins(pub(crate) Option<StdinLines>);
 
 impl PinPrompt for StdinPins {

@@ -38,6 +38,11 @@ struct Cli {
     /// Read that staff member's password from this file (else MUSUBI_STAFF_PASSWORD).
     #[arg(long, global = true, value_name = "FILE")]
     staff_password_file: Option<PathBuf>,
+    /// Sign the staff member in with their staff card instead (the only way when the device
+    /// requires 二要素認証): waits for the card on the reader; its PIN (a My Number card's, or a
+    /// contactless card's staff PIN) is MUSUBI_STAFF_PIN.
+    #[arg(long, global = true, conflicts_with_all = ["staff", "staff_password_file"])]
+    staff_card: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,6 +51,7 @@ struct Cli {
 struct StaffArgs {
     login: Option<String>,
     password_file: Option<PathBuf>,
+    card: bool,
 }
 
 static STAFF_ARGS: std::sync::OnceLock<StaffArgs> = std::sync::OnceLock::new();
@@ -216,6 +222,24 @@ pub(crate) fn open(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
 pub(crate) fn open_staff(cli: &Option<PathBuf>, dir: &Path) -> Result<Engine> {
     let mut e = open(cli, dir)?;
     let args = STAFF_ARGS.get();
+    if args.is_some_and(|a| a.card) {
+        let pin = || {
+            std::env::var("MUSUBI_STAFF_PIN")
+                .ok()
+                .map(zeroize::Zeroizing::new)
+        };
+        let who = musubi_facility::staff::sign_in_with_card(
+            &e,
+            &musubi_facility::card::ReadOptions {
+                timeout: Duration::from_secs(30),
+                ..Default::default()
+            },
+            Box::new(card::EnvPin(false)),
+            pin,
+        )?;
+        e.set_staff(Some(who.login));
+        return Ok(e);
+    }
     let login = args
         .and_then(|a| a.login.clone())
         .or_else(|| std::env::var("MUSUBI_STAFF").ok().filter(|s| !s.is_empty()));
@@ -311,6 +335,7 @@ fn run(cli: Cli) -> Result<()> {
     let _ = STAFF_ARGS.set(StaffArgs {
         login: cli.staff.clone(),
         password_file: cli.staff_password_file.clone(),
+        card: cli.staff_card,
     });
     match cli.command {
         Command::Init {

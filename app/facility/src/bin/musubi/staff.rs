@@ -66,6 +66,16 @@ pub(crate) enum StaffCommand {
     },
     /// Sign in: with --login, by password (first line of standard input); with --card, by staff card
     /// and PIN (first line of standard input).
+    /// Require 二要素認証 on this device (`on`: only a staff card with its PIN signs in, never a
+    /// password alone; at least one administrator must have a card) or not (`off`). Administrators
+    /// only.
+    TwoFactor {
+        #[command(flatten)]
+        data: Data,
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     SignIn {
         #[command(flatten)]
         data: Data,
@@ -192,6 +202,24 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: StaffCommand) -> Result<()> {
             let password = lines.next().context("no password on standard input")?;
             let s = staff::unbind_card(&e, &login, &password)?;
             print_staff(&s, false)?;
+        }
+        StaffCommand::TwoFactor { data, state } => {
+            let e = crate::open_admin(pf, &data.data)?;
+            let on = state == "on";
+            staff::set_two_factor_required(&e, on).map_err(|err| match err {
+                staff::StaffError::UnknownCard => anyhow::anyhow!(
+                    "no administrator of this device has a staff card yet: bind one first (`musubi staff bind-card`), or no one could sign in"
+                ),
+                other => other.into(),
+            })?;
+            println!(
+                "{}",
+                if on {
+                    "this device now requires a staff card and its PIN to sign in (二要素認証)"
+                } else {
+                    "a password signs in again on this device"
+                }
+            );
         }
         StaffCommand::SignIn {
             data,
