@@ -17,6 +17,7 @@ use crate::ids::{DeviceId, DocumentId};
 /// What was done. The names ([`AuditAction::as_str`]) are stable: they are what `musubi audit list`
 /// prints and filters on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "specta", derive(specta::Type))]
 #[serde(rename_all = "kebab-case")]
 pub enum AuditAction {
     /// A document's view was shown (閲覧).
@@ -309,8 +310,10 @@ pub fn verify_chain(
 ///
 /// Shape (Automerge): the root map holds `facility` (text, the facility id), optionally
 /// `retention_days` (an integer: how long entries are kept, set by an administrator for every
-/// device of the facility), and `entries`, a map from `"<device>/<seq>"` (the device id in hex, the
-/// entry's `seq` as 20 zero-padded digits) to the [`SignedEntry`]'s CBOR (bytes). A flat map with one
+/// device of the facility), `entries`, a map from `"<device>/<seq>"` (the device id in hex, the
+/// entry's `seq` as 20 zero-padded digits) to the [`SignedEntry`]'s CBOR (bytes), and `anchors`, a
+/// map from the device id to the CBOR of the last of its entries retention removed (where its
+/// chain in the document starts again). A flat map with one
 /// key per entry: two processes of one device publishing at once write the same key with the
 /// same value, and a key never hides another.
 ///
@@ -416,13 +419,68 @@ pub mod document {
         doc.put(ROOT, "retention_days", ScalarValue::Uint(days))
     }
 
-    /// The newest `seq` of `device` in the document.
+    /// The newest `seq` of `device` in the document whose entry is that device's, signed, at that
+    /// place (a key holding anything else is passed over: it is not the device's).
     pub fn last_seq(doc: &AutoCommit, device: &DeviceId) -> Option<u64> {
         let obj = entries_obj(doc)?;
         let prefix = format!("{device}/");
-        doc.keys(&obj)
-            .filter_map(|k| k.strip_prefix(&prefix).and_then(|s| s.parse::<u64>().ok()))
-            .max()
+        let mut keys: Vec<(u64, String)> = doc
+            .keys(&obj)
+            .filter_map(|k| {
+                let seq = k.strip_prefix(&prefix)?.parse::<u64>().ok()?;
+                Some((seq, k))
+            })
+            .collect();
+        keys.sort();
+        keys.into_iter().rev().find_map(|(seq, k)| {
+            let entry = read_entry(doc, &obj, &k).ok()?.open().ok()?;
+            (entry.device == *device && entry.seq == seq).then_some(seq)
+        })
+    }
+
+    fn read_entry(
+        doc: &AutoCommit,
+        obj: &automerge::ObjId,
+        key: &str,
+    ) -> Result<SignedEntry, String> {
+        match doc.get(obj, key) {
+            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                ScalarValue::Bytes(b) if b.len() <= ENTRY_BYTES_MAX => {
+                    ciborium::from_reader::<SignedEntry, _>(b.as_slice())
+                        .map_err(|_| "it does not decode".to_owned())
+                }
+                ScalarValue::Bytes(_) => Err("it is too large".to_owned()),
+                _ => Err("it is not an entry".to_owned()),
+            },
+            _ => Err("it is not an entry".to_owned()),
+        }
+    }
+
+    /// Records `anchor`, the last entry of `device` that retention removed from the document.
+    ///
+    /// Errors: Automerge's.
+    pub fn set_anchor(
+        doc: &mut AutoCommit,
+        device: &DeviceId,
+        anchor: &SignedEntry,
+    ) -> Result<(), AutomergeError> {
+        let obj = match doc.get(ROOT, "anchors") {
+            Ok(Some((Value::Object(ObjType::Map), id))) => id,
+            _ => doc.put_object(ROOT, "anchors", ObjType::Map)?,
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(anchor, &mut bytes).expect("writing to a Vec cannot fail");
+        doc.put(&obj, device.to_string(), ScalarValue::Bytes(bytes))
+    }
+
+    /// The retention anchor of `device`, if retention removed any of its entries.
+    pub fn anchor(doc: &AutoCommit, device: &DeviceId) -> Option<Result<SignedEntry, String>> {
+        let obj = match doc.get(ROOT, "anchors") {
+            Ok(Some((Value::Object(ObjType::Map), id))) => id,
+            _ => return None,
+        };
+        doc.get(&obj, device.to_string()).ok()??;
+        Some(read_entry(doc, &obj, &device.to_string()))
     }
 
     /// One device's entries as the document holds them: each key's `seq` and the entry (or why
@@ -445,17 +503,7 @@ pub mod document {
                 bad.push(k);
                 continue;
             };
-            let entry = match doc.get(&obj, k.as_str()) {
-                Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
-                    ScalarValue::Bytes(b) if b.len() <= ENTRY_BYTES_MAX => {
-                        ciborium::from_reader::<SignedEntry, _>(b.as_slice())
-                            .map_err(|_| "it does not decode".to_owned())
-                    }
-                    ScalarValue::Bytes(_) => Err("it is too large".to_owned()),
-                    _ => Err("it is not an entry".to_owned()),
-                },
-                _ => Err("it is not an entry".to_owned()),
-            };
+            let entry = read_entry(doc, &obj, &k);
             out.entry(device).or_default().push((seq, entry));
         }
         for chain in out.values_mut() {
@@ -647,6 +695,32 @@ mod tests {
             }),
         )
         .expect("nothing left after the anchor");
+        // A key that is not the device's entry (junk another writer filed under it) is passed over.
+        let mut junk = doc.fork();
+        {
+            use automerge::transaction::Transactable;
+            let obj = match automerge::ReadDoc::get(&junk, automerge::ROOT, "entries") {
+                Ok(Some((_, id))) => id,
+                _ => panic!("entries"),
+            };
+            junk.put(
+                &obj,
+                format!("{}/{:020}", b.device_id(), 99_999_999u64),
+                automerge::ScalarValue::Bytes(vec![1, 2, 3]),
+            )
+            .expect("put");
+            junk.put(
+                &obj,
+                format!("{}/{:020}", b.device_id(), 88_888_888u64),
+                automerge::ScalarValue::Bytes({
+                    let mut v = Vec::new();
+                    ciborium::into_writer(&ca[2], &mut v).expect("cbor");
+                    v
+                }),
+            )
+            .expect("put");
+        }
+        assert_eq!(document::last_seq(&junk, &b.device_id()), Some(2));
         assert_eq!(document::retention_days(&doc), None);
         document::set_retention_days(&mut doc, 3_650).expect("set");
         assert_eq!(document::retention_days(&doc), Some(3_650));

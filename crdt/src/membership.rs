@@ -237,18 +237,25 @@ fn facility_ok(devices: &dyn Devices, facility: FacilityId, point: Point) -> Res
 }
 
 /// Whether `owner` (a facility keeping an audit document) may give `member` the role `role` in
-/// it: only a certified shelter gives a current HQ facility the reader role (or removes it,
-/// `role: None`). Any other member of an audit document is refused.
+/// it: only a certified shelter gives an HQ facility the reader role (or removes it, `role:
+/// None`). Any other member of an audit document is refused. At [`Point::Pulled`] (history the
+/// relay accepted) a facility certified once counts, as for shelter rosters: an HQ revoked, or not
+/// trusted for a while, since must not make a shelter's log unreadable to its own devices.
 fn audit_reader_allowed(
     devices: &dyn Devices,
+    point: Point,
     owner: FacilityId,
     member: FacilityId,
     role: Option<Role>,
 ) -> bool {
+    let role_of = |f: FacilityId| match point {
+        Point::Pulled => devices.facility_status(f).ever(),
+        Point::Relay | Point::Peer => devices.current_facility(f),
+    };
     member != owner
         && matches!(role, Some(Role::Reader) | None)
-        && devices.current_facility(owner) == Some(FacilityRole::Shelter)
-        && (role.is_none() || devices.current_facility(member) == Some(FacilityRole::Hq))
+        && role_of(owner) == Some(FacilityRole::Shelter)
+        && (role.is_none() || role_of(member) == Some(FacilityRole::Hq))
 }
 
 /// Admits an operation: `Create` when the document is not known, else the next link of its chain.
@@ -305,9 +312,9 @@ pub fn admit_op(
             // An audit log is its facility's alone, except that HQ reads a shelter's (who looked
             // at which evacuee): no other facility reads who looked at what.
             if *kind == DocumentKind::Audit
-                && let Some(m) = members
-                    .iter()
-                    .find(|m| !audit_reader_allowed(devices, op.facility, m.facility, Some(m.role)))
+                && let Some(m) = members.iter().find(|m| {
+                    !audit_reader_allowed(devices, point, op.facility, m.facility, Some(m.role))
+                })
             {
                 return refuse(
                     ErrorCode::Forbidden,
@@ -397,7 +404,7 @@ pub fn admit_op(
                 DocOpBody::Create { .. } => unreachable!("matched above"),
                 DocOpBody::SetMember { facility, role: to } => {
                     if view.kind == DocumentKind::Audit
-                        && !audit_reader_allowed(devices, op.facility, *facility, *to)
+                        && !audit_reader_allowed(devices, point, op.facility, *facility, *to)
                     {
                         return refuse(
                             ErrorCode::Forbidden,
@@ -949,6 +956,23 @@ mod tests {
         )
         .expect("HQ reads a shelter's log");
         assert_eq!(shelter_log.role_of(hq.facility), Some(Role::Reader));
+        // The HQ revoked (or not trusted for a while) later: the shelter's devices still follow
+        // the history the relay accepted, and a new device can still read the log.
+        let mut later = Who {
+            devices: who.devices.clone(),
+            facilities: who.facilities.clone(),
+        };
+        later
+            .facilities
+            .insert(hq.facility, FacilityStatus::Former(FacilityRole::Hq));
+        let create = audit(&centre, vec![member(&hq, Role::Reader)]);
+        admit_op(&create, None, &later, Point::Pulled).expect("history stays readable");
+        assert_eq!(
+            admit_op(&create, None, &later, Point::Relay)
+                .expect_err("a revoked HQ is not added now")
+                .code,
+            ErrorCode::Forbidden
+        );
         // Shared later: a clinic's never; a shelter's with a clinic never.
         let clinic_log =
             admit_op(&audit(&clinic, vec![]), None, &who, Point::Relay).expect("its own");

@@ -79,7 +79,7 @@ test('a new clerk sets up the facility, joins the network and lands signed in', 
   await expect(page.getByTestId('sync-state')).toHaveText('オンライン');
   // A code that is not an invite never reaches the relay.
   expect(app.callsTo('join')).toEqual([{ invite: 'musubi2qWx3ZmFjaWxpdHk' }]);
-  expect(app.callsTo('create_staff')).toEqual([{ login: 'sato', name: '佐藤 一郎', password: 'sato-password' }]);
+  expect(app.callsTo('create_staff')).toEqual([{ login: 'sato', name: '佐藤 一郎', password: 'sato-password', role: null }]);
   expect(app.callsTo('sign_in')).toEqual([{ login: 'sato', password: 'sato-password' }]);
 });
 

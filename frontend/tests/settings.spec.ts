@@ -74,7 +74,7 @@ test('a signed-in clerk adds a colleague’s staff account', async ({ page }) =>
   await expect(rows.nth(1)).toContainText('田中 次郎');
   await expect(rows.nth(1)).toContainText('tanaka');
   await expect(page.locator('#new-staff-login')).toHaveValue('');
-  expect(app.callsTo('create_staff')).toEqual([{ login: 'tanaka', name: '田中 次郎', password: 'tanaka-pass-1' }]);
+  expect(app.callsTo('create_staff')).toEqual([{ login: 'tanaka', name: '田中 次郎', password: 'tanaka-pass-1', role: 'staff' }]);
 
   // The same login again: the engine refuses, and the clerk sees why.
   await page.locator('#new-staff-login').fill('tanaka');

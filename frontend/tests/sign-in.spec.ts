@@ -74,8 +74,39 @@ test('after five wrong passwords sign-in pauses, and the clerk is told to wait',
   await page.locator('#password').fill('password123');
   await page.locator('#password').press('Enter');
   await expect(page.getByRole('alert')).toContainText('サインインをしばらく停止しています');
+  await expect(page.getByRole('alert')).toContainText('30秒ほど待ってから、もう一度入力してください。');
   await expect(page.getByTestId('staff-name')).toHaveCount(0);
   expect(app.callsTo('sign_in')).toHaveLength(6);
+  // Every refusal is in the audit log, naming the login tried and why.
+  expect(app.state.audit.map((e) => [e.action, e.staff, e.fields])).toEqual([
+    ...Array(5).fill(['sign-in-failed', 'yamada', ['password']]),
+    ['sign-in-failed', 'yamada', ['locked']],
+  ]);
+
+  // In English too.
+  await page.evaluate(() => localStorage.setItem('musubi.lang', 'en'));
+  await page.reload();
+  await page.locator('#login').fill('yamada');
+  await page.locator('#password').fill('password123');
+  await page.locator('#password').press('Enter');
+  await expect(page.getByRole('alert')).toContainText('Too many wrong passwords: sign-in for this account is paused for a while. Wait about 30 seconds');
+});
+
+test('the pause holds at the lock screen too: the same rules for signing in again', async ({ page }) => {
+  const app = await openApp(page, { referral_list: () => [] }, { path: '#/referral' });
+  await page.getByTestId('lock-screen-now').click();
+  await expect(page.getByTestId('lock-screen')).toBeVisible();
+  for (let i = 0; i < 5; i++) {
+    await page.locator('#password').fill(`guess-${i}`);
+    await page.locator('#password').press('Enter');
+    await expect(page.getByRole('alert')).toContainText('ログインIDまたはパスワードが違います。');
+  }
+  await page.locator('#password').fill('password123');
+  await page.locator('#password').press('Enter');
+  await expect(page.getByRole('alert')).toContainText('サインインをしばらく停止しています');
+  await expect(page.getByTestId('lock-screen')).toBeVisible();
+  await expect(page.getByTestId('work')).toBeHidden();
+  expect(app.state.audit.at(-1)).toMatchObject({ action: 'sign-in-failed', staff: 'yamada', fields: ['locked'] });
 });
 
 test('empty sign-in fields are pointed out before asking the engine', async ({ page }) => {

@@ -10,7 +10,10 @@
 //! read once; it must leave and come back to be read again. Card ids and numbers are never logged.
 //!
 //! The task starts with the app and waits until the facility is unlocked and enrolled (its
-//! pseudonym keys are needed to derive ids). Every tap is announced, whatever screen is shown:
+//! pseudonym keys are needed to derive ids). A card is read only while a staff member is signed in
+//! and their session is open ([`AppState::attending`]), and its read is recorded in their name; a
+//! card placed while nobody is signed in or the session is locked is left alone (a staff card
+//! sign-in, `sign_in_card`, reads it then). Every tap is announced, whatever screen is shown:
 //! screens that do not take cards ignore the event.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,9 +57,14 @@ pub fn start(app: AppHandle, state: AppState) {
     let spawned = thread::Builder::new()
         .name("musubi-card".into())
         .spawn(move || {
-            let engine = wait_for_engine(&state, &mut |s| publish(&app, &state, s));
+            let mut engine = wait_for_engine(&state, &mut |s| publish(&app, &state, s));
             let stop = AtomicBool::new(false);
-            watch(&engine, &stop, |s| publish(&app, &state, s));
+            watch(
+                &mut engine,
+                &stop,
+                || state.attending(),
+                |s| publish(&app, &state, s),
+            );
         });
     if let Err(e) = spawned {
         tracing::error!("card thread: {e}");
@@ -146,12 +154,18 @@ fn status_of(w: &Watcher, last_error: Option<CardReadError>) -> CardStatus {
 
 /// Watches readers until `stop` is set: a [`Signal::Status`] whenever the reader side changes
 /// (first at once), a [`Signal::Tapped`] for each card placed and read. `at_ms` of a tap is when
-/// the watcher saw the card arrive (ms since the Unix epoch).
+/// the watcher saw the card arrive (ms since the Unix epoch). A card is read only when `attending`
+/// names a staff member (login), to whom the read is attributed; otherwise it is left alone.
 ///
 /// A tap's id is in the sector of the people this facility registers at its counter (evacuees at
 /// a shelter or HQ, patients at a clinic); at a care office, which registers no one by card, in
 /// the staff cards' sector.
-pub fn watch(engine: &Engine, stop: &AtomicBool, mut sink: impl FnMut(Signal)) {
+pub fn watch(
+    engine: &mut Engine,
+    stop: &AtomicBool,
+    mut attending: impl FnMut() -> Option<String>,
+    mut sink: impl FnMut(Signal),
+) {
     let sector = engine
         .resident_sector()
         .ok()
@@ -169,6 +183,11 @@ pub fn watch(engine: &Engine, stop: &AtomicBool, mut sink: impl FnMut(Signal)) {
             let CardEvent::CardInserted { reader, .. } = e else {
                 continue;
             };
+            let Some(login) = attending() else {
+                tracing::debug!("a card was placed while nobody is signed in: not read");
+                continue;
+            };
+            engine.set_staff(Some(login));
             let at_ms = now_ms() as f64;
             let opts = ReadOptions {
                 reader: Some(reader.clone()),

@@ -4,6 +4,7 @@
 //! `message` is the engine's English sentence, shown as detail. Never a bare `String`.
 
 use musubi_facility::EngineError;
+use musubi_facility::card::CardError;
 use musubi_facility::net::SyncError;
 use musubi_facility::staff::StaffError;
 use serde::Serialize;
@@ -24,8 +25,25 @@ pub enum ErrorKind {
     NotSignedIn,
     /// The login or password is wrong.
     BadCredentials,
-    /// Too many wrong passwords in a row: sign-in for that account is paused for a while.
+    /// Too many wrong passwords in a row: sign-in for that account is paused for a while
+    /// (`retry_after_s` says how long).
     SignInLocked,
+    /// The session locked (the staff member was idle, or locked it): the same staff member signs
+    /// in again to go on, or another one signs in afresh.
+    SessionLocked,
+    /// Only an administrator of this device may do this (the audit log, the idle-lock setting).
+    AdminOnly,
+    /// No card was placed on the reader in time.
+    NoCard,
+    /// The card is not bound to any staff account of this device.
+    UnknownCard,
+    /// The PIN is wrong (`tries_left` says how many tries are left).
+    WrongPin,
+    /// This device requires 二要素認証: only a staff card with its PIN signs in, not a password.
+    CardRequired,
+    /// Too many wrong PINs: this card cannot sign in until the PIN is unlocked (a staff PIN by a
+    /// password sign-in; a My Number card's PIN at the municipal office), or only one try is left.
+    PinLocked,
     /// This device has not joined a deployment (no invite accepted yet).
     NotEnrolled,
     /// The text is not an invite code (not `musubi2...`, cut short, or mistyped).
@@ -70,6 +88,10 @@ pub struct AppError {
     pub kind: ErrorKind,
     /// The engine's sentence (English), shown as detail.
     pub message: String,
+    /// `sign_in_locked`: seconds until the next try is taken (the UI's sentence names it).
+    pub retry_after_s: Option<u32>,
+    /// `wrong_pin`: tries left before the PIN locks (the UI's sentence names it).
+    pub tries_left: Option<u32>,
 }
 
 impl AppError {
@@ -78,6 +100,8 @@ impl AppError {
         Self {
             kind,
             message: message.into(),
+            retry_after_s: None,
+            tries_left: None,
         }
     }
 
@@ -101,7 +125,7 @@ fn engine_kind(e: &EngineError) -> ErrorKind {
         E::AlreadyEnrolled(_) => ErrorKind::AlreadyEnrolled,
         E::Trust(_) => ErrorKind::Trust,
         E::SafetyNumber { .. } => ErrorKind::SafetyNumberMismatch,
-        E::InvalidExpiry => ErrorKind::InvalidInput,
+        E::InvalidExpiry | E::Invalid(_) => ErrorKind::InvalidInput,
         E::UnknownFacility(_) | E::UnknownDocument(_) | E::UnknownDevice(_) => ErrorKind::NotFound,
         E::NoKey(_) => ErrorKind::NoKey,
         E::NoPseudonymKey { .. } => ErrorKind::Card,
@@ -121,23 +145,54 @@ impl From<EngineError> for AppError {
 impl From<StaffError> for AppError {
     fn from(e: StaffError) -> Self {
         use StaffError as S;
+        let mut retry_after_s = None;
+        let mut tries_left = None;
         let kind = match &e {
             S::BadCredentials => ErrorKind::BadCredentials,
-            S::LockedOut { .. } => ErrorKind::SignInLocked,
-            S::LoginTaken(_) | S::BadLogin | S::BadPassword => ErrorKind::InvalidInput,
+            S::LockedOut { retry_after_s: s } => {
+                retry_after_s = Some(u32::try_from(*s).unwrap_or(u32::MAX));
+                ErrorKind::SignInLocked
+            }
+            S::LoginTaken(_) | S::BadLogin | S::BadPassword | S::TooMany => ErrorKind::InvalidInput,
+            S::SecondFactorNeeded => ErrorKind::CardRequired,
             S::Engine(inner) => engine_kind(inner),
-            S::Card(_)
-            | S::AlreadyBound
-            | S::CardInUse
-            | S::UnknownCard
-            | S::PossessionNotProven
-            | S::StaffPinFormat
-            | S::StaffPinNeeded
-            | S::WrongStaffPin { .. }
-            | S::StaffPinLocked => ErrorKind::Card,
+            S::UnknownCard => ErrorKind::UnknownCard,
+            S::WrongStaffPin { tries_left: n } => {
+                tries_left = Some(u32::from(*n));
+                ErrorKind::WrongPin
+            }
+            S::StaffPinLocked => ErrorKind::PinLocked,
+            S::StaffPinFormat | S::StaffPinNeeded => ErrorKind::InvalidInput,
+            S::Card(card) => {
+                let (kind, n) = card_kind(card);
+                tries_left = n;
+                kind
+            }
+            S::AlreadyBound | S::CardInUse | S::PossessionNotProven | S::LastAdminCard => {
+                ErrorKind::Card
+            }
             _ => ErrorKind::Internal,
         };
-        Self::new(kind, e.to_string())
+        Self {
+            kind,
+            message: e.to_string(),
+            retry_after_s,
+            tries_left,
+        }
+    }
+}
+
+/// The kind of a card error at sign-in, with the tries left of a wrong PIN.
+fn card_kind(e: &CardError) -> (ErrorKind, Option<u32>) {
+    match e {
+        CardError::NoCard(_) => (ErrorKind::NoCard, None),
+        CardError::WrongPin { tries_left, .. } => {
+            (ErrorKind::WrongPin, Some(u32::from(*tries_left)))
+        }
+        CardError::PinBlocked { .. } | CardError::LastTry { .. } => (ErrorKind::PinLocked, None),
+        CardError::PinFormat | CardError::PinNotGiven { .. } => (ErrorKind::InvalidInput, None),
+        CardError::Engine(inner) => (engine_kind(inner), None),
+        _ => (ErrorKind::Card, None),
     }
 }
 

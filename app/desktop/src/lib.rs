@@ -2,7 +2,8 @@
 //!
 //! - [`commands`]: the IPC commands, each a thin call into `musubi-facility`.
 //! - [`events`]: typed events to the UI (sync status, document changed, card tapped).
-//! - [`state`]: the unlocked engine, the signed-in staff member and the reception desk.
+//! - [`state`]: the unlocked engine, the signed-in staff member (and whether their session is
+//!   locked), and the reception desk.
 //! - [`error`]: `{ kind, message }`, the only error shape that crosses IPC.
 //!
 //! Run loop: the window's commands run on blocking threads against one engine handle; a sync task
@@ -41,7 +42,14 @@ pub fn specta_builder() -> tauri_specta::Builder<tauri::Wry> {
             session::create_staff,
             session::list_staff,
             session::sign_in,
+            session::sign_in_card,
             session::sign_out,
+            session::lock_session,
+            session::session_touch,
+            session::set_idle_lock,
+            audit::audit_list,
+            audit::audit_verify,
+            audit::audit_review,
             sync::sync_status,
             sync::sync_now,
             sync::settings,
@@ -149,7 +157,9 @@ pub fn data_dir() -> PathBuf {
 /// Runs the app until its window closes.
 ///
 /// Environment: `MUSUBI_DATA` (data directory), `MUSUBI_LAN=0` (no LAN sync),
-/// `MUSUBI_SCRYPT_LOG_N` (passphrase work factor for new facilities, tests only).
+/// `MUSUBI_IDLE_LOCK_SECS` (the idle time before a session locks, fixed for this computer; else
+/// 設定's, default 10 minutes), `MUSUBI_SCRYPT_LOG_N` (passphrase work factor for new facilities,
+/// tests only).
 ///
 /// Errors: Tauri's, when the window cannot be created.
 pub fn run() -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
-//! The desktop shell's tests that need no window: the generated TypeScript bindings are current.
+//! The desktop shell's tests that need no window: the generated TypeScript bindings are current,
+//! the session lock (idle, and who signs in after it) and the sign-in errors the UI branches on.
 
 use std::path::Path;
 
@@ -337,4 +338,201 @@ fn trust_errors_cross_ipc_as_their_own_kinds() {
     );
     let json = serde_json::to_value(&mismatch).expect("serialise");
     assert_eq!(json["kind"], "safety_number_mismatch");
+}
+
+/// A device with one staff member signed in at an [`Unlocked`] session (the engine as the app has it).
+fn signed_in(
+    dir: &Path,
+    login: &str,
+    role: musubi_facility::staff::StaffRole,
+) -> musubi_desktop::state::Unlocked {
+    use musubi_facility::{Engine, staff};
+    let engine = Engine::init(&dir.join("d"), "受付", "correct horse battery", 10).expect("init");
+    staff::create(
+        &engine,
+        "admin",
+        "管理 者",
+        "correct horse",
+        staff::StaffRole::Admin,
+    )
+    .expect("the administrator");
+    let who = if login == "admin" {
+        staff::find(&engine, "admin").expect("find").expect("admin")
+    } else {
+        staff::create(&engine, login, "佐藤 一郎", "correct horse", role).expect("create")
+    };
+    let mut u = musubi_desktop::state::Unlocked::new(engine);
+    let state = musubi_desktop::state::AppState::new(dir.to_owned(), false);
+    musubi_desktop::commands::session::start_session(
+        &state,
+        &mut u,
+        &who,
+        musubi_desktop::commands::session::SignInMethod::Password,
+    )
+    .expect("sign in");
+    u
+}
+
+/// The audit entries of `u`'s device: (action, staff, fields).
+fn audit_of(u: &musubi_desktop::state::Unlocked) -> Vec<(String, Option<String>, Vec<String>)> {
+    musubi_facility::audit::list(&u.engine, &musubi_facility::audit::Filter::default())
+        .expect("audit list")
+        .into_iter()
+        .map(|r| (r.action, r.staff, r.fields))
+        .collect()
+}
+
+/// The shell enforces the idle lock itself: a command after the idle time (and its grace) locks the
+/// session, records `lock`, and is refused; so is every later one, however soon, until the staff
+/// member signs in again, which keeps their session (the desk stays) and records `sign-in`.
+#[test]
+fn an_idle_session_locks_itself_and_refuses_staff_commands_until_signed_in_again() {
+    use std::time::{Duration, Instant};
+
+    use musubi_desktop::commands::session::{SignInMethod, start_session};
+    use musubi_desktop::error::ErrorKind;
+    use musubi_desktop::state::{AppState, IdleLock, LockReason};
+    use musubi_facility::staff::StaffRole;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut u = signed_in(tmp.path(), "sato", StaffRole::Staff);
+    let lock = IdleLock {
+        idle: Duration::from_secs(8),
+        fixed: false,
+    };
+    assert_eq!(lock.touch_every(), Duration::from_secs(2));
+    assert_eq!(lock.limit(), Duration::from_secs(15));
+    let ten = IdleLock {
+        idle: Duration::from_secs(600),
+        fixed: false,
+    };
+    assert_eq!(ten.touch_every(), Duration::from_secs(30));
+
+    let who = u.active_staff(lock.limit()).expect("an open session");
+    assert_eq!(who.login, "sato");
+    u.last_active = Instant::now() - Duration::from_secs(16);
+    let refused = u.active_staff(lock.limit()).expect_err("idle too long");
+    assert_eq!(refused.kind, ErrorKind::SessionLocked);
+    assert!(u.locked, "the session is locked");
+    assert_eq!(u.staff.as_ref().map(|s| s.login.as_str()), Some("sato"));
+    u.last_active = Instant::now();
+    assert_eq!(
+        u.active_staff(lock.limit()).map_err(|e| e.kind).err(),
+        Some(ErrorKind::SessionLocked),
+        "a locked session stays locked whatever the time"
+    );
+    // Locking again records nothing more.
+    u.lock(LockReason::Manual);
+
+    let state = AppState::new(tmp.path().to_owned(), false);
+    start_session(&state, &mut u, &who, SignInMethod::Card).expect("sign in again");
+    assert!(!u.locked);
+    assert_eq!(
+        u.active_staff(lock.limit()).expect("open again").login,
+        "sato"
+    );
+
+    let tail: Vec<_> = audit_of(&u).into_iter().rev().take(3).rev().collect();
+    assert_eq!(
+        tail,
+        [
+            (
+                "sign-in".into(),
+                Some("sato".into()),
+                vec!["password".into()]
+            ),
+            ("lock".into(), Some("sato".into()), vec!["idle".into()]),
+            ("sign-in".into(), Some("sato".into()), vec!["card".into()]),
+        ]
+    );
+}
+
+/// Another staff member signing in at a locked session replaces it: the one before is recorded as
+/// signed out, and their desk is dropped.
+#[test]
+fn another_staff_member_signing_in_at_a_locked_session_starts_afresh() {
+    use musubi_desktop::commands::session::{SignInMethod, start_session};
+    use musubi_desktop::state::{AppState, LockReason};
+    use musubi_facility::staff::{self, StaffRole};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut u = signed_in(tmp.path(), "sato", StaffRole::Staff);
+    u.lock(LockReason::Manual);
+    let admin = staff::find(&u.engine, "admin")
+        .expect("find")
+        .expect("admin");
+    let state = AppState::new(tmp.path().to_owned(), false);
+    start_session(&state, &mut u, &admin, SignInMethod::Password).expect("sign in");
+    assert!(!u.locked);
+    assert!(u.desk.is_none());
+    assert_eq!(u.engine.staff(), Some("admin"));
+    let tail: Vec<_> = audit_of(&u).into_iter().rev().take(3).rev().collect();
+    assert_eq!(
+        tail,
+        [
+            ("lock".into(), Some("sato".into()), vec!["manual".into()]),
+            ("sign-out".into(), Some("sato".into()), vec![]),
+            (
+                "sign-in".into(),
+                Some("admin".into()),
+                vec!["password".into()]
+            ),
+        ]
+    );
+}
+
+/// Sign-in refusals reach the UI as kinds it can branch on, with the numbers its sentences name.
+#[test]
+fn sign_in_refusals_cross_ipc_with_what_to_wait_for() {
+    use musubi_desktop::error::{AppError, ErrorKind};
+    use musubi_facility::card::{CardError, PinKind};
+    use musubi_facility::staff::StaffError;
+
+    let paused = AppError::from(StaffError::LockedOut { retry_after_s: 30 });
+    assert_eq!(paused.kind, ErrorKind::SignInLocked);
+    assert_eq!(paused.retry_after_s, Some(30));
+    let json = serde_json::to_value(&paused).expect("serialise");
+    assert_eq!(json["kind"], "sign_in_locked");
+    assert_eq!(json["retry_after_s"], 30);
+    assert_eq!(json["tries_left"], serde_json::Value::Null);
+
+    let wrong = AppError::from(StaffError::WrongStaffPin { tries_left: 3 });
+    assert_eq!(
+        (wrong.kind, wrong.tries_left),
+        (ErrorKind::WrongPin, Some(3))
+    );
+    let card_pin = AppError::from(StaffError::Card(Box::new(CardError::WrongPin {
+        which: PinKind::UserAuthentication,
+        tries_left: 2,
+    })));
+    assert_eq!(
+        (card_pin.kind, card_pin.tries_left),
+        (ErrorKind::WrongPin, Some(2))
+    );
+    for locked in [
+        StaffError::StaffPinLocked,
+        StaffError::Card(Box::new(CardError::PinBlocked {
+            which: PinKind::UserAuthentication,
+        })),
+        StaffError::Card(Box::new(CardError::LastTry {
+            which: PinKind::UserAuthentication,
+        })),
+    ] {
+        assert_eq!(AppError::from(locked).kind, ErrorKind::PinLocked);
+    }
+    assert_eq!(
+        AppError::from(StaffError::UnknownCard).kind,
+        ErrorKind::UnknownCard
+    );
+    assert_eq!(
+        AppError::from(StaffError::Card(Box::new(CardError::NoCard(
+            std::time::Duration::from_secs(20)
+        ))))
+        .kind,
+        ErrorKind::NoCard
+    );
+    assert_eq!(
+        AppError::from(StaffError::Card(Box::new(CardError::NoReader))).kind,
+        ErrorKind::Card
+    );
 }

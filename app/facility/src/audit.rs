@@ -26,7 +26,7 @@ use musubi_crdt::audit::{
     verify_chain,
 };
 use musubi_crdt::crypto;
-use musubi_crdt::directory::Devices;
+use musubi_crdt::directory::{Devices, Trust};
 use musubi_crdt::ids::{DeviceId, DocumentId, DocumentKind, FacilityId, FacilityRole, Role};
 use musubi_crdt::ops::Member;
 use serde::Serialize;
@@ -243,10 +243,10 @@ pub fn list(e: &Engine, filter: &Filter) -> Result<Vec<AuditRecord>> {
     }
     // The other devices' entries, from the audit documents: only those signed by the device they
     // are filed under, a device that is or was of the facility that keeps the document.
-    for (facility, chains) in sources(e)? {
+    for (facility, synced) in sources(e)? {
         let ours = of_facility(e, facility);
         let facility = facility.to_string();
-        for (device, chain) in chains {
+        for (device, chain) in synced.chains {
             if device == me || !ours(&device) {
                 continue;
             }
@@ -346,9 +346,18 @@ pub fn audit_documents(e: &Engine) -> Result<Vec<DocumentId>> {
     Ok(ids)
 }
 
+/// What a facility's audit documents hold: every device's entries, merged by `seq` (the same
+/// entry in two documents is one; two different entries at one place are both kept, for
+/// [`verify_all`] to report), and the retention anchors recorded for each device.
+#[derive(Default)]
+struct Synced {
+    chains: BTreeMap<DeviceId, Chain>,
+    anchors: BTreeMap<DeviceId, Vec<SignedEntry>>,
+}
+
 /// The audit documents this device reads, by the facility that keeps them: this facility's first,
-/// then (at an HQ) each shelter's, and every device's entries each holds.
-fn sources(e: &Engine) -> Result<Vec<(FacilityId, BTreeMap<DeviceId, Chain>)>> {
+/// then (at an HQ) each shelter's.
+fn sources(e: &Engine) -> Result<Vec<(FacilityId, Synced)>> {
     let Ok(me) = e.enrolment().map(|en| en.facility) else {
         return Ok(Vec::new());
     };
@@ -367,11 +376,13 @@ fn sources(e: &Engine) -> Result<Vec<(FacilityId, BTreeMap<DeviceId, Chain>)>> {
     Ok(out)
 }
 
-/// Every device's entries the audit documents `ids` hold, merged by device and `seq` (the same
-/// entry in two documents is one; two different entries at one place are both kept, for
-/// [`verify_all`] to report).
-fn synced(e: &Engine, ids: &[DocumentId]) -> Result<BTreeMap<DeviceId, Chain>> {
-    let mut all: BTreeMap<DeviceId, Chain> = BTreeMap::new();
+/// What the audit documents `ids` hold ([`Synced`]).
+fn synced(e: &Engine, ids: &[DocumentId]) -> Result<Synced> {
+    let mut merged: BTreeMap<
+        DeviceId,
+        BTreeMap<u64, Vec<std::result::Result<SignedEntry, String>>>,
+    > = BTreeMap::new();
+    let mut out = Synced::default();
     for id in ids {
         let loaded = match e.load(*id) {
             Ok(l) => l,
@@ -381,18 +392,29 @@ fn synced(e: &Engine, ids: &[DocumentId]) -> Result<BTreeMap<DeviceId, Chain>> {
         };
         let (chains, _) = audit_doc::synced_chains(&loaded.doc);
         for (device, chain) in chains {
-            let into = all.entry(device).or_default();
+            if let Some(Ok(anchor)) = audit_doc::anchor(&loaded.doc, &device) {
+                out.anchors.entry(device).or_default().push(anchor);
+            }
+            let into = merged.entry(device).or_default();
             for (seq, entry) in chain {
-                if !into.iter().any(|(s, e)| *s == seq && *e == entry) {
-                    into.push((seq, entry));
+                let at = into.entry(seq).or_default();
+                if !at.contains(&entry) {
+                    at.push(entry);
                 }
             }
         }
     }
-    for chain in all.values_mut() {
-        chain.sort_by_key(|(seq, _)| *seq);
-    }
-    Ok(all)
+    out.chains = merged
+        .into_iter()
+        .map(|(device, by_seq)| {
+            let chain = by_seq
+                .into_iter()
+                .flat_map(|(seq, entries)| entries.into_iter().map(move |en| (seq, en)))
+                .collect();
+            (device, chain)
+        })
+        .collect();
+    Ok(out)
 }
 
 /// How long entries are kept, in days: what an administrator set in the facility's audit
@@ -452,7 +474,7 @@ fn hq_readers(e: &Engine, role: FacilityRole) -> Result<Vec<Member>> {
     Ok(e.directory()?
         .facilities
         .iter()
-        .filter(|f| f.role == FacilityRole::Hq && !f.revoked)
+        .filter(|f| f.role == FacilityRole::Hq && !f.revoked && f.trust == Trust::Verified)
         .map(|f| Member {
             facility: f.id,
             role: Role::Reader,
@@ -502,8 +524,10 @@ pub fn publish(e: &mut Engine, now_ms: u64, create: bool) -> Result<Published> {
     let enrolment = e.enrolment()?;
     if let Some(row) = e.store().document(id)? {
         for hq in hq_readers(e, enrolment.role)? {
-            if row.info.role_of(hq.facility).is_none() {
-                e.share(id, &hq.facility.to_string(), Some(Role::Reader))?;
+            if row.info.role_of(hq.facility).is_none()
+                && let Err(err) = e.share(id, &hq.facility.to_string(), Some(Role::Reader))
+            {
+                tracing::warn!(hq = %hq.facility, "could not add HQ as a reader of this shelter's audit log: {err}");
             }
         }
     }
@@ -552,30 +576,49 @@ pub fn publish(e: &mut Engine, now_ms: u64, create: bool) -> Result<Published> {
     });
     let cutoff = now_ms.saturating_sub(days * DAY_MS);
     out.pruned_local = prune_local(e, cutoff, published)?;
-    let chains = audit_doc::synced_chains(&loaded.doc).0;
-    for (device, chain) in &chains {
-        let expired = chain
-            .iter()
-            .take_while(|(_, entry)| {
-                entry
-                    .as_ref()
-                    .ok()
-                    .and_then(|s| s.open().ok())
-                    .is_some_and(|en| en.at_ms < cutoff)
-            })
-            .last()
-            .map(|(seq, _)| *seq);
-        if let Some(through) = expired {
-            out.pruned_synced += audit_doc::remove_through(&mut loaded.doc, device, through)
-                .map_err(|err| corrupt(format!("audit document: {err}")))?;
-        }
-    }
+    out.pruned_synced = prune_document(&mut loaded.doc, cutoff)?;
     e.atomic(|e| {
         e.commit(&mut loaded)?;
         e.store().set_meta_cbor("audit_published", &published)?;
         Ok(())
     })?;
+    // A second audit document of the facility (two devices started one each before either had
+    // synced) is kept to the same retention.
+    for other in audit_documents(e)?.into_iter().filter(|d| *d != id) {
+        let Ok(mut loaded) = e.load(other) else {
+            continue;
+        };
+        let removed = prune_document(&mut loaded.doc, cutoff)?;
+        if removed > 0 {
+            e.commit(&mut loaded)?;
+            out.pruned_synced += removed;
+        }
+    }
     Ok(out)
+}
+
+/// Removes from an audit document every device's entries older than `cutoff` (a prefix of its
+/// chain), recording the last one removed as the device's anchor there. Returns how many.
+fn prune_document(doc: &mut automerge::AutoCommit, cutoff: u64) -> Result<usize> {
+    let am = |err: automerge::AutomergeError| corrupt(format!("audit document: {err}"));
+    let mut removed = 0;
+    for (device, chain) in audit_doc::synced_chains(doc).0 {
+        let expired = chain
+            .iter()
+            .take_while(|(seq, entry)| {
+                entry
+                    .as_ref()
+                    .ok()
+                    .and_then(|s| s.open().ok())
+                    .is_some_and(|en| en.at_ms < cutoff && en.device == device && en.seq == *seq)
+            })
+            .last();
+        if let Some((through, Ok(anchor))) = expired {
+            audit_doc::set_anchor(doc, &device, anchor).map_err(am)?;
+            removed += audit_doc::remove_through(doc, &device, *through).map_err(am)?;
+        }
+    }
+    Ok(removed)
 }
 
 /// Whether this device's oldest entry on disk is past its retention (a cheap check: one row).
@@ -698,7 +741,7 @@ pub fn verify_all_at(e: &Engine, now_ms: u64) -> Result<Vec<DeviceChain>> {
         .map(|en| en.facility.to_string())
         .unwrap_or_default();
     let mut out = Vec::new();
-    let mine = match (mine, sources.first().and_then(|(_, c)| c.get(&me))) {
+    let mine = match (mine, sources.first().and_then(|(_, s)| s.chains.get(&me))) {
         (Ok(summary), Some(copy)) => compare_copy(e, summary, copy)?,
         (r, _) => r,
     };
@@ -708,12 +751,14 @@ pub fn verify_all_at(e: &Engine, now_ms: u64) -> Result<Vec<DeviceChain>> {
         this_device: true,
         result: mine,
     });
-    for (facility, chains) in sources {
+    for (facility, synced) in sources {
         let ours = of_facility(e, facility);
-        for (device, chain) in chains {
+        for (device, chain) in &synced.chains {
+            let device = *device;
             if device == me {
                 continue;
             }
+            let anchors = synced.anchors.get(&device).map_or(&[][..], Vec::as_slice);
             let result = if !ours(&device) {
                 Err(ChainBreak {
                     seq: chain.first().map_or(0, |(s, _)| *s),
@@ -721,7 +766,7 @@ pub fn verify_all_at(e: &Engine, now_ms: u64) -> Result<Vec<DeviceChain>> {
                         .into(),
                 })
             } else {
-                verify_copy(&device, &chain)
+                verify_copy(&device, chain, anchors, now_ms)
             };
             out.push(DeviceChain {
                 device: device.to_string(),
@@ -734,9 +779,17 @@ pub fn verify_all_at(e: &Engine, now_ms: u64) -> Result<Vec<DeviceChain>> {
     Ok(out)
 }
 
-/// Verifies a device's chain as the audit document holds it: from its first entry held (earlier
-/// ones went by retention) to its last.
-fn verify_copy(device: &DeviceId, chain: &Chain) -> std::result::Result<ChainSummary, ChainBreak> {
+/// Verifies a device's chain as the audit document holds it: from entry 1, or, when retention
+/// removed the first ones, from the anchor recorded for them (the last one removed: this
+/// device's, signed, over [`RETENTION_DAYS_MIN`] days old at `now_ms`, and the hash the first held
+/// entry follows), to its last entry held. Entries removed from the front without such an anchor
+/// are a break.
+fn verify_copy(
+    device: &DeviceId,
+    chain: &Chain,
+    anchors: &[SignedEntry],
+    now_ms: u64,
+) -> std::result::Result<ChainSummary, ChainBreak> {
     for w in chain.windows(2) {
         if w[0].0 == w[1].0 {
             return Err(ChainBreak {
@@ -745,35 +798,56 @@ fn verify_copy(device: &DeviceId, chain: &Chain) -> std::result::Result<ChainSum
             });
         }
     }
-    let Some((first, Ok(first_entry))) = chain.first() else {
-        return match chain.first() {
-            None => Ok(ChainSummary {
-                entries: 0,
-                first: None,
-                last: None,
-            }),
-            Some((seq, Err(reason))) => Err(ChainBreak {
-                seq: *seq,
-                reason: reason.clone(),
-            }),
-            Some(_) => unreachable!("matched above"),
-        };
+    let first = chain.first().map(|(seq, _)| *seq);
+    let opened: Vec<(AuditEntry, &SignedEntry)> = anchors
+        .iter()
+        .filter_map(|a| a.open().ok().map(|en| (en, a)))
+        .filter(|(en, _)| en.device == *device)
+        .collect();
+    // The anchor the chain starts after: the one just before its first entry, or with no entry
+    // left, the newest.
+    let anchor = match first {
+        Some(1) => None,
+        Some(f) => match opened.iter().find(|(en, _)| en.seq + 1 == f) {
+            Some(a) => Some(a),
+            None => {
+                return Err(ChainBreak {
+                    seq: f - 1,
+                    reason: format!(
+                        "entries before {f} were removed from the audit document without a retention anchor"
+                    ),
+                });
+            }
+        },
+        None => opened.iter().max_by_key(|(en, _)| en.seq),
     };
-    let prev = first_entry
-        .open()
-        .map(|en| en.prev)
-        .map_err(|r| ChainBreak {
-            seq: *first,
-            reason: r.to_owned(),
-        })?;
-    let head = match chain.last() {
-        Some((seq, Ok(last))) => Some(ChainHead {
+    let start = match anchor {
+        None => (1, [0; 32]),
+        Some((en, signed)) => {
+            if en.at_ms >= now_ms.saturating_sub(RETENTION_DAYS_MIN * DAY_MS) {
+                return Err(ChainBreak {
+                    seq: en.seq,
+                    reason: format!(
+                        "entries up to {} were removed from the audit document before their retention ended",
+                        en.seq
+                    ),
+                });
+            }
+            (en.seq + 1, entry_hash(signed))
+        }
+    };
+    let head = match (chain.last(), anchor) {
+        (Some((seq, Ok(last))), _) => Some(ChainHead {
             seq: *seq,
             hash: entry_hash(last),
         }),
+        (None, Some((en, signed))) => Some(ChainHead {
+            seq: en.seq,
+            hash: entry_hash(signed),
+        }),
         _ => None,
     };
-    verify_chain(device, (*first, prev), chain.iter().cloned(), head)
+    verify_chain(device, start, chain.iter().cloned(), head)
 }
 
 /// Compares this device's verified chain with its copy in the audit document.
@@ -815,4 +889,77 @@ fn compare_copy(
         }
     }
     Ok(Ok(summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use musubi_crdt::crypto::DeviceSecrets;
+
+    use super::*;
+
+    fn chain(secrets: &DeviceSecrets, n: u64, at_ms: u64) -> Vec<SignedEntry> {
+        let mut prev = [0; 32];
+        (1..=n)
+            .map(|seq| {
+                let s = SignedEntry::sign(
+                    secrets,
+                    &AuditEntry {
+                        seq,
+                        at_ms: at_ms + seq,
+                        device: secrets.device_id(),
+                        staff: Some("sato".into()),
+                        doc: None,
+                        action: AuditAction::Read,
+                        fields: vec![],
+                        prev,
+                    },
+                );
+                prev = entry_hash(&s);
+                s
+            })
+            .collect()
+    }
+
+    fn held(c: &[SignedEntry], from: u64) -> Chain {
+        c.iter()
+            .enumerate()
+            .skip(from as usize - 1)
+            .map(|(i, s)| (i as u64 + 1, Ok(s.clone())))
+            .collect()
+    }
+
+    /// Entries removed from the front of a device's copy verify only after a retention anchor
+    /// that is this device's, signed, old enough by the verifier's clock, and followed by the
+    /// first entry held: a cut, or a prune by a device whose clock ran ahead, is a break.
+    #[test]
+    fn a_synced_chain_cut_at_the_front_needs_an_old_enough_anchor() {
+        let me = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let d = me.device_id();
+        let now = 10 * 365 * DAY_MS;
+        let old = chain(&me, 5, 0);
+        assert_eq!(
+            verify_copy(&d, &held(&old, 1), &[], now)
+                .expect("whole")
+                .entries,
+            5
+        );
+        let cut = verify_copy(&d, &held(&old, 3), &[], now).expect_err("cut without anchor");
+        assert!(cut.reason.contains("without a retention anchor"), "{cut}");
+        let ok = verify_copy(&d, &held(&old, 3), &[old[1].clone()], now).expect("anchored");
+        assert_eq!((ok.first, ok.last), (Some(3), Some(5)));
+        // The wrong anchor (not the entry just before), or another device's.
+        assert!(verify_copy(&d, &held(&old, 3), &[old[0].clone()], now).is_err());
+        let other = chain(&DeviceSecrets::from_seeds([3; 32], [4; 32]), 5, 0);
+        assert!(verify_copy(&d, &held(&old, 3), &[other[1].clone()], now).is_err());
+        // Everything removed: the anchor alone, if old enough.
+        verify_copy(&d, &Vec::new(), &[old[4].clone()], now).expect("all expired");
+        // Entries a month old "removed by retention" (a device whose clock ran years ahead).
+        let recent = chain(&me, 5, now - 30 * DAY_MS);
+        let early = verify_copy(&d, &held(&recent, 3), &[recent[1].clone()], now)
+            .expect_err("too recent to be retention");
+        assert!(
+            early.reason.contains("before their retention ended"),
+            "{early}"
+        );
+    }
 }

@@ -32,12 +32,19 @@ use crate::store::Origin;
 
 /// How often connected LAN peers are offered every shared document.
 pub const LAN_ROUND_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a LAN peer found by mDNS but not connected is dialled again.
+pub const LAN_REDIAL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A device found on the LAN. Its facility is asked of the directory each time, never cached:
 /// a device revoked while connected gets nothing more.
 #[derive(Debug)]
 struct LanPeer {
     connected: bool,
+    /// Where mDNS last found it (dialled again while not connected: a dial can fail, e.g. when
+    /// both devices dial each other as they start, and mDNS announces again only minutes later).
+    addr: Option<Multiaddr>,
+    /// When it was last dialled.
+    dialled: Option<Instant>,
 }
 
 /// LAN state of a sync run.
@@ -135,11 +142,14 @@ impl Lan {
         if peer_facility(engine, &peer).is_none() {
             return;
         }
-        let known = self
-            .peers
-            .entry(peer)
-            .or_insert(LanPeer { connected: false });
+        let known = self.peers.entry(peer).or_insert(LanPeer {
+            connected: false,
+            addr: None,
+            dialled: None,
+        });
+        known.addr = Some(addr.clone());
         if !known.connected {
+            known.dialled = Some(Instant::now());
             let _ = swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
         }
     }
@@ -154,7 +164,12 @@ impl Lan {
         if peer_facility(engine, &peer).is_none() {
             return false;
         }
-        self.peers.insert(peer, LanPeer { connected: true });
+        let known = self.peers.entry(peer).or_insert(LanPeer {
+            connected: true,
+            addr: None,
+            dialled: None,
+        });
+        known.connected = true;
         tracing::info!(%peer, "LAN peer connected");
         self.offer_all(engine, swarm, Some(peer));
         true
@@ -185,6 +200,23 @@ impl Lan {
             return;
         }
         self.last_round = Some(Instant::now());
+        // A peer found but not connected (its dial failed, or the connection dropped) is dialled
+        // again, at most every LAN_REDIAL_INTERVAL.
+        for (peer, p) in &mut self.peers {
+            if !p.connected
+                && let Some(addr) = &p.addr
+                && peer_facility(engine, peer).is_some()
+                && p.dialled.is_none_or(|t| t.elapsed() >= LAN_REDIAL_INTERVAL)
+            {
+                p.dialled = Some(Instant::now());
+                tracing::debug!(%peer, "dialling a LAN peer again");
+                let _ = swarm.dial(
+                    DialOpts::peer_id(*peer)
+                        .addresses(vec![addr.clone()])
+                        .build(),
+                );
+            }
+        }
         self.offer_all(engine, swarm, None);
     }
 

@@ -525,6 +525,10 @@ pub async fn sync_with(
                         redial_backoff = (redial_backoff * 2).min(Duration::from_secs(30));
                     }
                 }
+                SwarmEvent::OutgoingConnectionError { peer_id: Some(p), error, .. } if lan.is_peer(&p) => {
+                    // Dialled again at a later LAN round.
+                    tracing::info!(peer = %p, "could not connect to a LAN peer: {error}");
+                }
                 SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => match ev {
                     request_response::Event::Message { peer, message, .. } => match message {
                         request_response::Message::Response { request_id, response } if lan.owns(&request_id) => {

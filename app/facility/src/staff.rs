@@ -121,6 +121,11 @@ pub enum StaffError {
         "this device requires two-factor sign-in: sign in with your staff card and its PIN (この端末は二要素認証が必要です。職員カードとPINでサインインしてください)"
     )]
     SecondFactorNeeded,
+    /// Unbinding this card would leave no administrator able to sign in under 二要素認証.
+    #[error(
+        "this device requires two-factor sign-in and this is the last administrator's staff card: bind another administrator's card, or turn two-factor sign-in off, first (最後の管理者の職員カードは外せません)"
+    )]
+    LastAdminCard,
     /// The card could not be read.
     #[error(transparent)]
     Card(Box<CardError>),
@@ -397,21 +402,14 @@ fn by_password(e: &Engine, login: &str, password: &str) -> Result<Record> {
     Err(StaffError::BadCredentials)
 }
 
-/// Signs in with login and password (also unlocks a staff card locked by wrong staff PINs). A
-/// wrong login or password is recorded in the audit log (`sign-in-failed`, naming the login
-/// tried); a success is not (a session's shell records `sign-in`, see [`sign_in_session`]).
-pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff> {
-    if two_factor_required(e)? {
-        crate::audit::record_as(
-            e,
-            Some(login),
-            AuditAction::SignInFailed,
-            None,
-            &["password", "second-factor-needed"],
-        )?;
-        return Err(StaffError::SecondFactorNeeded);
-    }
-    let rec = match by_password(e, login, password) {
+/// Checks a login and password without signing in (also unlocks a staff card locked by wrong
+/// staff PINs): what binding a card and [`sign_in_password`] check first. A wrong login or password
+/// is recorded in the audit log (`sign-in-failed`, naming the login tried) and counts towards the
+/// account's lockout.
+///
+/// Errors: [`StaffError::BadCredentials`], [`StaffError::LockedOut`]; store errors.
+pub fn verify_password(e: &Engine, login: &str, password: &str) -> Result<Staff> {
+    let mut rec = match by_password(e, login, password) {
         Ok(rec) => rec,
         Err(err) => {
             let why = if matches!(err, StaffError::LockedOut { .. }) {
@@ -423,12 +421,32 @@ pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff
             return Err(err);
         }
     };
-    let mut rec = rec;
     if rec.failed_pins > 0 {
         rec.failed_pins = 0;
         save(e, &rec)?;
     }
     Ok(rec.public())
+}
+
+/// Signs in with login and password ([`verify_password`]); a success is not recorded (a session's
+/// shell records `sign-in`, see [`sign_in_session`]). On a device that requires 二要素認証 a right
+/// password still unlocks a card locked by wrong PINs, but signs no one in (recorded as
+/// `sign-in-failed`, `second-factor-needed`).
+///
+/// Errors: as [`verify_password`]; [`StaffError::SecondFactorNeeded`].
+pub fn sign_in_password(e: &Engine, login: &str, password: &str) -> Result<Staff> {
+    let who = verify_password(e, login, password)?;
+    if two_factor_required(e)? {
+        crate::audit::record_as(
+            e,
+            Some(login),
+            AuditAction::SignInFailed,
+            None,
+            &["password", "second-factor-needed"],
+        )?;
+        return Err(StaffError::SecondFactorNeeded);
+    }
+    Ok(who)
 }
 
 /// Whether this device requires 二要素認証 for every sign-in (医療情報システムの安全管理に関する
@@ -571,6 +589,17 @@ pub fn bind_card(
 /// Removes the account's card (the password authorises it).
 pub fn unbind_card(e: &Engine, login: &str, password: &str) -> Result<Staff> {
     let mut rec = by_password(e, login, password)?;
+    if two_factor_required(e)?
+        && rec.card.is_some()
+        && list(e)?
+            .iter()
+            .any(|s| s.login == login && s.role == StaffRole::Admin)
+        && !list(e)?
+            .iter()
+            .any(|s| s.login != login && s.role == StaffRole::Admin && s.card.is_some())
+    {
+        return Err(StaffError::LastAdminCard);
+    }
     rec.card = None;
     rec.failed_pins = 0;
     save(e, &rec)?;

@@ -80,14 +80,16 @@ async join(invite: string) : Promise<Result<JoinAnswer, AppError>> {
 }
 },
 /**
- * Creates a staff account on this device. The first account can be created without signing in
- * (first run); later ones need a signed-in staff member.
+ * Creates a staff account on this device with `role` (default 職員). The first account can be
+ * created without signing in (first run) and is the device's administrator whatever `role` says;
+ * later ones are added by a signed-in administrator.
  * 
- * Errors: `invalid_input` (login taken or malformed, password too short); `not_signed_in`.
+ * Errors: `invalid_input` (login taken or malformed, password too short); `not_signed_in`;
+ * `session_locked`; `admin_only`.
  */
-async createStaff(login: string, name: string, password: string) : Promise<Result<Staff, AppError>> {
+async createStaff(login: string, name: string, password: string, role: StaffRole | null) : Promise<Result<Staff, AppError>> {
     try {
-    return { status: "ok", data: await TAURI_INVOKE("create_staff", { login, name, password }) };
+    return { status: "ok", data: await TAURI_INVOKE("create_staff", { login, name, password, role }) };
 } catch (e) {
     if(e instanceof Error) throw e;
     else return { status: "error", error: e  as any };
@@ -97,7 +99,7 @@ async createStaff(login: string, name: string, password: string) : Promise<Resul
  * The staff accounts of this device, for a signed-in staff member only (logins are what a
  * password guesser needs first).
  * 
- * Errors: `locked`; `not_signed_in`; `storage`.
+ * Errors: `locked`; `not_signed_in`; `session_locked`; `storage`.
  */
 async listStaff() : Promise<Result<Staff[], AppError>> {
     try {
@@ -109,8 +111,10 @@ async listStaff() : Promise<Result<Staff[], AppError>> {
 },
 /**
  * Signs a staff member in with their own password; every change from now on is attributed to them.
+ * On a locked session, the same staff member goes on where they were; another one starts afresh.
  * 
- * Errors: `bad_credentials`; `locked`.
+ * Errors: `bad_credentials`; `sign_in_locked` (too many wrong passwords: `retry_after_s`);
+ * `card_required` (this device requires 二要素認証); `locked`; `storage`.
  */
 async signIn(login: string, password: string) : Promise<Result<Staff, AppError>> {
     try {
@@ -121,11 +125,132 @@ async signIn(login: string, password: string) : Promise<Result<Staff, AppError>>
 }
 },
 /**
- * Signs the staff member out (the device stays unlocked for the next one).
+ * Signs a staff member in with their staff card and its PIN (the second factor): waits up to
+ * [`CARD_SIGN_IN_WAIT`] for a card on the reader (one already there counts). A My Number card
+ * proves possession with `pin` as its user-authentication PIN (4 digits; never sent with only one
+ * try left); a contactless card's `pin` is its Musubi staff PIN (4 to 8 digits). The card is read
+ * in the staff cards' sector. On a locked session, as [`sign_in`].
+ * 
+ * Errors: `no_card`; `unknown_card` (not bound to an account here); `wrong_pin` (`tries_left`);
+ * `pin_locked`; `invalid_input` (the PIN's form); `card` (no reader or service, an unreadable
+ * card, no possession proof); `locked`; `not_enrolled`.
+ */
+async signInCard(pin: string) : Promise<Result<Staff, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("sign_in_card", { pin }) };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Signs the staff member out (the device stays unlocked for the next one), also from a locked
+ * session.
  */
 async signOut() : Promise<Result<null, AppError>> {
     try {
     return { status: "ok", data: await TAURI_INVOKE("sign_out") };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Locks the signed-in staff member's session (`idle`: the UI saw no input for the idle time;
+ * `manual`: 「画面をロック」) and records `lock`. The staff member stays known and the desk stays
+ * loaded; every staff command is refused with `session_locked` until someone signs in again.
+ * Returns where the app stands (`session_locked`, or unchanged when nobody is signed in).
+ * 
+ * Errors: `locked`; `storage`.
+ */
+async lockSession(reason: LockReason) : Promise<Result<AppStatus, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("lock_session", { reason }) };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * The UI saw input (typing, a click) since its last report: the session stays open. Sent at most
+ * every `idle_lock.touch_every_ms` while someone works, so that the shell's own idle check does
+ * not lock a session whose staff member is typing a long text.
+ * 
+ * Errors: `not_signed_in`; `session_locked` (the session was idle too long, or is locked).
+ */
+async sessionTouch() : Promise<Result<null, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("session_touch") };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Sets the idle time before a session locks (自動ロック), in minutes (1 to 60), for every staff
+ * member of this device; an administrator's choice, kept in the store and recorded as
+ * `staff-change` (`idle-lock:Nmin`).
+ * 
+ * Errors: `invalid_input` (out of range, or fixed by `MUSUBI_IDLE_LOCK_SECS`); `admin_only`;
+ * `not_signed_in`; `session_locked`; `storage`.
+ */
+async setIdleLock(minutes: number) : Promise<Result<IdleLockSetting, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("set_idle_lock", { minutes }) };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * The entries that match `query` (newest first, at most [`AUDIT_PAGE_MAX`]; this device's and,
+ * from the audit documents, the facility's other devices' and at an HQ the shelters') and the
+ * past reviews. Recorded first as `audit-read` (`list`), so the listing shows itself. Entries
+ * that cannot be read are left out: `audit_verify` says where the log is broken.
+ * 
+ * Errors: `admin_only`; `invalid_input` (a malformed document id or time); `trust` (the log's
+ * record of its newest entry is missing: nothing is recorded, so nothing is shown, until an
+ * administrator looks with `audit_verify`); `storage`.
+ */
+async auditList(query: AuditQuery) : Promise<Result<AuditPage, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("audit_list", { query }) };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * Verifies the whole log: this device's chain (every entry decrypts, carries this device's
+ * signature and follows the one before, up to the newest entry the device recorded, and matches
+ * its copy in the facility's audit document), then every other device's chain the audit
+ * documents hold. Recorded as `audit-read` (`verify`) after the check, so the check is not of its
+ * own entry. A broken log is an answer, not an error: the chain's [`AuditBreak`] names the first
+ * entry altered, removed, moved or cut off.
+ * 
+ * Errors: `admin_only`; `trust` (the log is intact but refuses the entry); `storage`.
+ */
+async auditVerify() : Promise<Result<AuditVerdict, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("audit_verify") };
+} catch (e) {
+    if(e instanceof Error) throw e;
+    else return { status: "error", error: e  as any };
+}
+},
+/**
+ * 定期確認: the administrator has reviewed the entries from `since_ms` (inclusive) to `until_ms`
+ * (exclusive). Verifies the whole log (every device's chain), counts the period's entries, and
+ * records `review` with the fields `period:FROM/TO` (days, Japan time, both inclusive),
+ * `entries:N` and `chain:intact`, or `chain:broken` followed by `break:DEVICE#SEQ` for each broken
+ * chain (at most 8). Returns the review as the screen lists it.
+ * 
+ * Errors: `invalid_input` (a malformed period, or one that ends before it starts); `admin_only`;
+ * `trust` (the log refuses new entries: `audit_verify` says where it is broken); `storage`.
+ */
+async auditReview(sinceMs: number, untilMs: number) : Promise<Result<AuditReviewView, AppError>> {
+    try {
+    return { status: "ok", data: await TAURI_INVOKE("audit_review", { sinceMs, untilMs }) };
 } catch (e) {
     if(e instanceof Error) throw e;
     else return { status: "error", error: e  as any };
@@ -157,7 +282,7 @@ async syncNow() : Promise<Result<null, AppError>> {
 /**
  * The settings screen's facts.
  * 
- * Errors: `locked`; `storage`.
+ * Errors: `locked`; `not_signed_in`; `session_locked`; `storage`.
  */
 async settings() : Promise<Result<Settings, AppError>> {
     try {
@@ -170,7 +295,7 @@ async settings() : Promise<Result<Settings, AppError>> {
 /**
  * The facilities of the deployment (not revoked), from the relay-signed directory, by name.
  * 
- * Errors: `locked`; `not_enrolled`.
+ * Errors: `locked`; `not_signed_in`; `session_locked`; `not_enrolled`.
  */
 async facilities() : Promise<Result<FacilityChoice[], AppError>> {
     try {
@@ -183,7 +308,7 @@ async facilities() : Promise<Result<FacilityChoice[], AppError>> {
 /**
  * This facility's devices, in the order they were added, from the verified directory.
  * 
- * Errors: `locked`; `not_enrolled`.
+ * Errors: `locked`; `not_signed_in`; `session_locked`; `not_enrolled`.
  */
 async facilityDevices() : Promise<Result<FacilityDevice[], AppError>> {
     try {
@@ -198,7 +323,8 @@ async facilityDevices() : Promise<Result<FacilityDevice[], AppError>> {
  * so the relay learns of it at once. It works once this device has synced; this device approves the
  * new device automatically at its next sync after the new device asked.
  * 
- * Errors: `invalid_input` (hours outside 1 to 720); `not_signed_in`; `not_enrolled`; `storage`.
+ * Errors: `invalid_input` (hours outside 1 to 720); `not_signed_in`; `admin_only` (an administrator
+ * of this device only); `not_enrolled`; `storage`.
  */
 async deviceInvite(hours: number) : Promise<Result<DeviceInvite, AppError>> {
     try {
@@ -214,7 +340,7 @@ async deviceInvite(hours: number) : Promise<Result<DeviceInvite, AppError>> {
  * The revoked device reads nothing written after; the facility's other devices keep working.
  * 
  * Errors: `invalid_input` (this device itself); `not_found` (not a device id, or not a current
- * device of this facility); `not_signed_in`; `storage`.
+ * device of this facility); `not_signed_in`; `admin_only`; `storage`.
  */
 async revokeDevice(device: string) : Promise<Result<null, AppError>> {
     try {
@@ -228,7 +354,7 @@ async revokeDevice(device: string) : Promise<Result<null, AppError>> {
  * Every facility with its safety number and trust state, the facilities left out, and the
  * deployment authority's fingerprint.
  * 
- * Errors: `locked`; `not_enrolled`.
+ * Errors: `locked`; `not_signed_in`; `session_locked`; `not_enrolled`.
  */
 async trustDirectory() : Promise<Result<TrustDirectory, AppError>> {
     try {
@@ -244,7 +370,7 @@ async trustDirectory() : Promise<Result<TrustDirectory, AppError>> {
  * facility's devices again, and the sync is woken to send them.
  * 
  * Errors: `invalid_input` (not 30 digits); `safety_number_mismatch`; `not_found` (no such
- * facility); `not_signed_in`; `trust`.
+ * facility); `not_signed_in`; `admin_only`; `trust`.
  */
 async confirmRoot(facility: FacilityId, safetyNumber: string) : Promise<Result<null, AppError>> {
     try {
@@ -1164,7 +1290,15 @@ kind: ErrorKind;
 /**
  * The engine's sentence (English), shown as detail.
  */
-message: string }
+message: string; 
+/**
+ * `sign_in_locked`: seconds until the next try is taken (the UI's sentence names it).
+ */
+retry_after_s: number | null; 
+/**
+ * `wrong_pin`: tries left before the PIN locks (the UI's sentence names it).
+ */
+tries_left: number | null }
 /**
  * What the shell knows before any screen is drawn.
  */
@@ -1182,13 +1316,22 @@ facility_name: string | null;
  */
 facility_role: FacilityRole | null; 
 /**
- * The signed-in staff member.
+ * The signed-in staff member (also while their session is locked).
  */
 staff: Staff | null; 
 /**
  * The data directory (shown in settings and in error help).
  */
-data_dir: string }
+data_dir: string; 
+/**
+ * The idle lock in force.
+ */
+idle_lock: IdleLockSetting; 
+/**
+ * Whether this device requires 二要素認証: a staff card and its PIN sign in, a password alone
+ * does not (an administrator turns it on with `musubi staff two-factor on`).
+ */
+two_factor: boolean }
 /**
  * An attachment's content, for saving or previewing it.
  */
@@ -1229,6 +1372,275 @@ bytes: number;
  * When it was attached, RFC 3339 (e.g. `2024-05-01T10:00:00+09:00`); a parameter, never a clock read.
  */
 added_at: string }
+/**
+ * What was done. The names ([`AuditAction::as_str`]) are stable: they are what `musubi audit list`
+ * prints and filters on.
+ */
+export type AuditAction = 
+/**
+ * A document's view was shown (閲覧).
+ */
+"read" | 
+/**
+ * A document was created.
+ */
+"create" | 
+/**
+ * Fields of a document were changed (更新).
+ */
+"edit" | 
+/**
+ * A document left the device as a file (CSV, FHIR JSON, a transfer file).
+ */
+"export" | 
+/**
+ * A document was printed or written as a PDF.
+ */
+"print" | 
+/**
+ * A facility was added to a document's members.
+ */
+"share" | 
+/**
+ * A facility was removed from a document's members.
+ */
+"unshare" | 
+/**
+ * An IC card was read.
+ */
+"card-read" | 
+/**
+ * A staff member signed in.
+ */
+"sign-in" | 
+/**
+ * A staff member signed out.
+ */
+"sign-out" | 
+/**
+ * A sign-in failed (wrong login, password, card or PIN).
+ */
+"sign-in-failed" | 
+/**
+ * A staff account was created.
+ */
+"staff-add" | 
+/**
+ * A staff account was changed (card bound or unbound).
+ */
+"staff-change" | 
+/**
+ * A 安否確認 (safety inquiry) was answered.
+ */
+"safety-inquiry" | 
+/**
+ * The audit log itself was listed, verified or exported.
+ */
+"audit-read" | 
+/**
+ * An administrator reviewed the log of a period (定期確認); the fields name the period.
+ */
+"review" | 
+/**
+ * A session was locked after the staff member was idle (the drafts stay; signing in again
+ * is a `sign-in`).
+ */
+"lock"
+/**
+ * Where a device's chain stops verifying.
+ */
+export type AuditBreak = { 
+/**
+ * The entry (place in the chain) that does not verify, or the first one missing.
+ */
+seq: number; 
+/**
+ * Why (English, from the engine).
+ */
+reason: string }
+/**
+ * One device's chain as the check found it.
+ */
+export type AuditChainView = { 
+/**
+ * The device.
+ */
+device: string; 
+/**
+ * Whether it is this device (its chain read from its disk and compared with its copy in the
+ * facility's audit document); else the chain is the copy an audit document holds.
+ */
+this_device: boolean; 
+/**
+ * Its facility (id).
+ */
+facility: string; 
+/**
+ * That facility's name, from the verified directory.
+ */
+facility_name: string | null; 
+/**
+ * Entries verified (none when it is broken).
+ */
+entries: number; 
+/**
+ * The first entry's place (over 1 when retention removed older ones).
+ */
+first: number | null; 
+/**
+ * The newest entry's place.
+ */
+last: number | null; 
+/**
+ * Where it breaks: an entry altered, removed, moved, or the newest ones cut off.
+ */
+broken: AuditBreak | null }
+/**
+ * One audit entry as the screen shows it (field names only, never values).
+ */
+export type AuditEntryView = { 
+/**
+ * Its place in its device's chain, from 1 (with `device`, what names the entry).
+ */
+seq: number; 
+/**
+ * When, in milliseconds since the Unix epoch.
+ */
+at_ms: number; 
+/**
+ * The staff member (login), or null when no one was signed in.
+ */
+staff: string | null; 
+/**
+ * That staff member's name, when the login is an account of this device.
+ */
+staff_name: string | null; 
+/**
+ * The device that wrote it.
+ */
+device: string; 
+/**
+ * Whether this device wrote it (else another device of the facility, or at an HQ a
+ * shelter's, whose entries came through an audit document).
+ */
+this_device: boolean; 
+/**
+ * The facility of that device (its id).
+ */
+facility: string; 
+/**
+ * That facility's name, from the verified directory.
+ */
+facility_name: string | null; 
+/**
+ * The document, if any.
+ */
+doc: string | null; 
+/**
+ * What was done.
+ */
+action: AuditAction; 
+/**
+ * The fields touched, or what the action names (`password`, `idle`, `period:...`).
+ */
+fields: string[] }
+/**
+ * What the 監査ログ screen shows.
+ */
+export type AuditPage = { 
+/**
+ * The entries that match, newest first, at most [`AUDIT_PAGE_MAX`].
+ */
+entries: AuditEntryView[]; 
+/**
+ * How many entries match in all.
+ */
+matched: number; 
+/**
+ * The past reviews, newest first, at most [`REVIEWS_SHOWN_MAX`].
+ */
+reviews: AuditReviewView[] }
+/**
+ * Which entries to list: every given condition must hold.
+ */
+export type AuditQuery = { 
+/**
+ * Only this staff member's (login; a failed sign-in names the login tried).
+ */
+staff: string | null; 
+/**
+ * Only about this document (its id).
+ */
+doc: string | null; 
+/**
+ * Only this action.
+ */
+action: AuditAction | null; 
+/**
+ * Only at or after this time, in milliseconds since the Unix epoch.
+ */
+since_ms: number | null; 
+/**
+ * Only before this time, in milliseconds since the Unix epoch.
+ */
+until_ms: number | null }
+/**
+ * A past 定期確認: who reviewed which period, when, and what they saw.
+ */
+export type AuditReviewView = { 
+/**
+ * The `review` entry's place in its device's chain.
+ */
+seq: number; 
+/**
+ * The device it was recorded on.
+ */
+device: string; 
+/**
+ * When the review was recorded, in milliseconds since the Unix epoch.
+ */
+at_ms: number; 
+/**
+ * The administrator (login).
+ */
+staff: string | null; 
+/**
+ * Their name, when the login is an account of this device.
+ */
+staff_name: string | null; 
+/**
+ * The first day reviewed (`YYYY-MM-DD`, Japan time).
+ */
+from: string; 
+/**
+ * The last day reviewed (`YYYY-MM-DD`, Japan time).
+ */
+to: string; 
+/**
+ * How many entries the period held.
+ */
+entries: number; 
+/**
+ * Whether every chain verified at the review (null when the entry does not say).
+ */
+chain_intact: boolean | null }
+/**
+ * What verifying the log found: this device's chain first, then the facility's other devices'
+ * (and at an HQ the shelters') as their audit documents hold them.
+ */
+export type AuditVerdict = { 
+/**
+ * Whether every chain verified.
+ */
+intact: boolean; 
+/**
+ * Entries verified in all.
+ */
+entries: number; 
+/**
+ * Each device's chain.
+ */
+chains: AuditChainView[] }
 /**
  * What kind of card answered.
  */
@@ -1693,7 +2105,12 @@ export type DocumentKind =
 /**
  * Medical notes about a shelter's evacuees (fewer members than the roster).
  */
-"shelter-medical"
+"shelter-medical" | 
+/**
+ * A facility's 監査ログ: its devices' signed audit entries of one calendar year (UTC), so
+ * that a lost or wiped device does not take its log with it. Its facility is its only member.
+ */
+"audit"
 /**
  * What went wrong, as far as the user's next step is concerned.
  */
@@ -1723,9 +2140,40 @@ export type ErrorKind =
  */
 "bad_credentials" | 
 /**
- * Too many wrong passwords in a row: sign-in for that account is paused for a while.
+ * Too many wrong passwords in a row: sign-in for that account is paused for a while
+ * (`retry_after_s` says how long).
  */
 "sign_in_locked" | 
+/**
+ * The session locked (the staff member was idle, or locked it): the same staff member signs
+ * in again to go on, or another one signs in afresh.
+ */
+"session_locked" | 
+/**
+ * Only an administrator of this device may do this (the audit log, the idle-lock setting).
+ */
+"admin_only" | 
+/**
+ * No card was placed on the reader in time.
+ */
+"no_card" | 
+/**
+ * The card is not bound to any staff account of this device.
+ */
+"unknown_card" | 
+/**
+ * The PIN is wrong (`tries_left` says how many tries are left).
+ */
+"wrong_pin" | 
+/**
+ * This device requires 二要素認証: only a staff card with its PIN signs in, not a password.
+ */
+"card_required" | 
+/**
+ * Too many wrong PINs: this card cannot sign in until the PIN is unlocked (a staff PIN by a
+ * password sign-in; a My Number card's PIN at the municipal office), or only one try is left.
+ */
+"pin_locked" | 
 /**
  * This device has not joined a deployment (no invite accepted yet).
  */
@@ -2076,6 +2524,23 @@ export type HouseworkReason =
  */
 "その他"
 /**
+ * The idle lock as the UI applies it.
+ */
+export type IdleLockSetting = { 
+/**
+ * How long without input before the UI locks the session, in milliseconds.
+ */
+idle_ms: number; 
+/**
+ * How often the UI reports activity (`session_touch`) while someone works, in milliseconds:
+ * the shell itself locks a session whose last command is older than the idle time plus this.
+ */
+touch_every_ms: number; 
+/**
+ * Whether `MUSUBI_IDLE_LOCK_SECS` fixes it (設定 cannot change it then).
+ */
+fixed: boolean }
+/**
  * A facility the relay listed without a valid certificate: left out, shown as a warning.
  */
 export type IgnoredFacility = { 
@@ -2342,6 +2807,18 @@ times: StatusTimes;
  * Number of attachments.
  */
 attachments: number }
+/**
+ * Why a session locked: the audit entry's field.
+ */
+export type LockReason = 
+/**
+ * Nobody used the app for the idle time (自動ロック).
+ */
+"idle" | 
+/**
+ * The staff member locked it (「画面をロック」).
+ */
+"manual"
 /**
  * 第5表 居宅介護支援経過: one dated entry.
  */
@@ -2786,7 +3263,12 @@ export type Phase =
 /**
  * A staff member is signed in: the work screens.
  */
-"ready"
+"ready" | 
+/**
+ * A staff member is signed in but their session is locked (idle, or locked by them): the lock
+ * screen covers the work screens, which stay as they were for the same staff member.
+ */
+"session_locked"
 /**
  * Where an item goes among its siblings (needs among needs, a service among the services of its
  * short-term goal). JSON: `"first"`, `"last"`, `{ "before": id }` or `{ "after": id }`.

@@ -10,13 +10,14 @@ import referral from './i18n/referral';
 import careplan from './i18n/careplan';
 import reception from './i18n/reception';
 import hq from './i18n/hq';
+import audit from './i18n/audit';
 
 export type Lang = 'ja' | 'en';
 
 /** A dictionary file's shape. */
 export type Dictionary = { ja: Record<string, string>; en: Record<string, string> };
 
-const areas: Dictionary[] = [common, session, settings, referral, careplan, reception, hq];
+const areas: Dictionary[] = [common, session, settings, referral, careplan, reception, hq, audit];
 
 const words: Record<Lang, Record<string, string>> = {
   ja: Object.assign({}, ...areas.map((a) => a.ja)),

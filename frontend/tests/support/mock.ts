@@ -23,16 +23,27 @@
 import type { Page } from '@playwright/test';
 import type {
   AppStatus,
+  AuditAction,
+  AuditChainView,
+  AuditEntryView,
+  AuditPage,
+  AuditQuery,
+  AuditReviewView,
+  AuditVerdict,
+  CardKind,
+  CardStatus,
   DeviceInvite,
   ErrorKind,
   FacilityChoice,
   FacilityDevice,
   FacilityRole,
   FacilityTrust,
+  IdleLockSetting,
   InvitePreview,
   JoinAnswer,
   Settings,
   Staff,
+  StaffRole,
   SyncStatus,
   TrustDirectory,
 } from '../../src/lib/bindings';
@@ -44,6 +55,22 @@ export type Phase = AppStatus['phase'];
 export interface MockError {
   kind: ErrorKind;
   message: string;
+  retry_after_s?: number | null;
+  tries_left?: number | null;
+}
+
+/**
+ * A card on the mocked reader, as `sign_in_card` reads it. A My Number card checks its own PIN
+ * (`pin`, 4 digits; `tries` left, 3 when new, and never sent with only one left); a contactless
+ * card has the staff PIN bound with it (`pin`, 4 to 8 digits, locked after 5 wrong in a row).
+ */
+export interface MockCard {
+  kind: CardKind;
+  /** The account it is bound to (null: no account of this device has it). */
+  login: string | null;
+  pin: string;
+  /** My Number card: tries left of its PIN. */
+  tries?: number;
 }
 
 /** A recorded command call (args as the page sent them, camelCase keys). */
@@ -105,6 +132,27 @@ export interface MockState {
   /** Device invites made (`device_invite`). */
   device_invites: DeviceInvite[];
   data_dir: string;
+  /** Whether the signed-in staff member's session is locked. */
+  locked: boolean;
+  /** When the signed-in staff member's last command ran (ms since the epoch). */
+  last_active_ms: number;
+  /** The idle lock in force. */
+  idle_lock: IdleLockSetting;
+  /** The audit log, oldest first (the default handlers record as the engine does). */
+  audit: AuditEntryView[];
+  /** A tampered log: what `audit_verify` finds in this device's chain (null: intact). */
+  audit_broken: { seq: number; reason: string } | null;
+  /** The facility's other devices' chains as the audit document holds them (default: none). */
+  audit_chains: AuditChainView[];
+  /** The card on the reader (null: none), and what the card task last reported. */
+  card: MockCard | null;
+  card_status: CardStatus;
+  /** How long `sign_in_card` waits for a card, in ms (the engine waits 20 s). */
+  card_wait_ms: number;
+  /** Wrong staff PINs in a row, by login (a password sign-in clears them). */
+  failed_pins: Record<string, number>;
+  /** Whether this device requires 二要素認証 (a password alone signs no one in). */
+  two_factor: boolean;
 }
 
 export interface OpenOptions {
@@ -140,6 +188,14 @@ export interface OpenOptions {
   path?: string;
   /** Whether to wait for the first screen after loading (default true). */
   waitReady?: boolean;
+  /** The idle time before a session locks, in ms (default 10 minutes). */
+  idleLockMs?: number;
+  /** Whether MUSUBI_IDLE_LOCK_SECS fixes it (default false). */
+  idleLockFixed?: boolean;
+  /** Whether this device requires 二要素認証 (default false). */
+  twoFactor?: boolean;
+  /** The audit log at start (oldest first; `seq` is renumbered per device). */
+  audit?: Omit<AuditEntryView, 'seq'>[];
 }
 
 /** The mocked engine of one page. */
@@ -189,6 +245,18 @@ export function sleep(ms: number): Promise<void> {
 export const LAST_SYNC_MS = Date.UTC(2025, 0, 9, 5, 5);
 
 export const DEFAULT_STAFF: Staff = { id: 'staff-1', login: 'yamada', name: '山田 花子', role: 'admin', card: null };
+/** A colleague without administrator rights. */
+export const OTHER_STAFF: Staff = { id: 'staff-2', login: 'tanaka', name: '田中 次郎', role: 'staff', card: null };
+
+/** The idle lock as the engine applies it: touches every quarter of the idle time, at most 30 s. */
+export function idleLockOf(idleMs: number, fixed = false): IdleLockSetting {
+  return { idle_ms: idleMs, touch_every_ms: Math.min(30_000, idleMs / 4), fixed };
+}
+
+/** How long after its last command the engine locks a session itself (the idle time, a touch, 5 s). */
+export function idleLimitMs(l: IdleLockSetting): number {
+  return l.idle_ms + l.touch_every_ms + 5_000;
+}
 export const DEFAULT_FACILITY_ID = '0194a3c2-7d1e-7c3a-9f00-0000000000c1';
 /** The certification authority's fingerprint the default invites and directory name. */
 export const AUTHORITY_FINGERPRINT = '40213 88710 05126 93384 71502 66049';
@@ -309,17 +377,93 @@ function initialState(o: OpenOptions): MockState {
     new_safety_numbers: {},
     device_invites: [],
     data_dir,
+    locked: false,
+    last_active_ms: Date.now(),
+    idle_lock: idleLockOf(o.idleLockMs ?? 600_000, o.idleLockFixed ?? false),
+    audit: numbered(o.audit ?? []),
+    audit_broken: null,
+    audit_chains: [],
+    card: null,
+    card_status: {
+      available: true,
+      state: 'ready',
+      readers: ['SONY FeliCa RC-S300'],
+      message: 'カードリーダーの準備ができています',
+      message_en: 'The card reader is ready',
+      last_error: null,
+    },
+    card_wait_ms: 20_000,
+    failed_pins: {},
+    two_factor: o.twoFactor ?? false,
   };
 }
 
+/** Entries numbered in their device's chain, in order. */
+function numbered(entries: Omit<AuditEntryView, 'seq'>[]): AuditEntryView[] {
+  const next: Record<string, number> = {};
+  return entries.map((e) => ({ ...e, seq: (next[e.device] = (next[e.device] ?? 0) + 1) }));
+}
+
 function status(s: MockState): AppStatus {
+  lockIfIdle(s);
   return {
     phase: s.phase,
     facility_name: s.facility_name,
     facility_role: s.facility_role,
     staff: s.staff,
     data_dir: s.data_dir,
+    idle_lock: s.idle_lock,
+    two_factor: s.phase === 'new' || s.phase === 'locked' ? false : s.two_factor,
   };
+}
+
+/** Appends an audit entry as the engine records it (attributed to whoever is signed in, or `staff`). */
+export function record(
+  s: MockState,
+  action: AuditAction,
+  fields: string[] = [],
+  staff: string | null | undefined = undefined,
+  doc: string | null = null,
+): AuditEntryView {
+  const login = staff === undefined ? (s.staff?.login ?? null) : staff;
+  const entry: AuditEntryView = {
+    seq: s.audit.filter((e) => e.device === THIS_DEVICE_ID).length + 1,
+    at_ms: Date.now(),
+    staff: login,
+    staff_name: s.staff_list.find((x) => x.login === login)?.name ?? null,
+    device: THIS_DEVICE_ID,
+    this_device: true,
+    facility: s.settings.facility_id ?? DEFAULT_FACILITY_ID,
+    facility_name: s.settings.facility_name,
+    doc,
+    action,
+    fields,
+  };
+  s.audit.push(entry);
+  return entry;
+}
+
+/** Locks the session (recording `lock`) when nobody is signed in is not the case and it is open. */
+function lockNow(s: MockState, why: 'idle' | 'manual') {
+  if (!s.staff || s.locked) return;
+  s.locked = true;
+  s.phase = 'session_locked';
+  record(s, 'lock', [why]);
+}
+
+/** The engine's own idle check: a session whose last command is older than the limit locks. */
+function lockIfIdle(s: MockState) {
+  if (s.staff && !s.locked && Date.now() - s.last_active_ms > idleLimitMs(s.idle_lock)) lockNow(s, 'idle');
+}
+
+/** Starts `who`'s session: the same person goes on; anyone else replaces the one before. */
+function startSession(s: MockState, who: Staff, method: 'password' | 'card') {
+  if (s.staff && s.staff.id !== who.id) record(s, 'sign-out');
+  s.staff = who;
+  record(s, 'sign-in', [method]);
+  s.locked = false;
+  s.phase = 'ready';
+  s.last_active_ms = Date.now();
 }
 
 function afterUnlock(s: MockState): Phase {
@@ -361,9 +505,45 @@ function preview(s: MockState, text: string): InvitePreview {
   return { kind, facility_name, role, authority_fingerprint, expires_at_ms };
 }
 
-function requireStaff(s: MockState) {
+/** What every staff command checks first: signed in, the session open (and not idle too long). */
+export function requireStaff(s: MockState) {
   requireUnlocked(s);
   if (!s.staff) fail('not_signed_in', 'no staff member is signed in');
+  lockIfIdle(s);
+  if (s.locked) fail('session_locked', 'the session is locked; sign in again to go on');
+  s.last_active_ms = Date.now();
+}
+
+/** As `requireStaff`, for an administrator only. */
+export function requireAdmin(s: MockState) {
+  requireStaff(s);
+  if (s.staff?.role !== 'admin') fail('admin_only', 'only an administrator of this device may do this');
+}
+
+function inPeriod(e: AuditEntryView, since: number | null, until: number | null): boolean {
+  return (since === null || e.at_ms >= since) && (until === null || e.at_ms < until);
+}
+
+/** The day (YYYY-MM-DD, Japan time) of `ms`. */
+function jstDay(ms: number): string {
+  return new Date(ms + 9 * 3600_000).toISOString().slice(0, 10);
+}
+
+function reviewOf(e: AuditEntryView): AuditReviewView {
+  const field = (p: string) => e.fields.find((f) => f.startsWith(p))?.slice(p.length) ?? null;
+  const [from, to] = (field('period:') ?? '/').split('/');
+  const chain = field('chain:');
+  return {
+    seq: e.seq,
+    device: e.device,
+    at_ms: e.at_ms,
+    staff: e.staff,
+    staff_name: e.staff_name,
+    from,
+    to,
+    entries: Number(field('entries:') ?? 0),
+    chain_intact: chain === null ? null : chain === 'intact',
+  };
 }
 
 /** The default handlers: session, sync and settings commands over `app.state`, as the engine behaves. */
@@ -418,64 +598,218 @@ export const defaultHandlers: Handlers = {
     const answer: JoinAnswer = { status: status(state), pending: null };
     return answer;
   },
-  create_staff: ({ login, name, password }, { state }) => {
+  create_staff: ({ login, name, password, role }, { state }) => {
     requireUnlocked(state);
-    if (!state.staff && state.staff_list.length > 0) fail('not_signed_in', 'sign in to add staff accounts');
+    if (state.staff_list.length > 0) {
+      if (!state.staff) fail('not_signed_in', 'sign in to add staff accounts');
+      requireStaff(state);
+      if (state.staff?.role !== 'admin') fail('admin_only', 'only an administrator of this device adds staff accounts');
+    }
     const l = String(login ?? '').trim();
     if (!l || /\s/.test(l)) fail('invalid_input', 'a login is 1 to 64 bytes without spaces');
     if ([...String(password ?? '')].length < 8) fail('invalid_input', 'a password has at least 8 characters (and at most 1024 bytes)');
     if (state.staff_list.some((s) => s.login === l)) fail('invalid_input', `a staff account "${l}" already exists`);
-    const staff: Staff = { id: `staff-${state.staff_list.length + 1}`, login: l, name: String(name).trim(), role: state.staff_list.length === 0 ? 'admin' : 'staff', card: null };
+    const r: StaffRole = state.staff_list.length === 0 ? 'admin' : ((role as StaffRole | null) ?? 'staff');
+    const staff: Staff = { id: `staff-${state.staff_list.length + 1}`, login: l, name: String(name).trim(), role: r, card: null };
     state.staff_list.push(staff);
     state.passwords[l] = password;
+    record(state, 'staff-add', [`login=${l}`, `role=${r}`], state.staff?.login ?? l);
     if (state.phase === 'no_staff') state.phase = 'signed_out';
     return staff;
   },
   list_staff: (_a, { state }) => {
-    requireUnlocked(state);
-    if (!state.staff) fail('not_signed_in', 'no staff member is signed in');
+    requireStaff(state);
     return state.staff_list;
   },
   sign_in: ({ login, password }, { state }) => {
     requireUnlocked(state);
     const l = String(login ?? '').trim();
     const who = state.staff_list.find((s) => s.login === l);
+    if (state.two_factor) {
+      record(state, 'sign-in-failed', ['password', 'second-factor-needed'], l);
+      fail('card_required', 'this device requires two-factor sign-in: sign in with your staff card and its PIN (この端末は二要素認証が必要です。職員カードとPINでサインインしてください)');
+    }
+    // From the fifth wrong password in a row, sign-in pauses (30 s, then longer): even the right one waits.
     if (who && (state.failed_sign_ins[l] ?? 0) >= 5) {
-      fail('sign_in_locked', 'too many wrong passwords for this account: try again in 30 s');
+      record(state, 'sign-in-failed', ['locked'], l);
+      throw {
+        kind: 'sign_in_locked',
+        message: 'too many wrong passwords for this account: try again in 30 s',
+        retry_after_s: 30,
+      } satisfies MockError;
     }
     if (!who || state.passwords[l] !== password) {
       if (who) state.failed_sign_ins[l] = (state.failed_sign_ins[l] ?? 0) + 1;
+      record(state, 'sign-in-failed', ['password'], l);
       fail('bad_credentials', 'wrong login or password');
     }
     state.failed_sign_ins[l] = 0;
-    state.staff = who;
-    state.phase = 'ready';
+    state.failed_pins[l] = 0;
+    startSession(state, who, 'password');
+    return who;
+  },
+  sign_in_card: async ({ pin }, { state }) => {
+    requireUnlocked(state);
+    const p = String(pin ?? '').trim();
+    if (!/^[0-9]{4,8}$/.test(p)) fail('invalid_input', 'a PIN is 4 to 8 digits');
+    const until = Date.now() + state.card_wait_ms;
+    while (!state.card && Date.now() < until) await sleep(100);
+    const card = state.card;
+    if (!card) fail('no_card', `no card was presented within ${state.card_wait_ms / 1000}s`);
+    const who = state.staff_list.find((s) => s.login === card.login && s.card === card.kind) ?? null;
+    if (card.kind === 'my_number') {
+      // The card checks its own PIN (4 digits), before the card's id is known.
+      if (p.length !== 4) fail('invalid_input', 'the user authentication PIN is needed (3 tries left); nothing was sent to the card');
+      const tries = card.tries ?? 3;
+      if (tries === 0) fail('pin_locked', 'the user authentication PIN is locked; the resident must have it reset at the municipal office');
+      if (tries === 1) fail('pin_locked', 'only one try is left for the user authentication PIN: another wrong PIN locks it; confirm with the resident (--confirm-last-try) or ask the municipal office to reset it');
+      if (p !== card.pin) {
+        card.tries = tries - 1;
+        throw {
+          kind: 'wrong_pin',
+          message: `wrong user authentication PIN: ${card.tries} tries left before the card locks it; ask the resident before trying again`,
+          tries_left: card.tries,
+        } satisfies MockError;
+      }
+      card.tries = 3;
+      record(state, 'card-read', ['staff'], state.staff?.login ?? null);
+      if (!who) {
+        record(state, 'sign-in-failed', ['card'], null);
+        fail('unknown_card', 'this card is not bound to any staff account of this device');
+      }
+    } else {
+      record(state, 'card-read', ['staff'], state.staff?.login ?? null);
+      // Whether the card is known is checked before its PIN (and not recorded).
+      if (!who) fail('unknown_card', 'this card is not bound to any staff account of this device');
+      const failed = state.failed_pins[who.login] ?? 0;
+      if (failed >= 5) {
+        record(state, 'sign-in-failed', ['card'], who.login);
+        fail('pin_locked', 'too many wrong staff PINs: this card is locked for sign-in; sign in with the password to unlock it');
+      }
+      if (p !== card.pin) {
+        state.failed_pins[who.login] = failed + 1;
+        record(state, 'sign-in-failed', ['card'], who.login);
+        const left = 5 - (failed + 1);
+        if (left === 0) fail('pin_locked', 'too many wrong staff PINs: this card is locked for sign-in; sign in with the password to unlock it');
+        throw {
+          kind: 'wrong_pin',
+          message: `wrong staff PIN: ${left} tries left before the card is locked for sign-in`,
+          tries_left: left,
+        } satisfies MockError;
+      }
+      state.failed_pins[who.login] = 0;
+    }
+    startSession(state, who!, 'card');
     return who;
   },
   sign_out: (_a, { state }) => {
     requireUnlocked(state);
+    if (state.staff) record(state, 'sign-out');
     state.staff = null;
-    if (state.phase === 'ready') state.phase = 'signed_out';
+    state.locked = false;
+    if (state.phase === 'ready' || state.phase === 'session_locked') state.phase = 'signed_out';
     return null;
+  },
+  lock_session: ({ reason }, { state }) => {
+    requireUnlocked(state);
+    lockNow(state, reason === 'manual' ? 'manual' : 'idle');
+    return status(state);
+  },
+  session_touch: (_a, { state }) => {
+    requireStaff(state);
+    return null;
+  },
+  set_idle_lock: ({ minutes }, { state }) => {
+    const m = Number(minutes);
+    if (!(Number.isInteger(m) && m >= 1 && m <= 60)) fail('invalid_input', 'the idle time is 1 to 60 minutes');
+    if (state.idle_lock.fixed) fail('invalid_input', 'the idle time is fixed by MUSUBI_IDLE_LOCK_SECS for this computer');
+    requireAdmin(state);
+    state.idle_lock = idleLockOf(m * 60_000);
+    record(state, 'staff-change', [`idle-lock:${m}min`]);
+    return state.idle_lock;
+  },
+  card_status: (_a, { state }) => state.card_status,
+  audit_list: ({ query }, { state }) => {
+    const q = (query ?? {}) as AuditQuery;
+    if (q.doc && !/^[0-9a-f-]{36}$/i.test(q.doc.trim())) fail('invalid_input', `"${q.doc}" is not a document id`);
+    requireAdmin(state);
+    record(state, 'audit-read', ['list']);
+    const matched = state.audit.filter(
+      (e) =>
+        (!q.staff || e.staff === q.staff.trim()) &&
+        (!q.doc || e.doc === q.doc.trim()) &&
+        (!q.action || e.action === q.action) &&
+        inPeriod(e, q.since_ms ?? null, q.until_ms ?? null),
+    );
+    const page: AuditPage = {
+      entries: matched.slice().reverse().slice(0, 500),
+      matched: matched.length,
+      reviews: state.audit
+        .filter((e) => e.action === 'review')
+        .reverse()
+        .slice(0, 24)
+        .map(reviewOf),
+    };
+    return page;
+  },
+  audit_verify: (_a, { state }) => {
+    requireAdmin(state);
+    const b = state.audit_broken;
+    const mine = state.audit.filter((e) => e.device === THIS_DEVICE_ID).length;
+    const chains: AuditChainView[] = [
+      {
+        device: THIS_DEVICE_ID,
+        this_device: true,
+        facility: state.settings.facility_id ?? DEFAULT_FACILITY_ID,
+        facility_name: state.settings.facility_name,
+        entries: b ? 0 : mine,
+        first: b || !mine ? null : 1,
+        last: b || !mine ? null : mine,
+        broken: b,
+      },
+      ...state.audit_chains,
+    ];
+    const verdict: AuditVerdict = {
+      intact: chains.every((c) => !c.broken),
+      entries: chains.reduce((n, c) => n + c.entries, 0),
+      chains,
+    };
+    record(state, 'audit-read', ['verify']);
+    return verdict;
+  },
+  audit_review: ({ sinceMs, untilMs }, { state }) => {
+    const since = Number(sinceMs);
+    const until = Number(untilMs);
+    if (!(since >= 0) || !(until >= 0)) fail('invalid_input', 'since_ms is not a time');
+    if (until <= since) fail('invalid_input', 'the period ends before it starts');
+    requireAdmin(state);
+    const entries = state.audit.filter((e) => inPeriod(e, since, until)).length;
+    const breaks = [
+      ...(state.audit_broken ? [`break:${THIS_DEVICE_ID}#${state.audit_broken.seq}`] : []),
+      ...state.audit_chains.filter((c) => c.broken).map((c) => `break:${c.device}#${c.broken?.seq}`),
+    ].slice(0, 8);
+    const chain = breaks.length ? 'chain:broken' : 'chain:intact';
+    const e = record(state, 'review', [`period:${jstDay(since)}/${jstDay(until - 1)}`, `entries:${entries}`, chain, ...breaks]);
+    return reviewOf(e);
   },
   sync_status: (_a, { state }) => state.sync,
   sync_now: () => null,
   settings: (_a, { state }) => {
-    requireUnlocked(state);
+    requireStaff(state);
     return state.settings;
   },
   facilities: (_a, { state }) => {
-    requireUnlocked(state);
+    requireStaff(state);
     if (!state.facility_role) fail('not_enrolled', 'this device has not joined a deployment');
     return state.facilities;
   },
   facility_devices: (_a, { state }) => {
-    requireUnlocked(state);
+    requireStaff(state);
     if (!state.facility_role) fail('not_enrolled', 'this device has not joined a deployment');
     return state.devices;
   },
   device_invite: ({ hours }, { state }) => {
-    requireStaff(state);
+    requireAdmin(state);
     const h = Number(hours);
     if (!(h >= 1 && h <= 720)) fail('invalid_input', 'an invite lasts 1 to 720 hours');
     const invite: DeviceInvite = {
@@ -487,7 +821,7 @@ export const defaultHandlers: Handlers = {
     return invite;
   },
   revoke_device: ({ device }, { state }) => {
-    requireStaff(state);
+    requireAdmin(state);
     const d = state.devices.find((x) => x.device_id === device);
     if (d?.is_self) fail('invalid_input', 'this device cannot revoke itself; revoke it from another device of the facility');
     if (!d || d.revoked) fail('not_found', `${device} is not a current device of this facility`);
@@ -495,12 +829,12 @@ export const defaultHandlers: Handlers = {
     return null;
   },
   trust_directory: (_a, { state }) => {
-    requireUnlocked(state);
+    requireStaff(state);
     if (!state.facility_role) fail('not_enrolled', 'this device has not joined a deployment');
     return state.trust;
   },
   confirm_root: ({ facility, safetyNumber }, { state }) => {
-    requireStaff(state);
+    requireAdmin(state);
     const digits = safetyDigits(String(safetyNumber ?? ''));
     if (digits.length !== 30) fail('invalid_input', `a safety number has 30 digits; ${digits.length} were typed`);
     const f = state.trust.facilities.find((x) => x.id === facility);
@@ -645,7 +979,11 @@ export async function openApp(page: Page, handlers: Handlers = {}, opts: OpenOpt
       const data = await h(args, app);
       return { data: data === undefined ? null : data };
     } catch (e) {
-      if (isMockError(e)) return { error: { kind: e.kind, message: e.message } };
+      if (isMockError(e)) {
+        return {
+          error: { kind: e.kind, message: e.message, retry_after_s: e.retry_after_s ?? null, tries_left: e.tries_left ?? null },
+        };
+      }
       console.error(`[mock] handler for "${cmd}" threw`, e);
       return { error: { kind: 'internal', message: `mock handler for ${cmd} threw: ${String(e)}` } };
     }

@@ -753,6 +753,18 @@ fn staff_sign_in_with_a_staff_card_and_pin() {
         refused, 2,
         "each password-only try is in the log: {listed:#}"
     );
+    let out = run_in(
+        f,
+        "staff unbind-card",
+        &["--login", STAFF_LOGIN],
+        &format!("{STAFF_PASSWORD}\n"),
+    )
+    .expect_fail();
+    assert!(
+        out.stderr.contains("last administrator"),
+        "a password alone cannot take away the only way in: {}",
+        out.stderr
+    );
     with_card("staff two-factor", &["off"], "24680").expect_ok();
     run_in(f, "audit list", &[], "").expect_ok();
     d.pcscd.stop();

@@ -12,7 +12,8 @@ use std::time::Duration;
 use musubi_tests::desktop::{
     DesktopApp, FirstRun, Launch, SYNC_WAIT, UI_TIMEOUT, WORK_TIMEOUT, exe_of, sel, testid,
 };
-use musubi_tests::{Facility, World, poll_every, referral_bundle_path};
+use musubi_tests::vcard::harness::{Pcscd, VCard, run_with_stdin};
+use musubi_tests::{Facility, World, poll_every, referral_bundle_path, run_command};
 use serde_json::Value;
 
 use super::{CLINIC_A, HOSPITAL_B, Story, serial};
@@ -68,6 +69,44 @@ mod ui {
     pub const PLAN_POLICY: &str = "[data-field=policy]";
     /// Care plans: the editor's save state ("保存済み", ...).
     pub const PLAN_SAVE_STATE: &str = "[data-testid=save-state]";
+
+    /// Settings: a new staff account's login, name and password, and the button that adds it.
+    pub const NEW_STAFF_LOGIN: &str = "#new-staff-login";
+    /// Settings: a new staff account's name.
+    pub const NEW_STAFF_NAME: &str = "#new-staff-name";
+    /// Settings: a new staff account's password.
+    pub const NEW_STAFF_PASSWORD: &str = "#new-staff-password";
+    /// Settings: add the staff account.
+    pub const ADD_STAFF: &str = "add-staff";
+    /// Settings: the account was added.
+    pub const STAFF_ADDED: &str = "[data-testid=staff-added]";
+    /// The shell: sign out.
+    pub const SIGN_OUT: &str = "sign-out";
+    /// The shell: lock the screen now (画面をロック).
+    pub const LOCK_NOW: &str = "lock-screen-now";
+    /// The lock screen (画面ロック中), which covers everything while a session is locked.
+    pub const LOCK_SCREEN: &str = "[data-testid=lock-screen]";
+    /// The work screens (hidden, not drawn, while locked).
+    pub const WORK: &str = "[data-testid=work]";
+    /// Sign-in: the staff card path (職員カードでログイン) and its PIN.
+    pub const CARD_MODE: &str = "sign-in-card-mode";
+    /// Sign-in: the staff card's PIN.
+    pub const PIN: &str = "#sign-in-pin";
+    /// Sign-in: the card reader's state on the card path.
+    pub const CARD_READER: &str = "[data-testid=card-reader]";
+
+    /// Settings → 監査ログ: the tamper check's verdict (`data-state` intact or broken).
+    pub const AUDIT_VERDICT: &str = "[data-testid=audit-verdict]";
+    /// Settings → 監査ログ: check again.
+    pub const AUDIT_VERIFY: &str = "audit-verify";
+    /// Settings → 監査ログ: the action filter.
+    pub const AUDIT_ACTION: &str = "#audit-action";
+    /// Settings → 監査ログ: show the entries that match the filters.
+    pub const AUDIT_APPLY: &str = "audit-apply";
+    /// Settings → 監査ログ: clear the filters (and show every entry).
+    pub const AUDIT_RESET: &str = "audit-reset";
+    /// Settings → 監査ログ: an entry (`data-action` its stable name).
+    pub const AUDIT_ROW: &str = "[data-testid=audit-row]";
 }
 
 /// The patient of the real JP eReferral Bundle (`referral_bundle_path()`).
@@ -353,4 +392,337 @@ fn desktop_care_plan_edit_made_while_the_relay_is_down_reaches_the_office() {
         },
     );
     close_and_check_gone(app);
+}
+
+/// The idle time of the staff-session stories (`MUSUBI_IDLE_LOCK_SECS`): short, so the lock comes
+/// within the story, and long enough that no step of it is idle that long.
+const IDLE_SECS: u64 = 15;
+
+/// The app on `desk`'s data directory, its session locking after [`IDLE_SECS`] without input.
+fn launch_idle(world: &World, desk: &Facility, story: &str) -> DesktopApp {
+    let mut launch = Launch::new(story, &desk.data, &world.logs());
+    launch
+        .env
+        .push(("MUSUBI_IDLE_LOCK_SECS".into(), IDLE_SECS.to_string().into()));
+    DesktopApp::launch(launch)
+}
+
+/// The value of the field `css` (null when there is none).
+fn value_of(app: &DesktopApp, css: &str) -> Option<String> {
+    app.js(
+        "const e = document.querySelector(arguments[0]); return e ? e.value : null;",
+        vec![serde_json::json!(css)],
+    )
+    .as_str()
+    .map(str::to_owned)
+}
+
+/// Scrolls `css` into the middle of its scrolling box, then clicks it (a form with an error above
+/// its button may be taller than the window; WebKitWebDriver does not scroll nested boxes itself).
+fn press(app: &DesktopApp, css: &str) {
+    app.wait_for(css, UI_TIMEOUT);
+    app.js(
+        "const e = document.querySelector(arguments[0]); if (e) e.scrollIntoView({ block: 'center' }); return true;",
+        vec![serde_json::json!(css)],
+    );
+    app.click(css);
+}
+
+/// Scrolls `css` to the top of its scrolling box (for a screenshot of it).
+fn show(app: &DesktopApp, css: &str) {
+    app.js(
+        "const e = document.querySelector(arguments[0]); if (e) e.scrollIntoView({ block: 'start' }); return true;",
+        vec![serde_json::json!(css)],
+    );
+}
+
+/// Submits the sign-in form with `login` and `password` and waits for the answer: the main screen,
+/// or an alert (the form clears the password when it refuses); returns the alert.
+fn sign_in_once(app: &DesktopApp, login: Option<&str>, password: &str) -> Option<String> {
+    if let Some(login) = login {
+        app.type_into(sel::LOGIN, login);
+    }
+    app.type_into(sel::PASSWORD, password);
+    press(app, sel::SIGN_IN);
+    app.wait_until("the answer to the sign-in", WORK_TIMEOUT, || {
+        if app.visible(sel::NAV_ANY) {
+            return Some(None);
+        }
+        let cleared = value_of(app, sel::PASSWORD).is_some_and(|v| v.is_empty());
+        app.alert().filter(|_| cleared).map(Some)
+    })
+}
+
+/// `musubi SUB --data DIR ARGS` on the app's own data directory, as the staff member `login`.
+fn cli_as(desk: &Facility, run: &FirstRun, sub: &str, args: &[&str]) -> std::process::Command {
+    let mut cmd = desk.command(sub, args);
+    cmd.env("MUSUBI_STAFF", &run.staff_login)
+        .env("MUSUBI_STAFF_PASSWORD", &run.staff_password);
+    cmd
+}
+
+/// The app's audit log as `musubi audit list --json` prints it (the administrator signed in).
+fn audit_list(desk: &Facility, run: &FirstRun) -> Vec<Value> {
+    let out = run_command(
+        cli_as(desk, run, "audit list", &["--json"]),
+        Duration::from_secs(120),
+    )
+    .expect_ok();
+    serde_json::from_str::<Vec<Value>>(&out)
+        .unwrap_or_else(|e| panic!("`audit list --json` printed no JSON list ({e}):\n{out}"))
+}
+
+/// Entries of `log` with `action` by `staff`.
+fn entries<'a>(log: &'a [Value], action: &str, staff: &str) -> Vec<&'a Value> {
+    log.iter()
+        .filter(|e| e["action"] == action && e["staff"] == staff)
+        .collect()
+}
+
+/// Staff sessions (issue 12) in the real app: a colleague's repeated wrong passwords pause sign-in
+/// and say so; the administrator's session locks after the idle time, hiding everything, and
+/// signing in again finds the draft as it was; the administrator's 監査ログ screen lists the failed
+/// sign-ins, the lock and the sign-ins, and shows the log verified; `musubi audit verify` agrees.
+#[test]
+fn desktop_lockout_idle_lock_and_the_audit_log_screen() {
+    let _serial = serial();
+    let story = Story::new("desktop: staff sessions and the audit log");
+    let world = World::new("desktop-sessions");
+    let relay = world.relay();
+    let desk = world.facility("clinic-desk");
+    let mut app = launch_idle(&world, &desk, "sessions");
+
+    story.step("first run through the screens; the first account (佐藤) is the administrator");
+    let invite = relay.invite_facility(CLINIC_A, "clinic");
+    let run = FirstRun::new(CLINIC_A, desk.passphrase(), &invite);
+    app.sign_in_through_ui(&run);
+
+    story.step("the administrator adds 田中 (職員) in 設定, then signs out");
+    app.open_section(ui::SETTINGS);
+    app.type_into(ui::NEW_STAFF_LOGIN, "tanaka");
+    app.type_into(ui::NEW_STAFF_NAME, "田中 次郎");
+    app.type_into(ui::NEW_STAFF_PASSWORD, "tanaka password 1");
+    app.click_testid(ui::ADD_STAFF);
+    app.wait_for(ui::STAFF_ADDED, WORK_TIMEOUT);
+    app.click_testid(ui::SIGN_OUT);
+    app.wait_for(sel::LOGIN, UI_TIMEOUT);
+
+    story.step("田中 mistypes the password five times; then even the right one is paused");
+    for i in 0..5 {
+        let alert = sign_in_once(&app, Some("tanaka"), &format!("wrong password {i}"))
+            .unwrap_or_else(|| app.fail("a wrong password signed 田中 in"));
+        assert!(
+            alert.contains("ログインIDまたはパスワードが違います"),
+            "wrong password {i}: {alert}"
+        );
+    }
+    let alert = sign_in_once(&app, Some("tanaka"), "tanaka password 1")
+        .unwrap_or_else(|| app.fail("the right password was not paused after five wrong ones"));
+    assert!(
+        alert.contains("サインインをしばらく停止しています") && alert.contains("秒ほど待って"),
+        "the pause is said, with how long: {alert}"
+    );
+    app.screenshot("sign-in-paused");
+
+    story.step("the administrator signs in and starts adding an account (a draft)");
+    assert_eq!(
+        sign_in_once(&app, Some(&run.staff_login), &run.staff_password),
+        None,
+        "the administrator is not paused"
+    );
+    app.open_section(ui::SETTINGS);
+    let draft = "下書き 花子";
+    app.type_into(ui::NEW_STAFF_NAME, draft);
+    let typed = std::time::Instant::now();
+
+    story.step(&format!(
+        "nobody touches the app: after {IDLE_SECS} s the lock screen covers everything"
+    ));
+    app.wait_for(ui::LOCK_SCREEN, Duration::from_secs(IDLE_SECS + 30));
+    let after = typed.elapsed();
+    assert!(
+        after >= Duration::from_secs(IDLE_SECS - 1),
+        "the session locked after {after:?}, before the idle time of {IDLE_SECS} s"
+    );
+    assert!(!app.visible(ui::WORK), "the work screens are not drawn");
+    assert!(!app.visible(sel::NAV_ANY), "the navigation is hidden");
+    assert!(!app.visible(ui::NEW_STAFF_NAME), "the form is hidden");
+    assert!(
+        !app.text().contains(draft),
+        "the draft is not on screen while locked"
+    );
+    assert!(app.shows("佐藤 一郎 さんの画面はロックされています"));
+    app.screenshot("locked");
+
+    story.step(
+        "the administrator signs in again: the settings screen and the draft are as they were",
+    );
+    assert_eq!(value_of(&app, sel::LOGIN).as_deref(), Some("sato"));
+    assert_eq!(sign_in_once(&app, None, &run.staff_password), None);
+    app.wait_for(ui::NEW_STAFF_NAME, UI_TIMEOUT);
+    assert_eq!(value_of(&app, ui::NEW_STAFF_NAME).as_deref(), Some(draft));
+    assert!(!app.visible(ui::LOCK_SCREEN));
+
+    story.step(
+        "監査ログ: the check passes; the failed sign-ins, the lock and the sign-ins are listed",
+    );
+    app.click_testid(ui::AUDIT_VERIFY);
+    app.wait_for(
+        &format!("{}[data-state=intact]", ui::AUDIT_VERDICT),
+        WORK_TIMEOUT,
+    );
+    app.click_testid(ui::AUDIT_RESET);
+    let row = |action: &str| format!("{}[data-action={action}]", ui::AUDIT_ROW);
+    app.wait_until("the lock in the list", WORK_TIMEOUT, || {
+        (app.count(&row("lock")) >= 1).then_some(())
+    });
+    let failed = app.texts_of(&row("sign-in-failed"));
+    assert_eq!(
+        failed.len(),
+        6,
+        "five wrong passwords and one paused: {failed:?}"
+    );
+    assert!(failed.iter().all(|t| t.contains("tanaka")), "{failed:?}");
+    assert_eq!(
+        failed.iter().filter(|t| t.contains("停止中")).count(),
+        1,
+        "one refusal while paused: {failed:?}"
+    );
+    let locks = app.texts_of(&row("lock"));
+    assert!(
+        locks
+            .iter()
+            .any(|t| t.contains("佐藤 一郎") && t.contains("無操作")),
+        "the idle lock, the administrator's: {locks:?}"
+    );
+    let sign_ins = app.texts_of(&row("sign-in"));
+    assert!(
+        sign_ins.iter().filter(|t| t.contains("佐藤 一郎")).count() >= 3,
+        "the first, the one after the pause and the one after the lock: {sign_ins:?}"
+    );
+    show(&app, "[data-testid=audit-list]");
+    app.screenshot("audit-log");
+
+    story.step("only the failed sign-ins, by the action filter");
+    app.set_value(ui::AUDIT_ACTION, "sign-in-failed");
+    app.click_testid(ui::AUDIT_APPLY);
+    app.wait_until("only failed sign-ins listed", WORK_TIMEOUT, || {
+        (app.count(ui::AUDIT_ROW) == 6 && app.count(&row("sign-in-failed")) == 6).then_some(())
+    });
+    show(&app, "[data-testid=audit-list]");
+    app.screenshot("audit-failed-sign-ins");
+
+    story.step("`musubi audit verify` and `audit list` on the app's data directory agree");
+    let verify = run_command(
+        cli_as(&desk, &run, "audit verify", &["--json"]),
+        Duration::from_secs(120),
+    )
+    .expect_ok();
+    let verdict: Value = serde_json::from_str(&verify)
+        .unwrap_or_else(|e| panic!("`audit verify --json` printed no JSON ({e}):\n{verify}"));
+    assert_eq!(verdict["ok"], true, "{verdict:#}");
+    let log = audit_list(&desk, &run);
+    assert_eq!(entries(&log, "sign-in-failed", "tanaka").len(), 6);
+    assert!(
+        entries(&log, "lock", &run.staff_login)
+            .iter()
+            .any(|e| e["fields"] == serde_json::json!(["idle"])),
+        "the idle lock is in the log"
+    );
+    assert!(!entries(&log, "audit-read", &run.staff_login).is_empty());
+    close_and_check_gone(app);
+}
+
+/// The staff card in the real app (issue 12), with a real pcscd, the vpcd reader and the card
+/// emulator: the administrator binds a transit card with a staff PIN (`musubi staff bind-card` on
+/// the app's data directory), locks the screen, and opens it with the card: a wrong PIN says how
+/// many tries are left, the right one signs in and is recorded as a card sign-in.
+#[test]
+fn desktop_a_staff_card_and_its_pin_open_the_lock_screen() {
+    let _serial = serial();
+    let story = Story::new("desktop: staff card sign-in");
+    let world = World::new("desktop-card");
+    let relay = world.relay();
+    let mut pcscd = Pcscd::start(&world);
+    let mut vcard = VCard::start(&world, pcscd.port(), "vcard");
+    let desk = world.facility("clinic-desk");
+    let mut app = launch(&world, &desk, "card");
+
+    story.step("first run through the screens");
+    let invite = relay.invite_facility(CLINIC_A, "clinic");
+    let run = FirstRun::new(CLINIC_A, desk.passphrase(), &invite);
+    app.sign_in_through_ui(&run);
+
+    story.step("the administrator locks the screen and binds a transit card with a staff PIN");
+    app.click_testid(ui::LOCK_NOW);
+    app.wait_for(ui::LOCK_SCREEN, UI_TIMEOUT);
+    assert!(!app.visible(ui::WORK));
+    vcard.insert("sato-suica", "felica");
+    run_with_stdin(
+        cli_as(
+            &desk,
+            &run,
+            "staff bind-card",
+            &["--login", &run.staff_login, "--timeout", "20"],
+        ),
+        &format!("{}\n97531\n", run.staff_password),
+        Duration::from_secs(120),
+    )
+    .expect_ok();
+
+    story.step("the card path of the lock screen shows the reader; a wrong PIN is refused");
+    app.click_testid(ui::CARD_MODE);
+    app.wait_for(ui::PIN, UI_TIMEOUT);
+    app.wait_until("the reader to be ready", WORK_TIMEOUT, || {
+        app.visible(&format!("{}[data-available=true]", ui::CARD_READER))
+            .then_some(())
+    });
+    app.type_into(ui::PIN, "11111");
+    press(&app, sel::SIGN_IN);
+    let alert = app.wait_until("the wrong PIN's answer", WORK_TIMEOUT, || {
+        app.alert().filter(|a| a.contains("暗証番号が違います"))
+    });
+    assert!(
+        alert.contains("あと4回"),
+        "the tries left are said: {alert}"
+    );
+    app.screenshot("card-wrong-pin");
+
+    story.step("the card and its PIN open the lock screen");
+    app.type_into(ui::PIN, "97531");
+    press(&app, sel::SIGN_IN);
+    app.wait_for(sel::NAV_ANY, WORK_TIMEOUT);
+    assert!(!app.visible(ui::LOCK_SCREEN));
+    app.screenshot("card-signed-in");
+
+    story.step("an unknown card is refused");
+    app.click_testid(ui::LOCK_NOW);
+    app.wait_for(ui::LOCK_SCREEN, UI_TIMEOUT);
+    vcard.insert("stranger", "felica");
+    app.click_testid(ui::CARD_MODE);
+    app.type_into(ui::PIN, "97531");
+    press(&app, sel::SIGN_IN);
+    app.wait_until("the unknown card's answer", WORK_TIMEOUT, || {
+        app.alert()
+            .filter(|a| a.contains("この端末の職員アカウントに登録されていません"))
+    });
+    app.screenshot("card-unknown");
+
+    story.step("the log has the card sign-in and the wrong PIN");
+    let log = audit_list(&desk, &run);
+    assert!(
+        entries(&log, "sign-in", &run.staff_login)
+            .iter()
+            .any(|e| e["fields"] == serde_json::json!(["card"])),
+        "a card sign-in is recorded"
+    );
+    assert!(
+        entries(&log, "sign-in-failed", &run.staff_login)
+            .iter()
+            .any(|e| e["fields"] == serde_json::json!(["card"])),
+        "the wrong PIN is recorded"
+    );
+    close_and_check_gone(app);
+    vcard.remove();
+    pcscd.stop();
 }

@@ -85,7 +85,10 @@ fn with_world<T>(
 pub async fn hq_summary(state: State<'_, AppState>, at: Option<String>) -> AppResult<Summary> {
     let st = state.inner().clone();
     state
-        .with_staff(move |engine, _| with_world(&st, engine, |w| svc::summarise(w, at.as_deref())))
+        .with_staff(move |engine, _| {
+            super::record_view(engine, None, &["summary"])?;
+            with_world(&st, engine, |w| svc::summarise(w, at.as_deref()))
+        })
         .await
 }
 
@@ -105,7 +108,10 @@ pub async fn hq_history(state: State<'_, AppState>, times: Vec<String>) -> AppRe
     }
     let st = state.inner().clone();
     state
-        .with_staff(move |engine, _| with_world(&st, engine, |w| svc::history_of(w, &times)))
+        .with_staff(move |engine, _| {
+            super::record_view(engine, None, &["history"])?;
+            with_world(&st, engine, |w| svc::history_of(w, &times))
+        })
         .await
 }
 

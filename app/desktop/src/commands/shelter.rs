@@ -159,10 +159,7 @@ pub async fn shelter_open(
 #[specta::specta]
 pub async fn desk_open(state: State<'_, AppState>, shelter: DocumentId) -> AppResult<DeskView> {
     state
-        .with_unlocked(move |u| {
-            let staff = u.staff.clone().ok_or_else(|| {
-                AppError::new(ErrorKind::NotSignedIn, "no staff member is signed in")
-            })?;
+        .with_signed_in(move |u, staff| {
             let doc = shelter_id(&u.engine, shelter)?;
             let mut desk = Desk::open(&u.engine, doc)?;
             desk.set_staff(&staff.name);
@@ -178,7 +175,7 @@ pub async fn desk_open(state: State<'_, AppState>, shelter: DocumentId) -> AppRe
 #[specta::specta]
 pub async fn desk_close(state: State<'_, AppState>) -> AppResult<()> {
     state
-        .with_unlocked(|u| {
+        .with_signed_in(|u, _| {
             u.desk = None;
             Ok(())
         })
@@ -193,7 +190,12 @@ pub async fn desk_close(state: State<'_, AppState>) -> AppResult<()> {
 #[specta::specta]
 pub async fn desk_roster(state: State<'_, AppState>) -> AppResult<DeskView> {
     state
-        .with_unlocked(|u| with_desk(u, |desk, _| Ok(desk.view())))
+        .with_signed_in(|u, _| {
+            with_desk(u, |desk, engine| {
+                super::record_view(engine, Some(desk.id()), &["roster"])?;
+                Ok(desk.view())
+            })
+        })
         .await
 }
 
@@ -211,7 +213,12 @@ pub async fn desk_search(
 ) -> AppResult<Vec<DeskEvacuee>> {
     let limit = limit.unwrap_or(SEARCH_LIMIT_DEFAULT) as usize;
     state
-        .with_unlocked(move |u| with_desk(u, |desk, _| Ok(desk.search(&query, limit))))
+        .with_signed_in(move |u, _| {
+            with_desk(u, |desk, engine| {
+                super::record_view(engine, Some(desk.id()), &["search"])?;
+                Ok(desk.search(&query, limit))
+            })
+        })
         .await
 }
 
@@ -223,14 +230,21 @@ pub async fn desk_search(
 #[specta::specta]
 pub async fn desk_evacuee(state: State<'_, AppState>, evacuee: String) -> AppResult<EvacueeView> {
     state
-        .with_unlocked(move |u| {
-            with_desk(u, |desk, _| {
-                desk.evacuee(&evacuee).ok_or_else(|| {
+        .with_signed_in(move |u, _| {
+            with_desk(u, |desk, engine| {
+                let view = desk.evacuee(&evacuee).ok_or_else(|| {
                     AppError::new(
                         ErrorKind::NotFound,
                         format!("no evacuee `{evacuee}` in this shelter"),
                     )
-                })
+                })?;
+                // Which record was looked at (its random id, never its fields' values).
+                super::record_view(
+                    engine,
+                    Some(desk.id()),
+                    &[&format!("evacuee:{}", view.evacuee.id)],
+                )?;
+                Ok(view)
             })
         })
         .await
@@ -284,7 +298,7 @@ pub async fn desk_checkin(
             .unwrap_or(Method::Manual),
     };
     state
-        .with_unlocked(move |u| {
+        .with_signed_in(move |u, _| {
             let at = svc::now_rfc3339();
             let (doc, mut outcome, keys) = with_desk(u, |desk, engine| {
                 desk.ensure_open()?;
@@ -347,7 +361,7 @@ pub async fn desk_stay(
     note: Option<String>,
 ) -> AppResult<DeskEvacuee> {
     state
-        .with_unlocked(move |u| {
+        .with_signed_in(move |u, _| {
             with_desk(u, |desk, engine| {
                 if kind == StayKind::CheckIn {
                     desk.ensure_open()?;
@@ -379,7 +393,7 @@ pub async fn desk_set_flags(
 ) -> AppResult<DeskEvacuee> {
     let flags: BTreeSet<CareFlag> = flags.into_iter().collect();
     state
-        .with_unlocked(move |u| {
+        .with_signed_in(move |u, _| {
             with_desk(u, |desk, engine| {
                 if desk.set_flags(&evacuee, &flags)? {
                     desk.commit(engine)?;
@@ -402,7 +416,7 @@ pub async fn desk_set_consent(
     consent: bool,
 ) -> AppResult<DeskEvacuee> {
     state
-        .with_unlocked(move |u| {
+        .with_signed_in(move |u, _| {
             with_desk(u, |desk, engine| {
                 if desk.set_consent(&evacuee, consent)? {
                     desk.commit(engine)?;
@@ -421,13 +435,7 @@ async fn shelter_edit<T: Send + 'static>(
     f: impl FnOnce(&mut Engine, &str) -> AppResult<T> + Send + 'static,
 ) -> AppResult<T> {
     state
-        .with_unlocked(move |u| {
-            if u.staff.is_none() {
-                return Err(AppError::new(
-                    ErrorKind::NotSignedIn,
-                    "no staff member is signed in",
-                ));
-            }
+        .with_signed_in(move |u, _| {
             let doc = shelter_id(&u.engine, shelter)?;
             let out = f(&mut u.engine, &doc.to_string())?;
             refresh_desk(u, doc)?;

@@ -57,13 +57,13 @@ pub struct Settings {
 
 /// The settings screen's facts.
 ///
-/// Errors: `locked`; `storage`.
+/// Errors: `locked`; `not_signed_in`; `session_locked`; `storage`.
 #[tauri::command]
 #[specta::specta]
 pub async fn settings(state: State<'_, AppState>) -> AppResult<Settings> {
     let lan = state.0.lan;
     state
-        .with_unlocked(move |u| {
+        .with_signed_in(move |u, _| {
             let public = u.engine.secrets().public();
             let fingerprint =
                 crate::commands::trust::device_fingerprint(&public.device, &public.age_recipient);
@@ -102,12 +102,12 @@ pub struct FacilityChoice {
 
 /// The facilities of the deployment (not revoked), from the relay-signed directory, by name.
 ///
-/// Errors: `locked`; `not_enrolled`.
+/// Errors: `locked`; `not_signed_in`; `session_locked`; `not_enrolled`.
 #[tauri::command]
 #[specta::specta]
 pub async fn facilities(state: State<'_, AppState>) -> AppResult<Vec<FacilityChoice>> {
     state
-        .with_unlocked(|u| {
+        .with_signed_in(|u, _| {
             let me = u.engine.enrolment()?.facility;
             let dir = u.engine.directory()?;
             let mut out: Vec<FacilityChoice> = dir

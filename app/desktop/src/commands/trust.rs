@@ -86,12 +86,12 @@ pub struct FacilityDevice {
 
 /// This facility's devices, in the order they were added, from the verified directory.
 ///
-/// Errors: `locked`; `not_enrolled`.
+/// Errors: `locked`; `not_signed_in`; `session_locked`; `not_enrolled`.
 #[tauri::command]
 #[specta::specta]
 pub async fn facility_devices(state: State<'_, AppState>) -> AppResult<Vec<FacilityDevice>> {
     state
-        .with_unlocked(|u| {
+        .with_signed_in(|u, _| {
             let me = u.engine.enrolment()?.facility;
             let dir = u.engine.directory()?;
             let this = u.engine.device_id();
@@ -142,7 +142,8 @@ pub struct DeviceInvite {
 /// so the relay learns of it at once. It works once this device has synced; this device approves the
 /// new device automatically at its next sync after the new device asked.
 ///
-/// Errors: `invalid_input` (hours outside 1 to 720); `not_signed_in`; `not_enrolled`; `storage`.
+/// Errors: `invalid_input` (hours outside 1 to 720); `not_signed_in`; `admin_only` (an administrator
+/// of this device only); `not_enrolled`; `storage`.
 #[tauri::command]
 #[specta::specta]
 pub async fn device_invite(state: State<'_, AppState>, hours: u32) -> AppResult<DeviceInvite> {
@@ -152,7 +153,7 @@ pub async fn device_invite(state: State<'_, AppState>, hours: u32) -> AppResult<
         )));
     }
     let invite = state
-        .with_staff(move |engine, _| {
+        .with_admin(move |engine, _| {
             let code = engine.device_invite(Duration::from_secs(u64::from(hours) * 3600))?;
             let facility_name = match &code.invite {
                 musubi_crdt::invite::InviteFor::Device { facility_name, .. } => {
@@ -176,13 +177,13 @@ pub async fn device_invite(state: State<'_, AppState>, hours: u32) -> AppResult<
 /// The revoked device reads nothing written after; the facility's other devices keep working.
 ///
 /// Errors: `invalid_input` (this device itself); `not_found` (not a device id, or not a current
-/// device of this facility); `not_signed_in`; `storage`.
+/// device of this facility); `not_signed_in`; `admin_only`; `storage`.
 #[tauri::command]
 #[specta::specta]
 pub async fn revoke_device(state: State<'_, AppState>, device: String) -> AppResult<()> {
     let device = device.trim().to_owned();
     state
-        .with_staff(move |engine, _| {
+        .with_admin(move |engine, _| {
             if engine.device_id().to_string() == device {
                 return Err(AppError::invalid(
                     "this device cannot revoke itself; revoke it from another device of the facility",
@@ -286,12 +287,12 @@ fn facility_trust(f: &FacilityEntry, me: FacilityId) -> FacilityTrust {
 /// Every facility with its safety number and trust state, the facilities left out, and the
 /// deployment authority's fingerprint.
 ///
-/// Errors: `locked`; `not_enrolled`.
+/// Errors: `locked`; `not_signed_in`; `session_locked`; `not_enrolled`.
 #[tauri::command]
 #[specta::specta]
 pub async fn trust_directory(state: State<'_, AppState>) -> AppResult<TrustDirectory> {
     state
-        .with_unlocked(|u| {
+        .with_signed_in(|u, _| {
             let me = u.engine.enrolment()?.facility;
             let dir = u.engine.directory()?;
             let mut facilities: Vec<FacilityTrust> = dir
@@ -322,7 +323,7 @@ pub async fn trust_directory(state: State<'_, AppState>) -> AppResult<TrustDirec
 /// facility's devices again, and the sync is woken to send them.
 ///
 /// Errors: `invalid_input` (not 30 digits); `safety_number_mismatch`; `not_found` (no such
-/// facility); `not_signed_in`; `trust`.
+/// facility); `not_signed_in`; `admin_only`; `trust`.
 #[tauri::command]
 #[specta::specta]
 pub async fn confirm_root(
@@ -332,7 +333,7 @@ pub async fn confirm_root(
 ) -> AppResult<()> {
     let typed = normalize_safety_number(&safety_number)?;
     state
-        .with_staff(move |engine, _| Ok(engine.confirm_root(&facility.to_string(), &typed)?))
+        .with_admin(move |engine, _| Ok(engine.confirm_root(&facility.to_string(), &typed)?))
         .await?;
     state.0.nudge.notify_one();
     Ok(())

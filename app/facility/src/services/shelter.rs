@@ -35,7 +35,10 @@ pub fn now_rfc3339() -> String {
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds.
 pub fn ms_to_rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    // RFC 3339 (and humantime) end at 9999-12-31T23:59:59.999Z: a later time (a hostile entry's)
+    // is shown as that.
+    const LAST_MS: i64 = 253_402_300_799_999;
+    let t = UNIX_EPOCH + Duration::from_millis(ms.clamp(0, LAST_MS) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 

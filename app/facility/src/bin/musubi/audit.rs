@@ -155,6 +155,11 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: AuditCommand) -> Result<()> {
                     }
                 }
             }
+            if !json.json && chains.len() > 1 {
+                println!(
+                    "(the other devices' chains are as this device last synced them: entries made since, or withheld by the relay, are not checked)"
+                );
+            }
             if let Some(broken) = chains.iter().find_map(|c| c.result.as_ref().err()) {
                 bail!("{broken} (監査ログの改ざんまたは欠落を検出しました)");
             }

@@ -166,7 +166,7 @@ pub(crate) fn run(pf: &Option<PathBuf>, cmd: StaffCommand) -> Result<()> {
             let lines = StdinLines::read()?;
             let password = lines.next().context("no password on standard input")?;
             // Check the password before waiting for a card.
-            staff::sign_in_password(&e, &login, &password).map_err(|err| report(err, json.json))?;
+            staff::verify_password(&e, &login, &password).map_err(|err| report(err, json.json))?;
             let opts = ReadOptions {
                 timeout: Duration::from_secs(timeout),
                 verify: true,
