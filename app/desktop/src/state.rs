@@ -31,8 +31,11 @@ pub struct Unlocked {
     pub desk: Option<Desk>,
     /// Whether the signed-in staff member's session is locked (idle, or locked by them).
     pub locked: bool,
-    /// When the signed-in staff member's last command ran (or they signed in).
+    /// When the UI last reported the signed-in staff member's input (or they signed in).
     pub last_active: Instant,
+    /// The same, by the wall clock: a monotonic clock does not count the time a computer slept,
+    /// so a laptop closed for an hour would otherwise wake with its session open.
+    pub last_active_wall: std::time::SystemTime,
 }
 
 /// Why a session locked: the audit entry's field.
@@ -64,7 +67,21 @@ impl Unlocked {
             desk: None,
             locked: false,
             last_active: Instant::now(),
+            last_active_wall: std::time::SystemTime::now(),
         }
+    }
+
+    /// Someone is at the computer now (the UI saw input, or they signed in).
+    pub fn touch(&mut self) {
+        self.last_active = Instant::now();
+        self.last_active_wall = std::time::SystemTime::now();
+    }
+
+    /// How long since [`Self::touch`]: the longer of the monotonic and the wall clock's measure
+    /// (a wall clock set back counts as no time).
+    pub fn idle_for(&self) -> Duration {
+        let wall = self.last_active_wall.elapsed().unwrap_or_default();
+        self.last_active.elapsed().max(wall)
     }
 
     /// Locks the signed-in staff member's session, and records `lock` (with `why`) in the audit
@@ -84,7 +101,7 @@ impl Unlocked {
 
     /// Locks the session when its last command is longer ago than `limit`; whether it is locked.
     pub fn lock_if_idle(&mut self, limit: Duration) -> bool {
-        if !self.locked && self.staff.is_some() && self.last_active.elapsed() > limit {
+        if !self.locked && self.staff.is_some() && self.idle_for() > limit {
             tracing::info!("the session was idle for longer than {limit:?}: locked");
             self.lock(LockReason::Idle);
         }

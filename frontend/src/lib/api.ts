@@ -146,6 +146,11 @@ let held = false;
 let waiting: (() => void)[] = [];
 
 /** Holds events back (while the session is locked), or delivers those held, in order. */
+/** Forgets the events held while the session was locked (another staff member signed in). */
+export function dropHeldEvents() {
+  waiting = [];
+}
+
 export function holdEvents(hold: boolean) {
   held = hold;
   if (hold) return;

@@ -5,6 +5,7 @@
 
 import {
   commands,
+  dropHeldEvents,
   holdEvents,
   settled,
   unwrap,
@@ -60,7 +61,11 @@ export const session = {
 
 function record(s: AppStatus) {
   const was = state.status?.phase;
+  const before = state.status?.staff?.login;
   state.status = s;
+  // Events held for a locked session belong to its screens: another staff member signing in
+  // starts afresh, so they are dropped rather than replayed under the new person.
+  if (was === 'session_locked' && s.phase === 'ready' && before !== s.staff?.login) dropHeldEvents();
   holdEvents(s.phase === 'session_locked');
   if (was === 'session_locked' && s.phase === 'ready' && refusedUnseen) {
     refusedUnseen = false;
@@ -119,6 +124,13 @@ export function watchIdle(lock: IdleLockSetting): () => void {
     // A pointer that did not move (browsers send such events when the page changes under it) is
     // not someone at the computer.
     if (e.type === 'pointermove' && (e as PointerEvent).movementX === 0 && (e as PointerEvent).movementY === 0) return;
+    // The first input after the idle time (a computer waking from sleep, a window restored)
+    // does not keep the session open: it locks first.
+    if (!fired && Date.now() - last >= lock.idle_ms) {
+      fired = true;
+      lockSession('idle');
+      return;
+    }
     last = Date.now();
     if (last - lastTouch >= lock.touch_every_ms) {
       lastTouch = last;

@@ -457,7 +457,7 @@ pub fn start_session(
     }
     u.staff = Some(who.clone());
     u.locked = false;
-    u.last_active = std::time::Instant::now();
+    u.touch();
     Ok(())
 }
 
@@ -563,7 +563,7 @@ pub async fn lock_session(state: State<'_, AppState>, reason: LockReason) -> App
 pub async fn session_touch(state: State<'_, AppState>) -> AppResult<()> {
     state
         .with_signed_in(|u, _| {
-            u.last_active = std::time::Instant::now();
+            u.touch();
             Ok(())
         })
         .await
