@@ -162,6 +162,11 @@ fn every_read_change_and_export_is_in_the_audit_log_under_the_staff_member() {
         entries(&b, &["--staff-login", "tanaka", "--action", "edit"]),
         vec![tuple("tanaka", "edit", &letter, "remarks")]
     );
+    // The spelling: the administrator signs in by MUSUBI_STAFF, `--staff` filters.
+    assert_eq!(
+        entries(&b, &["--staff", "tanaka", "--action", "edit"]),
+        vec![tuple("tanaka", "edit", &letter, "remarks")]
+    );
     assert_eq!(
         entries(&hq, &[]),
         vec![

@@ -24,7 +24,8 @@ pub(crate) enum AuditCommand {
     List {
         #[command(flatten)]
         data: Data,
-        /// Only this staff member's (login).
+        /// Only this staff member's (login). `--staff LOGIN` says the same when the administrator
+        /// signs in by MUSUBI_STAFF or `--staff-card`.
         #[arg(long = "staff-login", value_name = "LOGIN")]
         staff_login: Option<String>,
         /// Only about this document (id).

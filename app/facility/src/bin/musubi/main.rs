@@ -330,7 +330,18 @@ fn main() -> ExitCode {
 /// Quarantined bundles `status` lists (the newest; the total is given too).
 const QUARANTINE_LISTED_MAX: usize = 1000;
 
-fn run(cli: Cli) -> Result<()> {
+fn run(mut cli: Cli) -> Result<()> {
+    // `musubi audit list --staff LOGIN` (the contract) filters by LOGIN when the staff
+    // member signing in is given otherwise (MUSUBI_STAFF, or --staff-card), with no password file
+    // for `--staff`: then `--staff` cannot be the sign-in.
+    if let Command::Audit(audit::AuditCommand::List { staff_login, .. }) = &mut cli.command
+        && staff_login.is_none()
+        && cli.staff_password_file.is_none()
+        && (cli.staff_card || std::env::var("MUSUBI_STAFF").is_ok_and(|s| !s.is_empty()))
+        && let Some(login) = cli.staff.take()
+    {
+        *staff_login = Some(login);
+    }
     let pf = &cli.passphrase_file;
     let _ = STAFF_ARGS.set(StaffArgs {
         login: cli.staff.clone(),
