@@ -19,6 +19,8 @@ need_file /usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf fonts-ipaexfont-
 need_cmd pdftoppm poppler-utils
 # The shelter scenario's loopback SMTP server (tests/smtp/sink.py) runs on Debian's python3-aiosmtpd.
 need_file /usr/lib/python3/dist-packages/aiosmtpd python3-aiosmtpd
+# The relay's /metrics is parsed by the Prometheus project's own parser (python3-prometheus-client).
+need_file /usr/lib/python3/dist-packages/prometheus_client python3-prometheus-client
 # IC cards: pcsc-lite's daemon, vsmartcard's virtual reader driver (vpcd) and the library the pcsc crate
 # links. The card scenarios start and stop their own `pcscd --foreground` (as root: it writes /run/pcscd).
 [[ -x /usr/sbin/pcscd ]] || need_cmd pcscd pcscd
@@ -87,3 +89,9 @@ cargo test --workspace
 # captured (ci-artifacts/screenshots/bundle-*.png).
 step "scripts/desktop-bundle.sh"
 bash scripts/desktop-bundle.sh
+
+# The relay's .deb (cargo-deb): installed, its hardened unit scored by `systemd-analyze security`,
+# started (by systemd when it is PID 1, else its ExecStart under an sd-notify listener), backed up
+# by its timer's service, purged.
+step "scripts/deb-test.sh"
+bash scripts/deb-test.sh

@@ -403,12 +403,42 @@ pub enum ErrorCode {
     StaleDirectory,
     /// The relay failed to store; retry later.
     Internal,
+    /// The relay is slowing this device down (it sent more requests or bytes than the relay's
+    /// per-device limit allows); retry after the time the message names.
+    RateLimited,
+    /// The facility's storage quota at the relay is used up: the item is kept by the device and
+    /// pushed again later (the relay operator raises the quota, `musubi-node serve
+    /// --quota-bytes-per-facility`).
+    QuotaExceeded,
 }
 
 impl ErrorCode {
+    /// The code as it is spelled on the wire (kebab-case), e.g. `"not-member"`; also the
+    /// `outcome` label of the relay's request metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::TooLarge => "too-large",
+            ErrorCode::UnsupportedVersion => "unsupported-version",
+            ErrorCode::NotEnrolled => "not-enrolled",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::InviteInvalid => "invite-invalid",
+            ErrorCode::NotMember => "not-member",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::BadSignature => "bad-signature",
+            ErrorCode::UnknownDocument => "unknown-document",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Stale => "stale",
+            ErrorCode::StaleDirectory => "stale-directory",
+            ErrorCode::Internal => "internal",
+            ErrorCode::RateLimited => "rate-limited",
+            ErrorCode::QuotaExceeded => "quota-exceeded",
+        }
+    }
+
     /// Whether retrying the same request later can succeed.
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorCode::Internal)
+        matches!(self, ErrorCode::Internal | ErrorCode::RateLimited)
     }
 
     /// Whether an item refused with this code stands whatever the receiver learns later: a bad
@@ -560,6 +590,33 @@ pub fn decode_response_frame(bytes: &[u8]) -> Result<(Option<Generation>, Respon
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The metric label and the wire spelling never drift apart (a dashboard built on one matches
+    /// the other).
+    #[test]
+    fn error_code_names_are_their_wire_names() {
+        use ErrorCode::*;
+        for c in [
+            Malformed,
+            TooLarge,
+            UnsupportedVersion,
+            NotEnrolled,
+            Revoked,
+            InviteInvalid,
+            NotMember,
+            Forbidden,
+            BadSignature,
+            UnknownDocument,
+            Conflict,
+            Stale,
+            StaleDirectory,
+            Internal,
+            RateLimited,
+            QuotaExceeded,
+        ] {
+            assert_eq!(serde_json::to_value(c).expect("json"), c.as_str(), "{c:?}");
+        }
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -15,14 +15,20 @@
 //!
 //! Modules: [`authority`] (the deployment authority's directory: init, invites, approval),
 //! [`invite`] (the invite code format), [`store`] (data directory and SQLite schema), [`relay`] (the
-//! request handler, testable without sockets), and the server (`serve`, [`Config`]).
+//! request handler, testable without sockets), [`limits`] (per-device token buckets), [`metrics`]
+//! (Prometheus metrics and live figures), [`admin`] (the admin HTTP listener: health, status,
+//! metrics), [`backup`] (online backup and restore), and the server (`serve`, [`Config`]).
 
+pub mod admin;
 pub mod authority;
+pub mod backup;
 pub mod invite;
+pub mod limits;
+pub mod metrics;
 pub mod relay;
 mod server;
 pub mod store;
 
 pub use relay::{Notification, Relay};
-pub use server::{Config, ServeError, serve, serve_until};
+pub use server::{Config, MIN_FREE_BYTES_DEFAULT, ServeError, serve, serve_until};
 pub use store::{Store, StoreError};

@@ -1,31 +1,33 @@
 //! `musubi-node`: the relay operator's command line (a thin wrapper over `musubi_sync_node`).
 //!
 //! Data-printing commands print to stdout (with `--json`, one JSON document); errors go to stderr as one
-//! sentence with a non-zero exit status. `serve` logs to stderr and to `DATA/logs/node.log`; the other
-//! commands log to the file and only warnings to stderr.
+//! sentence with a non-zero exit status. Logs go to stderr only (`--log-format text|json`; journald
+//! keeps and rotates them under systemd): `serve` at info, the other commands at warn, unless
+//! `RUST_LOG` says otherwise. No log line holds a secret or a plaintext: the relay has no plaintext,
+//! and keys, passphrases and tokens are never formatted.
 
 use std::fs;
 use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use musubi_crdt::crypto;
 use musubi_crdt::ids::FacilityRole;
+use musubi_sync_node::admin::AdminConfig;
 use musubi_sync_node::authority::{
     AUTHORITY_SCRYPT_LOG_N, Authority, AuthorityDir, AuthorityInvite,
 };
+use musubi_sync_node::backup;
+use musubi_sync_node::limits::RateLimits;
 use musubi_sync_node::store::{self, Revocation, rfc3339, unix_ms};
-use musubi_sync_node::{Config, Store};
+use musubi_sync_node::{Config, MIN_FREE_BYTES_DEFAULT, Store};
 use musubi_transport::libp2p::Multiaddr;
 use serde_json::json;
-use tracing_subscriber::filter::filter_fn;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
+use tracing_subscriber::EnvFilter;
 
 /// The relay node of a Musubi deployment.
 #[derive(Parser)]
@@ -35,8 +37,27 @@ struct Cli {
     /// MUSUBI_AUTHORITY_PASSPHRASE environment variable).
     #[arg(long, global = true, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
+    /// How log lines on stderr look: `text` for people, `json` (one object a line) for journald
+    /// and log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MUSUBI_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the backup passphrase comes from (it seals the relay key inside each backup).
+#[derive(Args)]
+struct BackupPassphrase {
+    /// Read the passphrase that seals (or opens) the relay key in the backup from this file (else
+    /// from the MUSUBI_BACKUP_PASSPHRASE environment variable).
+    #[arg(long, value_name = "FILE")]
+    key_passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -99,6 +120,106 @@ enum Command {
         #[arg(long = "listen", value_name = "MULTIADDR", value_parser = parse_multiaddr,
               default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
         listen: Vec<Multiaddr>,
+        /// Serve /livez, /readyz, /status and /metrics over HTTP on this address (off unless
+        /// given; e.g. 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR:PORT")]
+        admin: Option<SocketAddr>,
+        /// A file holding the bearer token the admin listener asks for (needed when --admin is
+        /// not a loopback address).
+        #[arg(long, value_name = "FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// Most bundle bytes one facility may store at this relay (e.g. 10GiB, 500MB); unlimited
+        /// unless given.
+        #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+        quota_bytes_per_facility: Option<u64>,
+        /// Requests a second one device may send on average (bursts of ten times as many);
+        /// 0 turns the per-device limits off.
+        #[arg(long, value_name = "N", default_value_t = RateLimits::default().requests_per_sec)]
+        device_requests_per_sec: f64,
+        /// Request bytes a second one device may send on average (bursts of eight times as many,
+        /// and never below one largest frame).
+        #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "8MiB")]
+        device_bytes_per_sec: u64,
+        /// Free space the data directory's filesystem must keep for /readyz to say ready.
+        #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value_t = MIN_FREE_BYTES_DEFAULT)]
+        min_free_bytes: u64,
+    },
+    /// Take a consistent backup while `serve` runs: the database (SQLite VACUUM INTO), the relay
+    /// key sealed with the backup passphrase, and a manifest with checksums, in one file.
+    Backup {
+        #[command(flatten)]
+        data: Data,
+        /// The backup file to write (must not exist).
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "out_dir",
+            required_unless_present = "out_dir"
+        )]
+        out: Option<PathBuf>,
+        /// Write `musubi-node-<time>.musubi-backup` into this directory and keep only the newest
+        /// --keep there (for the nightly timer).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+        /// How many backups --out-dir keeps.
+        #[arg(long, value_name = "N", default_value_t = 7, requires = "out_dir")]
+        keep: usize,
+        #[command(flatten)]
+        passphrase: BackupPassphrase,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a new, empty data directory; the store gets a new generation, so
+    /// every device pulls everything again and offers what it holds.
+    Restore {
+        #[command(flatten)]
+        data: Data,
+        /// The backup file.
+        file: PathBuf,
+        #[command(flatten)]
+        passphrase: BackupPassphrase,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upgrade the database schema to this build's (a snapshot of the old database is taken
+    /// first), or with --check only say whether an upgrade is due.
+    Migrate {
+        #[command(flatten)]
+        data: Data,
+        /// Only check; exit status 0 when the schema is current, 2 when an upgrade is due.
+        #[arg(long)]
+        check: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The relay's figures: deployment, relay, generation, schema, facilities, devices,
+    /// documents, bundles, database and WAL bytes, last backup.
+    Status {
+        #[command(flatten)]
+        data: Data,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every document the relay holds: kind, epoch, members, bundles, bytes, head (no content:
+    /// the relay has none).
+    Documents {
+        #[command(flatten)]
+        data: Data,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stored bundle bytes per facility (against the quota `serve` is given).
+    Usage {
+        #[command(flatten)]
+        data: Data,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Issue a single-use invite code for a new facility; the authority keeps its secret.
     Invite {
@@ -170,59 +291,76 @@ fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
         .map_err(|e| format!("{e} (expected e.g. /ip4/0.0.0.0/tcp/4001)"))
 }
 
+/// A byte count: a number with an optional unit (B, kB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 500MB, 10GiB)"))?;
+    let m: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "unknown unit {u:?} in {s:?} (B, kB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    Ok((n * m) as u64)
+}
+
 fn parse_role(s: &str) -> Result<FacilityRole, String> {
     s.parse()
         .map_err(|_| "expected one of: clinic, care-office, shelter, hq".to_owned())
 }
 
-/// Log target of the final error: written to the log file only (stderr gets it from `main`).
-const EXIT_TARGET: &str = "musubi_node::exit";
+/// Exit status of `migrate --check` when an upgrade is due.
+const EXIT_MIGRATION_DUE: u8 = 2;
+
+/// `migrate --check` found an upgrade due (exit status [`EXIT_MIGRATION_DUE`], not an error).
+#[derive(Debug, thiserror::Error)]
+#[error("a schema upgrade is due")]
+struct MigrationDue;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<MigrationDue>() => ExitCode::from(EXIT_MIGRATION_DUE),
         Err(e) => {
-            tracing::error!(target: EXIT_TARGET, "{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Logs to stderr (at `stderr_default` unless `RUST_LOG` says otherwise) and, when `data` exists,
-/// to `DATA/logs/node.log` at info (whatever `RUST_LOG` says, so the operator's record is complete).
-fn init_logging(data: &Path, stderr_default: &str) -> Result<()> {
-    let stderr = tracing_subscriber::fmt::layer()
+/// Logs to stderr at `default` unless `RUST_LOG` says otherwise, as text or one JSON object a line.
+fn init_logging(format: LogFormat, default: &str) -> Result<()> {
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(env_filter(stderr_default))
-        .with_filter(filter_fn(|m| m.target() != EXIT_TARGET));
-    let file = if data.is_dir() {
-        let dir = data.join(store::LOG_DIR);
-        fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
-        let path = dir.join(store::LOG_FILE);
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot open the log file {}", path.display()))?;
-        Some(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(Mutex::new(f))
-                .with_filter(EnvFilter::new("info")),
-        )
-    } else {
-        None
+        .with_env_filter(env_filter(default));
+    let result = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .flatten_event(true)
+            .try_init(),
     };
-    tracing_subscriber::registry()
-        .with(stderr)
-        .with(file)
-        .try_init()
-        .context("cannot set up logging")?;
-    Ok(())
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
 
 fn env_filter(default: &str) -> EnvFilter {
@@ -255,6 +393,12 @@ fn unlock(adir: &Path, passphrase_file: &Option<PathBuf>) -> Result<Authority> {
 
 fn run(cli: Cli) -> Result<()> {
     let pf = cli.passphrase_file;
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(cli.log_format, default_level)?;
     match cli.command {
         Command::Authority(AuthorityCommand::Init {
             authority,
@@ -272,11 +416,65 @@ fn run(cli: Cli) -> Result<()> {
             data,
             authority,
             listen,
+            admin,
+            admin_token_file,
+            quota_bytes_per_facility,
+            device_requests_per_sec,
+            device_bytes_per_sec,
+            min_free_bytes,
         } => {
-            init_logging(&data.data, "info")?;
             let authority = authority.map(|a| unlock(&a, &pf)).transpose()?;
-            serve(&data.data, authority, listen)
+            let token = admin_token_file
+                .map(|f| -> Result<String> {
+                    let t = fs::read_to_string(&f).with_context(|| {
+                        format!("cannot read the admin token file {}", f.display())
+                    })?;
+                    let t = t.trim().to_owned();
+                    if t.len() < 16 {
+                        bail!(
+                            "the admin token in {} is shorter than 16 characters",
+                            f.display()
+                        );
+                    }
+                    Ok(t)
+                })
+                .transpose()?;
+            let rate_limits = (device_requests_per_sec > 0.0).then(|| {
+                let bytes = device_bytes_per_sec as f64;
+                RateLimits {
+                    requests_per_sec: device_requests_per_sec,
+                    requests_burst: device_requests_per_sec * 10.0,
+                    bytes_per_sec: bytes,
+                    bytes_burst: bytes * 8.0,
+                }
+            });
+            let config = Config {
+                rate_limits,
+                facility_quota_bytes: quota_bytes_per_facility,
+                admin: admin.map(|addr| AdminConfig { addr, token }),
+                min_free_bytes,
+                ..Config::default()
+            };
+            serve(&data.data, authority, listen, config)
         }
+        Command::Backup {
+            data,
+            out,
+            out_dir,
+            keep,
+            passphrase,
+            json,
+        } => backup_cmd(&data.data, out, out_dir, keep, &passphrase, json),
+        Command::Restore {
+            data,
+            file,
+            passphrase,
+            json,
+        } => restore_cmd(&data.data, &file, &passphrase, json),
+        Command::Migrate { data, check, json } => migrate(&data.data, check, json),
+        Command::Status { data, json } => status(&data.data, json),
+        Command::Documents { data, json } => documents(&data.data, json),
+        Command::Usage { data, json } => usage(&data.data, json),
         Command::Invite {
             data,
             authority,
@@ -286,7 +484,6 @@ fn run(cli: Cli) -> Result<()> {
             expires,
             json,
         } => {
-            init_logging(&data.data, "warn")?;
             if facility.is_some() {
                 bail!(
                     "`musubi-node invite --facility` is gone: another device of a facility is invited at one of that facility's devices, with `musubi device invite --data DIR` (the relay cannot add devices to a facility)"
@@ -306,22 +503,10 @@ fn run(cli: Cli) -> Result<()> {
             data,
             authority,
             json,
-        } => {
-            init_logging(&data.data, "warn")?;
-            approve(&data.data, &authority, &pf, json)
-        }
-        Command::Facilities { data, json } => {
-            init_logging(&data.data, "warn")?;
-            facilities(&data.data, json)
-        }
-        Command::Import { data, file, json } => {
-            init_logging(&data.data, "warn")?;
-            import(&data.data, &file, json)
-        }
-        Command::Revoke { data, target, json } => {
-            init_logging(&data.data, "warn")?;
-            revoke(&data.data, &target, json)
-        }
+        } => approve(&data.data, &authority, &pf, json),
+        Command::Facilities { data, json } => facilities(&data.data, json),
+        Command::Import { data, file, json } => import(&data.data, &file, json),
+        Command::Revoke { data, target, json } => revoke(&data.data, &target, json),
     }
 }
 
@@ -384,7 +569,6 @@ fn init(data: &Path, adir: &Path, deployment: Option<&str>, json: bool) -> Resul
         deployment.map(str::trim),
         SystemTime::now(),
     )?;
-    init_logging(data, "warn")?;
     let deployment_id = store.deployment()?;
     let name = store.deployment_name()?;
     let relay = store.relay_device()?;
@@ -412,7 +596,12 @@ fn init(data: &Path, adir: &Path, deployment: Option<&str>, json: bool) -> Resul
     Ok(())
 }
 
-fn serve(data: &Path, authority: Option<Authority>, listen: Vec<Multiaddr>) -> Result<()> {
+fn serve(
+    data: &Path,
+    authority: Option<Authority>,
+    listen: Vec<Multiaddr>,
+    config: Config,
+) -> Result<()> {
     let store = open(data)?;
     if let Some(a) = &authority {
         tracing::info!(fingerprint = %a.public().fingerprint(), "approving new facilities as they join with the authority's invites");
@@ -438,7 +627,7 @@ fn serve(data: &Path, authority: Option<Authority>, listen: Vec<Multiaddr>) -> R
             }
             tracing::info!("shutting down");
         };
-        musubi_sync_node::serve_until(listen, store, authority, Config::default(), shutdown)
+        musubi_sync_node::serve_until(listen, store, authority, config, shutdown)
             .await
             .context("the relay stopped")
     })
@@ -729,6 +918,315 @@ fn revoke(data: &Path, target: &str, json: bool) -> Result<()> {
         println!("{value}");
     } else {
         println!("{text}");
+    }
+    Ok(())
+}
+
+/// The backup passphrase: from `--key-passphrase-file`, else `MUSUBI_BACKUP_PASSPHRASE`.
+fn backup_passphrase(p: &BackupPassphrase) -> Result<String> {
+    if let Some(f) = &p.key_passphrase_file {
+        let text = fs::read_to_string(f)
+            .with_context(|| format!("cannot read the backup passphrase file {}", f.display()))?;
+        return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    std::env::var("MUSUBI_BACKUP_PASSPHRASE").map_err(|_| {
+        anyhow::anyhow!(
+            "the backup passphrase (it seals the relay key in the backup) is needed: give --key-passphrase-file FILE or set MUSUBI_BACKUP_PASSPHRASE"
+        )
+    })
+}
+
+/// The scrypt work factor of the sealed key in a backup: the default, or the test harness's cheap
+/// one when it says so.
+fn backup_log_n() -> u8 {
+    if std::env::var(crypto::WEAK_KDF_FOR_TESTS_ENV).as_deref() == Ok("1") {
+        crypto::PASSPHRASE_LOG_N_MIN
+    } else {
+        crypto::PASSPHRASE_LOG_N_DEFAULT
+    }
+}
+
+fn backup_cmd(
+    data: &Path,
+    out: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
+    keep: usize,
+    passphrase: &BackupPassphrase,
+    json: bool,
+) -> Result<()> {
+    let pass = backup_passphrase(passphrase)?;
+    let store = open(data)?;
+    let now = SystemTime::now();
+    let report = match (out, out_dir) {
+        (Some(out), None) => backup::backup(&store, &out, &pass, backup_log_n(), now)?,
+        (None, Some(dir)) => {
+            backup::backup_into_dir(&store, &dir, keep, &pass, backup_log_n(), now)?
+        }
+        _ => bail!("give --out FILE or --out-dir DIR"),
+    };
+    tracing::info!(path = %report.path.display(), bytes = report.bytes, took_ms = report.took.as_millis() as u64, "backup taken");
+    if json {
+        println!(
+            "{}",
+            json!({
+                "path": report.path.display().to_string(),
+                "bytes": report.bytes,
+                "took_ms": report.took.as_millis() as u64,
+                "manifest": report.manifest,
+                "removed": report.removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        println!(
+            "backup written to {} ({} bytes, database {} bytes, in {:.1} s)",
+            report.path.display(),
+            report.bytes,
+            report.manifest.database.bytes,
+            report.took.as_secs_f64()
+        );
+        println!(
+            "database checksum (BLAKE3) {}",
+            report.manifest.database.blake3
+        );
+        for r in &report.removed {
+            println!("removed the older backup {}", r.display());
+        }
+    }
+    Ok(())
+}
+
+fn restore_cmd(data: &Path, file: &Path, passphrase: &BackupPassphrase, json: bool) -> Result<()> {
+    let pass = backup_passphrase(passphrase)?;
+    let report = backup::restore(file, data, &pass, SystemTime::now())?;
+    tracing::info!(data = %data.display(), generation = %report.generation, "restored from a backup");
+    if json {
+        println!(
+            "{}",
+            json!({
+                "data": data.display().to_string(),
+                "generation": report.generation,
+                "took_ms": report.took.as_millis() as u64,
+                "manifest": report.manifest,
+            })
+        );
+    } else {
+        println!(
+            "restored the backup of {} taken {} into {} (in {:.1} s)",
+            report.manifest.deployment_name,
+            report.manifest.created_at,
+            data.display(),
+            report.took.as_secs_f64()
+        );
+        println!(
+            "new store generation {}: every device pulls everything again and offers what it holds when it next connects",
+            report.generation
+        );
+        println!(
+            "start it with `musubi-node serve --data {}`",
+            data.display()
+        );
+    }
+    Ok(())
+}
+
+fn migrate(data: &Path, check: bool, json: bool) -> Result<()> {
+    let found = store::schema_version_of(data)?;
+    let due = found < store::SCHEMA_VERSION;
+    if found > store::SCHEMA_VERSION {
+        bail!(
+            "the database has schema version {found}, newer than this musubi-node understands ({}); upgrade musubi-node",
+            store::SCHEMA_VERSION
+        );
+    }
+    if check {
+        if json {
+            println!(
+                "{}",
+                json!({"schema_version": found, "current": store::SCHEMA_VERSION, "upgrade_due": due})
+            );
+        } else if due {
+            println!(
+                "schema version {found}; this musubi-node upgrades it to {} (a snapshot of the old database is taken first)",
+                store::SCHEMA_VERSION
+            );
+        } else {
+            println!("schema version {found} is current");
+        }
+        return if due {
+            Err(MigrationDue.into())
+        } else {
+            Ok(())
+        };
+    }
+    drop(open(data)?);
+    let snapshot = fs::read_dir(data)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{}{found}-", store::PRE_MIGRATION_PREFIX)))
+        })
+        .max();
+    if json {
+        println!(
+            "{}",
+            json!({"from": found, "to": store::SCHEMA_VERSION, "snapshot": snapshot.as_ref().filter(|_| due).map(|p| p.display().to_string())})
+        );
+    } else if due {
+        println!(
+            "upgraded the schema from version {found} to {}",
+            store::SCHEMA_VERSION
+        );
+        if let Some(s) = snapshot {
+            println!("the old database is kept in {}", s.display());
+        }
+    } else {
+        println!("schema version {found} is current; nothing to do");
+    }
+    Ok(())
+}
+
+fn status(data: &Path, json: bool) -> Result<()> {
+    let store = open(data)?;
+    let stats = store.stats()?;
+    let value = json!({
+        "data": data.display().to_string(),
+        "deployment": store.deployment()?.to_string(),
+        "deployment_name": store.deployment_name()?,
+        "relay": store.relay_device()?.to_string(),
+        "generation": hex::encode(store.generation()?),
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": musubi_crdt::protocol::WIRE_VERSION,
+        "schema_version": stats.schema_version,
+        "directory_version": store.directory_version()?,
+        "listen_addrs": store.listen_addrs()?,
+        "store": stats,
+        "last_backup": stats.last_backup_at_ms.map(rfc3339),
+        "restored_at": stats.restored_at_ms.map(rfc3339),
+    });
+    if json {
+        println!("{value}");
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "deployment   {} ({})",
+        value["deployment"].as_str().unwrap_or_default(),
+        value["deployment_name"].as_str().unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "relay        {}",
+        value["relay"].as_str().unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "generation   {}",
+        value["generation"].as_str().unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "version      {} (protocol {}, schema {})",
+        env!("CARGO_PKG_VERSION"),
+        musubi_crdt::protocol::WIRE_VERSION,
+        stats.schema_version
+    )?;
+    writeln!(
+        out,
+        "facilities   {} ({} devices)",
+        stats.facilities, stats.devices
+    )?;
+    writeln!(out, "documents    {}", stats.documents)?;
+    writeln!(
+        out,
+        "bundles      {} ({} bytes)",
+        stats.bundles, stats.bundle_bytes
+    )?;
+    writeln!(
+        out,
+        "database     {} bytes (+ {} bytes WAL)",
+        stats.db_bytes, stats.wal_bytes
+    )?;
+    writeln!(
+        out,
+        "last bundle  {}",
+        stats.last_bundle_at_ms.map_or("none".into(), rfc3339)
+    )?;
+    writeln!(
+        out,
+        "last backup  {}",
+        stats.last_backup_at_ms.map_or("never".into(), rfc3339)
+    )?;
+    if let Some(r) = stats.restored_at_ms {
+        writeln!(out, "restored     {}", rfc3339(r))?;
+    }
+    for a in store.listen_addrs()? {
+        writeln!(out, "listening    {a}")?;
+    }
+    Ok(())
+}
+
+fn documents(data: &Path, json: bool) -> Result<()> {
+    let store = open(data)?;
+    let docs = store.documents_usage()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_value(&docs)?)?;
+        return Ok(());
+    }
+    if docs.is_empty() {
+        writeln!(out, "no documents yet")?;
+    }
+    for d in &docs {
+        writeln!(
+            out,
+            "{}  {:<10} epoch {}  {} member(s)  {} bundle(s)  {} bytes  head {}  last {}",
+            d.id,
+            d.kind,
+            d.epoch,
+            d.members,
+            d.bundles,
+            d.bytes,
+            d.head,
+            d.last_bundle_at_ms.map_or("-".into(), rfc3339)
+        )?;
+    }
+    Ok(())
+}
+
+fn usage(data: &Path, json: bool) -> Result<()> {
+    let store = open(data)?;
+    let names: std::collections::HashMap<String, String> = store
+        .facilities()?
+        .into_iter()
+        .map(|f| (f.id.to_string(), f.name))
+        .collect();
+    let usage = store.facility_usage()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v: Vec<_> = usage
+            .iter()
+            .map(|u| json!({"facility": u.facility, "name": names.get(&u.facility), "bytes": u.bytes, "bundles": u.bundles}))
+            .collect();
+        writeln!(out, "{}", serde_json::Value::Array(v))?;
+        return Ok(());
+    }
+    if usage.is_empty() {
+        writeln!(out, "no bundles stored yet")?;
+    }
+    for u in &usage {
+        writeln!(
+            out,
+            "{}  {}  {} bytes in {} bundle(s)",
+            u.facility,
+            names.get(&u.facility).map_or("(unknown)", String::as_str),
+            u.bytes,
+            u.bundles
+        )?;
     }
     Ok(())
 }

@@ -18,7 +18,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use musubi_crdt::bundle::Envelope;
 use musubi_crdt::crypto::DeviceSecrets;
@@ -64,6 +64,27 @@ pub struct Relay {
     deployment: DeploymentId,
     generation: Generation,
     authority: Option<Authority>,
+    /// Most bundle bytes one facility may store (`None`: no quota).
+    facility_quota_bytes: Option<u64>,
+    /// What the request being handled did, for [`Relay::handle_observed`].
+    observed: Observed,
+}
+
+/// What one request did, as the relay's metrics count it (no device, facility or document ids).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The request's kind (`push`, `pull`, ...; `undecodable` for a frame that did not decode).
+    pub kind: &'static str,
+    /// `ok`, or the refusal's [`ErrorCode::as_str`].
+    pub outcome: &'static str,
+    /// Items of a push the relay stored (accepted, not duplicates), by item kind.
+    pub stored: BTreeMap<&'static str, u64>,
+    /// Bundle bytes stored by this request.
+    pub stored_bytes: u64,
+    /// Push items refused because their facility's quota is used up.
+    pub quota_refusals: u64,
+    /// How long the push transaction's commit took.
+    pub commit: Option<Duration>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -206,7 +227,16 @@ impl Relay {
             deployment,
             generation,
             authority,
+            facility_quota_bytes: None,
+            observed: Observed::default(),
         })
+    }
+
+    /// Sets the most bundle bytes one facility may store at this relay (`None`: no quota). A push
+    /// whose bundle would take its facility over the quota is refused item by item with
+    /// [`ErrorCode::QuotaExceeded`], inside the push transaction; the device keeps the item.
+    pub fn set_facility_quota_bytes(&mut self, quota: Option<u64>) {
+        self.facility_quota_bytes = quota;
     }
 
     /// The relay's identity (its libp2p key pair authenticates connections and signs the directory).
@@ -240,16 +270,35 @@ impl Relay {
         frame: &[u8],
         now: SystemTime,
     ) -> (Vec<u8>, Vec<Notification>) {
+        let (frame, notes, _) = self.handle_observed(peer, frame, now);
+        (frame, notes)
+    }
+
+    /// [`Relay::handle`], also saying what the request did ([`Observed`]) for the metrics.
+    pub fn handle_observed(
+        &mut self,
+        peer: DeviceId,
+        frame: &[u8],
+        now: SystemTime,
+    ) -> (Vec<u8>, Vec<Notification>, Observed) {
+        self.observed = Observed::default();
         let (response, notes) = match protocol::decode_request(frame) {
             Ok(request) => self.handle_request(peer, request, now),
             Err(e) => {
                 debug!(%peer, bytes = frame.len(), error = %e, "undecodable request");
+                self.observed.kind = "undecodable";
                 (Response::error(e.code(), e.to_string()), vec![])
             }
+        };
+        let mut observed = std::mem::take(&mut self.observed);
+        observed.outcome = match &response {
+            Response::Error { code, .. } => code.as_str(),
+            _ => "ok",
         };
         (
             protocol::encode_relay_response(&self.generation, &response),
             notes,
+            observed,
         )
     }
 
@@ -261,6 +310,7 @@ impl Relay {
         now: SystemTime,
     ) -> (Response, Vec<Notification>) {
         let kind = request.kind();
+        self.observed.kind = kind;
         match self.dispatch(peer, request, now) {
             Ok((response, notes)) => {
                 if let Response::Error { code, message } = &response {
@@ -659,18 +709,38 @@ impl Relay {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut touched = BTreeSet::new();
         let mut results = Vec::with_capacity(items.len());
+        let quota = self.facility_quota_bytes;
         for item in items {
+            let what = item_kind(&item);
             let result = match item {
                 PushItem::Invite { registration } => push_invite(&tx, caller, &registration, now)?,
                 PushItem::Approve {
                     link,
                     sealed_pseudonym,
                 } => push_approve(&tx, caller, &link, &sealed_pseudonym, now)?,
-                item => push_item(&tx, Some(caller), &item, now, &mut touched)?,
+                item => push_item(
+                    &tx,
+                    Some(caller),
+                    &item,
+                    now,
+                    &mut touched,
+                    quota,
+                    &mut self.observed.stored_bytes,
+                )?,
             };
+            match &result {
+                PushResult::Accepted { .. } => *self.observed.stored.entry(what).or_default() += 1,
+                PushResult::Rejected {
+                    code: ErrorCode::QuotaExceeded,
+                    ..
+                } => self.observed.quota_refusals += 1,
+                _ => {}
+            }
             results.push(result);
         }
+        let started = Instant::now();
         tx.commit()?;
+        self.observed.commit = Some(started.elapsed());
         let mut notes = Vec::new();
         for doc in touched {
             notes.extend(notifications(&self.store.conn, doc, caller.device)?);
@@ -700,7 +770,7 @@ impl Relay {
                     ErrorCode::Forbidden,
                     "invites and approvals are pushed by their device, not carried in a file",
                 ),
-                item => push_item(&tx, None, item, now, &mut touched)?,
+                item => push_item(&tx, None, item, now, &mut touched, None, &mut 0)?,
             };
             results.push(result);
         }
@@ -997,12 +1067,28 @@ fn to_log(bytes: Vec<u8>) -> Result<LogHash, StoreError> {
 
 /// One operation, grant or bundle through the admission rule at [`Point::Relay`]. `caller` is the
 /// pushing device (`None` for a file import); a grant or bundle is taken only from a member facility.
+/// The `item` label of the pushed-items metric.
+fn item_kind(item: &PushItem) -> &'static str {
+    match item {
+        PushItem::Op { .. } => "op",
+        PushItem::Grant { .. } => "grant",
+        PushItem::Bundle { .. } => "bundle",
+        PushItem::Invite { .. } => "invite",
+        PushItem::Approve { .. } => "approve",
+    }
+}
+
+/// Checks and stores one document item inside the push transaction. `quota`: most bundle bytes
+/// the bundle's facility may hold here (`None` for none, and for an operator's import). A stored
+/// bundle's bytes are added to `stored_bytes`.
 fn push_item(
     conn: &Connection,
     caller: Option<Caller>,
     item: &PushItem,
     now: SystemTime,
     touched: &mut BTreeSet<DocumentId>,
+    quota: Option<u64>,
+    stored_bytes: &mut u64,
 ) -> Result<PushResult, StoreError> {
     let Some(doc) = item.doc() else {
         return Ok(reject(ErrorCode::Malformed, "not a document item"));
@@ -1125,6 +1211,22 @@ fn push_item(
         }
         (PushItem::Bundle { envelope }, _) => {
             let encoded = envelope.encode();
+            let facility = envelope.facility.to_string();
+            if let Some(quota) = quota {
+                let used = store::facility_bytes(conn, &facility)?;
+                if used.saturating_add(encoded.len() as u64) > quota {
+                    warn!(%doc, used, quota, bytes = encoded.len(), "a facility's storage quota is used up; bundle refused");
+                    return Ok(reject(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "this facility's storage at the relay is full ({used} of {quota} bytes used; this bundle is {} bytes): the device keeps it and sends it again later; ask the relay operator to raise the quota",
+                            encoded.len()
+                        ),
+                    ));
+                }
+            }
+            store::add_facility_bytes(conn, &facility, encoded.len() as u64)?;
+            *stored_bytes += encoded.len() as u64;
             let id = BundleId::of_bytes(&encoded);
             let (head, prev) = head_log(conn, doc)?;
             let seq = head.0 + 1;

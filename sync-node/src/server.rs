@@ -15,8 +15,9 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
 use musubi_crdt::ids::DeviceId;
@@ -29,8 +30,11 @@ use musubi_transport::{BehaviourEvent, FrameGate, Node, build_swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::admin::{self, AdminConfig, AdminError, Identity};
 use crate::authority::Authority;
-use crate::relay::{Notification, Relay};
+use crate::limits::{Limiter, RateLimits};
+use crate::metrics::{LimitLabel, Live, Metrics};
+use crate::relay::{Notification, Observed, Relay};
 use crate::store::{Store, StoreError};
 
 /// How the relay serves.
@@ -41,9 +45,21 @@ pub struct Config {
     /// Most requests waiting for or in the database thread; more get `Internal` ("busy, retry").
     pub requests_queued_max: usize,
     /// Print `listening on ADDR/p2p/PEERID` to stdout for each listen address, once it is recorded in the
-    /// database (so `invite` run after reading the line puts it in the code). The CLI contract.
+    /// database (so `invite` run after reading the line puts it in the code), and `admin listening
+    /// on http://ADDR:PORT` once the admin listener is bound (before those). The CLI contract.
     pub print_listen_addrs: bool,
+    /// Per-device token buckets on requests and bytes (`None`: no limit).
+    pub rate_limits: Option<RateLimits>,
+    /// Most bundle bytes one facility may store (`None`: no quota).
+    pub facility_quota_bytes: Option<u64>,
+    /// The admin HTTP listener (`None`: off).
+    pub admin: Option<AdminConfig>,
+    /// Free bytes the data directory's filesystem must keep for `/readyz` to say ready.
+    pub min_free_bytes: u64,
 }
+
+/// Default of [`Config::min_free_bytes`]: room for a few of the largest pushes and the WAL.
+pub const MIN_FREE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -51,6 +67,10 @@ impl Default for Config {
             db_watch_interval: Duration::from_millis(250),
             requests_queued_max: 64,
             print_listen_addrs: true,
+            rate_limits: Some(RateLimits::default()),
+            facility_quota_bytes: None,
+            admin: None,
+            min_free_bytes: MIN_FREE_BYTES_DEFAULT,
         }
     }
 }
@@ -78,6 +98,9 @@ pub enum ServeError {
     /// The database thread stopped unexpectedly.
     #[error("the database thread stopped unexpectedly")]
     DatabaseThread,
+    /// The admin listener could not start.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 enum Job {
@@ -86,6 +109,7 @@ enum Job {
         peer: DeviceId,
         frame: Vec<u8>,
         span: tracing::Span,
+        arrived: Instant,
     },
     /// Record these listen addresses; then print `listening on` the second one, if given.
     ListenAddrs(Vec<String>, Option<String>),
@@ -98,6 +122,8 @@ enum Done {
         peer: PeerId,
         frame: Vec<u8>,
         notes: Vec<Notification>,
+        observed: Box<Observed>,
+        arrived: Instant,
     },
     Revoked(Vec<DeviceId>),
     /// The directory's version changed: every connected device is told.
@@ -123,10 +149,48 @@ pub async fn serve_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     store.set_listen_addrs(&[], SystemTime::now())?;
-    let relay = Relay::with_authority(store, authority)?;
+    let metrics = Arc::new(Metrics::new());
+    let live = Arc::new(Live::new(config.requests_queued_max, config.min_free_bytes));
+    if let Ok(stats) = store.stats() {
+        metrics.set_store(&stats);
+        *live.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+    }
+    let identity = Identity {
+        deployment: store.deployment()?.to_string(),
+        deployment_name: store.deployment_name()?,
+        relay: store.relay_device()?.to_string(),
+        generation: hex::encode(store.generation()?),
+    };
+    let admin_store = match &config.admin {
+        Some(_) => Some(Store::open(store.dir())?),
+        None => None,
+    };
+    let mut relay = Relay::with_authority(store, authority)?;
+    relay.set_facility_quota_bytes(config.facility_quota_bytes);
     let keypair = relay.secrets().keypair().clone();
     let generation = relay.generation();
     let local = keypair.public().to_peer_id();
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = match (config.admin.clone(), admin_store) {
+        (Some(a), Some(store)) => {
+            let (addr, task) =
+                admin::start(a, store, metrics.clone(), live.clone(), identity, async {
+                    let _ = admin_stopped.await;
+                })
+                .await?;
+            if config.print_listen_addrs {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "admin listening on http://{addr}");
+                let _ = out.flush();
+            }
+            Some(task)
+        }
+        _ => None,
+    };
+    let mut limiter = config.rate_limits.map(Limiter::<PeerId>::new);
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut last_watchdog = Instant::now();
+    let mut ready_sent = false;
     let mut swarm = build_swarm(keypair, Node::Relay)?;
     let gate = swarm
         .behaviour()
@@ -172,16 +236,24 @@ pub async fn serve_until(
             done = done_rx.recv() => {
                 let Some(done) = done else { break Err(ServeError::DatabaseThread) };
                 match done {
-                    Done::Response { id, peer, frame, notes } => {
+                    Done::Response { id, peer, frame, notes, observed, arrived } => {
                         if let Some(channel) = pending.remove(&id)
                             && swarm.behaviour_mut().sync.send_response(channel, frame).is_err()
                         {
                             debug!(%peer, "the caller left before its answer was sent");
                         }
+                        live.set_queued(pending.len());
+                        metrics.queue_depth.set(pending.len() as i64);
+                        metrics.observe(&observed, arrived.elapsed());
+                        if observed.commit.is_some() {
+                            live.last_commit_ms.store(admin::now_ms(SystemTime::now()), Ordering::Relaxed);
+                        }
+                        live.store_failing.store(observed.outcome == "internal", Ordering::Relaxed);
                         for note in notes {
                             if note.to.0 != peer && connected.contains_key(&note.to.0) {
                                 let bytes = protocol::encode_request(&note.request);
                                 swarm.behaviour_mut().sync.send_request(&note.to.0, bytes);
+                                metrics.notifications.inc();
                             }
                         }
                     }
@@ -201,7 +273,16 @@ pub async fn serve_until(
                             }
                         }
                     }
-                    Done::Watched => watch_outstanding = false,
+                    Done::Watched => {
+                        watch_outstanding = false;
+                        // Both the swarm task and the database thread are alive: tell systemd.
+                        if let Some(every) = watchdog
+                            && last_watchdog.elapsed() >= every
+                        {
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                            last_watchdog = Instant::now();
+                        }
+                    }
                 }
             }
             event = swarm.select_next_some() => match event {
@@ -213,12 +294,21 @@ pub async fn serve_until(
                     // reads "listening on" and then runs `invite` gets a code that carries it.
                     let announce = config.print_listen_addrs.then(|| full.to_string());
                     let _ = job_tx.send(Job::ListenAddrs(listen_addrs.clone(), announce));
+                    live.listeners.store(listen_addrs.len(), Ordering::Relaxed);
+                    *live.addrs.lock().unwrap_or_else(|e| e.into_inner()) = listen_addrs.clone();
+                    if !ready_sent {
+                        ready_sent = true;
+                        // Under systemd (Type=notify): the relay takes connections now.
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                    }
                 }
                 SwarmEvent::ExpiredListenAddr { address, .. } => {
                     let full = address.with(Protocol::P2p(local)).to_string();
                     info!(addr = %full, "no longer listening");
                     listen_addrs.retain(|a| *a != full);
                     let _ = job_tx.send(Job::ListenAddrs(listen_addrs.clone(), None));
+                    live.listeners.store(listen_addrs.len(), Ordering::Relaxed);
+                    *live.addrs.lock().unwrap_or_else(|e| e.into_inner()) = listen_addrs.clone();
                 }
                 SwarmEvent::ListenerClosed { reason, .. } => {
                     warn!(?reason, "a listener closed");
@@ -229,6 +319,7 @@ pub async fn serve_until(
                 SwarmEvent::ListenerError { error, .. } => warn!(%error, "listener error"),
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                     connected.insert(peer_id, num_established.get());
+                    metrics.connected_devices.set(connected.len() as i64);
                     let _span = info_span!("conn", peer = %peer_id, conn = %connection_id).entered();
                     info!(remote = %endpoint.get_remote_address(), "connected");
                 }
@@ -238,6 +329,7 @@ pub async fn serve_until(
                     } else {
                         connected.insert(peer_id, num_established);
                     }
+                    metrics.connected_devices.set(connected.len() as i64);
                     let _span = info_span!("conn", peer = %peer_id, conn = %connection_id).entered();
                     info!(cause = ?cause.map(|c| c.to_string()), "disconnected");
                 }
@@ -248,8 +340,25 @@ pub async fn serve_until(
                     request_response::Event::Message { peer, connection_id, message } => match message {
                         Message::Request { request, channel, request_id } => {
                             let span = info_span!("conn", peer = %peer, conn = %connection_id);
+                            let arrived = Instant::now();
+                            if let Some(l) = limiter.as_mut()
+                                && let Err(r) = l.admit(&peer, request.len(), arrived)
+                            {
+                                debug!(parent: &span, %request_id, limit = r.limit, "rate limited: refusing a request");
+                                metrics.rate_limited.get_or_create(&LimitLabel { limit: r.limit }).inc();
+                                metrics.refused("any", "rate-limited");
+                                let wait_ms = r.retry_after.as_millis().max(1);
+                                let slow = Response::error(ErrorCode::RateLimited, format!(
+                                    "this device sent more {} than the relay allows one device; retry in {wait_ms} ms",
+                                    r.limit
+                                ));
+                                let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_relay_response(&generation, &slow));
+                                continue;
+                            }
                             if pending.len() >= config.requests_queued_max {
                                 warn!(parent: &span, %request_id, "busy: refusing a request");
+                                metrics.busy_refusals.inc();
+                                metrics.refused("any", "busy");
                                 let busy = Response::error(ErrorCode::Internal, "the relay is busy; retry in a moment");
                                 let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_relay_response(&generation, &busy));
                                 continue;
@@ -257,7 +366,9 @@ pub async fn serve_until(
                             let id = next_id;
                             next_id += 1;
                             pending.insert(id, channel);
-                            if job_tx.send(Job::Request { id, peer: DeviceId(peer), frame: request, span }).is_err() {
+                            live.set_queued(pending.len());
+                            metrics.queue_depth.set(pending.len() as i64);
+                            if job_tx.send(Job::Request { id, peer: DeviceId(peer), frame: request, span, arrived }).is_err() {
                                 break Err(ServeError::DatabaseThread);
                             }
                         }
@@ -275,9 +386,14 @@ pub async fn serve_until(
             },
         }
     };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     drop(job_tx);
     if worker.join().is_err() {
         error!("the database thread panicked");
+    }
+    let _ = admin_stop.send(());
+    if let Some(t) = admin_task {
+        let _ = t.await;
     }
     info!("relay stopped");
     result
@@ -338,9 +454,10 @@ fn db_thread(
                 peer,
                 frame,
                 span,
+                arrived,
             } => {
-                let (frame, notes) =
-                    span.in_scope(|| relay.handle(peer, &frame, SystemTime::now()));
+                let (frame, notes, observed) =
+                    span.in_scope(|| relay.handle_observed(peer, &frame, SystemTime::now()));
                 // An approval or enrolment: the new device's next frame (a push) is read in full. A
                 // facility revoking its own device through its chain: that device is cut off.
                 if let Some(v) = refresh_known(&relay, &gate, &mut directory_version) {
@@ -355,6 +472,8 @@ fn db_thread(
                     peer: peer.0,
                     frame,
                     notes,
+                    observed: Box::new(observed),
+                    arrived,
                 })
             }
             Job::ListenAddrs(addrs, announce) => {

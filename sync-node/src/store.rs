@@ -7,7 +7,10 @@
 //!   relay's libp2p connections and signs what only the relay decides (the directory's version and
 //!   the operator's revocations). It never holds the deployment authority's key: `init` copies only
 //!   the authority's public key and the deployment id from `ADIR/authority.pub`.
-//! - `DATA/logs/node.log`: plain-text log written by the binary.
+//! - `DATA/pre-migration-v{N}-{unix ms}.db`: a copy of a version-N database taken before
+//!   [`Store::open`] upgraded it.
+//!
+//! The binary logs to stderr only (journald under systemd): no log file grows in `DATA`.
 //!
 //! Several processes may open the same directory at once (`serve` and the operator's `invite`,
 //! `facilities`, `revoke`): WAL lets readers run beside the writer and a busy timeout serialises writers.
@@ -48,14 +51,14 @@ use crate::invite::{INVITE_ADDR_BYTES_MAX, INVITE_ADDRS_MAX};
 pub const DB_FILE: &str = "node.db";
 /// File name of the relay's key inside the data directory.
 pub const KEY_FILE: &str = "relay.key";
-/// Directory of the log file inside the data directory.
-pub const LOG_DIR: &str = "logs";
-/// File name of the log inside [`LOG_DIR`].
-pub const LOG_FILE: &str = "node.log";
 
 /// The schema version this build writes. Version 1 (relay-signed membership, before the deployment
 /// authority) is not upgraded: it held no deployed data.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// Prefix of the snapshot [`Store::open`] takes before it upgrades a database's schema:
+/// `DATA/pre-migration-v{old}-{unix ms}.db`, a consistent copy (`VACUUM INTO`) to go back to.
+pub const PRE_MIGRATION_PREFIX: &str = "pre-migration-v";
 
 /// How long a writer waits for another process's write lock before failing, in milliseconds.
 pub const BUSY_TIMEOUT_MS: u64 = 10_000;
@@ -408,6 +411,19 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the database file `db` (a copy a backup just made) read-only, without upgrading it,
+    /// to read its meta values.
+    pub(crate) fn open_copy(db: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Ok(Self {
+            conn,
+            dir: db.parent().unwrap_or(Path::new(".")).to_owned(),
+        })
+    }
+
     fn configure(&mut self) -> Result<(), StoreError> {
         self.conn
             .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
@@ -421,7 +437,7 @@ impl Store {
         }
         self.conn.pragma_update(None, "synchronous", "FULL")?;
         self.conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrate(&mut self.conn)
+        migrate(&mut self.conn, &self.dir)
     }
 
     /// The data directory.
@@ -757,12 +773,300 @@ impl Store {
         Ok(set)
     }
 
+    /// `PRAGMA user_version` of the database (its schema version).
+    ///
+    /// Errors: SQLite errors.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// A meta value, if set.
+    pub fn meta_opt(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// The figures `musubi-node status` and the admin listener's `/status` and `/metrics` report:
+    /// counts from the database, sizes of its files, the last backup and restore.
+    ///
+    /// Errors: SQLite errors.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let c = &self.conn;
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            let n: i64 = c.query_row(sql, [], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let file_bytes = |name: &str| fs::metadata(self.dir.join(name)).map_or(0, |m| m.len());
+        let ms = |key: &str| -> Result<Option<i64>, StoreError> {
+            Ok(self.meta_opt(key)?.and_then(|v| v.parse().ok()))
+        };
+        Ok(StoreStats {
+            schema_version: c.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+            facilities: count("SELECT COUNT(*) FROM facilities WHERE NOT revoked")?,
+            devices: count("SELECT COUNT(*) FROM devices WHERE NOT revoked AND NOT chain_revoked")?,
+            documents: count("SELECT COUNT(*) FROM documents")?,
+            bundles: count("SELECT COALESCE(SUM(bundles), 0) FROM facility_usage")?,
+            bundle_bytes: count("SELECT COALESCE(SUM(bytes), 0) FROM facility_usage")?,
+            db_bytes: file_bytes(DB_FILE),
+            wal_bytes: file_bytes(&format!("{DB_FILE}-wal")),
+            last_bundle_at_ms: c
+                .query_row("SELECT MAX(received_at) FROM bundles", [], |r| r.get(0))?,
+            last_backup_at_ms: ms("last_backup_at")?,
+            last_backup_bytes: ms("last_backup_bytes")?.and_then(|b| u64::try_from(b).ok()),
+            restored_at_ms: ms("restored_at")?,
+        })
+    }
+
+    /// Stored bundle bytes and bundles per facility (revoked ones included), largest first.
+    ///
+    /// Errors: SQLite errors.
+    pub fn facility_usage(&self) -> Result<Vec<FacilityUsage>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT facility, bytes, bundles FROM facility_usage ORDER BY bytes DESC, facility",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(FacilityUsage {
+                    facility: r.get(0)?,
+                    bytes: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    bundles: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Every document the relay holds, with its public figures (kind, epoch, members, bundles,
+    /// bytes, head, last bundle time), newest activity first. Nothing about its content: the relay
+    /// has none.
+    ///
+    /// Errors: SQLite errors.
+    pub fn documents_usage(&self) -> Result<Vec<DocumentUsage>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT d.id, d.kind, d.epoch, d.created_at,
+                    (SELECT COUNT(*) FROM members m WHERE m.doc = d.id),
+                    COUNT(b.seq), COALESCE(SUM(b.bytes), 0), COALESCE(MAX(b.seq), 0), MAX(b.received_at)
+             FROM documents d LEFT JOIN bundles b ON b.doc = d.id
+             GROUP BY d.id ORDER BY COALESCE(MAX(b.received_at), d.created_at) DESC, d.id",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(DocumentUsage {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    epoch: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                    created_at_ms: r.get(3)?,
+                    members: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                    bundles: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+                    bytes: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                    head: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+                    last_bundle_at_ms: r.get(8)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Writes a consistent copy of the database to `path` (see [`vacuum_into`]) while other
+    /// processes (a running `serve`) go on writing.
+    ///
+    /// Errors: `path` exists; IO or SQLite errors.
+    pub fn snapshot_to(&self, path: &Path) -> Result<(), StoreError> {
+        vacuum_into(&self.conn, path)
+    }
+
+    /// Records a finished backup (shown by `status` and the `last backup` metric).
+    ///
+    /// Errors: SQLite errors (the database is locked for longer than the busy timeout).
+    pub fn record_backup(&self, now: SystemTime, bytes: u64) -> Result<(), StoreError> {
+        self.set_meta("last_backup_at", &unix_ms(now).to_string())?;
+        self.set_meta("last_backup_bytes", &bytes.to_string())
+    }
+
+    /// Makes a database copied from a backup this relay's store: a new generation (every device
+    /// then notices the restore, pulls everything again and offers what it holds), a directory
+    /// version above any signed before (it counts from `now`), no listen addresses (the serving
+    /// process records its own) and no backup yet. One transaction.
+    ///
+    /// Errors: SQLite errors.
+    pub fn mark_restored(
+        &mut self,
+        backup_taken_at_ms: i64,
+        now: SystemTime,
+    ) -> Result<Generation, StoreError> {
+        let generation: Generation = rand::random();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'generation'",
+            [hex::encode(generation)],
+        )?;
+        bump_directory_version(&tx, now)?;
+        tx.execute("DELETE FROM listen_addrs", [])?;
+        tx.execute(
+            "DELETE FROM meta WHERE key IN ('last_backup_at', 'last_backup_bytes')",
+            [],
+        )?;
+        for (k, v) in [
+            ("restored_at", unix_ms(now).to_string()),
+            ("restored_from_backup_at", backup_taken_at_ms.to_string()),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![k, v],
+            )?;
+        }
+        tx.commit()?;
+        Ok(generation)
+    }
+
+    /// Whether a write transaction can start within `wait` (another process holding the write lock
+    /// for longer makes this false); begins and rolls back at once, writing nothing.
+    ///
+    /// Errors: SQLite errors other than busy/locked.
+    pub fn can_write_within(&mut self, wait: Duration) -> Result<bool, StoreError> {
+        self.conn.busy_timeout(wait)?;
+        let r = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map(drop);
+        self.conn
+            .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+        match r {
+            Ok(()) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// SQLite's `PRAGMA data_version`: changes when another connection (another process) commits.
     pub fn data_version(&self) -> Result<i64, StoreError> {
         Ok(self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
+}
+
+/// The schema version of the database in `dir`, read without upgrading it (`musubi-node migrate
+/// --check`). 0 for a database no version was written to.
+///
+/// Errors: [`StoreError::NotInitialised`]; SQLite errors.
+pub fn schema_version_of(dir: &Path) -> Result<i64, StoreError> {
+    let db = dir.join(DB_FILE);
+    if !db.exists() {
+        return Err(StoreError::NotInitialised(dir.to_owned()));
+    }
+    let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
+
+/// What [`Store::stats`] reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// `PRAGMA user_version` of the database.
+    pub schema_version: i64,
+    /// Facilities not revoked.
+    pub facilities: u64,
+    /// Devices not revoked.
+    pub devices: u64,
+    /// Documents (with or without bundles).
+    pub documents: u64,
+    /// Stored bundles.
+    pub bundles: u64,
+    /// Bytes of the stored bundles (their envelopes as pushed).
+    pub bundle_bytes: u64,
+    /// Size of `node.db` in bytes.
+    pub db_bytes: u64,
+    /// Size of `node.db-wal` in bytes (0 when absent).
+    pub wal_bytes: u64,
+    /// When the newest bundle was stored (ms since the Unix epoch).
+    pub last_bundle_at_ms: Option<i64>,
+    /// When the last `musubi-node backup` finished (ms since the Unix epoch).
+    pub last_backup_at_ms: Option<i64>,
+    /// Size of that backup file in bytes.
+    pub last_backup_bytes: Option<u64>,
+    /// When this store was restored from a backup (ms since the Unix epoch).
+    pub restored_at_ms: Option<i64>,
+}
+
+/// One facility's stored bundles (see [`Store::facility_usage`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FacilityUsage {
+    /// The facility id.
+    pub facility: String,
+    /// Bytes of its bundles.
+    pub bytes: u64,
+    /// Its bundles.
+    pub bundles: u64,
+}
+
+/// One document's public figures (see [`Store::documents_usage`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DocumentUsage {
+    /// The document id.
+    pub id: String,
+    /// Its kind (`referral`, `careplan`, `shelter`, ...), public by design.
+    pub kind: String,
+    /// Its key epoch.
+    pub epoch: u64,
+    /// Member facilities.
+    pub members: u64,
+    /// Stored bundles.
+    pub bundles: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Its head: the highest sequence number.
+    pub head: u64,
+    /// When its first operation was stored (ms since the Unix epoch).
+    pub created_at_ms: i64,
+    /// When its newest bundle was stored (ms since the Unix epoch).
+    pub last_bundle_at_ms: Option<i64>,
+}
+
+/// Bundle bytes the relay holds for `facility`.
+pub(crate) fn facility_bytes(conn: &Connection, facility: &str) -> Result<u64, StoreError> {
+    let n: Option<i64> = conn
+        .query_row(
+            "SELECT bytes FROM facility_usage WHERE facility = ?1",
+            [facility],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
+}
+
+/// Counts a stored bundle of `bytes` against `facility` (inside the push transaction).
+pub(crate) fn add_facility_bytes(
+    conn: &Connection,
+    facility: &str,
+    bytes: u64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO facility_usage (facility, bytes, bundles) VALUES (?1, ?2, 1)
+         ON CONFLICT (facility) DO UPDATE SET bytes = bytes + excluded.bytes, bundles = bundles + 1",
+        params![facility, i64::try_from(bytes).unwrap_or(i64::MAX)],
+    )?;
+    Ok(())
 }
 
 pub(crate) fn meta(conn: &Connection, key: &str) -> Result<String, StoreError> {
@@ -1111,9 +1415,19 @@ CREATE TABLE bundles (
 );
 ";
 
-/// Brings a new database to [`SCHEMA_VERSION`], and a version-2 one (before the bundle log) up to
-/// it; refuses older and newer ones.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// Tables of version 4: each facility's stored bundle bytes, kept in the push transaction, so the
+/// storage quota is checked without summing the facility's bundles.
+const SCHEMA_V4_USAGE: &str = "
+CREATE TABLE facility_usage (
+    facility TEXT PRIMARY KEY,
+    bytes    INTEGER NOT NULL,
+    bundles  INTEGER NOT NULL
+);
+";
+
+/// Brings a new database to [`SCHEMA_VERSION`] and an older one (version 2 or 3) up to it, after a
+/// snapshot of it (`DATA/pre-migration-v{old}-{unix ms}.db`); refuses older and newer ones.
+fn migrate(conn: &mut Connection, dir: &Path) -> Result<(), StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew { found: version });
@@ -1121,17 +1435,67 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if version == SCHEMA_VERSION {
         return Ok(());
     }
-    if version == 2 {
-        return add_bundle_log(conn);
+    if version == 0 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Re-read under the write lock: another process may have created it meanwhile.
+        let locked: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if locked == 0 {
+            tx.execute_batch(SCHEMA_V2)?;
+            tx.execute_batch(SCHEMA_V4_USAGE)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        tx.commit()?;
+        return Ok(());
     }
-    if version != 0 {
+    if version < 2 {
         return Err(StoreError::SchemaTooOld { found: version });
     }
+    let snapshot = dir.join(format!(
+        "{PRE_MIGRATION_PREFIX}{version}-{}.db",
+        unix_ms(SystemTime::now())
+    ));
+    vacuum_into(conn, &snapshot)?;
+    tracing::info!(from = version, to = SCHEMA_VERSION, snapshot = %snapshot.display(), "upgrading the database schema; a snapshot of the old one was taken");
+    if version == 2 {
+        add_bundle_log(conn)?;
+    }
+    add_facility_usage(conn)
+}
+
+/// Writes a consistent copy of the database `conn` is open on to `path` (SQLite `VACUUM INTO`: one
+/// read transaction, so writers in other processes go on; the copy is compact and in rollback
+/// journal mode). The file is made with mode 0600.
+///
+/// Errors: `path` exists; IO or SQLite errors (a full disk among them).
+pub(crate) fn vacuum_into(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    // Made empty first with mode 0600, so the copy of the relay's database is never world-readable.
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("create", path))?;
+    let target = path
+        .to_str()
+        .ok_or_else(|| StoreError::Corrupt(format!("{} is not UTF-8", path.display())))?;
+    if let Err(e) = conn.execute("VACUUM INTO ?1", [target]) {
+        let _ = fs::remove_file(path);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Version 3 → 4: [`SCHEMA_V4_USAGE`], filled from the stored bundles, in one transaction.
+fn add_facility_usage(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // Re-read under the write lock: another process may have created it meanwhile.
     let locked: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if locked == 0 {
-        tx.execute_batch(SCHEMA_V2)?;
+    if locked == 3 {
+        tx.execute_batch(SCHEMA_V4_USAGE)?;
+        tx.execute(
+            "INSERT INTO facility_usage (facility, bytes, bundles)
+             SELECT facility, SUM(bytes), COUNT(*) FROM bundles GROUP BY facility",
+            [],
+        )?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -1167,7 +1531,7 @@ fn add_bundle_log(conn: &mut Connection) -> Result<(), StoreError> {
             }
         }
         drop((read, write));
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.pragma_update(None, "user_version", 3)?;
     }
     tx.commit()?;
     Ok(())
@@ -1245,12 +1609,14 @@ mod tests {
     }
 
     #[test]
-    fn a_version_2_database_gets_its_bundle_log_in_sequence_order() {
+    fn a_version_2_database_gets_its_bundle_log_in_sequence_order_and_its_usage_after_a_snapshot() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = Store::init(tmp.path(), &authority(), None, SystemTime::now()).expect("init");
         let c = &store.conn;
-        c.execute_batch("PRAGMA foreign_keys = OFF; ALTER TABLE bundles DROP COLUMN log;")
-            .expect("a version-2 table");
+        c.execute_batch(
+            "PRAGMA foreign_keys = OFF; ALTER TABLE bundles DROP COLUMN log; DROP TABLE facility_usage;",
+        )
+        .expect("a version-2 table");
         let id = |n: u8| BundleId([n; 32]);
         for (doc, seq, n) in [("x", 2, 12), ("x", 1, 11), ("y", 1, 21), ("x", 3, 13)] {
             c.execute(
@@ -1284,6 +1650,34 @@ mod tests {
         assert_eq!(log("x", 1), x1.0.to_vec());
         assert_eq!(log("x", 3), x3.0.to_vec());
         assert_eq!(log("y", 1), LogHash::ZERO.next(&id(21)).0.to_vec());
+        assert_eq!(
+            store.facility_usage().expect("usage"),
+            vec![FacilityUsage {
+                facility: "f".into(),
+                bytes: 4,
+                bundles: 4
+            }]
+        );
+        // The snapshot taken before the upgrade is the version-2 database, whole.
+        let snapshots: Vec<PathBuf> = fs::read_dir(tmp.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{PRE_MIGRATION_PREFIX}2-")))
+            })
+            .collect();
+        assert_eq!(snapshots.len(), 1, "one pre-migration snapshot");
+        let old = Connection::open(&snapshots[0]).expect("open the snapshot");
+        let (v, n): (i64, i64) = old
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version), COUNT(*) FROM bundles",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("read the snapshot");
+        assert_eq!((v, n), (2, 4));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Relay {
     child: Option<Child>,
     starts: u32,
     addrs: Vec<String>,
+    serve_args: Vec<String>,
+    admin: Option<String>,
 }
 
 impl Relay {
@@ -45,6 +47,8 @@ impl Relay {
             child: None,
             starts: 0,
             addrs: Vec::new(),
+            serve_args: Vec::new(),
+            admin: None,
             approve_on_join: true,
         };
         if !r.authority.join("authority.pub").exists() {
@@ -70,6 +74,65 @@ impl Relay {
     /// embedded default). Off: they wait for `musubi-node approve`.
     pub fn set_approve_on_join(&mut self, on: bool) {
         self.approve_on_join = on;
+    }
+
+    /// Arguments `start` adds to `serve` (limits, `--admin`, `--log-format`, ...).
+    pub fn set_serve_args(&mut self, args: &[&str]) {
+        self.serve_args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// Serves another data directory from the next `start` on (a restored copy), on the same port.
+    pub fn set_data(&mut self, data: PathBuf) {
+        self.data = data;
+    }
+
+    /// The admin listener's base URL (`http://127.0.0.1:PORT`), printed by the running `serve`
+    /// started with `--admin`.
+    pub fn admin_url(&self) -> String {
+        self.admin
+            .clone()
+            .expect("the relay was started with --admin and printed its address")
+    }
+
+    /// `GET PATH` on the admin listener (with `Authorization: Bearer TOKEN` when given): the
+    /// status code and the body.
+    pub fn admin_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let url = format!("{}{path}", self.admin_url());
+        let mut req = agent.get(&url);
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"));
+        (status, body)
+    }
+
+    /// Runs `serve` with the serve arguments and expects it to exit with an error at once (a
+    /// refused configuration); returns its stderr.
+    pub fn serve_fails(&self) -> String {
+        let mut cmd = Command::new(bin("musubi-node"));
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--listen")
+            .arg(self.listen_addr())
+            .args(&self.serve_args);
+        let out = run_command(cmd, COMMAND_TIMEOUT).expect_fail();
+        out.stderr
+    }
+
+    /// The stderr log of the running (or last run) `serve`.
+    pub fn err_log(&self) -> PathBuf {
+        self.logs.join(format!("relay.{}.err", self.starts))
     }
 
     /// The loopback port it listens on.
@@ -115,6 +178,7 @@ impl Relay {
         if self.approve_on_join {
             cmd.arg("--authority").arg(&self.authority);
         }
+        cmd.args(&self.serve_args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -155,6 +219,11 @@ impl Relay {
             self.port
         );
         self.addrs = addrs;
+        self.admin = fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("admin listening on "))
+            .map(str::to_owned);
     }
 
     /// Kills `serve` with SIGKILL (`Child::kill`) and reaps it.

@@ -38,6 +38,8 @@ mod careplan;
 mod desktop;
 #[path = "scenarios/hostile.rs"]
 mod hostile;
+#[path = "scenarios/operations.rs"]
+mod operations;
 #[path = "scenarios/outage.rs"]
 mod outage;
 #[path = "scenarios/shelter.rs"]

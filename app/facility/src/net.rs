@@ -54,6 +54,9 @@ pub struct SyncReport {
     pub pulled: u64,
     /// Items the relay refused for good: (document, reason).
     pub rejected: Vec<(String, String)>,
+    /// Items the relay refused for now because this facility's storage quota there is full: kept
+    /// in the outbox and sent again at a later sync (the relay's sentence for each).
+    pub held_back: Vec<String>,
     /// Documents the relay held less of than this device knew it acknowledged (a rollback), whose
     /// items were offered again.
     pub rolled_back: u64,
@@ -969,6 +972,18 @@ pub fn apply_event(
                         None => {}
                     }
                     changed = true;
+                    Applied::Continue
+                }
+                PushResult::Rejected {
+                    code: ErrorCode::QuotaExceeded,
+                    message,
+                } => {
+                    // Not this item's fault: the facility's storage at the relay is full. The item
+                    // stays queued (with the relay's sentence, `musubi status` shows it) and goes
+                    // out again at the next sync, once the operator raised the quota.
+                    engine.store().note_outbox_error(item.0, &message)?;
+                    tracing::warn!("the relay holds back item {}: {message}", item.0);
+                    report.held_back.push(message);
                     Applied::Continue
                 }
                 PushResult::Rejected { code, message }

@@ -869,6 +869,15 @@ impl Store {
         Ok(())
     }
 
+    /// Notes why the relay held an outbox item back (it stays queued, state unchanged).
+    pub fn note_outbox_error(&self, id: u64, error: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE outbox SET error = ?2 WHERE id = ?1",
+            params![id as i64, error],
+        )?;
+        Ok(())
+    }
+
     /// The document of an outbox row.
     pub fn outbox_doc(&self, id: u64) -> Result<Option<DocumentId>> {
         let d: Option<Option<String>> = self

@@ -7,7 +7,9 @@
 //! Bundles are sealed beforehand (not timed); each push carries as many bundles as the facility's sync
 //! session would put in one request (at most `PUSH_ITEMS_MAX`, at most half a frame). The relay verifies
 //! every signature and commits each push durably before it answers. Two windows are measured: one push in
-//! flight (what a facility does) and four.
+//! flight (what a facility does) and four. Each is measured twice: with the per-device limits and
+//! the admin listener off, and with both on (limits high enough not to bind, `/metrics` scraped
+//! every 100 ms), to show what they cost.
 
 use std::time::Instant;
 
@@ -19,6 +21,7 @@ use musubi_crdt::protocol::{
 };
 use musubi_tests::measure::{human_bytes, vm_hwm_kib};
 use musubi_tests::raw::RawClient;
+use musubi_tests::relay::Relay;
 use musubi_tests::{World, files};
 
 fn main() {
@@ -26,13 +29,54 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(32);
-    let world = World::new("bench-ingest");
-    let relay = world.relay();
-    let client = RawClient::enrol(&relay, "ingest-bench", "clinic");
     println!(
         "relay ingest: one raw client on loopback, release binaries from {}",
         musubi_tests::bin_dir().display()
     );
+    run(
+        total_mib,
+        "per-device limits and admin listener off",
+        &["--device-requests-per-sec", "0"],
+        false,
+    );
+    run(
+        total_mib,
+        "per-device limits on (not binding), admin listener on and scraped every 100 ms",
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--device-requests-per-sec",
+            "1000000",
+            "--device-bytes-per-sec",
+            "100GiB",
+        ],
+        true,
+    );
+}
+
+fn run(total_mib: usize, label: &str, serve_args: &[&str], scrape: bool) {
+    let world = World::new("bench-ingest");
+    let mut relay = Relay::init(&world);
+    relay.set_serve_args(serve_args);
+    relay.start();
+    let client = RawClient::enrol(&relay, "ingest-bench", "clinic");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if scrape {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(relay.admin_get("/metrics", None).0, 200);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+        }
+        ingest(&relay, &client, total_mib, label);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+fn ingest(relay: &Relay, client: &RawClient, total_mib: usize, label: &str) {
+    println!("{label}:");
     println!(
         "{:>9} {:>7} {:>8} {:>10} {:>12} {:>12}",
         "bundle", "window", "bundles", "seconds", "bundles/s", "MiB/s"

@@ -2,7 +2,9 @@
 //! of; the time until B's connection receives the relay's `Notify` for it. p50, p90, p99, max.
 //!
 //! Usage: `cargo build --release --workspace --bins && cargo run --release -p musubi-tests --bin bench-latency`
-//! Optional arguments: `SAMPLES` (default 1000).
+//! Optional arguments: `SAMPLES` (default 1000), then `--flood`: the same samples are taken again
+//! while a third enrolled device floods the relay with requests (20 at a time on its connection,
+//! without pause), to show what the per-device limits keep for the other facilities.
 //!
 //! A and B are raw protocol clients (two enrolled facilities, each one device) against a real
 //! `musubi-node` on loopback; each sample waits for its notification before the next push, and the
@@ -16,6 +18,8 @@ use musubi_crdt::ops::Member;
 use musubi_crdt::protocol::{
     PushItem, PushResult, Request, Response, decode_response, encode_request,
 };
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use musubi_tests::World;
 use musubi_tests::measure::{ms, percentile};
 use musubi_tests::raw::RawClient;
@@ -25,10 +29,46 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
+    let flood = std::env::args().any(|a| a == "--flood");
     let world = World::new("bench-latency");
     let relay = world.relay();
     let b = RawClient::enrol(&relay, "latency-b", "clinic");
     let a = RawClient::enrol(&relay, "latency-a", "clinic");
+    let flooder = flood.then(|| RawClient::enrol(&relay, "latency-flood", "clinic"));
+    measure(&a, &b, samples, "unloaded");
+    if let Some(f) = flooder {
+        let stop = AtomicBool::new(false);
+        let (sent, slowed) = (AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            let (stop_ref, sent_ref, slowed_ref) = (&stop, &sent, &slowed);
+            s.spawn(move || {
+                let (stop, sent, slowed) = (stop_ref, sent_ref, slowed_ref);
+                let frame = encode_request(&Request::ListDocuments);
+                while !stop.load(Ordering::Relaxed) {
+                    for r in f.request_pipelined(vec![frame.clone(); 20]) {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(Ok(Response::Error { .. })) = r.map(|b| decode_response(&b)) {
+                            slowed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+            let started = Instant::now();
+            measure(&a, &b, samples, "while a third device floods the relay");
+            stop.store(true, Ordering::Relaxed);
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "the flooding device sent {:.0} requests/s; {:.1}% of them were refused (rate-limited)",
+                sent.load(Ordering::Relaxed) as f64 / secs,
+                100.0 * slowed.load(Ordering::Relaxed) as f64
+                    / sent.load(Ordering::Relaxed).max(1) as f64
+            );
+        });
+    }
+}
+
+/// Takes `samples` push-to-notification samples (after 20 warm-up pushes) and prints them.
+fn measure(a: &RawClient, b: &RawClient, samples: usize, label: &str) {
     let (doc, key) = a.create_document(
         DocumentKind::Referral,
         &[Member {
@@ -85,7 +125,7 @@ fn main() {
         ack.push(acked);
     }
     println!(
-        "push-to-notification latency, A → relay → B on loopback ({} samples, {missing} without a notification within 5 s)",
+        "push-to-notification latency, A → relay → B on loopback, {label} ({} samples, {missing} without a notification within 5 s)",
         notify.len()
     );
     for (what, v) in [

@@ -459,6 +459,12 @@ fn run(mut cli: Cli) -> Result<()> {
                     "synced: {} item(s) sent, {} bundle(s) received",
                     report.pushed, report.pulled
                 );
+                if let Some(why) = report.held_back.first() {
+                    println!(
+                        "{} item(s) held back and kept for the next sync: {why}",
+                        report.held_back.len()
+                    );
+                }
             }
         }
         Command::Share {
