@@ -4,9 +4,9 @@
 //! - `GET /livez`: 200 while the process answers.
 //! - `GET /readyz`: 200 `ready` when the relay can take pushes now: a write transaction starts
 //!   within [`READY_DB_WAIT`] (no other process holds the database's write lock), the schema is
-//!   the one this build writes, the data directory's filesystem has the configured free space, a
-//!   libp2p listener is open and the request queue is below its limit; else 503 with one reason per
-//!   line.
+//!   the one this build writes, the data directory's filesystem has the configured free space, the
+//!   last request did not fail to store, a libp2p listener is open and the request queue is below
+//!   its limit; else 503 with one reason per line.
 //! - `GET /status`: JSON (see [`Status`]).
 //! - `GET /metrics`: the metrics ([`crate::metrics::Metrics`]) in the Prometheus text format
 //!   (OpenMetrics 1.0 text).
@@ -34,6 +34,9 @@ use crate::store::{SCHEMA_VERSION, Store, StoreStats, rfc3339};
 
 /// How long `/readyz` waits for the database's write lock.
 pub const READY_DB_WAIT: Duration = Duration::from_millis(500);
+
+/// How long `/readyz` reports a request that failed to store, unless a later one succeeded.
+pub const STORE_FAILURE_HOLD: Duration = Duration::from_secs(10);
 
 /// Where and how the admin listener runs.
 #[derive(Clone, Debug)]
@@ -230,6 +233,17 @@ fn not_ready(state: &AdminState) -> Vec<String> {
             }
         }
         Err(_) => reasons.push("the admin listener's database connection is poisoned".into()),
+    }
+    // A failure counts for STORE_FAILURE_HOLD (no request may come while the load balancer keeps
+    // the relay out), or until a later request stored.
+    let failed_ago = now_ms(SystemTime::now()) - live.store_failed_at_ms.load(Ordering::Relaxed);
+    if live.store_failing.load(Ordering::Relaxed)
+        && failed_ago < STORE_FAILURE_HOLD.as_millis() as i64
+    {
+        reasons.push(
+            "the last request could not be stored (a full disk or a database error; see the log)"
+                .to_owned(),
+        );
     }
     let min_free = live.min_free_bytes.load(Ordering::Relaxed);
     match free_bytes(&state.data) {

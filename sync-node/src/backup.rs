@@ -3,13 +3,17 @@
 //! A backup file is a POSIX tar archive (the `tar` crate) of three members, in this order:
 //! 1. `musubi-backup.json`, the [`Manifest`]: the deployment, relay, store generation and schema
 //!    version of the copy, when it was taken, and the size and BLAKE3 checksum of the other two;
-//! 2. `relay.key.age`: the relay key file sealed with the backup passphrase (age scrypt, the same
-//!    sealing as a device's key), so a stolen backup does not let its thief be the relay;
+//! 2. `relay.key.age`: the relay key file and the database's BLAKE3 checksum ([`Sealed`]), sealed
+//!    with the backup passphrase (age scrypt, the same sealing as a device's key): a stolen backup
+//!    does not let its thief be the relay, and a database swapped in the archive (with a manifest
+//!    made to match) is refused, since only the passphrase opens the checksum it must match;
 //! 3. `node.db`: a consistent copy of the database made with SQLite's `VACUUM INTO` in one read
 //!    transaction while `serve` goes on writing.
 //!
 //! A backup holds what the relay holds: public material and ciphertext (DESIGN invariant 1); no
-//! plaintext and no document key is in it.
+//! plaintext and no document key is in it. The database in it is not encrypted: its metadata
+//! (facility names, devices, who is a member of which document, sizes and times) is readable by
+//! whoever holds the file, as on the relay's disk.
 //!
 //! A restore refuses a directory that is not empty, checks every checksum before the store is
 //! opened, and gives the store a new generation ([`Store::mark_restored`]): every device then
@@ -127,6 +131,15 @@ pub struct Manifest {
     pub key: Checksum,
 }
 
+/// The sealed member's plaintext (JSON): the relay key file and the database's checksum.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    /// The relay key file's bytes, hex.
+    relay_key: String,
+    /// BLAKE3 of `node.db`, hex.
+    database_blake3: String,
+}
+
 /// What a backup wrote.
 #[derive(Debug)]
 pub struct BackupReport {
@@ -186,16 +199,20 @@ pub fn backup(
             source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
         });
     }
-    let partial = with_suffix(out, ".partial");
-    let db_copy = with_suffix(out, ".partial-db");
-    let _ = fs::remove_file(&partial);
-    let _ = fs::remove_file(&db_copy);
+    // Names of this process's own: a manual backup and the timer's at the same time do not meet.
+    let partial = with_suffix(out, &format!(".{}.partial", std::process::id()));
+    let db_copy = with_suffix(out, &format!(".{}.partial-db", std::process::id()));
     let result = (|| {
         store.snapshot_to(&db_copy)?;
         let database = checksum_of(&db_copy)?;
         let key_path = store.dir().join(KEY_FILE);
         let key_plain = fs::read(&key_path).map_err(io("read", &key_path))?;
-        let sealed = crypto::seal_with_passphrase(&key_plain, passphrase, log_n)?;
+        let inner = serde_json::to_vec(&Sealed {
+            relay_key: hex::encode(&key_plain),
+            database_blake3: database.blake3.clone(),
+        })
+        .expect("serialises");
+        let sealed = crypto::seal_with_passphrase(&inner, passphrase, log_n)?;
         let copy = Store::open_copy(&db_copy)?;
         let manifest = Manifest {
             format: FORMAT.to_owned(),
@@ -295,7 +312,7 @@ pub fn backup_into_dir(
         .collect();
     ours.sort();
     let excess = ours.len().saturating_sub(keep.max(1));
-    for old in ours.into_iter().take(excess) {
+    for old in ours.into_iter().filter(|p| *p != report.path).take(excess) {
         match fs::remove_file(&old) {
             Ok(()) => report.removed.push(old),
             Err(e) => {
@@ -330,25 +347,31 @@ pub fn restore(
     }
     fs::set_permissions(data, fs::Permissions::from_mode(0o700))
         .map_err(io("set permissions of", data))?;
-    let manifest = match restore_files(file, data, passphrase) {
-        Ok(m) => m,
+    let result = restore_files(file, data, passphrase).and_then(|manifest| {
+        // Opened only now that every checksum matched (an older schema is upgraded here).
+        let mut store = Store::open(data)?;
+        let key = store.relay_secrets()?.device_id();
+        if key.to_string() != manifest.relay || key != store.relay_device()? {
+            return Err(damaged(
+                file,
+                "the relay key does not belong to the relay of the database",
+            ));
+        }
+        let generation = store.mark_restored(manifest.created_at_ms, now)?;
+        Ok((manifest, generation))
+    });
+    let (manifest, generation) = match result {
+        Ok(r) => r,
         Err(e) => {
-            for name in [DB_FILE, KEY_FILE] {
-                let _ = fs::remove_file(data.join(name));
-                let _ = fs::remove_file(with_suffix(&data.join(name), ".partial"));
+            // The directory was empty: nothing that could be served on the old generation stays.
+            if let Ok(entries) = fs::read_dir(data) {
+                for e in entries.flatten() {
+                    let _ = fs::remove_file(e.path());
+                }
             }
             return Err(e);
         }
     };
-    // Opened only now that every checksum matched (an older schema is upgraded here).
-    let mut store = Store::open(data)?;
-    if store.relay_secrets()?.device_id().to_string() != manifest.relay {
-        return Err(damaged(
-            file,
-            "the relay key does not belong to the relay the manifest names",
-        ));
-    }
-    let generation = store.mark_restored(manifest.created_at_ms, now)?;
     Ok(RestoreReport {
         manifest,
         generation: hex::encode(generation),
@@ -384,13 +407,33 @@ fn restore_files(file: &Path, data: &Path, passphrase: &str) -> Result<Manifest,
             "the sealed relay key does not match its checksum",
         ));
     }
-    let plain = crypto::open_with_passphrase(&sealed, passphrase)?;
+    let inner: Sealed = serde_json::from_slice(&crypto::open_with_passphrase(&sealed, passphrase)?)
+        .map_err(|e| damaged(file, format!("its sealed member does not parse: {e}")))?;
+    if inner.database_blake3 != manifest.database.blake3 {
+        return Err(damaged(
+            file,
+            "its database is not the one this backup sealed (the archive was altered)",
+        ));
+    }
+    let plain = hex::decode(&inner.relay_key)
+        .map_err(|_| damaged(file, "its sealed relay key is not hex"))?;
     write_new(&data.join(KEY_FILE), &plain)?;
 
-    let mut db = next("database")?;
+    let db = next("database")?;
     if db.path().map_err(io("read", file))?.to_string_lossy() != DB_FILE {
         return Err(damaged(file, format!("its third member is not {DB_FILE}")));
     }
+    // A plain file of exactly the size the manifest says, read no further: a sparse or oversized
+    // member cannot fill the disk.
+    let header_size = db.header().size().map_err(io("read", file))?;
+    if db.header().entry_type() != tar::EntryType::Regular || header_size != manifest.database.bytes
+    {
+        return Err(damaged(
+            file,
+            "its database member is not a plain file of the size its manifest says",
+        ));
+    }
+    let mut db = db.take(manifest.database.bytes);
     let partial = with_suffix(&data.join(DB_FILE), ".partial");
     let out = fs::OpenOptions::new()
         .write(true)
@@ -468,6 +511,9 @@ fn manifest_from<R: Read>(file: &Path, entry: tar::Entry<'_, R>) -> Result<Manif
             format!("its first member is {name:?}, not {MANIFEST_NAME}"),
         ));
     }
+    if entry.header().entry_type() != tar::EntryType::Regular {
+        return Err(damaged(file, "its manifest is not a plain file"));
+    }
     let bytes = read_small(file, entry)?;
     let m: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| damaged(file, format!("its manifest does not parse: {e}")))?;
@@ -496,6 +542,9 @@ fn manifest_from<R: Read>(file: &Path, entry: tar::Entry<'_, R>) -> Result<Manif
 }
 
 fn read_small<R: Read>(file: &Path, entry: tar::Entry<'_, R>) -> Result<Vec<u8>, BackupError> {
+    if entry.header().entry_type() != tar::EntryType::Regular {
+        return Err(damaged(file, "a member is not a plain file"));
+    }
     let mut out = Vec::new();
     entry
         .take(SMALL_MEMBER_BYTES_MAX + 1)
@@ -554,4 +603,138 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(io("write", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::AuthorityPublic;
+    use musubi_crdt::crypto::DeviceSecrets;
+    use musubi_crdt::ids::DeploymentId;
+
+    const PASS: &str = "夜間バックアップの合言葉";
+
+    fn relay(dir: &Path) -> Store {
+        let key = DeviceSecrets::from_seeds([5; 32], [6; 32]);
+        let authority = AuthorityPublic {
+            v: 1,
+            deployment: DeploymentId::from_random_bytes([1; 16]),
+            deployment_name: "柏崎市".into(),
+            key: key.device_id(),
+            age_recipient: key.public().age_recipient,
+        };
+        Store::init(dir, &authority, None, SystemTime::now()).expect("init")
+    }
+
+    /// The archive's members, in order.
+    fn members(file: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut a = tar::Archive::new(fs::File::open(file).expect("open"));
+        a.entries()
+            .expect("entries")
+            .map(|e| {
+                let mut e = e.expect("entry");
+                let name = e.path().expect("path").to_string_lossy().into_owned();
+                let mut b = Vec::new();
+                e.read_to_end(&mut b).expect("read");
+                (name, b)
+            })
+            .collect()
+    }
+
+    fn write_members(file: &Path, members: &[(String, Vec<u8>)], db_size: Option<u64>) {
+        let mut t = tar::Builder::new(fs::File::create(file).expect("create"));
+        for (name, bytes) in members {
+            let mut h = header_for(bytes.len() as u64, SystemTime::now());
+            if name == DB_FILE
+                && let Some(s) = db_size
+            {
+                h.set_size(s);
+                h.set_cksum();
+                t.append_data(&mut h, name, std::io::repeat(0).take(s))
+                    .expect("append");
+                continue;
+            }
+            t.append_data(&mut h, name, bytes.as_slice())
+                .expect("append");
+        }
+        t.finish().expect("finish");
+    }
+
+    #[test]
+    fn a_backup_restores_with_a_new_generation_and_the_same_relay() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = relay(&tmp.path().join("relay"));
+        let file = tmp.path().join("b.musubi-backup");
+        let r = backup(&store, &file, PASS, 10, SystemTime::now()).expect("backup");
+        assert_eq!(
+            r.manifest.relay,
+            store.relay_device().expect("id").to_string()
+        );
+        assert!(store.stats().expect("stats").last_backup_at_ms.is_some());
+        let target = tmp.path().join("restored");
+        let done = restore(&file, &target, PASS, SystemTime::now()).expect("restore");
+        let restored = Store::open(&target).expect("open");
+        assert_eq!(
+            restored.relay_device().expect("id"),
+            store.relay_device().expect("id")
+        );
+        assert_ne!(
+            restored.generation().expect("g"),
+            store.generation().expect("g")
+        );
+        assert_eq!(
+            done.generation,
+            hex::encode(restored.generation().expect("g"))
+        );
+        assert!(restored.stats().expect("stats").restored_at_ms.is_some());
+        // Not into a directory that holds anything.
+        assert!(matches!(
+            restore(&file, &target, PASS, SystemTime::now()),
+            Err(BackupError::NotEmpty(_))
+        ));
+    }
+
+    #[test]
+    fn a_swapped_database_and_a_sparse_one_are_refused_and_leave_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = relay(&tmp.path().join("relay"));
+        let file = tmp.path().join("b.musubi-backup");
+        backup(&store, &file, PASS, 10, SystemTime::now()).expect("backup");
+        let mut m = members(&file);
+
+        // Another database, with a manifest made to match it: the sealed checksum does not.
+        let other = relay(&tmp.path().join("other"));
+        let swapped_db = tmp.path().join("other.db");
+        other.snapshot_to(&swapped_db).expect("copy");
+        let db = fs::read(&swapped_db).expect("read");
+        let mut manifest: Manifest = serde_json::from_slice(&m[0].1).expect("manifest");
+        manifest.database = Checksum {
+            bytes: db.len() as u64,
+            blake3: blake3::hash(&db).to_hex().to_string(),
+        };
+        m[0].1 = serde_json::to_vec(&manifest).expect("json");
+        m[2].1 = db;
+        let altered = tmp.path().join("altered.musubi-backup");
+        write_members(&altered, &m, None);
+        let target = tmp.path().join("t1");
+        let e = restore(&altered, &target, PASS, SystemTime::now()).expect_err("refused");
+        assert!(e.to_string().contains("altered"), "{e}");
+        assert_eq!(fs::read_dir(&target).expect("dir").count(), 0);
+
+        // A database member far larger than the manifest says: refused before it is written.
+        let m = members(&file);
+        let huge = tmp.path().join("huge.musubi-backup");
+        write_members(&huge, &m, Some(64 * 1024 * 1024));
+        let target = tmp.path().join("t2");
+        let e = restore(&huge, &target, PASS, SystemTime::now()).expect_err("refused");
+        assert!(e.to_string().contains("size"), "{e}");
+        assert_eq!(fs::read_dir(&target).expect("dir").count(), 0);
+
+        // A wrong passphrase.
+        let target = tmp.path().join("t3");
+        let e =
+            restore(&file, &target, "ちがう合言葉です", SystemTime::now()).expect_err("refused");
+        assert!(matches!(e, BackupError::Key(_)), "{e}");
+        assert_eq!(fs::read_dir(&target).expect("dir").count(), 0);
+    }
 }

@@ -78,7 +78,8 @@ impl TokenBucket {
             self.tokens -= n;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((n - self.tokens) / self.rate))
+            // A rate near zero (a mistyped limit) waits "forever", never panics.
+            Err(Duration::try_from_secs_f64((n - self.tokens) / self.rate).unwrap_or(Duration::MAX))
         }
     }
 

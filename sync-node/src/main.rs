@@ -371,6 +371,11 @@ fn open(data: &Path) -> Result<Store> {
     Store::open(data).map_err(anyhow::Error::from)
 }
 
+/// Opens the store without upgrading its schema (reading and backing up commands).
+fn open_current(data: &Path) -> Result<Store> {
+    Store::open_current(data).map_err(anyhow::Error::from)
+}
+
 /// The authority's passphrase: from `--passphrase-file`, else `MUSUBI_AUTHORITY_PASSPHRASE`.
 fn authority_passphrase(file: &Option<PathBuf>) -> Result<String> {
     if let Some(f) = file {
@@ -439,6 +444,11 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(t)
                 })
                 .transpose()?;
+            if device_bytes_per_sec == 0 && device_requests_per_sec > 0.0 {
+                bail!(
+                    "--device-bytes-per-sec must be more than 0 (--device-requests-per-sec 0 turns the per-device limits off)"
+                );
+            }
             let rate_limits = (device_requests_per_sec > 0.0).then(|| {
                 let bytes = device_bytes_per_sec as f64;
                 RateLimits {
@@ -955,7 +965,7 @@ fn backup_cmd(
     json: bool,
 ) -> Result<()> {
     let pass = backup_passphrase(passphrase)?;
-    let store = open(data)?;
+    let store = open_current(data)?;
     let now = SystemTime::now();
     let report = match (out, out_dir) {
         (Some(out), None) => backup::backup(&store, &out, &pass, backup_log_n(), now)?,
@@ -1090,7 +1100,7 @@ fn migrate(data: &Path, check: bool, json: bool) -> Result<()> {
 }
 
 fn status(data: &Path, json: bool) -> Result<()> {
-    let store = open(data)?;
+    let store = open_current(data)?;
     let stats = store.stats()?;
     let value = json!({
         "data": data.display().to_string(),
@@ -1171,7 +1181,7 @@ fn status(data: &Path, json: bool) -> Result<()> {
 }
 
 fn documents(data: &Path, json: bool) -> Result<()> {
-    let store = open(data)?;
+    let store = open_current(data)?;
     let docs = store.documents_usage()?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -1199,7 +1209,7 @@ fn documents(data: &Path, json: bool) -> Result<()> {
 }
 
 fn usage(data: &Path, json: bool) -> Result<()> {
-    let store = open(data)?;
+    let store = open_current(data)?;
     let names: std::collections::HashMap<String, String> = store
         .facilities()?
         .into_iter()

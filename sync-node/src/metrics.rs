@@ -294,6 +294,8 @@ pub struct Live {
     /// Whether the last store operation of a request failed (a full disk, a locked or damaged
     /// database); cleared by the next one that succeeds.
     pub store_failing: AtomicBool,
+    /// When a request last failed to store (ms since the Unix epoch; 0: never).
+    pub store_failed_at_ms: AtomicI64,
     /// Bytes of free space the data directory's filesystem must keep for `/readyz`.
     pub min_free_bytes: AtomicU64,
     /// The store's figures, as the admin listener last read them.
@@ -313,6 +315,7 @@ impl Live {
             queue_max,
             last_commit_ms: AtomicI64::new(0),
             store_failing: AtomicBool::new(false),
+            store_failed_at_ms: AtomicI64::new(0),
             min_free_bytes: AtomicU64::new(min_free_bytes),
             stats: Mutex::new(None),
             addrs: Mutex::new(Vec::new()),

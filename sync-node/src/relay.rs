@@ -321,6 +321,11 @@ impl Relay {
                 (response, notes)
             }
             Err(e) => {
+                // Nothing was stored: what the rolled-back transaction counted is dropped.
+                self.observed = Observed {
+                    kind,
+                    ..Observed::default()
+                };
                 tracing::error!(%peer, request = kind, error = %e, "request failed");
                 (
                     Response::error(

@@ -58,6 +58,10 @@ pub struct Config {
     pub min_free_bytes: u64,
 }
 
+/// Most requests of one device waiting for or in the database thread; more get "busy", so one
+/// device cannot fill the queue the other facilities share.
+pub const REQUESTS_QUEUED_PER_DEVICE_MAX: usize = 8;
+
 /// Default of [`Config::min_free_bytes`]: room for a few of the largest pushes and the WAL.
 pub const MIN_FREE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
@@ -217,6 +221,7 @@ pub async fn serve_until(
         .map_err(|_| ServeError::DatabaseThread)?;
 
     let mut pending: HashMap<u64, ResponseChannel<Vec<u8>>> = HashMap::new();
+    let mut queued_by: HashMap<PeerId, usize> = HashMap::new();
     let mut next_id = 0u64;
     let mut connected: HashMap<PeerId, u32> = HashMap::new();
     let mut listen_addrs: Vec<String> = Vec::new();
@@ -242,13 +247,23 @@ pub async fn serve_until(
                         {
                             debug!(%peer, "the caller left before its answer was sent");
                         }
+                        if let Some(n) = queued_by.get_mut(&peer) {
+                            *n -= 1;
+                            if *n == 0 {
+                                queued_by.remove(&peer);
+                            }
+                        }
                         live.set_queued(pending.len());
                         metrics.queue_depth.set(pending.len() as i64);
                         metrics.observe(&observed, arrived.elapsed());
                         if observed.commit.is_some() {
                             live.last_commit_ms.store(admin::now_ms(SystemTime::now()), Ordering::Relaxed);
                         }
-                        live.store_failing.store(observed.outcome == "internal", Ordering::Relaxed);
+                        let failed = observed.outcome == "internal";
+                        live.store_failing.store(failed, Ordering::Relaxed);
+                        if failed {
+                            live.store_failed_at_ms.store(admin::now_ms(SystemTime::now()), Ordering::Relaxed);
+                        }
                         for note in notes {
                             if note.to.0 != peer && connected.contains_key(&note.to.0) {
                                 let bytes = protocol::encode_request(&note.request);
@@ -355,7 +370,9 @@ pub async fn serve_until(
                                 let _ = swarm.behaviour_mut().sync.send_response(channel, protocol::encode_relay_response(&generation, &slow));
                                 continue;
                             }
-                            if pending.len() >= config.requests_queued_max {
+                            if pending.len() >= config.requests_queued_max
+                                || queued_by.get(&peer).copied().unwrap_or(0) >= REQUESTS_QUEUED_PER_DEVICE_MAX
+                            {
                                 warn!(parent: &span, %request_id, "busy: refusing a request");
                                 metrics.busy_refusals.inc();
                                 metrics.refused("any", "busy");
@@ -366,6 +383,7 @@ pub async fn serve_until(
                             let id = next_id;
                             next_id += 1;
                             pending.insert(id, channel);
+                            *queued_by.entry(peer).or_default() += 1;
                             live.set_queued(pending.len());
                             metrics.queue_depth.set(pending.len() as i64);
                             if job_tx.send(Job::Request { id, peer: DeviceId(peer), frame: request, span, arrived }).is_err() {

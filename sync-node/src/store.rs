@@ -109,6 +109,14 @@ pub enum StoreError {
         /// The version found.
         found: i64,
     },
+    /// A command that does not upgrade found an older schema.
+    #[error(
+        "the database has schema version {found}; this musubi-node writes {SCHEMA_VERSION}: stop `serve`, run `musubi-node migrate` (a snapshot is taken first), then start the new `serve`"
+    )]
+    UpgradeDue {
+        /// The version found.
+        found: i64,
+    },
     /// SQLite failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -409,6 +417,20 @@ impl Store {
         };
         store.configure()?;
         Ok(store)
+    }
+
+    /// Opens the relay in `dir` for a command that must not change its schema (`status`,
+    /// `documents`, `usage`, `backup`: a newer binary's nightly backup must not upgrade the
+    /// database under an older `serve`).
+    ///
+    /// Errors: as [`Store::open`], and [`StoreError::UpgradeDue`] when the schema is older than
+    /// this build's.
+    pub fn open_current(dir: &Path) -> Result<Self, StoreError> {
+        let found = schema_version_of(dir)?;
+        if found < SCHEMA_VERSION && found != 0 {
+            return Err(StoreError::UpgradeDue { found });
+        }
+        Self::open(dir)
     }
 
     /// Opens the database file `db` (a copy a backup just made) read-only, without upgrading it,
@@ -821,8 +843,14 @@ impl Store {
             bundle_bytes: count("SELECT COALESCE(SUM(bytes), 0) FROM facility_usage")?,
             db_bytes: file_bytes(DB_FILE),
             wal_bytes: file_bytes(&format!("{DB_FILE}-wal")),
+            // The newest row (rowids grow with inserts): no scan of the table.
             last_bundle_at_ms: c
-                .query_row("SELECT MAX(received_at) FROM bundles", [], |r| r.get(0))?,
+                .query_row(
+                    "SELECT received_at FROM bundles ORDER BY rowid DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?,
             last_backup_at_ms: ms("last_backup_at")?,
             last_backup_bytes: ms("last_backup_bytes")?.and_then(|b| u64::try_from(b).ok()),
             restored_at_ms: ms("restored_at")?,
@@ -1454,7 +1482,15 @@ fn migrate(conn: &mut Connection, dir: &Path) -> Result<(), StoreError> {
         "{PRE_MIGRATION_PREFIX}{version}-{}.db",
         unix_ms(SystemTime::now())
     ));
-    vacuum_into(conn, &snapshot)?;
+    // Written under another name and renamed when whole: a migration killed half way (a start
+    // timeout) leaves no truncated file that looks like a good snapshot.
+    let partial = dir.join(format!(
+        ".{PRE_MIGRATION_PREFIX}{version}-{}.partial",
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&partial);
+    vacuum_into(conn, &partial)?;
+    fs::rename(&partial, &snapshot).map_err(io_err("rename", &partial))?;
     tracing::info!(from = version, to = SCHEMA_VERSION, snapshot = %snapshot.display(), "upgrading the database schema; a snapshot of the old one was taken");
     if version == 2 {
         add_bundle_log(conn)?;
