@@ -30,5 +30,8 @@ mod server;
 pub mod store;
 
 pub use relay::{Notification, Relay};
-pub use server::{Config, MIN_FREE_BYTES_DEFAULT, ServeError, serve, serve_until};
+pub use server::{
+    CONNECTIONS_PER_ADDRESS_DEFAULT, Config, MIN_FREE_BYTES_DEFAULT,
+    REQUESTS_QUEUED_PER_DEVICE_MAX, ServeError, serve, serve_until,
+};
 pub use store::{Store, StoreError};

@@ -24,7 +24,7 @@ use musubi_sync_node::authority::{
 use musubi_sync_node::backup;
 use musubi_sync_node::limits::RateLimits;
 use musubi_sync_node::store::{self, Revocation, rfc3339, unix_ms};
-use musubi_sync_node::{Config, MIN_FREE_BYTES_DEFAULT, Store};
+use musubi_sync_node::{CONNECTIONS_PER_ADDRESS_DEFAULT, Config, MIN_FREE_BYTES_DEFAULT, Store};
 use musubi_transport::libp2p::Multiaddr;
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
@@ -140,6 +140,12 @@ enum Command {
         /// and never below one largest frame).
         #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "8MiB")]
         device_bytes_per_sec: u64,
+        /// Most inbound connections (handshakes included) from one IP address; 0: no cap.
+        #[arg(long, value_name = "N", default_value_t = CONNECTIONS_PER_ADDRESS_DEFAULT)]
+        connections_per_address: usize,
+        /// Most inbound connections in all (handshakes included).
+        #[arg(long, value_name = "N", default_value_t = musubi_crdt::limits::RELAY_CONNECTIONS_INCOMING_MAX as usize)]
+        connections_max: usize,
         /// Free space the data directory's filesystem must keep for /readyz to say ready.
         #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value_t = MIN_FREE_BYTES_DEFAULT)]
         min_free_bytes: u64,
@@ -427,6 +433,8 @@ fn run(cli: Cli) -> Result<()> {
             device_requests_per_sec,
             device_bytes_per_sec,
             min_free_bytes,
+            connections_per_address,
+            connections_max,
         } => {
             let authority = authority.map(|a| unlock(&a, &pf)).transpose()?;
             let token = admin_token_file
@@ -463,6 +471,10 @@ fn run(cli: Cli) -> Result<()> {
                 facility_quota_bytes: quota_bytes_per_facility,
                 admin: admin.map(|addr| AdminConfig { addr, token }),
                 min_free_bytes,
+                connections: musubi_transport::AddressLimits {
+                    per_address: (connections_per_address > 0).then_some(connections_per_address),
+                    total: Some(connections_max),
+                },
                 ..Config::default()
             };
             serve(&data.data, authority, listen, config)

@@ -26,7 +26,9 @@ use musubi_transport::libp2p::multiaddr::Protocol;
 use musubi_transport::libp2p::request_response::{self, Message, ResponseChannel};
 use musubi_transport::libp2p::swarm::SwarmEvent;
 use musubi_transport::libp2p::{Multiaddr, PeerId};
-use musubi_transport::{BehaviourEvent, FrameGate, Node, build_swarm};
+use musubi_transport::{
+    AddressLimit, AddressLimits, BehaviourEvent, FrameGate, Node, build_swarm_with,
+};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 
@@ -56,7 +58,13 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Free bytes the data directory's filesystem must keep for `/readyz` to say ready.
     pub min_free_bytes: u64,
+    /// Inbound connections (handshakes included) per source address and in all.
+    pub connections: AddressLimits,
 }
+
+/// Default of [`Config::connections`]`.per_address`: room for a municipality's facilities behind
+/// one NAT, far below what one address could otherwise open.
+pub const CONNECTIONS_PER_ADDRESS_DEFAULT: usize = 256;
 
 /// Most requests of one device waiting for or in the database thread; more get "busy", so one
 /// device cannot fill the queue the other facilities share.
@@ -75,6 +83,10 @@ impl Default for Config {
             facility_quota_bytes: None,
             admin: None,
             min_free_bytes: MIN_FREE_BYTES_DEFAULT,
+            connections: AddressLimits {
+                per_address: Some(CONNECTIONS_PER_ADDRESS_DEFAULT),
+                total: Some(musubi_crdt::limits::RELAY_CONNECTIONS_INCOMING_MAX as usize),
+            },
         }
     }
 }
@@ -195,7 +207,17 @@ pub async fn serve_until(
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut last_watchdog = Instant::now();
     let mut ready_sent = false;
-    let mut swarm = build_swarm(keypair, Node::Relay)?;
+    let refusals = metrics.clone();
+    let address_limit = AddressLimit::new(
+        config.connections,
+        Arc::new(move |r: musubi_transport::Refused| {
+            refusals
+                .rate_limited
+                .get_or_create(&LimitLabel { limit: r.as_str() })
+                .inc();
+        }),
+    );
+    let mut swarm = build_swarm_with(keypair, Node::Relay, Some(address_limit))?;
     let gate = swarm
         .behaviour()
         .frame_gate()
@@ -349,7 +371,11 @@ pub async fn serve_until(
                     info!(cause = ?cause.map(|c| c.to_string()), "disconnected");
                 }
                 SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
-                    debug!(remote = %send_back_addr, %error, "incoming connection failed");
+                    if matches!(error, musubi_transport::libp2p::swarm::ListenError::Denied { .. }) {
+                        warn!(remote = %send_back_addr, %error, "connection refused by a connection cap");
+                    } else {
+                        debug!(remote = %send_back_addr, %error, "incoming connection failed");
+                    }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => match event {
                     request_response::Event::Message { peer, connection_id, message } => match message {

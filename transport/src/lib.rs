@@ -37,6 +37,9 @@ use musubi_crdt::protocol::PROTOCOL_NAME;
 
 pub use libp2p;
 
+pub mod address_limit;
+pub use address_limit::{AddressLimit, AddressLimits, Refused};
+
 /// How long a request may wait for its response on the wire, in seconds.
 pub const REQUEST_TIMEOUT_SECS: u64 = 60;
 /// How long an idle connection is kept open, in seconds (notifications need it open).
@@ -365,6 +368,10 @@ mod behaviour {
     /// The network behaviour of a Musubi node (relay or facility).
     #[derive(NetworkBehaviour)]
     pub struct Behaviour {
+        /// At the relay: connection caps by source address and in all, handshakes included
+        /// ([`super::AddressLimit`]); it denies a pending connection before any other behaviour
+        /// sees it.
+        pub address: Toggle<super::AddressLimit>,
         /// Connection limits: in all, in the handshake, and per peer ([`super::Node`]). First, so a
         /// connection it denies never reaches the other behaviours (request-response panics when a
         /// connection it registered is denied after it).
@@ -435,6 +442,16 @@ impl Node {
 /// Builds a tokio swarm with QUIC and TCP+Noise+Yamux, authenticated as `keypair`, with the
 /// connection limits of `node` and at most [`STREAMS_PER_CONNECTION_MAX`] streams per connection.
 pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, TransportError> {
+    build_swarm_with(keypair, node, None)
+}
+
+/// [`build_swarm`], with connection caps by source address and in all (the relay's
+/// `--connections-per-address`, `--connections-max`).
+pub fn build_swarm_with(
+    keypair: Keypair,
+    node: Node,
+    address: Option<AddressLimit>,
+) -> Result<Swarm<Behaviour>, TransportError> {
     let lan_discovery = matches!(
         node,
         Node::Facility {
@@ -474,6 +491,7 @@ pub fn build_swarm(keypair: Keypair, node: Node) -> Result<Swarm<Behaviour>, Tra
                 None
             };
             Behaviour {
+                address: Toggle::from(address),
                 limits: connection_limits::Behaviour::new(node.connection_limits()),
                 allowed: Toggle::from(lan_discovery.then(allow_block_list::Behaviour::default)),
                 mark: PeerMark { gate },

@@ -575,8 +575,9 @@ fn a_flooding_device_is_slowed_and_told_so() {
     );
 }
 
-/// Requests pipelined at once on one connection (at most the relay's streams per connection).
-const STREAM_WINDOW: usize = 20;
+/// Requests pipelined at once on one connection: the most one device may have queued at the
+/// relay (`REQUESTS_QUEUED_PER_DEVICE_MAX`; more would be answered "busy").
+const STREAM_WINDOW: usize = musubi_sync_node::REQUESTS_QUEUED_PER_DEVICE_MAX;
 
 /// A facility over its storage quota: its bundle is held back (told, kept, not lost), the other
 /// facility is unaffected, and once the operator raises the quota it arrives.
@@ -623,4 +624,47 @@ fn a_facility_over_its_quota_is_told_and_keeps_its_edits_until_there_is_room() {
     assert_eq!(a.pending(), 0);
     b.sync_once();
     assert!(b.show_text(&id).contains("容量超過中の追記"));
+}
+
+/// One source address can open only `--connections-per-address` connections (handshakes
+/// included); the next is refused before its handshake ends, counted in the metrics, and its
+/// place comes back when one closes.
+#[test]
+fn connections_from_one_address_are_capped() {
+    let _serial = serial();
+    let story = Story::new("connections_from_one_address_are_capped");
+    let world = World::new("conn-cap");
+    let mut relay = Relay::init(&world);
+    relay.set_serve_args(&["--admin", "127.0.0.1:0", "--connections-per-address", "3"]);
+    relay.start();
+    story.step("three strangers' keys connect from 127.0.0.1; a fourth is refused");
+    let first: Vec<RawClient> = (0..3).map(|_| RawClient::stranger(&relay)).collect();
+    let refused = RawClient::connect(musubi_tests::raw::random_secrets(), &relay.p2p_addr());
+    assert!(
+        refused.is_err(),
+        "the fourth connection from one address is refused"
+    );
+    let samples = parse_metrics(&relay.admin_get("/metrics", None).1);
+    assert_eq!(
+        sample(
+            &samples,
+            "musubi_relay_rate_limited_total",
+            &[("limit", "per-address")]
+        ),
+        1.0
+    );
+    let log = fs::read_to_string(relay.err_log()).expect("log");
+    assert!(
+        log.contains("connection refused by a connection cap"),
+        "{log}"
+    );
+
+    story.step("one closes: another may connect");
+    drop(first);
+    poll_every(
+        "a place to come back",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        &mut || RawClient::connect(musubi_tests::raw::random_secrets(), &relay.p2p_addr()).ok(),
+    );
 }
