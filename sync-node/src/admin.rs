@@ -13,7 +13,9 @@
 //!
 //! Off unless asked for. Bound to a loopback address it answers anyone on the host; bound
 //! elsewhere it needs a bearer token (`--admin-token-file`), compared in constant time, on every
-//! path but `/livez` (RFC 6750 `Authorization: Bearer`). It reads only public figures: no
+//! path but `/livez` (RFC 6750 `Authorization: Bearer`). It holds at most
+//! [`ADMIN_CONNECTIONS_MAX`] connections, each for at most [`ADMIN_CONNECTION_SECS`], so clients
+//! that connect and send nothing cannot take the relay's file descriptors. It reads only public figures: no
 //! document content, no key, no id of a device, facility or document.
 
 use std::net::SocketAddr;
@@ -34,6 +36,14 @@ use crate::store::{SCHEMA_VERSION, Store, StoreStats, rfc3339};
 
 /// How long `/readyz` waits for the database's write lock.
 pub const READY_DB_WAIT: Duration = Duration::from_millis(500);
+
+/// Most connections the admin listener holds at once; more wait to be accepted (the relay's own
+/// file descriptors stay for devices).
+pub const ADMIN_CONNECTIONS_MAX: usize = 32;
+
+/// Longest life of one admin connection: a client that sends nothing (or a request byte by byte)
+/// is cut off then; a monitoring system reconnects for its next scrape.
+pub const ADMIN_CONNECTION_SECS: u64 = 30;
 
 /// How long `/readyz` reports a request that failed to store, unless a later one succeeded.
 pub const STORE_FAILURE_HOLD: Duration = Duration::from_secs(10);
@@ -156,6 +166,10 @@ pub async fn start(
         addr: config.addr,
         source,
     })?;
+    let listener = Capped {
+        inner: listener,
+        permits: Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX)),
+    };
     tracing::info!(addr = %local, "admin listener started");
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
@@ -166,6 +180,87 @@ pub async fn start(
         }
     });
     Ok((local, task))
+}
+
+/// The admin listener's TCP listener: at most [`ADMIN_CONNECTIONS_MAX`] connections, each for at
+/// most [`ADMIN_CONNECTION_SECS`].
+struct Capped {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = CappedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        (
+            CappedIo {
+                stream,
+                deadline: Box::pin(tokio::time::sleep(Duration::from_secs(
+                    ADMIN_CONNECTION_SECS,
+                ))),
+                _permit: permit,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// One admin connection: reads fail once its time is up; its place is given back when dropped.
+struct CappedIo {
+    stream: tokio::net::TcpStream,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for CappedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future as _;
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// Whether the request carries the token (always, when none is set).

@@ -97,9 +97,20 @@ impl Relay {
     /// `GET PATH` on the admin listener (with `Authorization: Bearer TOKEN` when given): the
     /// status code and the body.
     pub fn admin_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        self.admin_try_get(path, token, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// [`Relay::admin_get`] within `timeout`, or why not.
+    pub fn admin_try_get(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(u16, String), String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
+            .timeout_global(Some(timeout))
             .build()
             .into();
         let url = format!("{}{path}", self.admin_url());
@@ -107,13 +118,13 @@ impl Relay {
         if let Some(t) = token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let mut resp = req.call().map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()
             .read_to_string()
-            .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"));
-        (status, body)
+            .map_err(|e| format!("reading the body: {e}"))?;
+        Ok((status, body))
     }
 
     /// Runs `serve` with the serve arguments and expects it to exit with an error at once (a

@@ -385,6 +385,31 @@ fn metrics_parse_and_count_the_pushes_and_status_tells_the_store() {
         "{docs:#}"
     );
 
+    story.step("idle connections cannot take the admin listener's places for long");
+    let admin_addr = relay.admin_url().trim_start_matches("http://").to_owned();
+    let idle: Vec<std::net::TcpStream> = (0..musubi_sync_node::admin::ADMIN_CONNECTIONS_MAX)
+        .map(|_| std::net::TcpStream::connect(&admin_addr).expect("connect"))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        relay
+            .admin_try_get("/livez", None, Duration::from_secs(2))
+            .is_err(),
+        "while every place is held, the next connection waits"
+    );
+    drop(idle);
+    poll_every(
+        "the admin listener to answer again",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        &mut || {
+            relay
+                .admin_try_get("/livez", None, Duration::from_secs(2))
+                .ok()
+                .filter(|(c, _)| *c == 200)
+        },
+    );
+
     story.step("the logs are JSON lines, and no secret is in them");
     let log = fs::read_to_string(relay.err_log()).expect("log");
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
