@@ -298,6 +298,12 @@ pub enum Response {
     Directory {
         /// The signed directory.
         directory: Option<SignedDirectory>,
+        /// The addresses the relay can be reached at now (its `--advertise` addresses, DNS names
+        /// first, then its listen addresses), each ending in `/p2p/RELAY`: a hint, not signed (the
+        /// relay's peer id is pinned, so a wrong address only fails to connect). Devices add them
+        /// to the ones their invite gave, so a relay that moves is found without a new invite.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        relay_addrs: Vec<String>,
     },
     /// The caller's documents.
     Documents {

@@ -70,6 +70,9 @@ pub struct Transmit {
 pub enum Event {
     /// A newer directory (unverified: the driver checks it against the relay it trusts).
     Directory(SignedDirectory),
+    /// The addresses the relay says it can be reached at now (an unsigned hint; see
+    /// [`Response::Directory`]).
+    RelayAddrs(Vec<String>),
     /// The relay's list of this facility's documents.
     Documents(Vec<DocumentInfo>),
     /// Operations of a document from position `from` on (unverified: the driver replays them).
@@ -477,7 +480,16 @@ impl Session {
             return;
         }
         match (what, response) {
-            (InFlight::Directory, Response::Directory { directory }) => {
+            (
+                InFlight::Directory,
+                Response::Directory {
+                    directory,
+                    relay_addrs,
+                },
+            ) => {
+                if !relay_addrs.is_empty() {
+                    self.events.push_back(Event::RelayAddrs(relay_addrs));
+                }
                 if let Some(d) = directory {
                     // From now on ask for anything newer than this one, so that the relay answers
                     // `None` when nothing changed (the driver verifies the directory itself).

@@ -266,7 +266,10 @@ impl Relay {
     /// The answer to anything but a push.
     fn answer(&self, request: &Request) -> Response {
         match request {
-            Request::GetDirectory { .. } => Response::Directory { directory: None },
+            Request::GetDirectory { .. } => Response::Directory {
+                directory: None,
+                relay_addrs: vec![],
+            },
             Request::ListDocuments => Response::Documents {
                 docs: self
                     .logs
@@ -2130,6 +2133,7 @@ fn a_hand_back_asks_for_a_directory_newer_than_the_last_one_received() {
                         asked.push(known_version);
                         Response::Directory {
                             directory: (known_version != current).then(|| directory.clone()),
+                            relay_addrs: vec![],
                         }
                     }
                     _ => b.answer(&t),
@@ -2212,7 +2216,10 @@ fn info(doc: DocumentId, head: u64, ops: u32) -> DocumentInfo {
 
 fn plain(docs: Vec<DocumentInfo>) -> impl FnMut(&Request) -> Response {
     move |r| match r {
-        Request::GetDirectory { .. } => Response::Directory { directory: None },
+        Request::GetDirectory { .. } => Response::Directory {
+            directory: None,
+            relay_addrs: vec![],
+        },
         Request::ListDocuments => Response::Documents { docs: docs.clone() },
         Request::GetJoinRequests => Response::JoinRequests { requests: vec![] },
         Request::GetOps { doc, .. } => Response::Ops {

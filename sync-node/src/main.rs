@@ -120,6 +120,12 @@ enum Command {
         #[arg(long = "listen", value_name = "MULTIADDR", value_parser = parse_multiaddr,
               default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
         listen: Vec<Multiaddr>,
+        /// An address to announce beside the listen addresses, first (repeatable): a DNS name
+        /// that survives a move (/dns4/relay.example.lg.jp/tcp/4001), an address behind NAT.
+        /// Invites carry it; devices resolve it at every connect and learn changes from the
+        /// directory answers.
+        #[arg(long = "advertise", value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+        advertise: Vec<Multiaddr>,
         /// Serve /livez, /readyz, /status and /metrics over HTTP on this address (off unless
         /// given; e.g. 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR:PORT")]
@@ -435,6 +441,7 @@ fn run(cli: Cli) -> Result<()> {
             min_free_bytes,
             connections_per_address,
             connections_max,
+            advertise,
         } => {
             let authority = authority.map(|a| unlock(&a, &pf)).transpose()?;
             let token = admin_token_file
@@ -475,6 +482,7 @@ fn run(cli: Cli) -> Result<()> {
                     per_address: (connections_per_address > 0).then_some(connections_per_address),
                     total: Some(connections_max),
                 },
+                advertise,
                 ..Config::default()
             };
             serve(&data.data, authority, listen, config)

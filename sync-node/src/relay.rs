@@ -632,7 +632,13 @@ impl Relay {
         } else {
             None
         };
-        answer(Response::Directory { directory })
+        // Where the relay can be reached now (`--advertise` names first): devices add them to the
+        // ones their invite gave, so a relay that moves is found without a new invite.
+        let relay_addrs = self.store.invite_addrs()?;
+        answer(Response::Directory {
+            directory,
+            relay_addrs,
+        })
     }
 
     fn list_documents(&self, caller: Caller) -> HandlerResult {

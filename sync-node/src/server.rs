@@ -60,6 +60,9 @@ pub struct Config {
     pub min_free_bytes: u64,
     /// Inbound connections (handshakes included) per source address and in all.
     pub connections: AddressLimits,
+    /// Addresses to announce beside the listen addresses, first (`--advertise`: DNS names that
+    /// survive a move, addresses behind NAT); in invites and in every directory answer.
+    pub advertise: Vec<Multiaddr>,
 }
 
 /// Default of [`Config::connections`]`.per_address`: room for a municipality's facilities behind
@@ -87,6 +90,7 @@ impl Default for Config {
                 per_address: Some(CONNECTIONS_PER_ADDRESS_DEFAULT),
                 total: Some(musubi_crdt::limits::RELAY_CONNECTIONS_INCOMING_MAX as usize),
             },
+            advertise: Vec::new(),
         }
     }
 }
@@ -246,7 +250,20 @@ pub async fn serve_until(
     let mut queued_by: HashMap<PeerId, usize> = HashMap::new();
     let mut next_id = 0u64;
     let mut connected: HashMap<PeerId, u32> = HashMap::new();
-    let mut listen_addrs: Vec<String> = Vec::new();
+    // The advertised addresses first (invites put non-loopback addresses first, in this order).
+    let advertised: Vec<String> = config
+        .advertise
+        .iter()
+        .map(|a| match a.iter().last() {
+            Some(Protocol::P2p(_)) => a.to_string(),
+            _ => a.clone().with(Protocol::P2p(local)).to_string(),
+        })
+        .collect();
+    let mut listen_addrs: Vec<String> = advertised.clone();
+    if !advertised.is_empty() {
+        info!(addrs = ?advertised, "advertising");
+        let _ = job_tx.send(Job::ListenAddrs(listen_addrs.clone(), None));
+    }
     let mut watch_outstanding = false;
     let mut watch = tokio::time::interval(config.db_watch_interval);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -331,7 +348,7 @@ pub async fn serve_until(
                     // reads "listening on" and then runs `invite` gets a code that carries it.
                     let announce = config.print_listen_addrs.then(|| full.to_string());
                     let _ = job_tx.send(Job::ListenAddrs(listen_addrs.clone(), announce));
-                    live.listeners.store(listen_addrs.len(), Ordering::Relaxed);
+                    live.listeners.store(swarm.listeners().count(), Ordering::Relaxed);
                     *live.addrs.lock().unwrap_or_else(|e| e.into_inner()) = listen_addrs.clone();
                     if !ready_sent {
                         ready_sent = true;
@@ -344,7 +361,7 @@ pub async fn serve_until(
                     info!(addr = %full, "no longer listening");
                     listen_addrs.retain(|a| *a != full);
                     let _ = job_tx.send(Job::ListenAddrs(listen_addrs.clone(), None));
-                    live.listeners.store(listen_addrs.len(), Ordering::Relaxed);
+                    live.listeners.store(swarm.listeners().count(), Ordering::Relaxed);
                     *live.addrs.lock().unwrap_or_else(|e| e.into_inner()) = listen_addrs.clone();
                 }
                 SwarmEvent::ListenerClosed { reason, .. } => {

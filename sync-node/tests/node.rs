@@ -300,7 +300,9 @@ impl World {
 
     fn signed_directory(&mut self, who: &DeviceSecrets) -> SignedDirectory {
         match self.ask(who, Request::GetDirectory { known_version: 0 }).0 {
-            Response::Directory { directory: Some(d) } => d,
+            Response::Directory {
+                directory: Some(d), ..
+            } => d,
             other => panic!("expected a directory: {other:?}"),
         }
     }
@@ -1274,7 +1276,7 @@ fn the_directory_is_sent_only_when_the_caller_lacks_this_version() {
             )
             .0
         {
-            Response::Directory { directory } => directory.is_some(),
+            Response::Directory { directory, .. } => directory.is_some(),
             other => panic!("directory: {other:?}"),
         }
     };

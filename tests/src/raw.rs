@@ -282,7 +282,9 @@ impl RawClient {
     pub fn directory(&self) -> Directory {
         let (deployment, authority) = self.trust.expect("this raw client joined with an invite");
         match self.request(&Request::GetDirectory { known_version: 0 }) {
-            Response::Directory { directory: Some(d) } => {
+            Response::Directory {
+                directory: Some(d), ..
+            } => {
                 d.verify(&self.relay, deployment, &authority, &Pins::default())
                     .expect("the directory verifies")
                     .0

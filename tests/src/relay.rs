@@ -32,6 +32,7 @@ pub struct Relay {
     addrs: Vec<String>,
     serve_args: Vec<String>,
     admin: Option<String>,
+    listen: Option<String>,
 }
 
 impl Relay {
@@ -49,6 +50,7 @@ impl Relay {
             addrs: Vec::new(),
             serve_args: Vec::new(),
             admin: None,
+            listen: None,
             approve_on_join: true,
         };
         if !r.authority.join("authority.pub").exists() {
@@ -79,6 +81,12 @@ impl Relay {
     /// Arguments `start` adds to `serve` (limits, `--admin`, `--log-format`, ...).
     pub fn set_serve_args(&mut self, args: &[&str]) {
         self.serve_args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// Listens on `addr` instead of `127.0.0.1:PORT` from the next `start` on (a relay that
+    /// moved).
+    pub fn set_listen(&mut self, addr: &str) {
+        self.listen = Some(addr.to_owned());
     }
 
     /// Serves another data directory from the next `start` on (a restored copy), on the same port.
@@ -184,7 +192,7 @@ impl Relay {
             .arg("--data")
             .arg(&self.data)
             .arg("--listen")
-            .arg(self.listen_addr())
+            .arg(self.listen.clone().unwrap_or_else(|| self.listen_addr()))
             .env("MUSUBI_AUTHORITY_PASSPHRASE", AUTHORITY_PASSPHRASE);
         if self.approve_on_join {
             cmd.arg("--authority").arg(&self.authority);
@@ -223,9 +231,10 @@ impl Relay {
             },
         );
         assert!(
-            addrs
-                .iter()
-                .any(|a| a.contains(&format!("/tcp/{}", self.port))),
+            self.listen.is_some()
+                || addrs
+                    .iter()
+                    .any(|a| a.contains(&format!("/tcp/{}", self.port))),
             "the relay listens on {addrs:?}, not on port {}",
             self.port
         );

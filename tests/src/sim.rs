@@ -337,7 +337,9 @@ impl Sim {
                 push_outbox(&mut relay, first);
                 // As after an acknowledged approval: the approver takes the directory with the new
                 // device, so its next approval follows the new link.
-                if let Response::Directory { directory: Some(d) } = handle(
+                if let Response::Directory {
+                    directory: Some(d), ..
+                } = handle(
                     &mut relay,
                     first,
                     &Request::GetDirectory { known_version: 0 },

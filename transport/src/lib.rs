@@ -467,6 +467,10 @@ pub fn build_swarm_with(
         )
         .map_err(|e| TransportError::Setup(e.to_string()))?
         .with_quic()
+        // `/dns4/NAME/...` addresses (a relay's `--advertise`) are resolved at every dial, with
+        // the system's resolver configuration and /etc/hosts.
+        .with_dns()
+        .map_err(|e| TransportError::Setup(e.to_string()))?
         .with_behaviour(|key| {
             let gate = (node == Node::Relay).then(|| Arc::new(FrameGate::default()));
             let sync = request_response::Behaviour::with_codec(

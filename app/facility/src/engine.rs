@@ -185,6 +185,8 @@ impl From<musubi_crdt::documents::referral_fhir::FhirError> for EngineError {
         EngineError::Fhir(Box::new(e))
     }
 }
+/// Most relay addresses a device keeps (its invite's and those the relay named since).
+pub const RELAY_ADDRS_MAX: usize = 32;
 
 /// Result of engine calls.
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -431,6 +433,46 @@ impl Engine {
         self.store
             .meta_cbor("enrolment")?
             .ok_or(EngineError::NotEnrolled)
+    }
+
+    /// Adds the addresses the relay says it can be reached at now ([`Event::RelayAddrs`], an
+    /// unsigned hint) to the ones this device dials: each must parse as a multiaddr of at most
+    /// 256 bytes, and one naming a peer must name the pinned relay. New ones go first; at most
+    /// [`RELAY_ADDRS_MAX`] are kept. Returns whether the list changed.
+    ///
+    /// [`Event::RelayAddrs`]: musubi_crdt::sync::Event::RelayAddrs
+    ///
+    /// Errors: [`EngineError::NotEnrolled`]; store failures.
+    pub fn learn_relay_addrs(&mut self, addrs: &[String]) -> Result<bool> {
+        use musubi_transport::libp2p::Multiaddr;
+        use musubi_transport::libp2p::multiaddr::Protocol;
+        let mut enrolment = self.enrolment()?;
+        let relay = enrolment.relay.0;
+        let mut merged: Vec<String> = addrs
+            .iter()
+            .filter(|a| a.len() <= 256)
+            .filter(|a| {
+                a.parse::<Multiaddr>().is_ok_and(|m| match m.iter().last() {
+                    Some(Protocol::P2p(p)) => p == relay,
+                    _ => true,
+                })
+            })
+            .take(RELAY_ADDRS_MAX)
+            .cloned()
+            .collect();
+        for a in &enrolment.relay_addrs {
+            if !merged.contains(a) {
+                merged.push(a.clone());
+            }
+        }
+        merged.truncate(RELAY_ADDRS_MAX);
+        if merged == enrolment.relay_addrs {
+            return Ok(false);
+        }
+        tracing::info!(addrs = ?merged, "the relay named addresses it can be reached at; dialling them from now on");
+        enrolment.relay_addrs = merged;
+        self.store.set_meta_cbor("enrolment", &enrolment)?;
+        Ok(true)
     }
 
     /// Records a successful join: verifies the relay's directory against the authority pinned from

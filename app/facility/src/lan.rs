@@ -274,7 +274,13 @@ impl Lan {
                 let directory = engine
                     .signed_directory()?
                     .filter(|d| d.claimed_version().is_some_and(|v| v != known_version));
-                Ok((Response::Directory { directory }, vec![]))
+                Ok((
+                    Response::Directory {
+                        directory,
+                        relay_addrs: vec![],
+                    },
+                    vec![],
+                ))
             }
             Request::Offer {
                 directory_version, ..
@@ -411,7 +417,9 @@ impl Lan {
             return Ok(vec![]);
         }
         if let Some(peer) = self.directories.remove(&id) {
-            if let Ok(Response::Directory { directory: Some(d) }) = protocol::decode_response(bytes)
+            if let Ok(Response::Directory {
+                directory: Some(d), ..
+            }) = protocol::decode_response(bytes)
                 && engine.update_directory(&d)?
             {
                 tracing::info!(%peer, "took a newer directory from a LAN peer");

@@ -604,6 +604,8 @@ pub async fn sync_with(
                 } else {
                     redial_backoff = Duration::from_millis(250);
                     redial_at = None;
+                    // The addresses the relay named since (a move announced in advance) too.
+                    let addrs = engine.enrolment().map(|e| relay_target(&e).1).unwrap_or_else(|_| addrs.clone());
                     dial(&mut swarm, relay, &addrs);
                 }
                 if options.lan {
@@ -633,6 +635,7 @@ pub async fn sync_with(
                     && !connected
                 {
                     redial_at = None;
+                    let addrs = engine.enrolment().map(|e| relay_target(&e).1).unwrap_or_else(|_| addrs.clone());
                     dial(&mut swarm, relay, &addrs);
                 }
             }
@@ -761,6 +764,10 @@ pub fn apply_event(
 ) -> Result<Applied, SyncError> {
     let mut changed = false;
     let applied = match ev {
+        Event::RelayAddrs(addrs) => {
+            engine.learn_relay_addrs(&addrs)?;
+            Applied::Continue
+        }
         Event::Directory(d) => {
             if engine.update_directory(&d)? {
                 changed = true;

@@ -693,3 +693,101 @@ fn connections_from_one_address_are_capped() {
         &mut || RawClient::connect(musubi_tests::raw::random_secrets(), &relay.p2p_addr()).ok(),
     );
 }
+
+/// Puts a line into /etc/hosts for the test's lifetime (the file is restored on drop).
+struct HostsEntry(String);
+
+impl HostsEntry {
+    fn set(line: &str) -> Self {
+        let original = fs::read_to_string("/etc/hosts").expect("read /etc/hosts");
+        let mut hosts = original.clone();
+        if !hosts.ends_with('\n') {
+            hosts.push('\n');
+        }
+        hosts.push_str(line);
+        hosts.push('\n');
+        // Written in place: in a container /etc/hosts is a mounted file, not to be replaced.
+        fs::write("/etc/hosts", hosts).expect("write /etc/hosts");
+        Self(original)
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        let _ = fs::write("/etc/hosts", &self.0);
+    }
+}
+
+/// Acceptance 5: a relay that moves to another address and port, with `--advertise` naming a DNS
+/// name that now resolves to it (an /etc/hosts entry), is found by every facility without a new
+/// invite: they dial the name (resolved at every connect), and learned the new port from the
+/// relay's directory answers when the operator announced it before the move.
+#[test]
+fn a_relay_that_moves_is_found_by_its_dns_name_without_a_new_invite() {
+    let _serial = serial();
+    let story = Story::new("a_relay_that_moves_is_found_by_its_dns_name_without_a_new_invite");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this scenario points a name at the relay in /etc/hosts: run the scenarios as root (CI does)"
+    );
+    const NAME: &str = "relay.musubi-move.test";
+    let world = World::new("relay-move");
+    let (p1, p2) = (musubi_tests::free_port(), musubi_tests::free_port());
+    let old_home = HostsEntry::set(&format!("127.0.0.2 {NAME}"));
+    let mut relay = Relay::init(&world);
+    relay.set_listen(&format!("/ip4/127.0.0.2/tcp/{p1}"));
+    let advertise_p1 = format!("/dns4/{NAME}/tcp/{p1}");
+    relay.set_serve_args(&["--advertise", &advertise_p1]);
+    relay.start();
+    let code = relay.invite_facility(CLINIC_A, "clinic");
+    assert!(
+        musubi_crdt::invite::InviteCode::decode(&code)
+            .expect("invite")
+            .addrs[0]
+            .starts_with(&advertise_p1),
+        "the invite names the relay by its DNS name first"
+    );
+    let mut a = world.facility("clinic-a");
+    a.init();
+    a.join(&code);
+    let b = world.enrolled_facility(&relay, "hospital-b1", HOSPITAL_B, "clinic");
+    a.sync_once();
+    let id = a.import_fhir(HOSPITAL_B, &referral_bundle_path());
+    a.sync_once();
+    b.sync_once();
+    b.sync_once();
+
+    story.step("the operator announces the new port before the move; the facilities sync");
+    relay.kill();
+    let advertise_p2 = format!("/dns4/{NAME}/tcp/{p2}");
+    relay.set_serve_args(&["--advertise", &advertise_p1, "--advertise", &advertise_p2]);
+    relay.start();
+    a.sync_once();
+    b.sync_once();
+    for f in [&a, &b] {
+        let addrs = f.engine().enrolment().expect("enrolment").relay_addrs;
+        assert!(
+            addrs.iter().any(|x| x.starts_with(&advertise_p2)),
+            "{} learned the announced address: {addrs:?}",
+            f.name
+        );
+    }
+
+    story.step(&format!(
+        "the relay moves to 127.0.0.3, port {p2}; the name now points there"
+    ));
+    relay.kill();
+    drop(old_home);
+    let _new_home = HostsEntry::set(&format!("127.0.0.3 {NAME}"));
+    relay.set_listen(&format!("/ip4/127.0.0.3/tcp/{p2}"));
+    relay.set_serve_args(&["--advertise", &advertise_p2]);
+    relay.start();
+    a.edit(&id, "remarks", "移転後の中継サーバーへ送信");
+    a.sync_once();
+    b.sync_once();
+    assert!(
+        b.show_text(&id).contains("移転後の中継サーバーへ送信"),
+        "both facilities found the moved relay without a new invite"
+    );
+    relay.kill();
+}
