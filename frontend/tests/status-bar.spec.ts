@@ -32,6 +32,7 @@ test('the status bar follows the sync state as it changes', async ({ page }) => 
     relay_behind: null,
     quarantined: [],
     quarantined_total: 0,
+    held_back: 0,
   });
   await expect(state).toHaveText('オンライン');
   await expect(page.getByTestId('sync-last')).toHaveText('最終同期 16:42');
@@ -128,4 +129,20 @@ test('updates a member sent that could not be applied are named with who sent th
     quarantined_total: 3,
   });
   await expect(notice).toContainText('受信した更新 3 件');
+});
+
+test('edits the relay holds back for a full storage quota are said to be kept until sent', async ({ page }) => {
+  const app = await openApp(page, {}, { sync: { state: 'online', pending: 2, held_back: 2 } });
+  const notice = page.getByTestId('held-back');
+  await expect(notice).toContainText('保存容量が上限に達した');
+  await expect(notice).toContainText('変更 2 件');
+  await expect(notice).toContainText('失われません');
+  // The operator raised the quota: the edits went out and the notice goes.
+  await app.setSync({ pending: 0, held_back: 0 });
+  await expect(notice).toHaveCount(0);
+});
+
+test('the held-back notice in English', async ({ page }) => {
+  await openApp(page, {}, { lang: 'en', sync: { state: 'online', pending: 1, held_back: 1 } });
+  await expect(page.getByTestId('held-back')).toContainText('storage at the relay is full: 1 change(s) are kept');
 });

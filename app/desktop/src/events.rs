@@ -43,6 +43,9 @@ pub struct SyncStatus {
     pub quarantined: Vec<QuarantinedNotice>,
     /// How many bundles are quarantined in all.
     pub quarantined_total: u32,
+    /// Edits the relay held back because this facility's storage quota there is full (保存容量の
+    /// 上限): kept here and sent again at a later sync, once the relay operator raised it.
+    pub held_back: u32,
 }
 
 /// Quarantined bundles listed in [`SyncStatus::quarantined`].

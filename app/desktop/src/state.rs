@@ -243,6 +243,7 @@ impl AppState {
                 relay_behind: None,
                 quarantined: Vec::new(),
                 quarantined_total: 0,
+                held_back: 0,
             }),
             nudge: Arc::new(tokio::sync::Notify::new()),
             sync_started: Mutex::new(false),

@@ -138,6 +138,7 @@ impl Tracker {
             relay_behind,
             quarantined,
             quarantined_total,
+            held_back: u32::try_from(store.held_back_count().unwrap_or(0)).unwrap_or(u32::MAX),
         }
     }
 

@@ -869,6 +869,17 @@ impl Store {
         Ok(())
     }
 
+    /// Outbox items the relay held back (a full storage quota, [`Store::note_outbox_error`]):
+    /// still queued, with the relay's sentence.
+    pub fn held_back_count(&self) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND error IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Notes why the relay held an outbox item back (it stays queued, state unchanged).
     pub fn note_outbox_error(&self, id: u64, error: &str) -> Result<()> {
         self.conn.execute(

@@ -4522,7 +4522,12 @@ quarantined: QuarantinedNotice[];
 /**
  * How many bundles are quarantined in all.
  */
-quarantined_total: number }
+quarantined_total: number; 
+/**
+ * Edits the relay held back because this facility's storage quota there is full (保存容量の
+ * 上限): kept here and sent again at a later sync, once the relay operator raised it.
+ */
+held_back: number }
 /**
  * The deployment as this device verified it.
  */

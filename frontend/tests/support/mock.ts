@@ -313,6 +313,7 @@ function initialState(o: OpenOptions): MockState {
     relay_behind: null,
     quarantined: [],
     quarantined_total: 0,
+    held_back: 0,
     ...o.sync,
   };
   const settings: Settings = {

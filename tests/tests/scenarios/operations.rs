@@ -636,6 +636,10 @@ fn a_facility_over_its_quota_is_told_and_keeps_its_edits_until_there_is_room() {
     let out = a.run_ok("sync", &["--once", "--timeout", "60"]);
     assert!(out.contains("held back"), "the clinic is told: {out}");
     assert!(a.pending() >= 1, "the edit is kept");
+    assert!(
+        a.status()["held_back"].as_u64().unwrap_or(0) >= 1,
+        "`status` (and the app's status bar, from the same count) says it is held back"
+    );
     b.reply(&id, "病院からの返信(容量に影響されない)");
     b.sync_once();
     a.sync_once();
@@ -647,6 +651,7 @@ fn a_facility_over_its_quota_is_told_and_keeps_its_edits_until_there_is_room() {
     relay.start();
     a.sync_once();
     assert_eq!(a.pending(), 0);
+    assert_eq!(a.status()["held_back"], 0);
     b.sync_once();
     assert!(b.show_text(&id).contains("容量超過中の追記"));
 }

@@ -49,6 +49,8 @@ export default {
     'status.relayBehind': '中継サーバーが以前の状態に戻ったため、この端末のデータを再送しました({time})',
     'status.relayRestored': '中継サーバーがバックアップから復元され以前の状態に戻ったため、この端末のデータを再送しました({time})',
     'status.relayBehindDismiss': '確認しました',
+    'status.heldBack':
+      '中継サーバーでこの施設の保存容量が上限に達したため、変更 {n} 件を送れずにこの端末に保持しています(失われません)。中継サーバーの運用者に容量の引き上げを依頼してください。引き上げ後の同期で自動的に送信します。',
     'status.quarantined': '受信した更新 {n} 件を隔離しました(適用していません)。文書はそのまま読めます。送信元: {from}',
     'status.quarantinedDetails': '隔離した更新の一覧',
     'status.quarantinedEntry': '{facility} の端末 {device}: {reason}',
@@ -136,6 +138,8 @@ export default {
     'status.relayBehind': 'The relay went back to an earlier state, so this computer sent its data again ({time})',
     'status.relayRestored': 'The relay was restored from a backup to an earlier state, so this computer sent its data again ({time})',
     'status.relayBehindDismiss': 'OK',
+    'status.heldBack':
+      "This facility's storage at the relay is full: {n} change(s) are kept on this computer (nothing is lost). Ask the relay operator to raise the quota; they are sent at the next sync after that.",
     'status.quarantined': '{n} received update(s) quarantined (not applied). The documents read as before. Sent by: {from}',
     'status.quarantinedDetails': 'Quarantined updates',
     'status.quarantinedEntry': 'Device {device} of {facility}: {reason}',

@@ -533,6 +533,7 @@ fn run(mut cli: Cli) -> Result<()> {
                 "facility": enrolment.as_ref().map(|x| serde_json::json!({"id": x.facility.to_string(), "name": x.facility_name, "role": x.role.to_string()})),
                 "relay": enrolment.as_ref().map(|x| x.relay_addrs.clone()),
                 "pending": e.store().pending_count()?,
+                "held_back": e.store().held_back_count()?,
                 "rejected": rejected,
                 "relay_behind": behind.as_ref().map(|b| serde_json::json!({
                     "at_ms": b.at_ms, "restored": b.restored, "times": b.times,
