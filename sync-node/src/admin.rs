@@ -32,7 +32,7 @@ use axum::routing::get;
 use serde::Serialize;
 
 use crate::metrics::{Live, Metrics};
-use crate::store::{SCHEMA_VERSION, Store, StoreStats, rfc3339};
+use crate::store::{SCHEMA_VERSION, Store, StoreStats, rfc3339, unix_ms};
 
 /// How long `/readyz` waits for the database's write lock.
 pub const READY_DB_WAIT: Duration = Duration::from_millis(500);
@@ -293,7 +293,7 @@ fn not_ready(state: &AdminState) -> Vec<String> {
     if live.listeners.load(Ordering::Relaxed) == 0 {
         reasons.push("no libp2p listener is open".to_owned());
     }
-    let queued = live.queued.load(Ordering::Relaxed);
+    let queued = usize::try_from(state.metrics.queue_depth.get()).unwrap_or(0);
     if queued >= live.queue_max {
         reasons.push(format!(
             "the request queue is full ({queued} of {})",
@@ -331,9 +331,9 @@ fn not_ready(state: &AdminState) -> Vec<String> {
     }
     // A failure counts for STORE_FAILURE_HOLD (no request may come while the load balancer keeps
     // the relay out), or until a later request stored.
-    let failed_ago = now_ms(SystemTime::now()) - live.store_failed_at_ms.load(Ordering::Relaxed);
-    if live.store_failing.load(Ordering::Relaxed)
-        && failed_ago < STORE_FAILURE_HOLD.as_millis() as i64
+    let failed_at = live.store_failed_at_ms.load(Ordering::Relaxed);
+    if failed_at > 0
+        && unix_ms(SystemTime::now()) - failed_at < STORE_FAILURE_HOLD.as_millis() as i64
     {
         reasons.push(
             "the last request could not be stored (a full disk or a database error; see the log)"
@@ -384,9 +384,14 @@ async fn readyz(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Res
     }
 }
 
-/// `/status` from the live figures and the store's as last read.
-pub fn status_of(live: &Live, identity: &Identity, connected: i64) -> Status {
-    let stats = live.stats();
+/// `/status` from the live figures, the queue depth and the store's figures `stats`.
+pub fn status_of(
+    live: &Live,
+    identity: &Identity,
+    connected: i64,
+    queued: i64,
+    stats: Option<StoreStats>,
+) -> Status {
     let ms = live.last_commit_ms.load(Ordering::Relaxed);
     Status {
         identity: identity.clone(),
@@ -396,7 +401,7 @@ pub fn status_of(live: &Live, identity: &Identity, connected: i64) -> Status {
         uptime_secs: live.started.elapsed().as_secs(),
         started_at: rfc3339(crate::store::unix_ms(live.started_at)),
         connected_devices: connected,
-        queue: (live.queued.load(Ordering::Relaxed), live.queue_max),
+        queue: (usize::try_from(queued).unwrap_or(0), live.queue_max),
         listen_addrs: live.addrs.lock().map(|a| a.clone()).unwrap_or_default(),
         last_commit: (ms > 0).then(|| rfc3339(ms)),
         last_backup: stats
@@ -407,9 +412,9 @@ pub fn status_of(live: &Live, identity: &Identity, connected: i64) -> Status {
     }
 }
 
-/// Reads the store's figures on the listener's own connection into the live figures and the
-/// gauges (a few indexed counts; no table scan).
-async fn refresh_stats(state: &Arc<AdminState>) {
+/// Reads the store's figures on the listener's own connection and sets the gauges from them (a
+/// few indexed counts; no table scan).
+async fn refresh_stats(state: &Arc<AdminState>) -> Option<StoreStats> {
     let s = state.clone();
     let stats = tokio::task::spawn_blocking(move || {
         s.store
@@ -421,10 +426,16 @@ async fn refresh_stats(state: &Arc<AdminState>) {
     match stats {
         Ok(Ok(stats)) => {
             state.metrics.set_store(&stats);
-            *state.live.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+            Some(stats)
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the store's figures"),
-        Err(e) => tracing::warn!(error = %e, "cannot read the store's figures"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the store's figures");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the store's figures");
+            None
+        }
     }
 }
 
@@ -432,11 +443,13 @@ async fn status(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Res
     if !authorised(&state, &headers) {
         return unauthorised();
     }
-    refresh_stats(&state).await;
+    let stats = refresh_stats(&state).await;
     let s = status_of(
         &state.live,
         &state.identity,
         state.metrics.connected_devices.get(),
+        state.metrics.queue_depth.get(),
+        stats,
     );
     axum::Json(s).into_response()
 }
@@ -454,9 +467,4 @@ async fn metrics_text(State(state): State<Arc<AdminState>>, headers: HeaderMap) 
         state.metrics.encode(),
     )
         .into_response()
-}
-
-/// When (ms since the Unix epoch) `t` is, for the live figures.
-pub(crate) fn now_ms(t: SystemTime) -> i64 {
-    crate::store::unix_ms(t)
 }

@@ -5,7 +5,7 @@
 //! facility or document id, which would make the metrics a record of who talked to whom.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -285,21 +285,15 @@ pub struct Live {
     pub started_at: SystemTime,
     /// Open libp2p listen addresses.
     pub listeners: AtomicUsize,
-    /// Requests queued (waiting for or in the database thread).
-    pub queued: AtomicUsize,
-    /// The queue's limit ([`crate::Config::requests_queued_max`]).
+    /// The queue's limit (its depth is the `queue_depth` gauge) ([`crate::Config::requests_queued_max`]).
     pub queue_max: usize,
     /// When a push last committed (ms since the Unix epoch; 0: not since start).
     pub last_commit_ms: AtomicI64,
-    /// Whether the last store operation of a request failed (a full disk, a locked or damaged
-    /// database); cleared by the next one that succeeds.
-    pub store_failing: AtomicBool,
-    /// When a request last failed to store (ms since the Unix epoch; 0: never).
+    /// When a request last failed to store (a full disk, a locked or damaged database), in ms
+    /// since the Unix epoch; 0 when the last request stored.
     pub store_failed_at_ms: AtomicI64,
     /// Bytes of free space the data directory's filesystem must keep for `/readyz`.
     pub min_free_bytes: AtomicU64,
-    /// The store's figures, as the admin listener last read them.
-    pub stats: Mutex<Option<StoreStats>>,
     /// The listen addresses, as recorded.
     pub addrs: Mutex<Vec<String>>,
 }
@@ -311,25 +305,12 @@ impl Live {
             started: Instant::now(),
             started_at: SystemTime::now(),
             listeners: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
             queue_max,
             last_commit_ms: AtomicI64::new(0),
-            store_failing: AtomicBool::new(false),
             store_failed_at_ms: AtomicI64::new(0),
             min_free_bytes: AtomicU64::new(min_free_bytes),
-            stats: Mutex::new(None),
             addrs: Mutex::new(Vec::new()),
         }
-    }
-
-    /// The last store figures read.
-    pub fn stats(&self) -> Option<StoreStats> {
-        self.stats.lock().map(|s| s.clone()).unwrap_or(None)
-    }
-
-    /// Sets an atomic (for the server's use).
-    pub(crate) fn set_queued(&self, n: usize) {
-        self.queued.store(n, Ordering::Relaxed);
     }
 }
 

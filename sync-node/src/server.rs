@@ -37,7 +37,7 @@ use crate::authority::Authority;
 use crate::limits::{Limiter, RateLimits};
 use crate::metrics::{LimitLabel, Live, Metrics};
 use crate::relay::{Notification, Observed, Relay};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, unix_ms};
 
 /// How the relay serves.
 #[derive(Clone, Debug)]
@@ -171,10 +171,6 @@ pub async fn serve_until(
     store.set_listen_addrs(&[], SystemTime::now())?;
     let metrics = Arc::new(Metrics::new());
     let live = Arc::new(Live::new(config.requests_queued_max, config.min_free_bytes));
-    if let Ok(stats) = store.stats() {
-        metrics.set_store(&stats);
-        *live.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
-    }
     let identity = Identity {
         deployment: store.deployment()?.to_string(),
         deployment_name: store.deployment_name()?,
@@ -292,17 +288,14 @@ pub async fn serve_until(
                                 queued_by.remove(&peer);
                             }
                         }
-                        live.set_queued(pending.len());
                         metrics.queue_depth.set(pending.len() as i64);
                         metrics.observe(&observed, arrived.elapsed());
+                        let now_ms = unix_ms(SystemTime::now());
                         if observed.commit.is_some() {
-                            live.last_commit_ms.store(admin::now_ms(SystemTime::now()), Ordering::Relaxed);
+                            live.last_commit_ms.store(now_ms, Ordering::Relaxed);
                         }
-                        let failed = observed.outcome == "internal";
-                        live.store_failing.store(failed, Ordering::Relaxed);
-                        if failed {
-                            live.store_failed_at_ms.store(admin::now_ms(SystemTime::now()), Ordering::Relaxed);
-                        }
+                        let failed_at = if observed.outcome == "internal" { now_ms } else { 0 };
+                        live.store_failed_at_ms.store(failed_at, Ordering::Relaxed);
                         for note in notes {
                             if note.to.0 != peer && connected.contains_key(&note.to.0) {
                                 let bytes = protocol::encode_request(&note.request);
@@ -427,7 +420,6 @@ pub async fn serve_until(
                             next_id += 1;
                             pending.insert(id, channel);
                             *queued_by.entry(peer).or_default() += 1;
-                            live.set_queued(pending.len());
                             metrics.queue_depth.set(pending.len() as i64);
                             if job_tx.send(Job::Request { id, peer: DeviceId(peer), frame: request, span, arrived }).is_err() {
                                 break Err(ServeError::DatabaseThread);

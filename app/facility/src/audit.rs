@@ -808,11 +808,16 @@ fn verify_copy(
     // left, the newest.
     let anchor = match first {
         Some(1) => None,
-        Some(f) => match opened.iter().find(|(en, _)| en.seq + 1 == f) {
+        // Written by any member's device: sequence numbers at the ends of u64 are a break, not
+        // an overflow.
+        Some(f) => match opened
+            .iter()
+            .find(|(en, _)| en.seq.checked_add(1) == Some(f))
+        {
             Some(a) => Some(a),
             None => {
                 return Err(ChainBreak {
-                    seq: f - 1,
+                    seq: f.saturating_sub(1),
                     reason: format!(
                         "entries before {f} were removed from the audit document without a retention anchor"
                     ),
@@ -833,7 +838,13 @@ fn verify_copy(
                     ),
                 });
             }
-            (en.seq + 1, entry_hash(signed))
+            let Some(next) = en.seq.checked_add(1) else {
+                return Err(ChainBreak {
+                    seq: en.seq,
+                    reason: "a retention anchor names the last possible entry".into(),
+                });
+            };
+            (next, entry_hash(signed))
         }
     };
     let head = match (chain.last(), anchor) {
@@ -961,5 +972,31 @@ mod tests {
             early.reason.contains("before their retention ended"),
             "{early}"
         );
+    }
+    /// A member's hostile device files an entry at place 0, or signs an anchor at the last
+    /// possible place: each is a break in the chain, never an overflow.
+    #[test]
+    fn sequence_numbers_at_the_ends_of_u64_are_breaks_not_overflows() {
+        let me = DeviceSecrets::from_seeds([1; 32], [2; 32]);
+        let d = me.device_id();
+        let now = 10 * 365 * DAY_MS;
+        let old = chain(&me, 2, 0);
+        let at_zero: Chain = vec![(0, Ok(old[0].clone()))];
+        assert!(verify_copy(&d, &at_zero, &[], now).is_err());
+        let last = SignedEntry::sign(
+            &me,
+            &AuditEntry {
+                seq: u64::MAX,
+                at_ms: 0,
+                device: d,
+                staff: None,
+                doc: None,
+                action: AuditAction::Read,
+                fields: vec![],
+                prev: [0; 32],
+            },
+        );
+        let e = verify_copy(&d, &Vec::new(), &[last], now).expect_err("no place after it");
+        assert!(e.reason.contains("last possible"), "{e}");
     }
 }

@@ -55,8 +55,10 @@ pub struct SyncReport {
     /// Items the relay refused for good: (document, reason).
     pub rejected: Vec<(String, String)>,
     /// Items the relay refused for now because this facility's storage quota there is full: kept
-    /// in the outbox and sent again at a later sync (the relay's sentence for each).
-    pub held_back: Vec<String>,
+    /// in the outbox and sent again at a later sync.
+    pub held_back: u64,
+    /// The relay's sentence for the first item it held back.
+    pub held_back_message: Option<String>,
     /// Documents the relay held less of than this device knew it acknowledged (a rollback), whose
     /// items were offered again.
     pub rolled_back: u64,
@@ -990,7 +992,8 @@ pub fn apply_event(
                     // out again at the next sync, once the operator raised the quota.
                     engine.store().note_outbox_error(item.0, &message)?;
                     tracing::warn!("the relay holds back item {}: {message}", item.0);
-                    report.held_back.push(message);
+                    report.held_back += 1;
+                    report.held_back_message.get_or_insert(message);
                     Applied::Continue
                 }
                 PushResult::Rejected { code, message }

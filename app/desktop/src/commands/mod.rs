@@ -63,6 +63,11 @@ pub(crate) fn record_view(
     let mut recent = RECENT_VIEWS.lock().unwrap_or_else(|p| p.into_inner());
     if recent.len() > 4096 {
         recent.retain(|_, t| now.duration_since(*t) < VIEW_RECORD_COALESCE);
+        // Still full (more distinct records within the window): forget them all; at worst a view
+        // is recorded twice, never the map unbounded.
+        if recent.len() > 4096 {
+            recent.clear();
+        }
     }
     recent.insert(key, now);
     Ok(())

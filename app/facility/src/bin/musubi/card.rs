@@ -104,7 +104,6 @@ impl StdinLines {
     }
 }
 
-/// Hands out PINs from standard input, telling the person how many tries are left.
 /// A card's PIN from MUSUBI_STAFF_PIN (`--staff-card`), given once: a wrong PIN is not sent again.
 pub(crate) struct EnvPin(pub(crate) bool);
 
@@ -117,6 +116,7 @@ impl PinPrompt for EnvPin {
     }
 }
 
+/// Hands out PINs from standard input, telling the person how many tries are left.
 pub(crate) struct StdinPins(pub(crate) Option<StdinLines>);
 
 impl PinPrompt for StdinPins {

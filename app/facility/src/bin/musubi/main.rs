@@ -459,10 +459,10 @@ fn run(mut cli: Cli) -> Result<()> {
                     "synced: {} item(s) sent, {} bundle(s) received",
                     report.pushed, report.pulled
                 );
-                if let Some(why) = report.held_back.first() {
+                if let Some(why) = &report.held_back_message {
                     println!(
                         "{} item(s) held back and kept for the next sync: {why}",
-                        report.held_back.len()
+                        report.held_back
                     );
                 }
             }

@@ -64,8 +64,6 @@ pub(crate) enum StaffCommand {
         #[arg(long)]
         login: String,
     },
-    /// Sign in: with --login, by password (first line of standard input); with --card, by staff card
-    /// and PIN (first line of standard input).
     /// Require 二要素認証 on this device (`on`: only a staff card with its PIN signs in, never a
     /// password alone; at least one administrator must have a card) or not (`off`). Administrators
     /// only.
@@ -76,6 +74,8 @@ pub(crate) enum StaffCommand {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Sign in: with --login, by password (first line of standard input); with --card, by staff card
+    /// and PIN (first line of standard input).
     SignIn {
         #[command(flatten)]
         data: Data,
